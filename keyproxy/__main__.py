@@ -1,0 +1,3 @@
+from keyproxy.cli import main
+
+raise SystemExit(main())

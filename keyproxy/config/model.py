@@ -1,0 +1,170 @@
+"""The configuration as immutable data.
+
+A `Config` is built once per load by `keyproxy.config.load` and never mutated:
+a reload builds a new one and swaps a single reference, so a request always
+sees one consistent snapshot. Everything that can be computed ahead of a
+request (hashed key index, compiled route table, parsed CIDRs, referer
+matchers, pre-encoded header bytes) is computed here, at load time.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keyproxy.allowlists import IpAllowlist, RefererPattern
+    from keyproxy.routes import RouteTable
+
+MiB = 1024 * 1024
+
+
+class KeyType(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+
+class Access(enum.StrEnum):
+    """Whether a request only reads or may change data (SPEC §3 step 4)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+#: Methods that read by default; every other method writes unless a route says `access: read`.
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+#: The methods a route may name. Anything else never matches a route.
+ROUTE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+#: Operations a route may declare with `op:` (used by scopes and roles).
+OPS = ("create", "read", "update", "delete", "list")
+
+CREDENTIAL_SOURCES = ("header", "basic", "query")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`N/period`: a bucket of `limit` requests refilled continuously over `period` seconds."""
+
+    limit: int
+    period: float
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: HostPort = HostPort("0.0.0.0", 8080)
+    admin_listen: HostPort = HostPort("127.0.0.1", 9901)
+    trusted_proxies: int = 0
+    max_body: int = 10 * MiB
+    credential_sources: frozenset[str] = frozenset({"header", "basic"})
+    query_param: str = "api_key"
+    max_header_size: int = 32 * 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/prefix" without a trailing slash
+    host_header: str  # the Host value sent upstream: host, plus ":port" when not the default
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    max_connections: int = 512
+    inject_headers: tuple[tuple[str, str], ...] = ()
+    inject_basic: tuple[str, str] | None = None
+    inject_query: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def origin(self) -> str:
+        """`scheme://host[:port]` as the upstream writes it in absolute `Location`s."""
+        return f"{self.scheme}://{self.host_header}"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every value keyproxy injects that must never travel back to a client."""
+        values = [v for _, v in self.inject_headers] + [v for _, v in self.inject_query]
+        if self.inject_basic is not None:
+            values.append(self.inject_basic[1])
+        return tuple(v for v in values if v)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    index: int  # position in the file: first match wins
+    match: str  # the pattern as written, e.g. "GET|PUT /{index}/_settings"
+    methods: frozenset[str]
+    segments: tuple[str, ...]  # literal, "{name}", "*" (one segment) or "**" (the rest, last only)
+    acl: str
+    op: str | None = None
+    access: Access | None = None  # explicit override; None means "by method"
+    allow_method_override: bool = False
+    line: int = 0
+
+    def access_for(self, method: str) -> Access:
+        if self.access is not None:
+            return self.access
+        return Access.READ if method in READ_METHODS else Access.WRITE
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    id: str
+    digest: bytes  # SHA-256 of the key; the key itself is never stored
+    type: KeyType
+    acls: frozenset[str]
+    referers: tuple[RefererPattern, ...] | None = None  # None: any referer
+    ips: IpAllowlist | None = None  # None: any client address
+    expires_at: float | None = None  # epoch seconds
+    rate_limit: Rate | None = None
+    quota: int | None = None
+    revoked: bool = False
+    line: int = 0
+
+    def __repr__(self) -> str:  # never print the digest in logs or tracebacks
+        return f"Key(id={self.id!r}, type={self.type.value})"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    store: str = "memory"  # "memory" or "redis://host:port/db"
+    on_store_error: str = "deny"  # deny | allow
+    timeout: float = 0.1  # per store round trip
+    max_buckets: int = 100_000  # memory store: least recently used buckets are dropped beyond this
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSettings
+    upstream: Upstream
+    routes: tuple[Route, ...]
+    keys: tuple[Key, ...]
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    source: str = ""
+    # Indexes derived from the fields above by the loader.
+    route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
+
+    def summary(self) -> str:
+        return f"{len(self.keys)} keys, {len(self.routes)} routes"

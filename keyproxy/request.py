@@ -1,0 +1,103 @@
+"""What the decision sees of a request, and what it can answer.
+
+The same `RequestContext` is built by the live server (from the wire) and by
+`keyproxy explain` (from command-line arguments), and both run the same
+pipeline over it, so an explanation cannot drift from what traffic gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keyproxy.config.model import Access, Config, Key, Route
+    from keyproxy.paths import Target
+    from keyproxy.ratelimit import LimitResult
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """A refusal: the HTTP status, the SPEC error code and a message for humans.
+
+    `headers` carries extras such as `Retry-After`. A denial is a value, passed
+    back up the pipeline, never an exception thrown across layers.
+    """
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Headers:
+    """Request headers as an ordered list of (lower-case name, value).
+
+    aiohttp's `headers[name]` silently returns the first of repeated headers;
+    here `getall` is the natural call, so credential checks see every copy.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(n.lower(), v) for n, v in items]
+
+    @classmethod
+    def from_lowered(cls, items: list[tuple[str, str]]) -> Headers:
+        """Wrap a list whose names are already lower-case (the server's fast path)."""
+        self = cls.__new__(cls)
+        self._items = items
+        return self
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        for n, v in self._items:
+            if n == name:
+                return v
+        return default
+
+    def getall(self, name: str) -> list[str]:
+        return [v for n, v in self._items if n == name]
+
+    def __contains__(self, name: object) -> bool:
+        return any(n == name for n, _ in self._items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:  # values may hold credentials
+        return f"Headers({[n for n, _ in self._items]!r})"
+
+
+IPAddress = IPv4Address | IPv6Address
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request on its way through the pipeline.
+
+    The first block is the input; each check fills in what it established
+    (the key, the client address, the canonical target, the route) so later
+    checks, the forwarder and the access log can use it.
+    """
+
+    config: Config
+    method: str
+    raw_target: str  # the request-target exactly as received
+    headers: Headers
+    peer_ip: str  # the socket peer
+    now: float  # wall-clock epoch seconds, passed in so tests and explain control time
+    request_id: str = ""
+
+    key: Key | None = None
+    credential_source: str | None = None  # "header" | "basic" | "query"
+    client_ip: IPAddress | None = None
+    target: Target | None = None
+    route: Route | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    access: Access | None = None
+    limit: LimitResult | None = None
