@@ -1,0 +1,62 @@
+"""The admin listener: health and readiness, never on the public port.
+
+Not on the hot path, so it uses aiohttp's web application for clarity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from keyproxy.server import ProxyServer
+
+READY_PROBE_TIMEOUT = 1.0
+
+
+async def upstream_reachable(host: str, port: int) -> bool:
+    try:
+        async with asyncio.timeout(READY_PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def create_admin_app(proxy: ProxyServer) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        config = proxy.serving.config
+        holder = proxy.holder
+        body = {
+            "config": config.summary(),
+            "reloads": dict(holder.reloads),
+            "last_reload_error": holder.last_error,
+        }
+        if proxy.draining:
+            return web.json_response({"status": "draining", **body}, status=503)
+        up = config.upstream
+        if not await upstream_reachable(up.host, up.port):
+            return web.json_response(
+                {"status": "not ready", "reason": "upstream unreachable", **body}, status=503
+            )
+        return web.json_response({"status": "ready", **body})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_admin(proxy: ProxyServer, reuse_port: bool = False) -> web.AppRunner:
+    listen = proxy.serving.config.server.admin_listen
+    runner = web.AppRunner(create_admin_app(proxy), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port or None)
+    await site.start()
+    return runner

@@ -1,0 +1,42 @@
+"""What each passed step established, in words, for `keyproxy explain`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from keyproxy.request import RequestContext
+
+
+def credential(ctx: RequestContext) -> str:
+    key = ctx.key
+    assert key is not None
+    expiry = "never expires"
+    if key.expires_at is not None:
+        when = datetime.fromtimestamp(key.expires_at, UTC).isoformat().replace("+00:00", "Z")
+        expiry = f"expires {when}"
+    return f"key '{key.id}' ({key.type.value}) via {ctx.credential_source}; {expiry}"
+
+
+def constraints(ctx: RequestContext) -> str:
+    key = ctx.key
+    assert key is not None
+    ips = "any address" if key.ips is None else "allowed by ips"
+    referer = "any referer" if key.referers is None else "referer allowed"
+    return f"client {ctx.client_ip}: {ips}; {referer}"
+
+
+def route(ctx: RequestContext) -> str:
+    r = ctx.route
+    assert r is not None and ctx.target is not None
+    params = "".join(f" {k}={v}" for k, v in ctx.params.items())
+    return f"#{r.index + 1} '{r.match}' (line {r.line}) matches {ctx.target.path}{params}"
+
+
+def key_type(ctx: RequestContext) -> str:
+    assert ctx.key is not None and ctx.access is not None
+    return f"{ctx.access.value} request; {ctx.key.type.value} key may"
+
+
+def acl(ctx: RequestContext) -> str:
+    assert ctx.route is not None
+    return f"key has ACL '{ctx.route.acl}'"

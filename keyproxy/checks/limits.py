@@ -1,0 +1,93 @@
+"""Step 8: rate limit and quota (SPEC §3.8).
+
+The limiter lives outside the configuration snapshot so counters survive
+reloads. A store that does not answer must never hang a request: it raises
+`StoreUnavailable` within its timeout and `rate_limits.on_store_error`
+decides (deny with 503 by default, or let the request through).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable
+
+from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable
+from keyproxy.request import Deny, RequestContext
+
+log = logging.getLogger("keyproxy")
+
+STORE_UNAVAILABLE = Deny(
+    503, "RATE_LIMIT_UNAVAILABLE", "the rate-limit store is unavailable; retry shortly",
+    (("Retry-After", "1"),),
+)
+
+
+def limit_denial(result: LimitResult) -> Deny:
+    if result.reason == "quota":
+        return Deny(
+            429, "RATE_LIMITED", f"this key's quota of {result.quota} requests is used up"
+        )
+    retry = max(1, math.ceil(result.retry_after))
+    return Deny(
+        429,
+        "RATE_LIMITED",
+        f"rate limit of {result.limit} requests exceeded; retry in {retry}s",
+        (("Retry-After", str(retry)),),
+    )
+
+
+class RateLimitCheck:
+    __slots__ = ("limiter", "store_failures")
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.store_failures = 0
+
+    def __call__(self, ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
+        key = ctx.key
+        assert key is not None
+        if key.rate_limit is None and key.quota is None:
+            return None
+        try:
+            result = self.limiter.hit(
+                key.id, str(ctx.client_ip), key.rate_limit, key.quota, ctx.now
+            )
+        except StoreUnavailable:
+            return self._store_failed(ctx)
+        if result.__class__ is LimitResult:
+            return self._apply(ctx, result)  # type: ignore[arg-type]
+        return self._wait(ctx, result)  # type: ignore[arg-type]
+
+    async def _wait(self, ctx: RequestContext, pending: Awaitable[LimitResult]) -> Deny | None:
+        try:
+            result = await pending
+        except StoreUnavailable:
+            return self._store_failed(ctx)
+        return self._apply(ctx, result)
+
+    def _apply(self, ctx: RequestContext, result: LimitResult) -> Deny | None:
+        ctx.limit = result
+        return None if result.allowed else limit_denial(result)
+
+    def _store_failed(self, ctx: RequestContext) -> Deny | None:
+        self.store_failures += 1
+        policy = ctx.config.rate_limits.on_store_error
+        log.warning("rate-limit store unavailable; on_store_error=%s", policy)
+        return None if policy == "allow" else STORE_UNAVAILABLE
+
+    def describe(self, ctx: RequestContext) -> str:
+        key = ctx.key
+        assert key is not None
+        if key.rate_limit is None and key.quota is None:
+            return "key has no rate limit or quota"
+        parts = []
+        if key.rate_limit is not None:
+            parts.append(f"{key.rate_limit} per client IP")
+        if key.quota is not None:
+            parts.append(f"quota {key.quota}")
+        result = ctx.limit
+        state = ""
+        if result is not None and result.remaining is not None:
+            state = f"; {result.remaining} left"
+        return ", ".join(parts) + state

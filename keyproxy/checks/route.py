@@ -1,0 +1,50 @@
+"""Step 3: which route, on the one canonical form of the path (SPEC §3.3)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from keyproxy.paths import InvalidPath, canonicalize
+from keyproxy.request import Deny, RequestContext
+from keyproxy.routes import AmbiguousMatch
+
+#: Headers and query parameters that ask the upstream to treat the request as
+#: another method or URL than the one authorised here.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
+URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
+METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
+
+
+def _asks_for_override(ctx: RequestContext, query: str) -> str | None:
+    for name, _ in ctx.headers:
+        if name in METHOD_OVERRIDE_HEADERS or name in URL_OVERRIDE_HEADERS:
+            return name
+    if query:
+        for pair in query.split("&"):
+            if unquote(pair.partition("=")[0]).lower() in METHOD_OVERRIDE_PARAMS:
+                return "_method"
+    return None
+
+
+def match_route(ctx: RequestContext) -> Deny | None:
+    target = canonicalize(ctx.raw_target)
+    if isinstance(target, InvalidPath):
+        return Deny(400, "INVALID_PATH", target.message)
+    ctx.target = target
+    found = ctx.config.route_table.resolve(ctx.method, target.segments)
+    if found is None:
+        return Deny(403, "ROUTE_NOT_ALLOWED", f"no route allows {ctx.method} {target.path}")
+    if isinstance(found, AmbiguousMatch):
+        return Deny(400, "AMBIGUOUS_PATH", found.message)
+    ctx.route = found.route
+    ctx.params = found.params
+    override = _asks_for_override(ctx, target.query)
+    if override is not None and not (
+        found.route.allow_method_override and override not in URL_OVERRIDE_HEADERS
+    ):
+        return Deny(
+            400,
+            "METHOD_OVERRIDE_NOT_ALLOWED",
+            f"{override} is not allowed: send the real method and path",
+        )
+    return None

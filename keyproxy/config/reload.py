@@ -1,0 +1,91 @@
+"""Hot reload: watch the file (and SIGHUP), swap one immutable snapshot, keep the last good one.
+
+An edit is applied whole or not at all: a file that fails to load leaves the
+running configuration in force, and the failure is logged and counted. The
+file is polled rather than watched with inotify so that editors that replace
+the file, bind mounts and ConfigMap symlink swaps all behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from keyproxy.config.load import ConfigError, load_config
+
+from keyproxy.config.model import Config
+from keyproxy.observability import log_event
+
+POLL_INTERVAL = 0.5  # seconds; SPEC: an edit takes effect within 2 s
+
+
+def _fingerprint(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ConfigHolder:
+    def __init__(self, config: Config, path: str | None = None) -> None:
+        self._config = config
+        self.path = path
+        self._subscribers: list[Callable[[Config], None]] = []
+        self._seen = _fingerprint(path) if path else None
+        self.reloads = {"success": 0, "error": 0}
+        self.last_error: str | None = None
+
+    @classmethod
+    def load(cls, path: str) -> ConfigHolder:
+        return cls(load_config(path), path)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def subscribe(self, callback: Callable[[Config], None]) -> None:
+        self._subscribers.append(callback)
+
+    def reload_now(self) -> bool:
+        if self.path is None:
+            return False
+        self._seen = _fingerprint(self.path)
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            self.reloads["error"] += 1
+            self.last_error = str(exc)
+            log_event("config_reload", result="error", errors=[str(i) for i in exc.issues])
+            return False
+        except OSError as exc:
+            self.reloads["error"] += 1
+            self.last_error = f"cannot read {self.path}: {exc.strerror}"
+            log_event("config_reload", result="error", errors=[self.last_error])
+            return False
+        old = self._config
+        self._config = config
+        self.reloads["success"] += 1
+        self.last_error = None
+        for callback in self._subscribers:
+            callback(config)
+        if (config.server.listen, config.server.admin_listen) != (
+            old.server.listen,
+            old.server.admin_listen,
+        ):
+            log_event("config_reload_note", message="listen addresses change only on restart")
+        log_event("config_reload", result="success", config=config.summary())
+        return True
+
+    def reload_soon(self) -> None:
+        asyncio.get_running_loop().call_soon(self.reload_now)
+
+    async def watch(self, interval: float = POLL_INTERVAL) -> None:
+        if self.path is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            seen = _fingerprint(self.path)
+            if seen is not None and seen != self._seen:
+                self.reload_now()

@@ -1,0 +1,118 @@
+"""`keyproxy demo`: the sample backend, keyproxy in front of it, and curl lines to try.
+
+The backend accepts one secret that only keyproxy knows (a fresh random one
+per run); the three sample keys in `config.example.yaml` are public demo keys
+whose hashes the example file holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import socket
+from importlib import resources
+
+from keyproxy.config import parse_config
+from keyproxy.config.model import Config, HostPort
+from keyproxy.config.reload import ConfigHolder
+from keyproxy.server import install_uvloop, serve
+
+#: Public sample keys matching the hashes in config.example.yaml. Demo only.
+DEMO_KEYS = {
+    "website": "pk_5f89f583e09133e1d06f543f6424af13789de09e649e0a2af706d5bd390ebcdc",
+    "batch-writer": "sk_dc3283f4f8ea8d3b2b5fceb4ad2e4fa7fdc93ceb260d5c678d098bb328d210e1",
+    "admin": "sk_a91ce2de0b0d34b3b3cd268c3b2778d61fca5039eabde514c8bb41c54333fce5",
+}
+DEMO_REFERER = "https://app.example.com/"
+
+
+def example_config_text() -> str:
+    return resources.files("keyproxy").joinpath("config.example.yaml").read_text()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_config(secret: str, backend_port: int, proxy_port: int, admin_port: int) -> Config:
+    """The example configuration, pointed at this run's backend and ports."""
+    config = parse_config(
+        example_config_text(), "config.example.yaml", {**os.environ, "UPSTREAM_SECRET": secret}
+    )
+    upstream = dataclasses.replace(
+        config.upstream,
+        url=f"http://127.0.0.1:{backend_port}",
+        host="127.0.0.1",
+        port=backend_port,
+        host_header=f"127.0.0.1:{backend_port}",
+    )
+    server = dataclasses.replace(
+        config.server,
+        listen=HostPort("127.0.0.1", proxy_port),
+        admin_listen=HostPort("127.0.0.1", admin_port),
+    )
+    return dataclasses.replace(config, upstream=upstream, server=server, source="demo")
+
+
+def instructions(base: str) -> str:
+    read, admin = DEMO_KEYS["website"], DEMO_KEYS["admin"]
+    return f"""
+keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
+(the backend's secret was generated for this run and never leaves keyproxy).
+
+  # the browser key reads (it may only be used from *.example.com pages):
+  curl -s {base}/v1/data/posts -H 'X-API-Key: {read}' -e {DEMO_REFERER}
+
+  # the same key is refused a DELETE, with a JSON error:
+  curl -s -X DELETE {base}/v1/data/posts/1 -H 'X-API-Key: {read}' -e {DEMO_REFERER}
+
+  # the admin key deletes:
+  curl -si -X DELETE {base}/v1/data/posts/1 -H 'X-API-Key: {admin}'
+
+  # and why was the first one refused? (offline, against the same file)
+  UPSTREAM_SECRET=x keyproxy explain -c config.example.yaml --key {read} \\
+      --referer {DEMO_REFERER} DELETE {base}/v1/data/posts/1
+
+Press Ctrl-C to stop both.
+"""
+
+
+async def _run(port: int | None) -> int:
+    from keyproxy.demo_backend import start_backend
+
+    secret = secrets.token_hex(24)
+    runner, backend_port = await start_backend(secret)
+    proxy_port = port if port is not None else (8080 if _port_free(8080) else _free_port())
+    admin_port = 9901 if _port_free(9901) and proxy_port != 9901 else _free_port()
+    holder = ConfigHolder(demo_config(secret, backend_port, proxy_port, admin_port))
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    server = asyncio.create_task(serve(holder, ready=ready))
+    done, _ = await asyncio.wait({server, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done:
+        print(instructions(f"http://127.0.0.1:{proxy_port}"), flush=True)
+    try:
+        return await server
+    finally:
+        await runner.cleanup()
+
+
+def run_demo(port: int | None = None) -> int:
+    install_uvloop()
+    try:
+        return asyncio.run(_run(port))
+    except KeyboardInterrupt:
+        return 0

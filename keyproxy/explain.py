@@ -1,0 +1,102 @@
+"""`keyproxy explain`: the decision replayed offline, step by step.
+
+It builds the same `RequestContext` the server builds and runs the same
+`Pipeline`, so "why was this refused?" is answered by the code that refused
+it. Counters are not shared with a running proxy: the rate-limit step shows
+the key's limits as a fresh bucket would see them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from keyproxy.checks import Pipeline, StepOutcome, build_checks
+from keyproxy.config.model import Config, RateLimitSettings
+from keyproxy.forward import ForwardPlan
+from keyproxy.ratelimit import open_limiter
+from keyproxy.request import Headers, RequestContext
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    steps: list[StepOutcome]
+    allowed: bool
+    forward_to: str | None
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(host, request-target) of an absolute URL or a bare target, without re-encoding."""
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return "", url
+    authority, slash, tail = rest.partition("/")
+    target = slash + tail
+    if "?" in authority:  # "http://host?x" has an empty path
+        authority, _, query = authority.partition("?")
+        target = "/?" + query
+    return authority, target or "/"
+
+
+async def explain(
+    config: Config,
+    method: str,
+    url: str,
+    *,
+    key: str | None = None,
+    jwt: str | None = None,
+    ip: str = "127.0.0.1",
+    referer: str | None = None,
+    now: float | None = None,
+) -> Explanation:
+    host, target = split_url(url)
+    headers: list[tuple[str, str]] = [("host", host or "localhost")]
+    if key is not None:
+        headers.append(("x-api-key", key))
+    if jwt is not None:
+        headers.append(("authorization", f"Bearer {jwt}"))
+    if referer is not None:
+        headers.append(("referer", referer))
+    ctx = RequestContext(
+        config,
+        method.upper(),
+        target,
+        Headers(headers),
+        ip,
+        time.time() if now is None else now,
+        "explain",
+    )
+    pipeline = Pipeline(build_checks(open_limiter(RateLimitSettings())))
+    steps = await pipeline.trace(ctx)
+    allowed = all(step.deny is None for step in steps)
+    forward_to = None
+    if allowed:
+        forward_to = config.upstream.origin + ForwardPlan(config).upstream_target(ctx)
+    return Explanation(steps, allowed, forward_to)
+
+
+def render(explanation: Explanation, method: str, url: str, config: Config) -> str:
+    lines = [f"request: {method.upper()} {url}"]
+    width = max(len(s.name) for s in explanation.steps)
+    for step in explanation.steps:
+        if step.deny is None:
+            lines.append(f"  pass  {step.name:<{width}}  {step.detail}")
+        else:
+            d = step.deny
+            lines.append(f"  DENY  {step.name:<{width}}  {d.status} {d.code}: {d.message}")
+    if explanation.allowed:
+        up = config.upstream
+        injected = [n for n, _ in up.inject_headers]
+        if up.inject_basic is not None:
+            injected.append("Authorization (Basic)")
+        injected += [f"?{n}=" for n, _ in up.inject_query]
+        what = ", ".join(injected) if injected else "nothing"
+        lines.append(f"verdict: ALLOW -> {method.upper()} {explanation.forward_to}")
+        lines.append(f"         client credentials removed; injected: {what}")
+    else:
+        d = next(s.deny for s in explanation.steps if s.deny is not None)
+        assert d is not None
+        lines.append(f"verdict: DENY {d.status} {d.code}")
+    if config.rate_limits.store != "memory":
+        lines.append("note: rate limits shown for a fresh bucket; live counters are in the store")
+    return "\n".join(lines)

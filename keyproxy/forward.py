@@ -1,0 +1,511 @@
+"""One request's trip upstream and back (SPEC §3 step 9).
+
+An `Exchange` is created by the server when a request's head has been
+parsed. If the pipeline allows it, `Exchange.proxy` sends a rewritten head
+upstream and streams the body both ways: request body chunks are written to
+the upstream socket as they arrive, response body chunks to the client as
+they arrive, with flow control in both directions and nothing buffered beyond
+the sockets' own limits.
+
+What is rewritten, and why, is decided once per configuration snapshot in
+`ForwardPlan`, so the per-request work is a loop over the headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from keyproxy.config.model import Config
+from keyproxy.credentials import strip_query_param
+from keyproxy.ratelimit import LimitResult
+from keyproxy.request import Deny, RequestContext
+from keyproxy.responses import (
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    SecretScrubber,
+    error_body,
+    payload_too_large,
+    reason,
+)
+from keyproxy.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from keyproxy.server import ClientConnection
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers keyproxy sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"content-length",
+    }
+)
+
+#: Request headers that could speak for keyproxy or change what was authorised.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"expect",
+    b"x-api-key",
+    b"authorization",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-real-ip",
+    b"x-request-id",
+    b"x-original-url",
+    b"x-rewrite-url",
+}
+METHOD_OVERRIDE = frozenset({b"x-http-method-override", b"x-method-override", b"x-http-method"})
+
+NO_BODY, RAW, CHUNKED = 0, 1, 2
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Request body buffered while the decision runs; past it the client is paused.
+BODY_BUFFER_LIMIT = 256 * 1024
+RETRY = object()
+
+
+class ForwardPlan:
+    """Everything about forwarding that depends only on the configuration."""
+
+    def __init__(self, config: Config) -> None:
+        up = config.upstream
+        self.base_path = up.base_path
+        self.max_body = config.server.max_body
+        self.timeout = up.timeout
+        self.trusted_proxies = config.server.trusted_proxies
+        self.query_param = config.server.query_param
+        self.host_line = b"Host: " + up.host_header.encode("idna") + b"\r\n"
+        injected = [f"{n}: {v}\r\n".encode() for n, v in up.inject_headers]
+        if up.inject_basic is not None:
+            import base64
+
+            pair = f"{up.inject_basic[0]}:{up.inject_basic[1]}".encode()
+            injected.append(b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n")
+        self.inject_block = b"".join(injected)
+        drop_names = {n.lower().encode() for n, _ in up.inject_headers}
+        self.request_drop = frozenset(REQUEST_DROP | drop_names)
+        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE
+        self.inject_query = "&".join(
+            f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
+        )
+        self.inject_query_names = tuple(n for n, _ in up.inject_query)
+        self.scrubber = SecretScrubber(up.secrets, up.inject_basic)
+        origin = up.origin.encode()
+        self.location_prefixes = tuple(
+            p.lower() for p in {origin + up.base_path.encode(), origin}
+        )
+        self.base_path_bytes = up.base_path.encode()
+
+    def upstream_target(self, ctx: RequestContext) -> str:
+        target = ctx.target
+        assert target is not None
+        query = target.query
+        if query and ctx.credential_source == "query":
+            query = strip_query_param(query, self.query_param)
+        if self.inject_query:
+            for name in self.inject_query_names:
+                if query:
+                    query = strip_query_param(query, name)
+            query = f"{query}&{self.inject_query}" if query else self.inject_query
+        path = self.base_path + target.path
+        return f"{path}?{query}" if query else path
+
+    def rewrite_location(self, value: bytes) -> bytes:
+        """Absolute redirects to the upstream become relative ones through the proxy."""
+        lowered = value[:512].lower()
+        for prefix in self.location_prefixes:
+            if lowered.startswith(prefix):
+                rest = value[len(prefix) :]
+                if not rest or rest[:1] in (b"/", b"?"):
+                    if prefix.endswith(self.base_path_bytes) and self.base_path_bytes:
+                        return rest if rest[:1] == b"/" else b"/" + rest
+                    return rest or b"/"
+        return value
+
+
+def rate_limit_headers(limit: LimitResult | None) -> bytes:
+    if limit is None:
+        return b""
+    out = b""
+    if limit.limit is not None:
+        out += (
+            b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
+        ) % (
+            limit.limit,
+            limit.remaining or 0,
+            int(-(-(limit.reset or 0) // 1)),
+        )
+    if limit.quota is not None:
+        out += b"X-Quota-Limit: %d\r\nX-Quota-Remaining: %d\r\n" % (
+            limit.quota,
+            limit.quota_remaining or 0,
+        )
+    return out
+
+
+class Exchange:
+    """One request/response pair on a client connection."""
+
+    __slots__ = (
+        "body_buffered",
+        "body_chunks",
+        "body_complete",
+        "body_received",
+        "chunked",
+        "conn",
+        "connection_tokens",
+        "content_length",
+        "ctx",
+        "early_deny",
+        "expect_continue",
+        "head_sent",
+        "headers",
+        "http11",
+        "keep_alive",
+        "last_activity",
+        "method",
+        "mode",
+        "plan",
+        "pool",
+        "raw_headers",
+        "request_id",
+        "result",
+        "target",
+        "too_large",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        method: str,
+        target: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        http11: bool,
+        keep_alive: bool,
+        request_id: str,
+    ) -> None:
+        self.conn = conn
+        self.method = method
+        self.target = target
+        self.raw_headers = raw_headers
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.request_id = request_id
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.early_deny: Deny | None = None  # a head the server refuses before any check
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.body_chunks: list[bytes] = []
+        self.body_buffered = 0
+        self.body_received = 0
+        self.body_complete = False
+        self.too_large = False
+        self.head_sent = False
+        self.mode = NO_BODY
+        self.upstream: UpstreamConnection | None = None
+        self.pool: UpstreamPool | None = None
+        self.plan: ForwardPlan | None = None
+        self.ctx: RequestContext | None = None
+        self.result: asyncio.Future | None = None
+        self.last_activity = 0.0
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    # -- request body, fed by the server's parser callbacks ------------------
+    def feed_body(self, chunk: bytes) -> None:
+        self.body_received += len(chunk)
+        plan = self.plan
+        max_body = plan.max_body if plan is not None else self.conn.max_body
+        if self.body_received > max_body:
+            if not self.too_large:
+                self.too_large = True
+                self._body_too_large(max_body)
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            self.last_activity = self.conn.loop.time()
+            if self.chunked:
+                upstream.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+            else:
+                upstream.write(chunk)
+        elif self.result is not None and self.result.done():
+            return  # already answered: the rest of the body is discarded
+        else:
+            self.body_chunks.append(chunk)
+            self.body_buffered += len(chunk)
+            if self.body_buffered > BODY_BUFFER_LIMIT:
+                self.conn.pause_reading(self)
+
+    def end_body(self) -> None:
+        self.body_complete = True
+        upstream = self.upstream
+        if upstream is not None and self.chunked and not self.too_large:
+            upstream.write(b"0\r\n\r\n")
+
+    def _body_too_large(self, max_body: int) -> None:
+        self.keep_alive = False
+        self.body_chunks = []
+        if self.upstream is not None:
+            self._drop_upstream()
+        if self.result is not None and not self.result.done():
+            if self.head_sent:
+                self.conn.abort()
+                self._finish(False)
+            else:
+                self.send_error(payload_too_large(max_body))
+
+    # -- the decision said yes: go upstream ----------------------------------
+    async def proxy(self, ctx: RequestContext, plan: ForwardPlan, pool: UpstreamPool) -> bool:
+        self.ctx = ctx
+        self.plan = plan
+        self.pool = pool
+        if self.too_large or (
+            self.content_length is not None and self.content_length > plan.max_body
+        ):
+            return await self.respond(payload_too_large(plan.max_body))
+        if self.expect_continue and not self.body_complete:
+            self.conn.write(CONTINUE_100)
+        head = self._request_head(ctx, plan)
+        for attempt in (0, 1):
+            loop = self.conn.loop
+            self.result = loop.create_future()
+            try:
+                upstream = await pool.acquire()
+            except UpstreamUnavailable:
+                return await self.respond(UPSTREAM_UNAVAILABLE)
+            except TimeoutError:
+                return await self.respond(UPSTREAM_TIMEOUT)
+            if self.conn.closed:
+                pool.release(upstream, True)
+                return False
+            reused = upstream.uses > 0
+            self.upstream = upstream
+            self.last_activity = loop.time()
+            upstream.begin(self)
+            upstream.write(head)
+            if self.body_chunks:
+                chunks, self.body_chunks, self.body_buffered = self.body_chunks, [], 0
+                for chunk in chunks:
+                    if self.chunked:
+                        upstream.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+                    else:
+                        upstream.write(chunk)
+                self.conn.resume_reading(self)
+            if self.body_complete and self.chunked:
+                upstream.write(b"0\r\n\r\n")
+            outcome = await self.result
+            if outcome is RETRY:
+                if attempt == 0 and reused:
+                    continue
+                return await self.respond(UPSTREAM_UNAVAILABLE)
+            return outcome
+        return False  # unreachable: the loop always returns
+
+    def _request_head(self, ctx: RequestContext, plan: ForwardPlan) -> bytes:
+        route = ctx.route
+        drop = (
+            plan.request_drop
+            if route is not None and route.allow_method_override
+            else plan.request_drop_no_override
+        )
+        tokens = self.connection_tokens
+        parts = [f"{ctx.method} {plan.upstream_target(ctx)} HTTP/1.1\r\n".encode(), plan.host_line]
+        append = parts.append
+        host = b""
+        prior_xff: list[bytes] = []
+        proto = b"http"
+        for name, value in self.raw_headers:
+            lname = name.lower()
+            if lname in drop or lname in tokens:
+                if lname == b"host":
+                    host = value
+                elif plan.trusted_proxies:
+                    if lname == b"x-forwarded-for":
+                        prior_xff.append(value)
+                    elif lname == b"x-forwarded-proto" and value.lower() in (b"http", b"https"):
+                        proto = value.lower()
+                continue
+            append(name + b": " + value + b"\r\n")
+        peer = ctx.peer_ip.encode()
+        xff = b", ".join([*prior_xff, peer]) if prior_xff else peer
+        append(b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: " + proto + b"\r\n")
+        if host:
+            append(b"X-Forwarded-Host: " + host + b"\r\n")
+        append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
+        append(plan.inject_block)
+        if self.chunked:
+            append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif self.content_length is not None:
+            append(b"Content-Length: %d\r\n\r\n" % self.content_length)
+        else:
+            append(b"\r\n")
+        return b"".join(parts)
+
+    # -- ResponseListener: events from the upstream connection ----------------
+    def on_response_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        connection_tokens: frozenset[bytes],
+    ) -> None:
+        plan = self.plan
+        assert plan is not None and self.ctx is not None
+        length = None
+        parts = []
+        append = parts.append
+        for name, lname, value in headers:
+            if lname in HOP_BY_HOP or lname in connection_tokens:
+                if lname == b"content-length":
+                    length = value
+                continue
+            if lname == b"location":
+                value = plan.rewrite_location(value)
+            elif lname == b"x-request-id":
+                continue
+            append(name + b": " + value + b"\r\n")
+        block = b"".join(parts)
+        if plan.scrubber:
+            block = plan.scrubber.scrub(block)
+        if self.method == "HEAD" or status == 204 or status == 304:
+            mode = NO_BODY
+            framing = b"Content-Length: " + length + b"\r\n" if length and status != 204 else b""
+        elif length is not None:
+            mode = RAW
+            framing = b"Content-Length: " + length + b"\r\n"
+        elif self.http11:
+            mode = CHUNKED
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            mode = RAW
+            framing = b""
+            self.keep_alive = False  # the body ends when the connection does
+        if not self.body_complete:
+            self.keep_alive = False  # the upstream answered before the client finished sending
+        self.mode = mode
+        self.head_sent = True
+        self.conn.write(
+            b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+            + block
+            + b"X-Request-Id: "
+            + self.request_id.encode()
+            + b"\r\n"
+            + rate_limit_headers(self.ctx.limit)
+            + framing
+            + self.conn.connection_header(self)
+            + b"\r\n"
+        )
+        if mode is NO_BODY and self.method == "HEAD" and self.upstream is not None:
+            self.upstream.end_head_only()
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.mode == CHUNKED:
+            self.conn.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        elif self.mode == RAW:
+            self.conn.write(data)
+        self.last_activity = self.conn.loop.time()
+
+    def on_response_end(self, reusable: bool) -> None:
+        if self.mode == CHUNKED:
+            self.conn.write(b"0\r\n\r\n")
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and self.pool is not None:
+            self.pool.release(upstream, reusable and self.body_complete and not self.too_large)
+        self._finish(self.keep_alive)
+
+    def on_upstream_error(self, conn: UpstreamConnection, exc: BaseException) -> None:
+        self.upstream = None
+        if self.pool is not None:
+            self.pool.release(conn, False)
+        if self.result is None or self.result.done():
+            return
+        if self.head_sent:
+            self.conn.abort()  # the client saw a head; a truncated body must look truncated
+            self._finish(False)
+        elif not conn.got_response_bytes and not self.has_body and self.method in (
+            "GET", "HEAD", "OPTIONS", "DELETE"
+        ):
+            self.result.set_result(RETRY)  # a kept-alive socket the upstream had closed
+        else:
+            self.send_error(UPSTREAM_UNAVAILABLE)
+
+    def pause_client_reading(self) -> None:
+        self.conn.pause_reading(self.upstream)
+
+    def resume_client_reading(self) -> None:
+        self.conn.resume_reading(self.upstream)
+
+    # -- timeouts, driven by the connection's periodic tick --------------------
+    def check_timeout(self, now: float) -> None:
+        plan = self.plan
+        if self.upstream is None or plan is None or now - self.last_activity < plan.timeout:
+            return
+        self._drop_upstream()
+        if self.head_sent:
+            self.conn.abort()
+            self._finish(False)
+        else:
+            self.send_error(UPSTREAM_TIMEOUT)
+
+    def client_lost(self) -> None:
+        if self.upstream is not None:
+            self._drop_upstream()
+        self._finish(False)
+
+    # -- answers keyproxy gives itself -------------------------------------------
+    async def respond(self, deny: Deny) -> bool:
+        if self.result is None or self.result.done():
+            self.result = self.conn.loop.create_future()
+        self.send_error(deny)
+        return await self.result
+
+    def send_error(self, deny: Deny) -> None:
+        if not self.body_complete:
+            self.keep_alive = False  # unread body bytes would be taken for the next request
+        body = error_body(deny, self.request_id)
+        extra = b"".join(f"{n}: {v}\r\n".encode() for n, v in deny.headers)
+        limit = self.ctx.limit if self.ctx is not None else None
+        self.head_sent = True
+        self.conn.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            % (deny.status, reason(deny.status), len(body))
+            + b"X-Request-Id: "
+            + self.request_id.encode()
+            + b"\r\n"
+            + extra
+            + rate_limit_headers(limit)
+            + self.conn.connection_header(self)
+            + b"\r\n"
+            + (b"" if self.method == "HEAD" else body)
+        )
+        self._finish(self.keep_alive)
+
+    def _drop_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.abort()
+            if self.pool is not None:
+                self.pool.release(upstream, False)
+
+    def _finish(self, keep_alive: bool) -> None:
+        result = self.result
+        if result is None:
+            self.result = result = self.conn.loop.create_future()
+        if not result.done():
+            result.set_result(keep_alive)
+

@@ -1,0 +1,143 @@
+"""Per-(key, client IP) rate limits and per-key quotas (SPEC §3 step 8).
+
+Both stores implement the same GCRA ("generic cell rate algorithm") with a burst
+of N: a key limited to `N/period` has, per client IP, a bucket of N requests
+refilled continuously at N per period. A bucket is one number, its theoretical
+arrival time (TAT): the moment the bucket will be full again. GCRA is used
+rather than fixed windows because a fixed window lets a client send N requests
+at the end of one window and N more at the start of the next (2N in an instant);
+GCRA never lets more than N through in any stretch of `period`, and it needs
+neither timestamps per request nor a background refill task.
+
+A request is allowed only when both the rate and the quota allow it, and only
+an allowed request consumes either, so a client hammering a limited bucket does
+not burn the key's quota. State is keyed by key id and IP only, never by the
+`Config` object, so it survives configuration reloads; a key whose `rate_limit`
+changes keeps its bucket, reinterpreted with the new rate.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from keyproxy.config.model import Rate, RateLimitSettings
+
+__all__ = [
+    "LimitResult",
+    "Limiter",
+    "StoreUnavailable",
+    "ip_bucket",
+    "open_limiter",
+]
+
+#: Fraction of one emission interval by which a request may arrive early and still
+#: pass. Float rounding makes the bucket's content an approximation: after a burst of
+#: N it may read 0.99999... instead of 1 for the last request. A bucket never holds more
+#: than N, so any tolerance below 1 still lets exactly N of a simultaneous burst
+#: through and leaves the sustained rate exactly N per period; 1 % covers the rounding
+#: error of bursts of tens of thousands, and moves nothing by more than 1 % of an interval.
+TOLERANCE = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    """The verdict for one request, with what the response headers need.
+
+    `retry_after` is `math.inf` when the quota is spent: no amount of waiting
+    helps until the configuration raises the quota, so the caller must not turn it
+    into an integer `Retry-After` blindly.
+    """
+
+    allowed: bool
+    reason: str | None  # None, "rate" or "quota"
+    limit: int | None  # the rate's N (None when the key has no rate limit)
+    remaining: int | None  # requests left in the bucket now
+    reset: float | None  # seconds until the bucket is full again
+    retry_after: float  # seconds until a request would pass (0 when allowed)
+    quota: int | None
+    quota_remaining: int | None
+
+
+#: The answer for keys with neither a rate limit nor a quota; shared, since it is immutable.
+UNLIMITED = LimitResult(True, None, None, None, None, 0.0, None, None)
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer in time or is down.
+
+    The pipeline maps this to `rate_limits.on_store_error` (deny with 503, or
+    allow). The message is deliberately generic: it may reach logs, and the
+    store URL can carry a password.
+    """
+
+
+class Limiter(Protocol):
+    """A rate-limit and quota store.
+
+    `hit` is synchronous for the memory store (no await on the hot path) and a
+    coroutine for Redis; callers handle both with
+    `result = limiter.hit(...); if not isinstance(result, LimitResult): result = await result`.
+    """
+
+    def hit(
+        self, key_id: str, client_ip: str, rate: Rate | None, quota: int | None, now: float
+    ) -> LimitResult | Awaitable[LimitResult]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_limiter(settings: RateLimitSettings) -> Limiter:
+    """Build the store named by `rate_limits.store`; connects lazily, so it never blocks."""
+    store = settings.store
+    if store == "memory":
+        from keyproxy.ratelimit.memory import MemoryLimiter
+
+        return MemoryLimiter(max_buckets=settings.max_buckets)
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        from keyproxy.ratelimit.redis import RedisLimiter
+
+        return RedisLimiter(store, timeout=settings.timeout)
+    raise ValueError("rate_limits.store must be 'memory' or a redis://, rediss:// or unix:// URL")
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_bucket(client_ip: str) -> str:
+    """The address to rate-limit by: IPv6 clients by their /64, everyone else as is.
+
+    One IPv6 host usually owns a whole /64 and can pick a new source address per
+    request; limited by full address, each request would find a fresh, full bucket.
+    IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, seen on dual-stack sockets) are
+    folded into their IPv4 form so one client has one bucket. Not applied by the
+    stores themselves: the caller decides what "client" means.
+    """
+    if ":" not in client_ip:
+        return client_ip
+    try:
+        addr = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return client_ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(addr) >> 64 << 64)}/64"
+
+
+def quota_exhausted(
+    rate: Rate | None, remaining: int | None, reset: float | None, quota: int
+) -> LimitResult:
+    """The refusal for a spent quota, shared by both stores so they answer alike."""
+    return LimitResult(
+        False,
+        "quota",
+        rate.limit if rate is not None else None,
+        remaining,
+        reset,
+        math.inf,
+        quota,
+        0,
+    )

@@ -1,0 +1,128 @@
+"""The in-process store: GCRA buckets in a bounded LRU, quotas in a dict.
+
+`hit` is a plain function, not a coroutine: it runs on the event loop thread
+between awaits, so it is atomic without a lock and costs no task switch.
+
+Bounds and their trade-off: buckets live in an `LRUCache` of `max_buckets`
+entries, so a flood of distinct client addresses cannot grow memory without
+limit. When the cache is full, the least recently used bucket is dropped, and a
+dropped bucket starts full on its next request. Under such a flood the limits
+therefore err towards letting requests through for clients that have been quiet
+the longest; they never refuse a request that a larger cache would have allowed.
+
+Scope: counts are per process. With `serve --workers N`, or several replicas,
+each process limits on its own (N processes let up to N times the rate
+through), and quotas restart from zero with the process. Use the Redis store
+for limits shared across processes and quotas that outlive a restart.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cachetools import LRUCache
+
+from keyproxy.ratelimit import TOLERANCE, UNLIMITED, LimitResult, quota_exhausted
+
+if TYPE_CHECKING:
+    from keyproxy.config.model import Rate
+
+
+class MemoryLimiter:
+    """GCRA per (key id, client IP) and a request count per key id, in this process.
+
+    `now` must come from one monotonic clock (`time.monotonic()` or the loop's
+    `time()`): a wall-clock step would refill or drain every bucket at once. Times
+    are stored relative to the first `now` seen, because a float's precision falls
+    with its magnitude: at epoch seconds (1.7e9) it is 0.24 µs, and a TAT built from
+    thousands of additions of period/N would drift by more than the tolerance.
+    """
+
+    def __init__(self, max_buckets: int = 100_000) -> None:
+        if max_buckets < 1:
+            raise ValueError("max_buckets must be at least 1")
+        # (key id, client IP) -> TAT: the `now` at which the bucket is full again.
+        self._buckets: LRUCache[tuple[str, str], float] = LRUCache(maxsize=max_buckets)
+        # key id -> requests allowed so far. Bounded by the configured keys, since only
+        # authenticated requests reach the limiter; kept for removed keys so a key that
+        # is removed and re-added does not get a fresh quota.
+        self._used: dict[str, int] = {}
+        self._epoch: float | None = None
+
+    def __len__(self) -> int:
+        """Number of buckets held (for tests and metrics)."""
+        return len(self._buckets)
+
+    def hit(
+        self, key_id: str, client_ip: str, rate: Rate | None, quota: int | None, now: float
+    ) -> LimitResult:
+        if rate is None:
+            if quota is None:
+                return UNLIMITED
+            return self._quota_only(key_id, quota)
+
+        epoch = self._epoch
+        if epoch is None:
+            epoch = self._epoch = now
+        now -= epoch
+        limit = rate.limit
+        period = rate.period
+        interval = period / limit
+        bucket = (key_id, client_ip)
+        buckets = self._buckets
+        try:
+            tat = buckets[bucket]
+        except KeyError:
+            tat = now
+        else:
+            if tat < now:
+                tat = now
+            elif tat > now + period:
+                # The period was shortened by a reload: an empty bucket of the new size,
+                # not a wait as long as the old period. Stored, since a refusal stores nothing.
+                tat = buckets[bucket] = now + period
+
+        # Requests the bucket holds right now (fractional: it refills continuously).
+        available = (now + period - tat) / interval
+        if available < 1.0 - TOLERANCE:
+            return LimitResult(
+                False,
+                "rate",
+                limit,
+                0,
+                tat - now,
+                tat + interval - period - now,
+                quota,
+                None if quota is None else max(quota - self._used.get(key_id, 0), 0),
+            )
+
+        quota_remaining = None
+        if quota is not None:
+            used = self._used.get(key_id, 0)
+            if used >= quota:
+                return quota_exhausted(rate, int(available + TOLERANCE), tat - now, quota)
+            self._used[key_id] = used + 1
+            quota_remaining = quota - used - 1
+
+        tat += interval
+        buckets[bucket] = tat
+        return LimitResult(
+            True,
+            None,
+            limit,
+            int(available - 1.0 + TOLERANCE),
+            tat - now,
+            0.0,
+            quota,
+            quota_remaining,
+        )
+
+    def _quota_only(self, key_id: str, quota: int) -> LimitResult:
+        used = self._used.get(key_id, 0)
+        if used >= quota:
+            return quota_exhausted(None, None, None, quota)
+        self._used[key_id] = used + 1
+        return LimitResult(True, None, None, None, None, 0.0, quota, quota - used - 1)
+
+    async def aclose(self) -> None:
+        """Nothing to release; present so callers treat every store alike."""

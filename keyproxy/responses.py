@@ -1,0 +1,89 @@
+"""What keyproxy itself says on the wire: JSON errors and scrubbed upstream headers.
+
+Error bodies are built here and only here, from a `Deny`, so they can never
+carry upstream hosts, exception text or secrets: the message is always one of
+keyproxy's own sentences.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from http import HTTPStatus
+from urllib.parse import quote
+
+from keyproxy.request import Deny
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase; never the upstream's, which is free text it controls."""
+    return REASONS.get(status, b"Unknown")
+
+
+def error_body(deny: Deny, request_id: str) -> bytes:
+    return json.dumps(
+        {
+            "statusCode": deny.status,
+            "error": deny.code,
+            "message": deny.message,
+            "requestId": request_id,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+# Denials the server itself produces, outside the pipeline.
+BAD_REQUEST = Deny(400, "BAD_REQUEST", "the request is not valid HTTP/1.1")
+HEADERS_TOO_LARGE = Deny(431, "HEADERS_TOO_LARGE", "the request headers are too large")
+REQUEST_TIMEOUT = Deny(408, "REQUEST_TIMEOUT", "the request was not received in time")
+UPGRADE_NOT_ALLOWED = Deny(
+    400, "UPGRADE_NOT_ALLOWED", "protocol upgrades (Upgrade, CONNECT) are not allowed"
+)
+UPSTREAM_UNAVAILABLE = Deny(502, "UPSTREAM_UNAVAILABLE", "the upstream service is unavailable")
+UPSTREAM_TIMEOUT = Deny(504, "UPSTREAM_TIMEOUT", "the upstream service did not answer in time")
+SHUTTING_DOWN = Deny(503, "SHUTTING_DOWN", "keyproxy is shutting down; retry")
+
+
+def payload_too_large(limit: int) -> Deny:
+    return Deny(413, "PAYLOAD_TOO_LARGE", f"the request body exceeds the limit of {limit} bytes")
+
+
+class SecretScrubber:
+    """Replaces every spelling of the upstream's secrets in response header values.
+
+    An upstream may echo its key in a header, a cookie or a redirect URL; the
+    client must never see it. Each secret is searched for raw, percent-encoded
+    and (for Basic credentials) base64-encoded, in one compiled alternation so
+    the common case — nothing found — is a single scan of the header block.
+    """
+
+    REDACTED = b"[REDACTED]"
+
+    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
+        spellings: set[bytes] = set()
+        for secret in secrets:
+            raw = secret.encode("utf-8")
+            spellings.add(raw)
+            spellings.add(quote(secret, safe="").encode())
+            spellings.add(quote(secret, safe="").lower().encode())
+            spellings.add(quote(secret).encode())
+        if basic is not None:
+            pair = f"{basic[0]}:{basic[1]}".encode()
+            spellings.add(base64.b64encode(pair))
+        spellings.discard(b"")
+        ordered = sorted(spellings, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(re.escape(s) for s in ordered)) if ordered else None
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def found_in(self, data: bytes) -> bool:
+        return self._pattern is not None and self._pattern.search(data) is not None
+
+    def scrub(self, value: bytes) -> bytes:
+        if self._pattern is None:
+            return value
+        return self._pattern.sub(self.REDACTED, value)

@@ -1,0 +1,492 @@
+"""The public listener: client connections, the request loop and the process lifecycle.
+
+Each client socket is an `asyncio.Protocol` whose bytes are parsed by
+httptools (llhttp). A request becomes an `Exchange` as soon as its head is
+parsed; one coroutine per connection takes exchanges in order (HTTP/1.1
+pipelining answers in order), runs the pipeline against the configuration
+snapshot current at that moment, and either answers with a JSON error or
+hands the exchange to the forwarder.
+
+Timeouts (slow headers, idle keep-alive, a silent upstream) are checked by one
+periodic tick per connection instead of arming and cancelling timers on every
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+from keyproxy.checks import Pipeline, build_checks
+from keyproxy.config import Config, ConfigError
+from keyproxy.config.reload import ConfigHolder
+from keyproxy.forward import Exchange, ForwardPlan
+from keyproxy.observability import log_event
+from keyproxy.ratelimit import open_limiter
+from keyproxy.request import Deny, Headers, RequestContext
+from keyproxy.responses import (
+    BAD_REQUEST,
+    HEADERS_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    UPGRADE_NOT_ALLOWED,
+    error_body,
+    reason,
+)
+from keyproxy.upstream import UpstreamPool
+
+MAX_HEADERS = 100
+#: Pipelined requests parsed ahead of the one being answered before reading pauses.
+MAX_QUEUED = 8
+EXPECTATION_FAILED = Deny(417, "EXPECTATION_FAILED", "only 'Expect: 100-continue' is supported")
+HOST_REQUIRED = Deny(400, "BAD_REQUEST", "HTTP/1.1 requests need exactly one Host header")
+
+
+class RequestIds:
+    """Unique, cheap request ids: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """The configuration snapshot and what is derived from it for forwarding."""
+
+    config: Config
+    plan: ForwardPlan
+    pool: UpstreamPool
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.closed = False
+        self.queue: deque[Exchange] = deque()
+        self.active: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.waiter: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
+        self.tick: asyncio.TimerHandle | None = None
+        self.read_pausers: set[object] = set()
+        # The head being parsed.
+        self.in_head = True
+        self.head_begun = False  # a first byte of the next request has arrived
+        self.head_started = 0.0
+        self.head_bytes = 0  # bytes received while the head was incomplete
+        self.url_parts: list[bytes] = []
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect: bytes | None = None
+        self.hosts = 0
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.idle_since = 0.0
+        self.max_body = proxy.serving.config.server.max_body
+
+    # -- asyncio callbacks ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.head_started = self.idle_since = self.loop.time()
+        transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
+        self.proxy.connections.add(self)
+        self.task = self.loop.create_task(self._serve())
+        self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse_now(UPGRADE_NOT_ALLOWED)
+            return
+        except httptools.HttpParserError as exc:
+            # httptools wraps an exception raised in a callback; ours says why.
+            cause = exc.__context__
+            self._refuse_now(cause.deny if isinstance(cause, _HeadRefused) else BAD_REQUEST)
+            return
+        if self.in_head and self.head_begun:
+            # A head still incomplete after this chunk: bound what llhttp and
+            # httptools may be accumulating for it.
+            self.head_bytes += len(data)
+            if self.head_bytes > self.proxy.serving.config.server.max_header_size:
+                self._refuse_now(HEADERS_TOO_LARGE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.connections.discard(self)
+        if self.tick is not None:
+            self.tick.cancel()
+        if self.active is not None:
+            self.active.client_lost()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.active
+        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
+            ex.upstream.transport.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_begun = True
+        self.head_started = self.loop.time()
+        self.head_bytes = 0
+        self.url_parts = []
+        self.raw_headers = []
+        self.content_length = None
+        self.chunked = False
+        self.expect = None
+        self.hosts = 0
+        self.connection_tokens = frozenset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url_parts.append(url)
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.raw_headers
+        if len(headers) >= MAX_HEADERS:
+            raise _HeadRefused(HEADERS_TOO_LARGE)
+        self._count_head(len(name) + len(value) + 4)
+        headers.append((name, value))
+        lname = name.lower()
+        if lname == b"content-length":
+            self.content_length = int(value)  # llhttp has validated it
+        elif lname == b"transfer-encoding":
+            self.chunked = self.chunked or b"chunked" in value.lower()
+        elif lname == b"host":
+            self.hosts += 1
+        elif lname == b"expect":
+            self.expect = value.lower()
+        elif lname == b"connection":
+            self.connection_tokens = self.connection_tokens | frozenset(
+                t.strip() for t in value.lower().split(b",")
+            )
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > self.proxy.serving.config.server.max_header_size:
+            raise _HeadRefused(HEADERS_TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_begun = False
+        parser = self.parser
+        http11 = parser.get_http_version() == "1.1"
+        ex = Exchange(
+            self,
+            parser.get_method().decode("ascii"),
+            b"".join(self.url_parts).decode("latin-1"),
+            self.raw_headers,
+            http11,
+            parser.should_keep_alive(),
+            self.proxy.request_ids.next(),
+        )
+        ex.content_length = None if self.chunked else self.content_length
+        ex.chunked = self.chunked
+        ex.connection_tokens = self.connection_tokens
+        if self.expect is not None:
+            ex.expect_continue = self.expect == b"100-continue"
+            if not ex.expect_continue:
+                ex.early_deny = EXPECTATION_FAILED
+        if self.hosts > 1 or (http11 and self.hosts == 0):
+            ex.early_deny = HOST_REQUIRED
+        if not ex.has_body:
+            ex.body_complete = True
+        self.parsing = ex
+        self.queue.append(ex)
+        if len(self.queue) > MAX_QUEUED:
+            self.pause_reading(self.queue)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.parsing is not None:
+            self.parsing.end_body()
+            self.parsing = None
+
+    # -- the request loop ---------------------------------------------------
+    async def _serve(self) -> None:
+        proxy = self.proxy
+        queue = self.queue
+        while not self.closed:
+            if not queue:
+                if proxy.draining:
+                    break
+                self.idle_since = self.loop.time()
+                self.waiter = self.loop.create_future()
+                await self.waiter
+                self.waiter = None
+                continue
+            ex = queue.popleft()
+            if self.read_pausers and len(queue) <= MAX_QUEUED:
+                self.resume_reading(queue)
+            self.active = ex
+            try:
+                keep_alive = await proxy.handle(self, ex)
+            except Exception as exc:  # a bug must cost one request, never the process
+                log_event("internal_error", request_id=ex.request_id, error=type(exc).__name__)
+                keep_alive = False
+                if not ex.head_sent and not self.closed:
+                    ex.send_error(Deny(500, "INTERNAL_ERROR", "keyproxy failed on this request"))
+            self.active = None
+            if not keep_alive or proxy.draining:
+                break
+        self.close()
+
+    def _on_tick(self) -> None:
+        if self.closed:
+            return
+        now = self.loop.time()
+        settings = self.proxy.serving.config.server
+        if self.active is not None:
+            self.active.check_timeout(now)
+        elif self.in_head and not self.queue:
+            begun = self.head_begun
+            limit = settings.header_timeout if begun else settings.keepalive_timeout
+            started = self.head_started if begun else self.idle_since
+            if now - started > limit:
+                if begun:
+                    self._refuse_now(REQUEST_TIMEOUT)
+                else:
+                    self.close()
+                return
+        self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
+
+    # -- writing ----------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        if not self.closed:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def connection_header(self, ex: Exchange) -> bytes:
+        if not ex.keep_alive or self.proxy.draining:
+            ex.keep_alive = False
+            return b"Connection: close\r\n"
+        return b"" if ex.http11 else b"Connection: keep-alive\r\n"
+
+    def pause_reading(self, reason: object) -> None:
+        if not self.read_pausers and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.read_pausers.add(id(reason))
+
+    def resume_reading(self, reason: object) -> None:
+        self.read_pausers.discard(id(reason))
+        if not self.read_pausers and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _refuse_now(self, deny: Deny) -> None:
+        """A request that cannot even be parsed: answer if nothing else is under way, then close."""
+        if self.active is None and not self.closed:
+            rid = self.proxy.request_ids.next()
+            body = error_body(deny, rid)
+            self.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
+                % (deny.status, reason(deny.status), len(body), rid.encode(), body)
+            )
+        self.queue.clear()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class _HeadRefused(Exception):
+    """Raised inside a parser callback to stop parsing a head keyproxy will not accept."""
+
+    def __init__(self, deny: Deny) -> None:
+        self.deny = deny
+
+
+class ProxyServer:
+    """State shared by every connection of one process."""
+
+    def __init__(self, holder: ConfigHolder, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.holder = holder
+        self.connections: set[ClientConnection] = set()
+        self.request_ids = RequestIds()
+        self.draining = False
+        config = holder.config
+        self.limiter = open_limiter(config.rate_limits)
+        self.checks = build_checks(self.limiter)
+        self.pipeline = Pipeline(self.checks)
+        self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream))
+        self.tick_interval = self._tick_interval(config)
+        holder.subscribe(self._on_config)
+
+    @staticmethod
+    def _tick_interval(config: Config) -> float:
+        s = config.server
+        return max(0.05, min(1.0, config.upstream.timeout / 4, s.header_timeout / 4))
+
+    def _on_config(self, config: Config) -> None:
+        old = self.serving
+        pool = old.pool
+        up = config.upstream
+        if (up.scheme, up.host, up.port) != pool.endpoint or (
+            up.max_connections != pool.upstream.max_connections
+        ):
+            pool.close()
+            pool = UpstreamPool(up)
+        if config.rate_limits != old.config.rate_limits:
+            limits = next(c.run for c in self.checks if c.name.endswith("rate limit"))
+            previous = limits.limiter  # type: ignore[attr-defined]
+            limits.limiter = open_limiter(config.rate_limits)  # type: ignore[attr-defined]
+            self.loop.create_task(previous.aclose())
+        self.serving = Serving(config, ForwardPlan(config), pool)
+        self.tick_interval = self._tick_interval(config)
+
+    async def handle(self, conn: ClientConnection, ex: Exchange) -> bool:
+        serving = self.serving  # one snapshot for the whole request
+        config = serving.config
+        conn.max_body = config.server.max_body
+        if ex.early_deny is not None:
+            return await ex.respond(ex.early_deny)
+        headers = Headers.from_lowered(
+            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.raw_headers]
+        )
+        ctx = RequestContext(
+            config, ex.method, ex.target, headers, conn.peer_ip, time.time(), ex.request_id
+        )
+        ex.ctx = ctx
+        deny = await self.pipeline.decide(ctx)
+        if deny is not None:
+            return await ex.respond(deny)
+        return await ex.proxy(ctx, serving.plan, serving.pool)
+
+    async def drain(self, timeout: float) -> None:
+        """Finish in-flight requests, close idle connections, give up after `timeout`."""
+        self.draining = True
+        for conn in list(self.connections):
+            if conn.active is None and not conn.queue:
+                conn.close()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self.serving.pool.close()
+        await self.limiter_close()
+
+    async def limiter_close(self) -> None:
+        limits = next(c.run for c in self.checks if c.name.endswith("rate limit"))
+        await limits.limiter.aclose()  # type: ignore[attr-defined]
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: keyproxy runs on the standard loop too
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(
+    holder: ConfigHolder,
+    host: str | None = None,
+    port: int | None = None,
+    reuse_port: bool = False,
+    ready: asyncio.Future | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. `ready` receives the bound (host, port)."""
+    from keyproxy.admin import start_admin
+
+    loop = asyncio.get_running_loop()
+    config = holder.config
+    proxy = ProxyServer(holder, loop)
+    listen_host = host or config.server.listen.host
+    listen_port = config.server.listen.port if port is None else port
+    server = await loop.create_server(
+        lambda: ClientConnection(proxy),
+        listen_host,
+        listen_port,
+        reuse_port=reuse_port or None,
+        backlog=2048,
+    )
+    bound = server.sockets[0].getsockname()
+    admin_runner = await start_admin(proxy, reuse_port=reuse_port)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload_soon)
+    watcher = loop.create_task(holder.watch())
+    log_event(
+        "listening",
+        url=f"http://{_host_for_url(bound[0])}:{bound[1]}",
+        admin=f"http://{config.server.admin_listen}",
+        config=config.summary(),
+        pid=os.getpid(),
+    )
+    if ready is not None and not ready.done():
+        ready.set_result((bound[0], bound[1]))
+    await stop.wait()
+    log_event("draining", connections=len(proxy.connections))
+    server.close()
+    watcher.cancel()
+    await proxy.drain(config.server.drain_timeout)
+    await admin_runner.cleanup()
+    log_event("stopped")
+    return 0
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run(config_path: str, host: str | None, port: int | None, workers: int = 1) -> int:
+    """Run in this process, or supervise `workers` processes sharing the port."""
+    if workers > 1:
+        from keyproxy.workers import supervise
+
+        return supervise(config_path, host, port, workers)
+    try:
+        holder = ConfigHolder.load(config_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    install_uvloop()
+    reuse = os.environ.get("KEYPROXY_REUSE_PORT") == "1"
+    return asyncio.run(serve(holder, host, port, reuse_port=reuse))

@@ -1,0 +1,305 @@
+"""Connections to the upstream: a bounded keep-alive pool and one protocol object per socket.
+
+Why not aiohttp's `ClientSession`: in a pass-through proxy its per-request
+objects (request, response, payload, timers, cookie jar) are ~40% of all CPU
+time. Here each socket is an `asyncio.Protocol` whose responses are parsed by
+httptools (llhttp, the parser Node.js uses): keyproxy writes request heads and
+chunk sizes, never parses HTTP itself. Parsed events are handed to a
+`ResponseListener` (the current `Exchange`), which streams them to the client
+without buffering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Protocol
+
+import httptools
+
+from keyproxy.config.model import Upstream
+
+#: An idle connection older than this is closed rather than reused: many servers
+#: close idle keep-alive sockets after 5–60 s and a reused dead socket costs a retry.
+IDLE_REUSE_LIMIT = 4.0
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream refused, reset or garbled the exchange (never shown to clients)."""
+
+
+class ResponseListener(Protocol):
+    def on_response_head(
+        self, status: int, headers: list[tuple[bytes, bytes, bytes]], connection_tokens: frozenset
+    ) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self, reusable: bool) -> None: ...
+    def on_upstream_error(self, conn: UpstreamConnection, exc: BaseException) -> None: ...
+    def pause_client_reading(self) -> None: ...
+    def resume_client_reading(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_connection_tokens",
+        "_counted_out",
+        "_eof_delimited",
+        "_headers",
+        "_headers_done",
+        "_interim",
+        "_parser",
+        "_stale_parser",
+        "closed",
+        "got_response_bytes",
+        "idle_since",
+        "in_response",
+        "listener",
+        "pool",
+        "transport",
+        "uses",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.listener: ResponseListener | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._stale_parser = False
+        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._connection_tokens: frozenset[bytes] = frozenset()
+        self._interim = False
+        self._eof_delimited = True
+        self._headers_done = False
+        self._counted_out = False
+        self.closed = False
+        self.in_response = False
+        self.got_response_bytes = False
+        self.idle_since = 0.0
+        self.uses = 0
+
+    # -- used by the exchange ------------------------------------------------
+    def begin(self, listener: ResponseListener) -> None:
+        if self._stale_parser:
+            self._parser = httptools.HttpResponseParser(self)
+            self._stale_parser = False
+        self.listener = listener
+        self.in_response = True
+        self.got_response_bytes = False
+        self.uses += 1
+        self._headers = []
+        self._connection_tokens = frozenset()
+        self._eof_delimited = True
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def end_head_only(self) -> None:
+        """A response to HEAD has no body whatever its Content-Length says.
+
+        llhttp cannot be told so through httptools, so the message is finished
+        here and the parser, now expecting a body, is replaced before reuse.
+        """
+        self._stale_parser = True
+        self._finish(reusable=self._parser.should_keep_alive())
+
+    def abort(self) -> None:
+        self.closed = True
+        self.listener = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.listener is None:
+            # Bytes nobody asked for (on an idle socket, or after an aborted
+            # exchange): the stream can no longer be trusted.
+            self.abort()
+            return
+        self.got_response_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        listener = self.listener
+        if listener is not None and self.in_response and self._headers_done and self._eof_delimited:
+            self._finish(reusable=False)  # the body was delimited by the connection closing
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.listener is not None and self.in_response:
+            self._fail(exc or ConnectionResetError("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.resume_client_reading()
+
+    # -- httptools callbacks -----------------------------------------------
+    def on_message_begin(self) -> None:
+        self._headers_done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"connection":
+            self._connection_tokens = self._connection_tokens | frozenset(
+                t.strip() for t in value.lower().split(b",")
+            )
+        elif lname == b"content-length" or lname == b"transfer-encoding":
+            self._eof_delimited = False
+        self._headers.append((name, lname, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise UpstreamUnavailable("unexpected protocol switch")
+            self._interim = True  # 100 Continue, 103 Early Hints: wait for the real answer
+            self._headers = []
+            return
+        self._headers_done = True
+        if status == 204 or status == 304:
+            self._eof_delimited = False
+        listener = self.listener
+        if listener is not None:
+            listener.on_response_head(status, self._headers, self._connection_tokens)
+
+    def on_body(self, body: bytes) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.listener is not None and self.in_response:
+            self._finish(reusable=self._parser.should_keep_alive())
+
+    # -- internals -------------------------------------------------------------
+    def _finish(self, reusable: bool) -> None:
+        listener = self.listener
+        self.in_response = False
+        self.listener = None
+        self._headers_done = False
+        if listener is not None:
+            listener.on_response_end(reusable)
+
+    def _fail(self, exc: BaseException) -> None:
+        listener = self.listener
+        self.in_response = False
+        self.listener = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+        if listener is not None:
+            listener.on_upstream_error(self, exc)
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, at most `max_connections` at once.
+
+    Callers beyond the limit wait in line for a released connection rather
+    than opening more sockets than the upstream was sized for.
+    """
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.endpoint = (upstream.scheme, upstream.host, upstream.port)
+        self._idle: deque[UpstreamConnection] = deque()
+        self._open = 0
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if upstream.scheme == "https" else None
+        )
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def acquire(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_REUSE_LIMIT:
+                return conn
+            self._discard(conn)
+        if self._open >= self.upstream.max_connections:
+            waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
+            self._waiters.append(waiter)
+            handed = await waiter
+            if handed is not None:
+                return handed
+        return await self._connect(loop)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        self._open += 1
+        up = self.upstream
+        try:
+            async with asyncio.timeout(up.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    up.host,
+                    up.port,
+                    ssl=self._ssl,
+                    server_hostname=up.host if self._ssl else None,
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self._open -= 1
+            self._wake_one()
+            raise UpstreamUnavailable(type(exc).__name__) from exc
+        return conn  # type: ignore[return-value]
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        if not reusable or conn.closed or self._closed:
+            self._discard(conn)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Called when a socket closes; one in use is discarded by its exchange instead."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            return
+        self._discard(conn)
+
+    def _discard(self, conn: UpstreamConnection) -> None:
+        if not conn._counted_out:
+            conn._counted_out = True
+            self._open -= 1
+        if not conn.closed:
+            conn.abort()
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        # A slot opened: let one waiter connect anew.
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._discard(self._idle.pop())

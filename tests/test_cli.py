@@ -1,0 +1,148 @@
+"""The `keyproxy` command through real subprocesses (SPEC §1)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keyproxy.demo import DEMO_KEYS, example_config_text
+from tests.proxy_process import KEYS, base_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def keyproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "keyproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "check", "keygen", "explain"])
+def test_every_command_has_help(command):
+    result = keyproxy(command, "--help")
+    assert result.returncode == 0
+    assert "usage: keyproxy " + command in result.stdout
+
+
+def test_top_level_help_and_version():
+    assert keyproxy("--help").returncode == 0
+    assert keyproxy("--version").stdout.startswith("keyproxy ")
+
+
+def test_check_ok(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:1", {"headers": {"K": "v"}})))
+    result = keyproxy("check", "-c", str(path))
+    assert result.returncode == 0, result.stdout
+    assert re.fullmatch(r"OK: 6 keys, \d+ routes\n", result.stdout)
+
+
+def test_check_reports_every_error_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "server:\n"
+        "  listen: 0.0.0.0:8080\n"
+        "  max_bdoy: 10MiB\n"  # line 3: typo
+        "upstream:\n"
+        "  url: http://127.0.0.1:3000\n"
+        "  timeout: 30 seconds\n"  # line 6: bad duration
+        "  inject:\n"
+        "    headers: {X-API-Key: '${NOT_SET_ANYWHERE_123}'}\n"  # line 8
+        "routes:\n"
+        "  - {match: 'GET /v1/{table}', acl: search}\n"
+        "keys:\n"
+        "  - {id: a, hash: 'sha256:abc', type: read}\n"  # line 12: bad hash
+        "cors:\n"  # line 13: not supported yet
+        "  allow_origins: ['*']\n"
+    )
+    result = keyproxy("check", "-c", str(path), env={"NOT_SET_ANYWHERE_123": ""})
+    assert result.returncode == 1
+    out = result.stdout
+    for line, words in [(3, "max_bdoy"), (6, "timeout"), (8, "NOT_SET_ANYWHERE_123"), (12, "hash"),
+                        (13, "not supported yet")]:
+        assert re.search(rf":{line}:.*{words}|:{line}:.*\n?.*{words}", out), (line, out)
+    assert "max_body" in out  # the did-you-mean hint
+
+
+def test_check_missing_file():
+    result = keyproxy("check", "-c", "/nonexistent/keyproxy.yaml")
+    assert result.returncode == 1
+    assert "nonexistent" in result.stdout
+
+
+@pytest.mark.parametrize(("kind", "prefix", "type_"), [("publishable", "pk_", "read"),
+                                                        ("secret", "sk_", "write")])
+def test_keygen_prints_a_key_once_and_only_its_hash_in_yaml(kind, prefix, type_):
+    result = keyproxy("keygen", "--kind", kind, "--id", "my-app")
+    assert result.returncode == 0
+    keys = re.findall(rf"\b{prefix}[0-9a-f]{{64}}\b", result.stdout)
+    assert len(keys) == 1
+    key = keys[0]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    yaml_part = result.stdout.split("Paste this entry", 1)[1].split("\n", 1)[1]
+    entry = yaml.safe_load(yaml_part)[0]
+    assert entry["id"] == "my-app"
+    assert entry["hash"] == f"sha256:{digest}"
+    assert entry["type"] == type_
+    assert key not in yaml_part
+
+
+def test_two_keygens_differ():
+    a, b = keyproxy("keygen").stdout, keyproxy("keygen").stdout
+    assert a != b
+
+
+def test_explain_allow_and_deny(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:3000", {"headers": {"K": "v"}})))
+    allow = keyproxy("explain", "-c", str(path), "--key", KEYS["reader"], "GET",
+                     "http://localhost:8080/v1/data/posts?limit=2")
+    assert allow.returncode == 0, allow.stdout
+    assert "verdict: ALLOW -> GET http://127.0.0.1:3000/v1/data/posts?limit=2" in allow.stdout
+    assert "key 'reader'" in allow.stdout
+    assert "injected: K" in allow.stdout
+    deny = keyproxy("explain", "-c", str(path), "--key", KEYS["reader"], "DELETE",
+                    "/v1/data/posts/1")
+    assert deny.returncode == 1
+    assert "DENY" in deny.stdout and "PERMISSION_DENIED" in deny.stdout
+    assert "verdict: DENY 403 PERMISSION_DENIED" in deny.stdout
+    unknown = keyproxy("explain", "-c", str(path), "--key", "pk_" + "0" * 64, "GET", "/v1/data/x")
+    assert unknown.returncode == 1 and "INVALID_TOKEN" in unknown.stdout
+
+
+def test_explain_never_prints_the_upstream_secret(tmp_path):
+    path = tmp_path / "c.yaml"
+    secret = "very-secret-upstream-value-123"
+    path.write_text(
+        yaml.safe_dump(base_config("http://127.0.0.1:3000", {"headers": {"X-K": secret}}))
+    )
+    result = keyproxy("explain", "-c", str(path), "--key", KEYS["admin"], "GET", "/echo/a")
+    assert result.returncode == 0
+    assert secret not in result.stdout
+    assert "X-K" in result.stdout
+
+
+def test_example_config_holds_the_demo_keys_hashes():
+    text = example_config_text()
+    for key in DEMO_KEYS.values():
+        assert hashlib.sha256(key.encode()).hexdigest() in text
+    assert (ROOT / "config.example.yaml").read_text() == text
+
+
+def test_example_config_checks_ok():
+    result = keyproxy("check", "-c", "config.example.yaml", env={"UPSTREAM_SECRET": "s" * 32})
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == "OK: 3 keys, 9 routes\n"
