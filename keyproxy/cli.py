@@ -58,6 +58,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.key is None and args.jwt is None:
         print("explain needs --key or --jwt", file=sys.stderr)
         return 2
+    from keyproxy.clientip import parse_peer
+
+    try:
+        parse_peer(args.ip)
+    except ValueError:
+        print(f"--ip: {args.ip!r} is not an IP address", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -94,9 +94,13 @@ class ForwardPlan:
             pair = f"{up.inject_basic[0]}:{up.inject_basic[1]}".encode()
             injected.append(b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n")
         self.inject_block = b"".join(injected)
-        drop_names = {n.lower().encode() for n, _ in up.inject_headers}
-        self.request_drop = frozenset(REQUEST_DROP | drop_names)
-        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE
+        drop_names = REQUEST_DROP | {n.lower().encode() for n, _ in up.inject_headers}
+        # CGI-style upstreams read "X_API_Key" as "X-API-Key": drop both spellings.
+        drop_names |= {n.replace(b"-", b"_") for n in drop_names}
+        self.request_drop = frozenset(drop_names)
+        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE | {
+            n.replace(b"-", b"_") for n in METHOD_OVERRIDE
+        }
         self.inject_query = "&".join(
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
         )

@@ -150,7 +150,8 @@ def test_key_plus_basic_is_ambiguous(proxy: Keyproxy):
 def test_query_credentials_are_off_by_default(proxy: Keyproxy, upstream):
     upstream.reset()
     s, h, b, _ = proxy.request("GET", f"/echo/x?api_key={KEYS['reader']}")
-    assert_error(s, h, b, 401, "UNAUTHORIZED")
+    data = assert_error(s, h, b, 401, "INVALID_TOKEN")
+    assert "not accepted" in data["message"]
     assert upstream.records() == []
 
 
@@ -481,3 +482,63 @@ def test_client_disconnect_mid_response_does_not_hurt(proxy: Keyproxy):
         sock.recv(1000)
     for _ in range(3):
         assert proxy.request("GET", "/echo/ok", key=KEYS["reader"])[0] == 200
+
+
+def test_underscore_spellings_of_credentials_are_dropped(proxy: Keyproxy, upstream):
+    status, _, _, _ = proxy.request(
+        "GET", "/echo/u", {"X_Upstream_Key": "attacker", "X_API_Key": "x"}, key=KEYS["reader"]
+    )
+    assert status == 200
+    names = [n.lower() for n, _ in last_record(upstream)["headers"]]
+    assert "x_upstream_key" not in names and "x_api_key" not in names
+
+
+def test_a_key_in_the_query_is_refused_when_the_query_source_is_off(proxy: Keyproxy, upstream):
+    upstream.reset()
+    s, h, b, _ = proxy.request("GET", f"/echo/q?api_key={KEYS['reader']}", key=KEYS["reader"])
+    assert s in (400, 401)
+    assert upstream.records() == []
+
+
+def test_query_credentials_when_enabled_are_stripped(tmp_path, upstream):
+    from tests.proxy_process import base_config, start_keyproxy
+
+    config = base_config(upstream.url, upstream.inject())
+    config["server"]["credential_sources"] = ["header", "query"]
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        upstream.reset()
+        s, _, _, _ = kp.request("GET", f"/echo/q?a=1&api_key={KEYS['reader']}&b=2")
+        assert s == 200
+        assert last_record(upstream)["raw_path"] == "/echo/q?a=1&b=2"
+    finally:
+        kp.stop()
+
+
+@pytest.mark.parametrize("mode", ["basic", "query"])
+def test_other_injection_forms(tmp_path, mode):
+    from tests.procs import start_upstream
+    from tests.proxy_process import base_config, start_keyproxy
+
+    secret = "another-upstream-secret-value"
+    if mode == "basic":
+        up = start_upstream(basic=("svc", secret))
+    else:
+        up = start_upstream(query_secrets={"apikey": secret})
+    try:
+        kp = start_keyproxy(tmp_path, base_config(up.url, up.inject()))
+        try:
+            s, _, _, _ = kp.request("GET", "/echo/x?apikey=client-guess", key=KEYS["reader"])
+            assert s == 200
+            record = up.records()[-1]
+            if mode == "query":
+                assert record["raw_path"].count("apikey=") == 1
+                assert record["raw_path"].endswith(f"apikey={secret}")
+            s, _, _, resp = kp.request("GET", "/leak", key=KEYS["reader"])
+            assert secret not in json.dumps(resp.getheaders())
+            s, h, _, _ = kp.request("GET", "/redirect", key=KEYS["reader"])
+            assert secret not in h["location"]
+        finally:
+            kp.stop()
+    finally:
+        up.stop()

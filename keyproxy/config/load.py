@@ -95,42 +95,62 @@ _YAML11_BOOLS = frozenset(
     {"yes", "no", "on", "off", "y", "n", "True", "False", "TRUE", "FALSE", "Yes", "No", "On", "Off"}
 )
 
-_BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-
-class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """Composes nodes without guessing implicit types.
+def _untyped(base: type) -> type:
+    """A loader that composes nodes without guessing implicit types.
 
     Each field interprets its own text, so YAML 1.1's guesses are never needed;
     skipping them also nearly halves the time to compose a file of 100k keys.
     """
 
-    def resolve(self, kind: type, value: object, implicit: object) -> str:
+    def resolve(self: object, kind: type, value: object, implicit: object) -> str:
         return _UNTAGGED
 
-    def descend_resolver(self, current_node: object, current_index: object) -> None:
+    def descend_resolver(self: object, current_node: object, current_index: object) -> None:
         return None
 
-    def ascend_resolver(self) -> None:
+    def ascend_resolver(self: object) -> None:
         return None
+
+    namespace = {
+        "resolve": resolve,
+        "descend_resolver": descend_resolver,
+        "ascend_resolver": ascend_resolver,
+    }
+    return type(f"Untyped{base.__name__}", (base,), namespace)
+
+
+_Loader = _untyped(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _compose(text: str) -> Node | None:
-    loader = _Loader(text)
-    try:
-        return loader.get_single_node()
-    finally:
-        loader.dispose()
+    return yaml.compose(text, Loader=_Loader)
 
 
-def _yaml_issue(error: yaml.YAMLError) -> ConfigIssue:
+def _yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+        return ConfigIssue(
+            line,
+            "",
+            f"invalid YAML: {error.reason} (character {error.character!r})",
+            "remove the control character",
+        )
     if not isinstance(error, yaml.MarkedYAMLError):
         return ConfigIssue(None, "", f"invalid YAML: {error}")
     mark = error.problem_mark or error.context_mark
     problem = error.problem or "syntax error"
     message = f"invalid YAML: {problem}" + (f" ({error.context})" if error.context else "")
-    hint = "indent with spaces, not tabs" if "'\\t'" in problem else None
-    return ConfigIssue(mark.line + 1 if mark else None, "", message, hint)
+    if mark is None:
+        return ConfigIssue(None, "", message)
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    hint = None
+    if "\t" in line[: mark.column + 1]:
+        hint = "indent with spaces, not tabs"
+    elif re.search(r":\s+[\[{]", line) and "flow" in (error.context or ""):
+        hint = 'a value starting with [ or { is a YAML list or mapping: quote text like "[::]:8080"'
+    return ConfigIssue(mark.line + 1, "", message, hint)
 
 
 def _line(node: Node | None) -> int | None:
@@ -213,13 +233,14 @@ class _Reader:
             elif name == "<<" and not key.style and key.tag is _UNTAGGED:
                 merges.append(value)
             else:
-                self._odd_field(key, name, where, known, not_yet, found)
+                self._odd_field(node, key, name, where, known, not_yet, found)
         if merges:
             self._merge(merges, where, known, not_yet, found, merging | {id(node)})
         return found
 
     def _odd_field(
         self,
+        node: MappingNode,
         key: Node,
         name: str | None,
         where: str,
@@ -230,10 +251,11 @@ class _Reader:
         if name is None:
             self.issue(key, where, f"a field name must be a single word, found {_kind(key)}")
         elif name in found:
+            first = next(k for k, _ in node.value if type(k) is ScalarNode and k.value == name)
             self.issue(
                 key,
                 _join(where, name),
-                f"{name!r} appears twice in this mapping (first on line {_line(found[name])})",
+                f"{name!r} appears twice in this mapping (first on line {_line(first)})",
                 "remove one of them: YAML would silently keep only the last",
             )
         elif name in not_yet:
@@ -610,6 +632,10 @@ _QUERY_NAME = re.compile(r"[A-Za-z0-9._~\[\]-]{1,64}")
 
 
 def _listen(r: _Reader, node: Node, where: str) -> HostPort | None:
+    if type(node) is SequenceNode:  # `[::]:8080` unquoted starts a YAML list
+        hint = f'{_LISTEN_HINT}; quote forms that start with "["'
+        r.issue(node, where, "expected host:port, found a list", hint)
+        return None
     text = r.text(node, where)
     if text is None:
         return None
@@ -1557,7 +1583,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     try:
         root = _compose(text)
     except yaml.YAMLError as error:
-        raise ConfigError(source, [_yaml_issue(error)]) from None
+        raise ConfigError(source, [_yaml_issue(error, text)]) from None
     except RecursionError:
         raise ConfigError(
             source, [ConfigIssue(None, "", "the YAML is nested too deeply")]
