@@ -37,6 +37,7 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
             "config": config.summary(),
             "reloads": dict(holder.reloads),
             "last_reload_error": holder.last_error,
+            "rate_limit_store_failures": proxy.limits.store_failures,
         }
         if proxy.draining:
             return web.json_response({"status": "draining", **body}, status=503)

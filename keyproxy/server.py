@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import httptools
 
 from keyproxy.checks import Pipeline, build_checks
+from keyproxy.checks.limits import RateLimitCheck
 from keyproxy.config import Config, ConfigError
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
@@ -350,9 +351,12 @@ class ProxyServer:
         self.request_ids = RequestIds()
         self.draining = False
         config = holder.config
-        self.limiter = open_limiter(config.rate_limits)
-        self.checks = build_checks(self.limiter)
+        self.checks = build_checks(open_limiter(config.rate_limits))
         self.pipeline = Pipeline(self.checks)
+        #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
+        self.limits: RateLimitCheck = next(
+            c.run for c in self.checks if isinstance(c.run, RateLimitCheck)
+        )
         self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream))
         self.tick_interval = self._tick_interval(config)
         holder.subscribe(self._on_config)
@@ -372,9 +376,8 @@ class ProxyServer:
             pool.close()
             pool = UpstreamPool(up)
         if config.rate_limits != old.config.rate_limits:
-            limits = next(c.run for c in self.checks if c.name.endswith("rate limit"))
-            previous = limits.limiter  # type: ignore[attr-defined]
-            limits.limiter = open_limiter(config.rate_limits)  # type: ignore[attr-defined]
+            previous = self.limits.limiter
+            self.limits.limiter = open_limiter(config.rate_limits)
             self.loop.create_task(previous.aclose())
         self.serving = Serving(config, ForwardPlan(config), pool)
         self.tick_interval = self._tick_interval(config)
@@ -409,11 +412,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.abort()
         self.serving.pool.close()
-        await self.limiter_close()
-
-    async def limiter_close(self) -> None:
-        limits = next(c.run for c in self.checks if c.name.endswith("rate limit"))
-        await limits.limiter.aclose()  # type: ignore[attr-defined]
+        await self.limits.limiter.aclose()
 
 
 def install_uvloop() -> None:

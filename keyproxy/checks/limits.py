@@ -8,14 +8,16 @@ decides (deny with 503 by default, or let the request through).
 
 from __future__ import annotations
 
-import logging
 import math
+import time
 from collections.abc import Awaitable
 
+from keyproxy.observability import log_event
 from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable
 from keyproxy.request import Deny, RequestContext
 
-log = logging.getLogger("keyproxy")
+#: A dead store fails every request; one log line per interval says so without flooding.
+STORE_ERROR_LOG_INTERVAL = 5.0
 
 STORE_UNAVAILABLE = Deny(
     503, "RATE_LIMIT_UNAVAILABLE", "the rate-limit store is unavailable; retry shortly",
@@ -38,11 +40,12 @@ def limit_denial(result: LimitResult) -> Deny:
 
 
 class RateLimitCheck:
-    __slots__ = ("limiter", "store_failures")
+    __slots__ = ("_logged_at", "limiter", "store_failures")
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
         self.store_failures = 0
+        self._logged_at = -STORE_ERROR_LOG_INTERVAL
 
     def __call__(self, ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
         key = ctx.key
@@ -73,7 +76,12 @@ class RateLimitCheck:
     def _store_failed(self, ctx: RequestContext) -> Deny | None:
         self.store_failures += 1
         policy = ctx.config.rate_limits.on_store_error
-        log.warning("rate-limit store unavailable; on_store_error=%s", policy)
+        now = time.monotonic()
+        if now - self._logged_at >= STORE_ERROR_LOG_INTERVAL:
+            self._logged_at = now
+            log_event(
+                "rate_limit_store_error", on_store_error=policy, failures=self.store_failures
+            )
         return None if policy == "allow" else STORE_UNAVAILABLE
 
     def describe(self, ctx: RequestContext) -> str:

@@ -33,7 +33,8 @@ def match_route(ctx: RequestContext) -> Deny | None:
     ctx.target = target
     found = ctx.config.route_table.resolve(ctx.method, target.segments)
     if found is None:
-        return Deny(403, "ROUTE_NOT_ALLOWED", f"no route allows {ctx.method} {target.path}")
+        shown = target.path if len(target.path) <= 120 else target.path[:120] + "..."
+        return Deny(403, "ROUTE_NOT_ALLOWED", f"no route allows {ctx.method} {shown}")
     if isinstance(found, AmbiguousMatch):
         return Deny(400, "AMBIGUOUS_PATH", found.message)
     ctx.route = found.route
