@@ -48,7 +48,7 @@ def test_edit_takes_effect_within_two_seconds_and_bad_edit_keeps_last_good(tmp_p
         kp.rewrite_config(broken)
         assert wait_until(lambda: '"result":"error"' in kp.process.stderr, 3.0)
         assert kp.request("GET", "/echo/x", key=new_key)[0] == 200  # last good still in force
-        status, ready = kp.admin("/readyz")
+        _status, ready = kp.admin("/readyz")
         assert ready["reloads"]["error"] >= 1 and "raed" in ready["last_reload_error"]
     finally:
         kp.stop()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import UPSTREAM_SECRET
 from tests.procs import UpstreamServer
-from tests.proxy_process import KEYS, Keyproxy, error_of
+from tests.proxy_process import KEYS, Keyproxy
 
 
 def last_record(upstream: UpstreamServer) -> dict:
@@ -197,7 +197,7 @@ def test_unmatched_route_and_method(proxy: Keyproxy, upstream):
 
 
 def test_head_is_served_through_a_get_route(proxy: Keyproxy):
-    s, h, b, _ = proxy.request("HEAD", "/json/1000", key=KEYS["reader"])
+    s, _h, b, _ = proxy.request("HEAD", "/json/1000", key=KEYS["reader"])
     assert s == 200
     assert b == b""
     # the connection still works after a HEAD whose response announced a length
@@ -296,7 +296,8 @@ def test_smuggling_shapes_are_refused(proxy: Keyproxy, upstream):
     key = KEYS["admin"].encode()
     for request in (
         b"POST /echo/x HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\n"
-        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
         b"POST /echo/x HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\n"
         b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"GET /echo/x HTTP/1.1\r\nHost: x\r\nHost: y\r\nX-API-Key: " + key + b"\r\n\r\n",
@@ -379,7 +380,9 @@ def test_gzip_passes_through_untouched(proxy: Keyproxy):
 def test_keep_alive_and_pipelining(proxy: Keyproxy):
     key = KEYS["reader"].encode()
     one = b"GET /echo/p%d HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\n\r\n"
-    last = b"GET /echo/p9 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\nConnection: close\r\n\r\n"
+    last = (
+        b"GET /echo/p9 HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\nConnection: close\r\n\r\n"
+    )
     data = b"".join(one % i for i in range(5)) + b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" + last
     response = proxy.raw(data)
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", response)]
@@ -400,11 +403,11 @@ def test_http10_client(proxy: Keyproxy):
 
 
 def test_secret_never_comes_back_in_headers_or_redirects(proxy: Keyproxy, upstream):
-    s, h, b, resp = proxy.request("GET", "/leak", key=KEYS["reader"])
+    s, h, _, resp = proxy.request("GET", "/leak", key=KEYS["reader"])
     assert s == 200
     everything = json.dumps(resp.getheaders())
     assert UPSTREAM_SECRET not in everything
-    s, h, b, resp = proxy.request("GET", "/redirect", key=KEYS["reader"])
+    s, h, _b, resp = proxy.request("GET", "/redirect", key=KEYS["reader"])
     assert s == 302
     assert UPSTREAM_SECRET not in h["location"]
     assert not h["location"].startswith(upstream.url)
@@ -495,7 +498,7 @@ def test_underscore_spellings_of_credentials_are_dropped(proxy: Keyproxy, upstre
 
 def test_a_key_in_the_query_is_refused_when_the_query_source_is_off(proxy: Keyproxy, upstream):
     upstream.reset()
-    s, h, b, _ = proxy.request("GET", f"/echo/q?api_key={KEYS['reader']}", key=KEYS["reader"])
+    s, _h, _b, _ = proxy.request("GET", f"/echo/q?api_key={KEYS['reader']}", key=KEYS["reader"])
     assert s in (400, 401)
     assert upstream.records() == []
 

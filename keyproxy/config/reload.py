@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 
 from keyproxy.config.load import ConfigError, load_config
-
 from keyproxy.config.model import Config
 from keyproxy.observability import log_event
 
