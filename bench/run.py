@@ -239,6 +239,22 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def cpus_busy_seconds(cpus: frozenset[int]) -> float:
+    """Busy time (steal included) of the given CPUs, from /proc/stat.
+
+    Minus the target's own CPU time this is what *else* ran on its core: on a
+    shared machine that, not the proxy, can explain a low req/s.
+    """
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+                total += user + nice + system + irq + softirq + steal
+    return total / CLK_TCK
+
+
 def tree_peak_rss_kib(root: int) -> int:
     """Sum of VmHWM over the tree: the memory a multi-process target really holds."""
     total = 0
@@ -299,6 +315,7 @@ class Target:
     root_pid: int  # the process tree whose CPU and memory are the target's cost
     pinning: str
     managed: list[Managed] = field(default_factory=list)
+    cpus: frozenset[int] | None = None  # set when the target has its CPU(s) to itself
 
 
 @dataclass
@@ -425,6 +442,7 @@ def start_target(env: Env, name: str, workers: int) -> Target:
             m.pid,
             describe_cpus(env.proxy_cpus),
             [m],
+            env.proxy_cpus,
         )
     if name.startswith("keyproxy"):
         n = workers if name != "keyproxy" else 1
@@ -452,6 +470,7 @@ def start_target(env: Env, name: str, workers: int) -> Target:
         pinning = describe_cpus(cpus)
         if n > 1 and env.multi_cpus and env.load_cpus and env.multi_cpus & env.load_cpus:
             pinning += " (shares a CPU with wrk and the upstream)"
+        alone = cpus if cpus and not (env.load_cpus and cpus & env.load_cpus) else None
         return Target(
             name,
             f"keyproxy serve, {n} worker{'s' if n > 1 else ''}, "
@@ -460,6 +479,7 @@ def start_target(env: Env, name: str, workers: int) -> Target:
             m.pid,
             pinning,
             [m],
+            alone,
         )
     if name == "nginx-proxy":
         if not env.nginx:
@@ -493,6 +513,7 @@ def start_target(env: Env, name: str, workers: int) -> Target:
             m.pid,
             describe_cpus(env.proxy_cpus),
             [m],
+            env.proxy_cpus,
         )
     raise BenchError(f"unknown target {name!r}")
 
@@ -524,6 +545,7 @@ def run_wrk(
         f"http://127.0.0.1:{target.port}{body.path}",
     ]  # fmt: skip
     cpu_before = tree_cpu_seconds(target.root_pid)
+    busy_before = cpus_busy_seconds(target.cpus) if target.cpus else 0.0
     proc = subprocess.run(
         argv,
         capture_output=True,
@@ -533,6 +555,7 @@ def run_wrk(
         check=False,
     )
     cpu_after = tree_cpu_seconds(target.root_pid)
+    busy_after = cpus_busy_seconds(target.cpus) if target.cpus else 0.0
     match = re.search(r"^BENCH_JSON (\{.*\})$", proc.stdout, re.MULTILINE)
     if proc.returncode != 0 or match is None:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
@@ -546,6 +569,11 @@ def run_wrk(
         "cpu_us": (cpu_after - cpu_before) * 1e6 / requests if requests else None,
         # Well under 100% for a pinned, CPU-bound proxy means something else ran on its CPU.
         "cpu_util": (cpu_after - cpu_before) / seconds if seconds else None,
+        "others_util": (
+            max(0.0, (busy_after - busy_before) - (cpu_after - cpu_before)) / seconds
+            if target.cpus and seconds
+            else None
+        ),
         "rss_mib": tree_peak_rss_kib(target.root_pid) / 1024,
         "requests": requests,
         "errors": sum(stats[k] for k in ERROR_FIELDS),
@@ -573,6 +601,14 @@ def _first_line(argv: Sequence[str]) -> str | None:
     return text.splitlines()[0] if text else None
 
 
+def _version_word(line: str | None) -> str | None:
+    """`wrk debian/4.1.0-3+b2 [epoll] Copyright ...` -> `wrk debian/4.1.0-3+b2`."""
+    if not line:
+        return None
+    match = re.search(r"(wrk \S+|nginx/\S+)", line)
+    return match.group(1) if match else line
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -589,8 +625,8 @@ def machine_info() -> dict[str, Any]:
         "aiohttp": _version("aiohttp"),
         "uvloop": _version("uvloop"),
         "keyproxy": _version("keyproxy"),
-        "wrk": _first_line(["wrk", "-v"]),
-        "nginx": _first_line([nginx, "-v"]) if nginx else None,
+        "wrk": _version_word(_first_line(["wrk", "-v"])),
+        "nginx": _version_word(_first_line([nginx, "-v"]) if nginx else None),
         "loadavg_at_start": os.getloadavg()[0],
     }
 
@@ -601,7 +637,7 @@ def median(values: Sequence[float | None]) -> float | None:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "cpu_util")
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "cpu_util", "others_util")
     out = {k: median([r[k] for r in runs]) for k in keys}
     out["rss_mib"] = max(r["rss_mib"] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
@@ -612,6 +648,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -631,7 +671,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{meta['machine']['loadavg_at_end']:.2f} (the run itself adds about 2; more means "
         "other work shared the CPUs)  ",
         "CPU µs/req and CPU % are the target's process tree (utime+stime from /proc); "
-        "peak RSS is the sum of VmHWM over that tree.",
+        "others % is what else ran on the target's own CPU meanwhile (from /proc/stat, "
+        "steal included; '-' where the CPU is shared with wrk by design); "
+        "peak RSS is the sum of VmHWM over the tree.",
         "",
     ]
     for body_name, targets in report["results"].items():
@@ -640,13 +682,13 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"### {body_name} body ({size} B JSON)",
             "",
             "| target | req/s | x plain | p50 ms | p99 ms | CPU µs/req | CPU x plain | CPU % "
-            "| peak RSS MiB | errors | req/s per run |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| others % | peak RSS MiB | errors | req/s per run |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         plain = targets.get("plain", {})
         for name, s in targets.items():
             if "error" in s:
-                lines.append(f"| {name} | failed: {s['error'].splitlines()[0][:120]} ||||||||||")
+                lines.append(f"| {name} | failed: {s['error'].splitlines()[0][:120]} |||||||||||")
                 continue
             ratio = s["rps"] / plain["rps"] if plain.get("rps") else None
             per_run = ", ".join(f"{v:,}" for v in s["rps_runs"])
@@ -656,7 +698,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {s['rps']:,.0f} | {_fmt(ratio, '.2f')} | {s['p50_ms']:.2f} "
                 f"| {s['p99_ms']:.2f} | {_fmt(s['cpu_us'], '.1f')} | {_fmt(cpu_ratio, '.2f')} "
-                f"| {_fmt(s['cpu_util'] and s['cpu_util'] * 100, '.0f')} "
+                f"| {_pct(s['cpu_util'])} | {_pct(s['others_util'])} "
                 f"| {s['rss_mib']:.1f} | {s['errors']} | {per_run} |"
             )
         lines.append("")
@@ -909,7 +951,8 @@ def run_all(
                 print(
                     f"[{body.name}] {name} #{repeat}: {result['rps']:,.0f} req/s, "
                     f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-                    f"CPU {_fmt(result['cpu_us'], '.1f')} µs/req, "
+                    f"CPU {_fmt(result['cpu_us'], '.1f')} µs/req ({_pct(result['cpu_util'])}%, "
+                    f"others {_pct(result['others_util'])}%), "
                     f"RSS {result['rss_mib']:.0f} MiB, errors {result['errors']}",
                     file=sys.stderr,
                 )

@@ -181,6 +181,7 @@ class Exchange:
         "last_activity",
         "method",
         "mode",
+        "out",
         "plan",
         "pool",
         "raw_headers",
@@ -220,6 +221,9 @@ class Exchange:
         self.too_large = False
         self.head_sent = False
         self.mode = NO_BODY
+        #: Response bytes produced while handling one upstream read, written with one
+        #: writev when that read is done: head and body of a small response cost one syscall.
+        self.out: list[bytes] = []
         self.upstream: UpstreamConnection | None = None
         self.pool: UpstreamPool | None = None
         self.plan: ForwardPlan | None = None
@@ -302,17 +306,18 @@ class Exchange:
             self.upstream = upstream
             self.last_activity = loop.time()
             upstream.begin(self)
-            upstream.write(head)
+            parts = [head]
             if self.body_chunks:
                 chunks, self.body_chunks, self.body_buffered = self.body_chunks, [], 0
                 for chunk in chunks:
                     if self.chunked:
-                        upstream.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+                        parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
                     else:
-                        upstream.write(chunk)
+                        parts.append(chunk)
                 self.conn.resume_reading(self)
             if self.body_complete and self.chunked:
-                upstream.write(b"0\r\n\r\n")
+                parts.append(b"0\r\n\r\n")
+            upstream.transport.writelines(parts)  # type: ignore[union-attr]
             outcome = await self.result
             if outcome is RETRY:
                 if attempt == 0 and reused:
@@ -403,7 +408,7 @@ class Exchange:
             self.keep_alive = False  # the upstream answered before the client finished sending
         self.mode = mode
         self.head_sent = True
-        self.conn.write(
+        self.out.append(
             b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
             + block
             + b"X-Request-Id: "
@@ -419,14 +424,20 @@ class Exchange:
 
     def on_response_body(self, data: bytes) -> None:
         if self.mode == CHUNKED:
-            self.conn.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         elif self.mode == RAW:
-            self.conn.write(data)
-        self.last_activity = self.conn.loop.time()
+            self.out.append(data)
+
+    def flush(self) -> None:
+        """Called after each upstream read: pass on what it produced, in one write."""
+        if self.out:
+            self.conn.writelines(self.out)
+            self.out = []
+            self.last_activity = self.conn.loop.time()
 
     def on_response_end(self, reusable: bool) -> None:
         if self.mode == CHUNKED:
-            self.conn.write(b"0\r\n\r\n")
+            self.out.append(b"0\r\n\r\n")
         upstream, self.upstream = self.upstream, None
         if upstream is not None and self.pool is not None:
             self.pool.release(upstream, reusable and self.body_complete and not self.too_large)

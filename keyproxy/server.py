@@ -44,6 +44,10 @@ from keyproxy.responses import (
 from keyproxy.upstream import UpstreamPool
 
 MAX_HEADERS = 100
+#: After refusing a request whose body is still arriving, keep reading (and discarding)
+#: this long before closing, so the client can finish sending and read the refusal
+#: instead of seeing a reset (nginx's lingering close).
+LINGER_SECONDS = 2.0
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_QUEUED = 8
 EXPECTATION_FAILED = Deny(417, "EXPECTATION_FAILED", "only 'Expect: 100-continue' is supported")
@@ -78,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.closed = False
+        self.lingering = False
         self.queue: deque[Exchange] = deque()
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
@@ -112,6 +117,8 @@ class ClientConnection(asyncio.Protocol):
         self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -308,8 +315,18 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering:
+            return
+        if self.parsing is not None and not self.closed:
+            # A request body is still arriving: finish writing, stop answering, drain a while.
+            self.lingering = True
+            self.read_pausers.clear()
+            transport.resume_reading()
+            transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.abort)
+            return
+        transport.close()
 
     def abort(self) -> None:
         self.closed = True

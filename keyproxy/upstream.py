@@ -36,6 +36,7 @@ class ResponseListener(Protocol):
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: BaseException) -> None: ...
+    def flush(self) -> None: ...
     def pause_client_reading(self) -> None: ...
     def resume_client_reading(self) -> None: ...
 
@@ -120,16 +121,19 @@ class UpstreamConnection(asyncio.Protocol):
             # exchange): the stream can no longer be trusted.
             self.abort()
             return
+        listener = self.listener
         self.got_response_bytes = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(exc)
+        listener.flush()
 
     def eof_received(self) -> bool:
         listener = self.listener
         if listener is not None and self.in_response and self._headers_done and self._eof_delimited:
             self._finish(reusable=False)  # the body was delimited by the connection closing
+            listener.flush()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
