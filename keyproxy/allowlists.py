@@ -9,6 +9,7 @@ backtrack), IP allowlists into sorted integer ranges searched by bisection.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,6 +195,7 @@ class RefererPattern:
         return self.text
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_referer(referer: str) -> _Referer | None:
     """Take a Referer apart, or None when it is anything but a plain http(s) URL.
 

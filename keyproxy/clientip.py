@@ -10,6 +10,7 @@ change the address that IP allowlists and rate limits see.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from keyproxy.request import Deny, Headers, IPAddress
@@ -42,6 +43,7 @@ def _address(text: str) -> IPAddress:
     return _unmap(ipaddress.ip_address(text))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_peer(peer: str) -> IPAddress:
     """The socket peer as an address (ValueError if it is none, e.g. a Unix socket)."""
     if peer.startswith("[") and peer.endswith("]"):

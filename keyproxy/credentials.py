@@ -239,6 +239,9 @@ def _utc(epoch: float) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+UNKNOWN_KEY = _invalid("unknown API key")
+
+
 def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float) -> Key | Deny:
     """The configured key a presented credential names, if it is usable at `now`.
 
@@ -247,7 +250,7 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
     of the attacker's own guess. Unknown keys and Basic id mismatches get the
     same answer, so the response never confirms that half of a guess was right.
     """
-    unknown = _invalid("unknown API key")
+    unknown = UNKNOWN_KEY
     if not presented.key:
         return unknown
     key = keys_by_digest.get(sha256_digest(presented.key))

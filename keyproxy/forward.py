@@ -74,6 +74,8 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Request body buffered while the decision runs; past it the client is paused.
 BODY_BUFFER_LIMIT = 256 * 1024
 RETRY = object()
+#: Why client reading may be paused: the upstream cannot take the request body faster.
+UPSTREAM_BACKPRESSURE = object()
 
 
 class ForwardPlan:
@@ -460,10 +462,10 @@ class Exchange:
             self.send_error(UPSTREAM_UNAVAILABLE)
 
     def pause_client_reading(self) -> None:
-        self.conn.pause_reading(self.upstream)
+        self.conn.pause_reading(UPSTREAM_BACKPRESSURE)
 
     def resume_client_reading(self) -> None:
-        self.conn.resume_reading(self.upstream)
+        self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
 
     # -- timeouts, driven by the connection's periodic tick --------------------
     def check_timeout(self, now: float) -> None:
@@ -518,6 +520,7 @@ class Exchange:
                 self.pool.release(upstream, False)
 
     def _finish(self, keep_alive: bool) -> None:
+        self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
         result = self.result
         if result is None:
             self.result = result = self.conn.loop.create_future()

@@ -148,13 +148,13 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         ex = self.active
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.pause_reading()
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         ex = self.active
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.resume_reading()
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
 
     # -- httptools callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
@@ -305,12 +305,15 @@ class ClientConnection(asyncio.Protocol):
         return b"" if ex.http11 else b"Connection: keep-alive\r\n"
 
     def pause_reading(self, reason: object) -> None:
+        """Stop reading the client for `reason`; reading resumes once no reason is left."""
         if not self.read_pausers and self.transport is not None and not self.closed:
             self.transport.pause_reading()
-        self.read_pausers.add(id(reason))
+        self.read_pausers.add(reason)
 
     def resume_reading(self, reason: object) -> None:
-        self.read_pausers.discard(id(reason))
+        if reason not in self.read_pausers:
+            return
+        self.read_pausers.discard(reason)
         if not self.read_pausers and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 

@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         "in_response",
         "listener",
         "pool",
+        "reading_paused",
         "transport",
         "uses",
     )
@@ -74,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers_done = False
         self._counted_out = False
         self.closed = False
+        self.reading_paused = False
         self.in_response = False
         self.got_response_bytes = False
         self.idle_since = 0.0
@@ -85,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._stale_parser = False
         self.listener = listener
+        if self.reading_paused:  # left paused by a slow client of the previous exchange
+            self.resume_reading()
         self.in_response = True
         self.got_response_bytes = False
         self.uses += 1
@@ -95,6 +99,17 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """The client reads slower than the upstream sends: stop reading the upstream."""
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def end_head_only(self) -> None:
         """A response to HEAD has no body whatever its Content-Length says.
@@ -244,7 +259,8 @@ class UpstreamPool:
         if self._open >= self.upstream.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
             self._waiters.append(waiter)
-            handed = await waiter
+            async with asyncio.timeout(self.upstream.timeout):  # TimeoutError: a 504
+                handed = await waiter
             if handed is not None:
                 return handed
         return await self._connect(loop)

@@ -8,13 +8,14 @@ decides (deny with 503 by default, or let the request through).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from keyproxy.observability import log_event
-from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable
-from keyproxy.request import Deny, RequestContext
+from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable, ip_bucket
+from keyproxy.request import Deny, IPAddress, RequestContext
 
 #: A dead store fails every request; one log line per interval says so without flooding.
 STORE_ERROR_LOG_INTERVAL = 5.0
@@ -39,11 +40,19 @@ def limit_denial(result: LimitResult) -> Deny:
     )
 
 
-class RateLimitCheck:
-    __slots__ = ("_logged_at", "limiter", "store_failures")
+@functools.lru_cache(maxsize=4096)
+def client_bucket(ip: IPAddress) -> str:
+    """Who a rate limit counts: the address, or for IPv6 its /64 (one host's usual share)."""
+    return ip_bucket(str(ip))
 
-    def __init__(self, limiter: Limiter) -> None:
+
+class RateLimitCheck:
+    __slots__ = ("_logged_at", "clock", "limiter", "store_failures")
+
+    def __init__(self, limiter: Limiter, clock: Callable[[], float] = time.monotonic) -> None:
         self.limiter = limiter
+        # Buckets need a clock that never steps; expiry (ctx.now) needs wall time.
+        self.clock = clock
         self.store_failures = 0
         self._logged_at = -STORE_ERROR_LOG_INTERVAL
 
@@ -53,8 +62,9 @@ class RateLimitCheck:
         if key.rate_limit is None and key.quota is None:
             return None
         try:
+            assert ctx.client_ip is not None
             result = self.limiter.hit(
-                key.id, str(ctx.client_ip), key.rate_limit, key.quota, ctx.now
+                key.id, client_bucket(ctx.client_ip), key.rate_limit, key.quota, self.clock()
             )
         except StoreUnavailable:
             return self._store_failed(ctx)

@@ -182,6 +182,36 @@ def _show(node: ScalarNode) -> str:
 
 # --------------------------------------------------------------------------- reader
 
+
+def _clean_text(node: Node) -> str | None:
+    """The scalar's text when it needs no checking at all, else None.
+
+    The fast path for the common case: an untagged scalar without ${...}
+    that is not a YAML null. Everything else goes through `_Reader.text`.
+    """
+    if type(node) is ScalarNode and node.tag is _UNTAGGED:
+        value = node.value
+        if "$" not in value and value not in _NULLS:
+            return value
+    return None
+
+
+def _raw_texts(node: Node) -> tuple[str, ...] | None:
+    """A list's scalars as written, as a cache key; None if it is not a list of scalars.
+
+    A nested list or mapping makes the tuple unhashable, which rules it out
+    without inspecting every item.
+    """
+    if type(node) is not SequenceNode:
+        return None
+    raw = tuple([item.value for item in node.value])
+    try:
+        hash(raw)
+    except TypeError:
+        return None
+    return raw
+
+
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 _INT = re.compile(r"[0-9](?:_?[0-9])*")
 
@@ -514,7 +544,9 @@ class _Reader:
         seen: set[str] = set()
         ok = True
         for index, item in enumerate(items):
-            value = self.text(item, f"{where}[{index}]")
+            value = _clean_text(item)
+            if value is None:
+                value = self.text(item, f"{where}[{index}]")
             if value is None:
                 ok = False
             elif value in seen:
@@ -1196,7 +1228,8 @@ class _KeyReader:
         self.r = reader
         self.acl_index = acls
         self.defaults = {t: acls.default_for(t) for t in KeyType}
-        self.acl_cache: dict[tuple[KeyType, tuple[str, ...]], frozenset[str]] = {}
+        # Caches keyed by the text as written (see `_raw_texts`).
+        self.acl_cache: dict[tuple[KeyType, tuple[str, ...] | None], frozenset[str]] = {}
         self.ip_cache: dict[tuple[str, ...], allowlists.IpAllowlist] = {}
         self.referer_cache: dict[tuple[str, ...], tuple[allowlists.RefererPattern, ...]] = {}
         self.rate_cache: dict[str, Rate] = {}
@@ -1360,22 +1393,25 @@ class _KeyReader:
                     "add a route, or change the key's type",
                 )
             return default
+        raw = _raw_texts(node)
+        cached = self.acl_cache.get((key_type, raw))
+        if cached is not None:
+            return cached
         where += ".acls"
         items = self.r.texts(
             node, where, non_empty="omit acls to allow every ACL the key type allows"
         )
         if items is None:
             return None
-        names = tuple(value for _, value in items)
-        cached = self.acl_cache.get((key_type, names))
-        if cached is not None:
-            return cached
         before = len(self.r.issues)
         for position, (item, name) in enumerate(items):
             self.check_acl(item, f"{where}[{position}]", name, key_type)
         if len(self.r.issues) != before:
             return None
-        result = self.acl_cache[(key_type, names)] = frozenset(names)
+        names = tuple([value for _, value in items])
+        result = frozenset(names)
+        if names == raw:  # as written, without ${...}: safe to reuse for the same text
+            self.acl_cache[(key_type, raw)] = result
         return result
 
     def check_acl(self, node: Node, where: str, name: str, key_type: KeyType) -> None:
@@ -1403,15 +1439,15 @@ class _KeyReader:
             )
 
     def referers(self, node: Node, where: str) -> tuple[allowlists.RefererPattern, ...] | None:
+        raw = _raw_texts(node)
+        cached = self.referer_cache.get(raw)  # type: ignore[arg-type]
+        if cached is not None:
+            return cached
         items = self.r.texts(
             node, where, non_empty="omit referers to allow any referer", at_most=_MAX_ALLOWLIST
         )
         if items is None:
             return None
-        texts = tuple(value for _, value in items)
-        cached = self.referer_cache.get(texts)
-        if cached is not None:
-            return cached
         patterns = []
         for position, (item, text) in enumerate(items):
             try:
@@ -1425,24 +1461,29 @@ class _KeyReader:
                 )
         if len(patterns) != len(items):
             return None
-        result = self.referer_cache[texts] = tuple(patterns)
+        result = tuple(patterns)
+        if tuple([value for _, value in items]) == raw:
+            self.referer_cache[raw] = result
         return result
 
     def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
+        raw = _raw_texts(node)
+        cached = self.ip_cache.get(raw)  # type: ignore[arg-type]
+        if cached is not None:
+            return cached
         items = self.r.texts(
             node, where, non_empty="omit ips to allow any address", at_most=_MAX_ALLOWLIST
         )
         if items is None:
             return None
-        texts = tuple(value for _, value in items)
-        cached = self.ip_cache.get(texts)
-        if cached is not None:
-            return cached
+        texts = [value for _, value in items]
         try:
-            result = self.ip_cache[texts] = allowlists.IpAllowlist.parse(list(texts))
+            result = allowlists.IpAllowlist.parse(texts)
         except ValueError as error:
             self.locate_bad_cidrs(node, where, items, error)
             return None
+        if tuple(texts) == raw:
+            self.ip_cache[raw] = result
         return result
 
     def locate_bad_cidrs(

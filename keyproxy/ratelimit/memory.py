@@ -31,11 +31,16 @@ if TYPE_CHECKING:
 class MemoryLimiter:
     """GCRA per (key id, client IP) and a request count per key id, in this process.
 
-    `now` must come from one monotonic clock (`time.monotonic()` or the loop's
-    `time()`): a wall-clock step would refill or drain every bucket at once. Times
-    are stored relative to the first `now` seen, because a float's precision falls
-    with its magnitude: at epoch seconds (1.7e9) it is 0.24 µs, and a TAT built from
-    thousands of additions of period/N would drift by more than the tolerance.
+    `now` is best taken from a monotonic clock (`time.monotonic()`, the loop's
+    `time()`). Wall-clock seconds work too, but a clock step forward refills every
+    bucket at once, and a step back empties them (for at most one period, see the
+    clamp in `hit`). Times are stored relative to the first `now` seen, because a
+    float's precision falls with its magnitude: at epoch seconds (1.7e9) it is
+    0.24 µs, and a TAT built from thousands of additions of period/N would drift
+    by more than the tolerance. Bursts stay exact up to thousands per second for
+    months of process uptime; beyond that a burst may fall a request short.
+
+    Not thread-safe: call it from the event loop thread only.
     """
 
     def __init__(self, max_buckets: int = 100_000) -> None:

@@ -4,9 +4,10 @@ Every replica that points at the same Redis shares one bucket per (key, client I
 and one quota per key. One Lua script does the whole decision atomically, so
 concurrent requests from many replicas can never both take the last request of a
 bucket. It reads the clock with Redis `TIME` rather than trusting the caller's:
-replicas' clocks differ, and a replica running ahead would drain everyone's
-buckets early. Buckets carry a PEXPIRE that ends when they would be full again,
-so idle buckets disappear by themselves and Redis holds only active clients.
+replicas' clocks differ, and one running ahead would refill buckets early for
+its own requests and leave them looking drained to every other replica. Buckets
+carry a PEXPIRE that ends when they would be full again, so idle buckets
+disappear by themselves and Redis holds only active clients.
 Quota counters never expire; run Redis with persistence and a `noeviction` or
 `volatile-*` maxmemory policy, or quotas restart when Redis does.
 

@@ -1,0 +1,94 @@
+"""Bodies are streamed, not buffered: slow readers and writers on either side (SPEC §3 step 9)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+from tests.proxy_process import KEYS, Keyproxy
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def read_response(sock: socket.socket, pace: float = 0.0) -> tuple[bytes, bytes]:
+    """Head and body of one Content-Length response, reading in small slow steps."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(
+        line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    ))
+    digest = hashlib.sha256(body)
+    received = len(body)
+    while received < length:
+        chunk = sock.recv(min(65536, length - received))
+        assert chunk, "connection closed early"
+        digest.update(chunk)
+        received += len(chunk)
+        if pace:
+            time.sleep(pace)
+    return head, digest.hexdigest().encode()
+
+
+def test_a_slow_client_is_served_without_buffering_the_body(proxy: Keyproxy):
+    size = 40_000_000
+    before = rss_kib(proxy.process.pid)
+    with socket.create_connection((proxy.host, proxy.port), timeout=20) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        request = f"GET /big/{size} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n"
+        sock.sendall(request.encode())
+        time.sleep(1.0)  # the upstream could have sent everything by now; the proxy must not take it
+        grown = rss_kib(proxy.process.pid) - before
+        head, digest = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        expected = next(
+            line.split(b": ")[1] for line in head.split(b"\r\n")
+            if line.lower().startswith(b"x-body-sha256")
+        )
+        assert digest == expected
+        assert grown < 16_000, f"proxy grew by {grown} KiB while the client was not reading"
+        # the same connection, and the pooled upstream connection, keep working afterwards
+        sock.sendall(f"GET /big/1000 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n".encode())
+        head, _ = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200 ")
+    for _ in range(5):
+        assert proxy.request("GET", "/big/100000", key=KEYS["reader"])[0] == 200
+
+
+def test_a_large_upload_streams_with_bounded_memory(proxy: Keyproxy):
+    size = 900_000  # under max_body (1 MiB in the test config)
+    body = bytes(range(256)) * (size // 256)
+    with socket.create_connection((proxy.host, proxy.port), timeout=20) as sock:
+        head = (
+            f"PUT /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['admin']}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        for offset in range(0, len(body), 100_000):
+            sock.sendall(body[offset : offset + 100_000])
+            time.sleep(0.01)
+        response = b""
+        while b'"body_sha256"' not in response:
+            chunk = sock.recv(65536)
+            assert chunk
+            response += chunk
+    assert hashlib.sha256(body).hexdigest().encode() in response
+
+
+def test_expect_continue_refused_request_gets_no_100(proxy: Keyproxy):
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(
+            b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+        )
+        response = sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 401 ")
