@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -546,6 +547,8 @@ def run_wrk(
     ]  # fmt: skip
     cpu_before = tree_cpu_seconds(target.root_pid)
     busy_before = cpus_busy_seconds(target.cpus) if target.cpus else 0.0
+    load_before = cpus_busy_seconds(env.load_cpus) if env.load_cpus else 0.0
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         argv,
         capture_output=True,
@@ -556,6 +559,11 @@ def run_wrk(
     )
     cpu_after = tree_cpu_seconds(target.root_pid)
     busy_after = cpus_busy_seconds(target.cpus) if target.cpus else 0.0
+    load_after = cpus_busy_seconds(env.load_cpus) if env.load_cpus else 0.0
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (
+        wrk_before.ru_utime + wrk_before.ru_stime
+    )
     match = re.search(r"^BENCH_JSON (\{.*\})$", proc.stdout, re.MULTILINE)
     if proc.returncode != 0 or match is None:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
@@ -574,6 +582,9 @@ def run_wrk(
             if target.cpus and seconds
             else None
         ),
+        # Near 100% means wrk and the upstream, not the target, may have set the pace.
+        "load_util": (load_after - load_before) / seconds if env.load_cpus and seconds else None,
+        "wrk_util": wrk_cpu / seconds if seconds else None,
         "rss_mib": tree_peak_rss_kib(target.root_pid) / 1024,
         "requests": requests,
         "errors": sum(stats[k] for k in ERROR_FIELDS),
@@ -637,7 +648,7 @@ def median(values: Sequence[float | None]) -> float | None:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "cpu_util", "others_util")
+    keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "cpu_util", "others_util", "load_util", "wrk_util")
     out = {k: median([r[k] for r in runs]) for k in keys}
     out["rss_mib"] = max(r["rss_mib"] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
@@ -673,6 +684,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "CPU µs/req and CPU % are the target's process tree (utime+stime from /proc); "
         "others % is what else ran on the target's own CPU meanwhile (from /proc/stat, "
         "steal included; '-' where the CPU is shared with wrk by design); "
+        "load CPU % is how busy the CPU of wrk and the upstream was (near 100: the load side "
+        "may have set the pace, compare CPU µs/req rather than req/s); "
         "peak RSS is the sum of VmHWM over the tree.",
         "",
     ]
@@ -682,13 +695,13 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"### {body_name} body ({size} B JSON)",
             "",
             "| target | req/s | x plain | p50 ms | p99 ms | CPU µs/req | CPU x plain | CPU % "
-            "| others % | peak RSS MiB | errors | req/s per run |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| others % | load CPU % | peak RSS MiB | errors | req/s per run |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         plain = targets.get("plain", {})
         for name, s in targets.items():
             if "error" in s:
-                lines.append(f"| {name} | failed: {s['error'].splitlines()[0][:120]} |||||||||||")
+                lines.append(f"| {name} | failed: {s['error'].splitlines()[0][:120]} ||||||||||||")
                 continue
             ratio = s["rps"] / plain["rps"] if plain.get("rps") else None
             per_run = ", ".join(f"{v:,}" for v in s["rps_runs"])
@@ -698,7 +711,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {s['rps']:,.0f} | {_fmt(ratio, '.2f')} | {s['p50_ms']:.2f} "
                 f"| {s['p99_ms']:.2f} | {_fmt(s['cpu_us'], '.1f')} | {_fmt(cpu_ratio, '.2f')} "
-                f"| {_pct(s['cpu_util'])} | {_pct(s['others_util'])} "
+                f"| {_pct(s['cpu_util'])} | {_pct(s['others_util'])} | {_pct(s['load_util'])} "
                 f"| {s['rss_mib']:.1f} | {s['errors']} | {per_run} |"
             )
         lines.append("")
@@ -952,7 +965,9 @@ def run_all(
                     f"[{body.name}] {name} #{repeat}: {result['rps']:,.0f} req/s, "
                     f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
                     f"CPU {_fmt(result['cpu_us'], '.1f')} µs/req ({_pct(result['cpu_util'])}%, "
-                    f"others {_pct(result['others_util'])}%), "
+                    f"others {_pct(result['others_util'])}%, "
+                    f"load CPU {_pct(result['load_util'])}%, "
+                    f"wrk {_pct(result['wrk_util'])}%), "
                     f"RSS {result['rss_mib']:.0f} MiB, errors {result['errors']}",
                     file=sys.stderr,
                 )

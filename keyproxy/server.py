@@ -395,7 +395,12 @@ class ProxyServer:
         ):
             pool.close()
             pool = UpstreamPool(up)
-        if config.rate_limits != old.config.rate_limits:
+        new_limits, old_limits = config.rate_limits, old.config.rate_limits
+        if (new_limits.store, new_limits.max_buckets, new_limits.timeout) != (
+            old_limits.store,
+            old_limits.max_buckets,
+            old_limits.timeout,
+        ):  # a new store; `on_store_error` alone is read per request and keeps the counters
             previous = self.limits.limiter
             self.limits.limiter = open_limiter(config.rate_limits)
             self.loop.create_task(previous.aclose())
@@ -479,6 +484,12 @@ async def serve(
         config=config.summary(),
         pid=os.getpid(),
     )
+    if reuse_port and config.rate_limits.store == "memory":
+        log_event(
+            "warning",
+            message="rate limits and quotas are counted per worker with the memory store; "
+            "use rate_limits.store: redis://... to share them",
+        )
     if ready is not None and not ready.done():
         ready.set_result((bound[0], bound[1]))
     await stop.wait()

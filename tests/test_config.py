@@ -362,9 +362,13 @@ def test_merge_keys_share_settings_and_explicit_fields_win() -> None:
 def test_merge_of_something_else_is_refused() -> None:
     text = with_keys(key("<<: [1, 2]\n"))
     issues = issues_of(text)
-    assert {i.message for i in issues} == {
-        "'<<' must name a mapping or a list of mappings that does not merge itself"
-    }
+    assert {i.message for i in issues} == {"'<<' must name a mapping or a list of mappings"}
+
+
+def test_a_mapping_merged_into_itself_is_refused() -> None:
+    text = with_keys(f"- &me {{id: a, hash: {hash_of(1)}, type: read, <<: {{<<: *me}}}}\n")
+    issue = the_issue(text)
+    assert issue.message == "'<<' merges a mapping into itself"
 
 
 def test_anchors_and_aliases_for_lists() -> None:
@@ -918,6 +922,11 @@ def test_upper_case_hex_is_accepted() -> None:
 def test_invalid_key_type() -> None:
     issue = the_issue(with_keys(key(type="reader")))
     assert issue.where == "keys[0].type" and issue.hint == "did you mean 'read'?"
+
+
+def test_acls_are_checked_even_when_the_type_is_invalid() -> None:
+    issues = issues_of(with_keys(key("acls: [get, nope]\n", type="reader")))
+    assert [i.where for i in issues] == ["keys[0].type", "keys[0].acls[1]"]
 
 
 def test_default_acls_follow_the_key_type() -> None:

@@ -254,7 +254,14 @@ class _Reader:
         if type(node) is not MappingNode:
             self.issue(node, where, f"expected a mapping of fields, found {_kind(node)}")
             return None
-        found: dict[str, Node] = {}
+        pairs = node.value
+        try:
+            found = {key.value: value for key, value in pairs}
+        except TypeError:  # a list or mapping as a field name: the careful loop reports it
+            found = {}
+        if len(found) == len(pairs) and found.keys() <= known:
+            return found
+        found = {}
         merges: list[Node] = []
         for key, value in node.value:
             name = key.value if type(key) is ScalarNode else None
@@ -314,12 +321,11 @@ class _Reader:
         for source in sources:
             mappings = source.value if type(source) is SequenceNode else [source]
             for mapping in mappings:
-                if type(mapping) is not MappingNode or id(mapping) in merging:
-                    self.issue(
-                        mapping,
-                        where,
-                        "'<<' must name a mapping or a list of mappings that does not merge itself",
-                    )
+                if type(mapping) is not MappingNode:
+                    self.issue(mapping, where, "'<<' must name a mapping or a list of mappings")
+                    continue
+                if id(mapping) in merging:
+                    self.issue(mapping, where, "'<<' merges a mapping into itself")
                     continue
                 inner = self.fields(mapping, where, known, not_yet, merging)
                 for name, value in (inner or {}).items():
@@ -423,7 +429,7 @@ class _Reader:
             return None
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         if _INT.fullmatch(value) is None:
-            hint = "write it without quotes or units" if value not in ("true", "false") else None
+            hint = "write digits only, like 1000" if value not in ("true", "false") else None
             self.issue(node, where, f"expected a whole number {bounds}, found {_show(node)}", hint)
             return None
         if len(value) > 1 and value[0] == "0":
@@ -1208,7 +1214,8 @@ _KEY_FIELDS = frozenset(
     }
 )
 _KEY_NOT_YET = frozenset({"scopes", "roles", "fields"})
-_KEY_REQUIRED = frozenset({"id", "hash", "type"})
+_KEY_CORE = frozenset({"id", "hash", "type", "acls"})
+_KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _KEY_TYPES = {t.value: t for t in KeyType}
@@ -1238,6 +1245,16 @@ class _KeyReader:
         self.digests: dict[bytes, int] = {}
         self.items: list[Node] = []
         self.keys: list[Key] = []
+        r = reader
+        # Optional key fields (other than the expiry group) -> reader of (node, where).
+        self.option_readers: dict[str, Callable[[Node, str], object]] = {
+            "referers": self.referers,
+            "ips": self.ips,
+            "rate_limit": self.rate,
+            "quota": lambda n, w: r.integer(n, w, 1),
+            "revoked": lambda n, w: bool(r.boolean(n, w)),
+            "description": r.text,
+        }
 
     def read_all(self, node: Node) -> None:
         self.items = self.r.sequence(node, "keys") or []
@@ -1256,15 +1273,8 @@ class _KeyReader:
         key_id = self.key_id(fields.get("id"), node, where, index)
         digest = self.digest(fields.get("hash"), node, where, index)
         key_type = self.key_type(fields.get("type"), node, where)
-        if fields.keys() <= _KEY_REQUIRED:  # the common, fast case: nothing optional to read
-            acls = self.acls(None, node, key_type, where)
-            if len(r.issues) != before:
-                return None
-            return Key(
-                id=key_id, digest=digest, type=key_type, acls=acls, line=node.start_mark.line + 1
-            )
         acls = self.acls(fields.get("acls"), node, key_type, where)
-        options = self.options(fields, where)
+        options = {} if fields.keys() <= _KEY_CORE else self.options(fields, where)
         if len(r.issues) != before:
             return None
         return Key(
@@ -1278,21 +1288,21 @@ class _KeyReader:
 
     def options(self, fields: dict[str, Node], where: str) -> dict[str, object]:
         """The optional constraints of one key, by `Key` field name."""
-        r = self.r
-        options: dict[str, object] = {"expires_at": self.expiry(fields, where)}
-        if (n := fields.get("referers")) is not None:
-            options["referers"] = self.referers(n, where + ".referers")
-        if (n := fields.get("ips")) is not None:
-            options["ips"] = self.ips(n, where + ".ips")
-        if (n := fields.get("rate_limit")) is not None:
-            options["rate_limit"] = self.rate(n, where + ".rate_limit")
-        if (n := fields.get("quota")) is not None:
-            options["quota"] = r.integer(n, where + ".quota", 1)
-        if (n := fields.get("revoked")) is not None:
-            options["revoked"] = r.boolean(n, where + ".revoked")
-        if (n := fields.get("description")) is not None:
-            r.text(n, where + ".description")
+        options: dict[str, object] = {}
+        for name, node in fields.items():
+            if name in _KEY_CORE or name in _KEY_EXPIRY:
+                continue
+            value = self.option_readers[name](node, f"{where}.{name}")
+            if name != "description":
+                options[name] = value
+        if not fields.keys().isdisjoint(_KEY_EXPIRY):
+            options["expires_at"] = self.expiry(fields, where)
         return options
+
+    def scalar(self, node: Node, where: str, name: str) -> str | None:
+        """`_Reader.text` for one field of a key, without building its path unless needed."""
+        value = _clean_text(node)
+        return value if value is not None else self.r.text(node, f"{where}.{name}")
 
     def first_line(self, index: int) -> int | None:
         return _line(self.items[index])
@@ -1303,7 +1313,7 @@ class _KeyReader:
                 parent, where, "'id' is required", "give every key an id, like id: website"
             )
             return None
-        key_id = self.r.text(node, where + ".id")
+        key_id = self.scalar(node, where, "id")
         if key_id is None:
             return None
         if _KEY_ID.fullmatch(key_id) is None:
@@ -1335,7 +1345,7 @@ class _KeyReader:
                 "run `keyproxy keygen`: it prints a key and the hash line to paste",
             )
             return None
-        text = self.r.text(node, where + ".hash")
+        text = self.scalar(node, where, "hash")
         if text is None:
             return None
         match = _HASH.fullmatch(text)
@@ -1367,7 +1377,7 @@ class _KeyReader:
         if node is None:
             self.r.issue(parent, where, "'type' is required", "add type: read, write or admin")
             return None
-        value = self.r.text(node, where + ".type")
+        value = self.scalar(node, where, "type")
         key_type = _KEY_TYPES.get(value)  # type: ignore[arg-type]
         if key_type is None and value is not None:
             self.r.issue(
@@ -1381,9 +1391,10 @@ class _KeyReader:
     def acls(
         self, node: Node | None, parent: Node, key_type: KeyType | None, where: str
     ) -> frozenset[str] | None:
-        if key_type is None:
-            return None
+        """The key's ACLs; with an invalid type, listed names are still checked to exist."""
         if node is None:
+            if key_type is None:
+                return None
             default = self.defaults[key_type]
             if not default and self.acl_index.complete:
                 self.r.issue(
@@ -1414,7 +1425,7 @@ class _KeyReader:
             self.acl_cache[(key_type, raw)] = result
         return result
 
-    def check_acl(self, node: Node, where: str, name: str, key_type: KeyType) -> None:
+    def check_acl(self, node: Node, where: str, name: str, key_type: KeyType | None) -> None:
         index = self.acl_index
         if not index.complete:
             return
