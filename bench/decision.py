@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy import SMALL_PATH, build_policy  # noqa: E402
+from policy import SMALL_PATH, build_policy
 
-from keyproxy.checks import Pipeline, build_checks  # noqa: E402
-from keyproxy.config import load_config, parse_config  # noqa: E402
-from keyproxy.ratelimit import open_limiter  # noqa: E402
-from keyproxy.request import Headers, RequestContext  # noqa: E402
+from keyproxy.checks import Pipeline, build_checks
+from keyproxy.config import load_config, parse_config
+from keyproxy.ratelimit import open_limiter
+from keyproxy.request import Headers, RequestContext
 
 ENV = {"UPSTREAM_SECRET": "bench-upstream-secret-0123456789"}
 
@@ -56,9 +56,7 @@ async def time_decisions(iterations: int, n_keys: int) -> tuple[float, str]:
         headers = Headers.from_lowered(
             [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw]
         )
-        ctx = RequestContext(
-            config, "GET", SMALL_PATH, headers, "127.0.0.1", time.time(), "bench"
-        )
+        ctx = RequestContext(config, "GET", SMALL_PATH, headers, "127.0.0.1", time.time(), "bench")
         deny = await pipeline.decide(ctx)
     elapsed = time.perf_counter() - start
     assert deny is None, deny  # a benchmark of refusals would measure the wrong thing
@@ -101,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         loop_name = "asyncio"
     per_decision, summary = asyncio.run(time_decisions(args.iterations, args.keys))
-    print(f"decision ({summary}, {loop_name}): {per_decision:.2f} µs per request "
-          f"over {args.iterations} requests")
+    print(
+        f"decision ({summary}, {loop_name}): {per_decision:.2f} µs per request "
+        f"over {args.iterations} requests"
+    )
     load_s, per_key = time_big_load(args.big_keys)
-    print(f"load {args.big_keys} keys: {load_s:.2f} s; registry memory {per_key:.0f} B per key "
-          "(whole loaded config / keys, tracemalloc)")
+    print(
+        f"load {args.big_keys} keys: {load_s:.2f} s; registry memory {per_key:.0f} B per key "
+        "(whole loaded config / keys, tracemalloc)"
+    )
     return 0
 
 

@@ -23,9 +23,13 @@ def read_response(sock: socket.socket, pace: float = 0.0) -> tuple[bytes, bytes]
     while b"\r\n\r\n" not in data:
         data += sock.recv(4096)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(
-        line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    ))
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+    )
     digest = hashlib.sha256(body)
     received = len(body)
     while received < length:
@@ -45,18 +49,23 @@ def test_a_slow_client_is_served_without_buffering_the_body(proxy: Keyproxy):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         request = f"GET /big/{size} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n"
         sock.sendall(request.encode())
-        time.sleep(1.0)  # the upstream could have sent everything by now; the proxy must not take it
+        time.sleep(
+            1.0
+        )  # the upstream could have sent everything by now; the proxy must not take it
         grown = rss_kib(proxy.process.pid) - before
         head, digest = read_response(sock)
         assert head.startswith(b"HTTP/1.1 200 ")
         expected = next(
-            line.split(b": ")[1] for line in head.split(b"\r\n")
+            line.split(b": ")[1]
+            for line in head.split(b"\r\n")
             if line.lower().startswith(b"x-body-sha256")
         )
         assert digest == expected
         assert grown < 16_000, f"proxy grew by {grown} KiB while the client was not reading"
         # the same connection, and the pooled upstream connection, keep working afterwards
-        sock.sendall(f"GET /big/1000 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /big/1000 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n".encode()
+        )
         head, _ = read_response(sock)
         assert head.startswith(b"HTTP/1.1 200 ")
     for _ in range(5):
