@@ -620,6 +620,23 @@ def _version_word(line: str | None) -> str | None:
     return match.group(1) if match else line
 
 
+def _git_revision() -> str | None:
+    """The commit measured; read-only, and without taking git's index lock."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=REPO_ROOT,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -636,6 +653,7 @@ def machine_info() -> dict[str, Any]:
         "aiohttp": _version("aiohttp"),
         "uvloop": _version("uvloop"),
         "keyproxy": _version("keyproxy"),
+        "revision": _git_revision(),
         "wrk": _version_word(_first_line(["wrk", "-v"])),
         "nginx": _version_word(_first_line([nginx, "-v"]) if nginx else None),
         "loadavg_at_start": os.getloadavg()[0],
@@ -674,6 +692,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}, "
         f"aiohttp {meta['machine']['aiohttp']}, uvloop {meta['machine']['uvloop']}, "
         f"{meta['machine']['wrk']}, {meta['machine']['nginx'] or 'no nginx'}  ",
+        f"keyproxy: {meta['machine']['keyproxy']} at commit {meta['machine']['revision']} "
+        "(plus any uncommitted changes in the tree)  ",
         f"Load: wrk -t{meta['threads']} -c{meta['connections']}, {meta['duration']}s per run, "
         f"{meta['repeats']} interleaved repeats (medians), {meta['warmup']}s warm-up per target  ",
         f"Upstream: {meta['upstream']}  ",

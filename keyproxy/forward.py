@@ -13,7 +13,6 @@ What is rewritten, and why, is decided once per configuration snapshot in
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -73,7 +72,8 @@ NO_BODY, RAW, CHUNKED = 0, 1, 2
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Request body buffered while the decision runs; past it the client is paused.
 BODY_BUFFER_LIMIT = 256 * 1024
-RETRY = object()
+#: Requests that may be sent again when a reused socket turns out to be dead.
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 #: Why client reading may be paused: the upstream cannot take the request body faster.
 UPSTREAM_BACKPRESSURE = object()
 
@@ -100,18 +100,16 @@ class ForwardPlan:
         # CGI-style upstreams read "X_API_Key" as "X-API-Key": drop both spellings.
         drop_names |= {n.replace(b"-", b"_") for n in drop_names}
         self.request_drop = frozenset(drop_names)
-        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE | {
-            n.replace(b"-", b"_") for n in METHOD_OVERRIDE
-        }
+        self.request_drop_no_override = (
+            self.request_drop | METHOD_OVERRIDE | {n.replace(b"-", b"_") for n in METHOD_OVERRIDE}
+        )
         self.inject_query = "&".join(
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
         )
         self.inject_query_names = tuple(n for n, _ in up.inject_query)
         self.scrubber = SecretScrubber(up.secrets, up.inject_basic)
         origin = up.origin.encode()
-        self.location_prefixes = tuple(
-            p.lower() for p in {origin + up.base_path.encode(), origin}
-        )
+        self.location_prefixes = tuple(p.lower() for p in {origin + up.base_path.encode(), origin})
         self.base_path_bytes = up.base_path.encode()
 
     def upstream_target(self, ctx: RequestContext) -> str:
@@ -174,8 +172,10 @@ class Exchange:
         "connection_tokens",
         "content_length",
         "ctx",
+        "done",
         "early_deny",
         "expect_continue",
+        "forwarding",
         "head_sent",
         "headers",
         "http11",
@@ -187,8 +187,10 @@ class Exchange:
         "plan",
         "pool",
         "raw_headers",
+        "request_head",
         "request_id",
-        "result",
+        "retried",
+        "reused",
         "target",
         "too_large",
         "upstream",
@@ -230,7 +232,11 @@ class Exchange:
         self.pool: UpstreamPool | None = None
         self.plan: ForwardPlan | None = None
         self.ctx: RequestContext | None = None
-        self.result: asyncio.Future | None = None
+        self.request_head = b""
+        self.forwarding = False  # the decision allowed it and forwarding has begun
+        self.reused = False  # the upstream socket had served an earlier exchange
+        self.retried = False
+        self.done = False  # answered (or abandoned); the connection has been told
         self.last_activity = 0.0
 
     @property
@@ -254,7 +260,7 @@ class Exchange:
                 upstream.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
             else:
                 upstream.write(chunk)
-        elif self.result is not None and self.result.done():
+        elif self.done:
             return  # already answered: the rest of the body is discarded
         else:
             self.body_chunks.append(chunk)
@@ -273,7 +279,7 @@ class Exchange:
         self.body_chunks = []
         if self.upstream is not None:
             self._drop_upstream()
-        if self.result is not None and not self.result.done():
+        if self.forwarding and not self.done:
             if self.head_sent:
                 self.conn.abort()
                 self._finish(False)
@@ -281,52 +287,64 @@ class Exchange:
                 self.send_error(payload_too_large(max_body))
 
     # -- the decision said yes: go upstream ----------------------------------
-    async def proxy(self, ctx: RequestContext, plan: ForwardPlan, pool: UpstreamPool) -> bool:
+    def forward(self, ctx: RequestContext, plan: ForwardPlan, pool: UpstreamPool) -> None:
+        """Send the request upstream; the answer arrives through the listener callbacks.
+
+        With an idle pooled connection at hand this runs to the write without
+        suspending; only opening a connection (or waiting for a free one) needs
+        a task.
+        """
         self.ctx = ctx
         self.plan = plan
         self.pool = pool
+        self.forwarding = True
         if self.too_large or (
             self.content_length is not None and self.content_length > plan.max_body
         ):
-            return await self.respond(payload_too_large(plan.max_body))
+            self.send_error(payload_too_large(plan.max_body))
+            return
         if self.expect_continue and not self.body_complete:
             self.conn.write(CONTINUE_100)
-        head = self._request_head(ctx, plan)
-        for attempt in (0, 1):
-            loop = self.conn.loop
-            self.result = loop.create_future()
-            try:
-                upstream = await pool.acquire()
-            except UpstreamUnavailable:
-                return await self.respond(UPSTREAM_UNAVAILABLE)
-            except TimeoutError:
-                return await self.respond(UPSTREAM_TIMEOUT)
-            if self.conn.closed:
-                pool.release(upstream, True)
-                return False
-            reused = upstream.uses > 0
-            self.upstream = upstream
-            self.last_activity = loop.time()
-            upstream.begin(self)
-            parts = [head]
-            if self.body_chunks:
-                chunks, self.body_chunks, self.body_buffered = self.body_chunks, [], 0
-                for chunk in chunks:
-                    if self.chunked:
-                        parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                    else:
-                        parts.append(chunk)
-                self.conn.resume_reading(self)
-            if self.body_complete and self.chunked:
-                parts.append(b"0\r\n\r\n")
-            upstream.transport.writelines(parts)  # type: ignore[union-attr]
-            outcome = await self.result
-            if outcome is RETRY:
-                if attempt == 0 and reused:
-                    continue
-                return await self.respond(UPSTREAM_UNAVAILABLE)
-            return outcome
-        return False  # unreachable: the loop always returns
+        self.request_head = self._request_head(ctx, plan)
+        upstream = pool.take_idle()
+        if upstream is None:
+            self.conn.loop.create_task(self._connect())
+        else:
+            self._send(upstream)
+
+    async def _connect(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            upstream = await pool.acquire()
+        except UpstreamUnavailable:
+            self.send_error(UPSTREAM_UNAVAILABLE)
+            return
+        except TimeoutError:
+            self.send_error(UPSTREAM_TIMEOUT)
+            return
+        if self.done or self.conn.closed:
+            pool.release(upstream, True)
+            return
+        self._send(upstream)
+
+    def _send(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+        self.reused = upstream.uses > 0
+        self.last_activity = self.conn.loop.time()
+        upstream.begin(self)
+        parts = [self.request_head]
+        if self.body_chunks:
+            chunks, self.body_chunks, self.body_buffered = self.body_chunks, [], 0
+            for chunk in chunks:
+                if self.chunked:
+                    parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                else:
+                    parts.append(chunk)
+            self.conn.resume_reading(self)
+        if self.body_complete and self.chunked:
+            parts.append(b"0\r\n\r\n")
+        upstream.transport.writelines(parts)  # type: ignore[union-attr]
 
     def _request_head(self, ctx: RequestContext, plan: ForwardPlan) -> bytes:
         route = ctx.route
@@ -449,15 +467,21 @@ class Exchange:
         self.upstream = None
         if self.pool is not None:
             self.pool.release(conn, False)
-        if self.result is None or self.result.done():
+        if self.done:
             return
         if self.head_sent:
             self.conn.abort()  # the client saw a head; a truncated body must look truncated
             self._finish(False)
-        elif not conn.got_response_bytes and not self.has_body and self.method in (
-            "GET", "HEAD", "OPTIONS", "DELETE"
+        elif (
+            self.reused
+            and not self.retried
+            and not conn.got_response_bytes
+            and not self.has_body
+            and self.method in REPLAYABLE
         ):
-            self.result.set_result(RETRY)  # a kept-alive socket the upstream had closed
+            # A kept-alive socket the upstream had already closed: once more, on another.
+            self.retried = True
+            self.conn.loop.create_task(self._connect())
         else:
             self.send_error(UPSTREAM_UNAVAILABLE)
 
@@ -485,13 +509,9 @@ class Exchange:
         self._finish(False)
 
     # -- answers keyproxy gives itself -------------------------------------------
-    async def respond(self, deny: Deny) -> bool:
-        if self.result is None or self.result.done():
-            self.result = self.conn.loop.create_future()
-        self.send_error(deny)
-        return await self.result
-
     def send_error(self, deny: Deny) -> None:
+        if self.done:
+            return
         if not self.body_complete:
             self.keep_alive = False  # unread body bytes would be taken for the next request
         body = error_body(deny, self.request_id)
@@ -520,10 +540,9 @@ class Exchange:
                 self.pool.release(upstream, False)
 
     def _finish(self, keep_alive: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.flush()  # before the connection may close or start the next exchange
         self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
-        result = self.result
-        if result is None:
-            self.result = result = self.conn.loop.create_future()
-        if not result.done():
-            result.set_result(keep_alive)
-
+        self.conn.exchange_done(self, keep_alive)

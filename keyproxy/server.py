@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import httptools
@@ -50,6 +51,7 @@ MAX_HEADERS = 100
 LINGER_SECONDS = 2.0
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_QUEUED = 8
+INTERNAL_ERROR = Deny(500, "INTERNAL_ERROR", "keyproxy failed on this request")
 EXPECTATION_FAILED = Deny(417, "EXPECTATION_FAILED", "only 'Expect: 100-continue' is supported")
 HOST_REQUIRED = Deny(400, "BAD_REQUEST", "HTTP/1.1 requests need exactly one Host header")
 
@@ -86,8 +88,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
-        self.waiter: asyncio.Future | None = None
-        self.task: asyncio.Task | None = None
+        self.dispatching = False
         self.tick: asyncio.TimerHandle | None = None
         self.read_pausers: set[object] = set()
         # The head being parsed.
@@ -113,7 +114,6 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = self.idle_since = self.loop.time()
         transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
         self.proxy.connections.add(self)
-        self.task = self.loop.create_task(self._serve())
         self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
 
     def data_received(self, data: bytes) -> None:
@@ -135,6 +135,11 @@ class ClientConnection(asyncio.Protocol):
             self.head_bytes += len(data)
             if self.head_bytes > self.proxy.serving.config.server.max_header_size:
                 self._refuse_now(HEADERS_TOO_LARGE)
+                return
+        if self.active is None and self.queue:
+            # After the whole read is parsed, so a refused request whose body came
+            # in the same packet is known to be complete and the connection can stay.
+            self._dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -143,8 +148,6 @@ class ClientConnection(asyncio.Protocol):
             self.tick.cancel()
         if self.active is not None:
             self.active.client_lost()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     def pause_writing(self) -> None:
         ex = self.active
@@ -228,9 +231,6 @@ class ClientConnection(asyncio.Protocol):
         self.queue.append(ex)
         if len(self.queue) > MAX_QUEUED:
             self.pause_reading(self.queue)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:
@@ -241,34 +241,45 @@ class ClientConnection(asyncio.Protocol):
             self.parsing.end_body()
             self.parsing = None
 
-    # -- the request loop ---------------------------------------------------
-    async def _serve(self) -> None:
-        proxy = self.proxy
-        queue = self.queue
-        while not self.closed:
-            if not queue:
-                if proxy.draining:
-                    break
-                self.idle_since = self.loop.time()
-                self.waiter = self.loop.create_future()
-                await self.waiter
-                self.waiter = None
-                continue
-            ex = queue.popleft()
-            if self.read_pausers and len(queue) <= MAX_QUEUED:
-                self.resume_reading(queue)
-            self.active = ex
-            try:
-                keep_alive = await proxy.handle(self, ex)
-            except Exception as exc:  # a bug must cost one request, never the process
-                log_event("internal_error", request_id=ex.request_id, error=type(exc).__name__)
-                keep_alive = False
-                if not ex.head_sent and not self.closed:
-                    ex.send_error(Deny(500, "INTERNAL_ERROR", "keyproxy failed on this request"))
+    # -- one exchange at a time, in order ---------------------------------------
+    def _dispatch(self) -> None:
+        """Start queued exchanges until one is in flight (HTTP/1.1 answers in order)."""
+        if self.dispatching:
+            return  # an exchange finished while starting: the loop below goes on
+        self.dispatching = True
+        try:
+            queue = self.queue
+            while self.active is None and queue and not self.closed:
+                ex = queue.popleft()
+                if self.read_pausers and len(queue) <= MAX_QUEUED:
+                    self.resume_reading(queue)
+                self.active = ex
+                try:
+                    self.proxy.start(self, ex)
+                except Exception as exc:  # a bug must cost one request, never the process
+                    self.internal_error(ex, exc)
+        finally:
+            self.dispatching = False
+
+    def internal_error(self, ex: Exchange, exc: BaseException) -> None:
+        log_event("internal_error", request_id=ex.request_id, error=type(exc).__name__)
+        if ex.head_sent:
+            self.abort()
+        else:
+            ex.keep_alive = False
+            ex.send_error(INTERNAL_ERROR)
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        if self.active is ex:
             self.active = None
-            if not keep_alive or proxy.draining:
-                break
-        self.close()
+        if self.closed:
+            return
+        if not keep_alive or self.proxy.draining:
+            self.close()
+            return
+        self.idle_since = self.loop.time()
+        if self.queue:
+            self._dispatch()
 
     def _on_tick(self) -> None:
         if self.closed:
@@ -350,8 +361,6 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
 
 class _HeadRefused(Exception):
@@ -377,7 +386,7 @@ class ProxyServer:
         self.limits: RateLimitCheck = next(
             c.run for c in self.checks if isinstance(c.run, RateLimitCheck)
         )
-        self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream))
+        self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
         holder.subscribe(self._on_config)
 
@@ -394,7 +403,7 @@ class ProxyServer:
             up.max_connections != pool.upstream.max_connections
         ):
             pool.close()
-            pool = UpstreamPool(up)
+            pool = UpstreamPool(up, self.loop)
         new_limits, old_limits = config.rate_limits, old.config.rate_limits
         if (new_limits.store, new_limits.max_buckets, new_limits.timeout) != (
             old_limits.store,
@@ -407,12 +416,14 @@ class ProxyServer:
         self.serving = Serving(config, ForwardPlan(config), pool)
         self.tick_interval = self._tick_interval(config)
 
-    async def handle(self, conn: ClientConnection, ex: Exchange) -> bool:
+    def start(self, conn: ClientConnection, ex: Exchange) -> None:
+        """Decide, then answer or forward. Runs without suspending unless a check must wait."""
+        if ex.early_deny is not None:
+            ex.send_error(ex.early_deny)
+            return
         serving = self.serving  # one snapshot for the whole request
         config = serving.config
         conn.max_body = config.server.max_body
-        if ex.early_deny is not None:
-            return await ex.respond(ex.early_deny)
         headers = Headers.from_lowered(
             [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.raw_headers]
         )
@@ -420,10 +431,32 @@ class ProxyServer:
             config, ex.method, ex.target, headers, conn.peer_ip, time.time(), ex.request_id
         )
         ex.ctx = ctx
-        deny = await self.pipeline.decide(ctx)
-        if deny is not None:
-            return await ex.respond(deny)
-        return await ex.proxy(ctx, serving.plan, serving.pool)
+        outcome = self.pipeline.decide(ctx)
+        if outcome is None:
+            ex.forward(ctx, serving.plan, serving.pool)
+        elif outcome.__class__ is Deny:
+            ex.send_error(outcome)  # type: ignore[arg-type]
+        else:
+            self.loop.create_task(self._decide_later(conn, ex, serving, outcome))  # type: ignore[arg-type]
+
+    async def _decide_later(
+        self,
+        conn: ClientConnection,
+        ex: Exchange,
+        serving: Serving,
+        pending: Awaitable[Deny | None],
+    ) -> None:
+        try:
+            outcome = await pending
+            if ex.done:
+                return  # the client went away meanwhile
+            assert ex.ctx is not None
+            if outcome is None:
+                ex.forward(ex.ctx, serving.plan, serving.pool)
+            else:
+                ex.send_error(outcome)
+        except Exception as exc:
+            conn.internal_error(ex, exc)
 
     async def drain(self, timeout: float) -> None:
         """Finish in-flight requests, close idle connections, give up after `timeout`."""

@@ -233,8 +233,9 @@ class UpstreamPool:
     than opening more sockets than the upstream was sized for.
     """
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self.upstream = upstream
+        self._loop = loop
         self.endpoint = (upstream.scheme, upstream.host, upstream.port)
         self._idle: deque[UpstreamConnection] = deque()
         self._open = 0
@@ -248,14 +249,22 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return self._open
 
-    async def acquire(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._idle:
-            conn = self._idle.pop()
+    def take_idle(self) -> UpstreamConnection | None:
+        """A kept-alive connection ready for a request, without waiting; None if there is none."""
+        now = self._loop.time()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_REUSE_LIMIT:
                 return conn
             self._discard(conn)
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
+        loop = self._loop
         if self._open >= self.upstream.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
             self._waiters.append(waiter)
@@ -292,7 +301,7 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = self._loop.time()
         self._idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

@@ -6,6 +6,7 @@ a line is what makes a 100k-key file impossible to fix.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import textwrap
 from datetime import UTC, datetime
@@ -1061,6 +1062,15 @@ def test_keys_may_be_absent_or_empty() -> None:
     assert parse(BASE + "keys: []\n").keys == ()
 
 
+def test_empty_sections_and_entries() -> None:
+    text = "server:\n" + BASE + "keys:\n  -\n"
+    issues = issues_of(text)
+    assert [(i.line, i.where, i.message) for i in issues] == [
+        (1, "server", "is empty"),
+        (11, "keys[0]", "is empty"),
+    ]
+
+
 def test_keys_must_be_a_list() -> None:
     issue = the_issue(BASE + "keys:\n  id: a\n")
     assert issue.where == "keys" and "expected a list" in issue.message
@@ -1189,6 +1199,28 @@ def test_the_example_file_loads() -> None:
     example = Path(__file__).parent.parent / "keyproxy" / "config.example.yaml"
     config = load_config(example, env={"UPSTREAM_SECRET": "x"})
     assert config.keys and config.routes
+
+
+def test_the_garbage_collector_is_restored() -> None:
+    assert gc.isenabled()
+    parse(BASE)
+    issues_of(BASE + "cors: {}\n")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        parse(BASE)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_loading_leaves_no_reference_cycles() -> None:
+    """A cycle would keep the whole YAML tree alive until a full collection: seconds at 100k."""
+    parse(FULL)  # warm up caches that live for the process (compiled regexes, imports)
+    gc.collect()
+    config = parse(FULL)
+    assert gc.collect() == 0
+    assert config.keys
 
 
 # --------------------------------------------------------------------------- a large file

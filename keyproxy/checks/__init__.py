@@ -59,16 +59,30 @@ class Pipeline:
     def __init__(self, checks: tuple[Check, ...]) -> None:
         self.checks = checks
 
-    async def decide(self, ctx: RequestContext) -> Deny | None:
+    def decide(self, ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
+        """The verdict, or — when a check must wait (a remote rate-limit store) — an
+        awaitable of it. Synchronous checks never pay for a coroutine."""
         for check in self.checks:
             outcome = check.run(ctx)
             if outcome is None:
                 continue
             if outcome.__class__ is Deny:
                 return outcome  # type: ignore[return-value]
-            outcome = await outcome  # type: ignore[misc]
-            if outcome is not None:
-                return outcome
+            return self._decide_rest(ctx, outcome, self.checks.index(check) + 1)  # type: ignore[arg-type]
+        return None
+
+    async def _decide_rest(
+        self, ctx: RequestContext, pending: Awaitable[Deny | None], start: int
+    ) -> Deny | None:
+        outcome = await pending
+        if outcome is not None:
+            return outcome
+        for check in self.checks[start:]:
+            result = check.run(ctx)
+            if result is not None and result.__class__ is not Deny:
+                result = await result  # type: ignore[misc]
+            if result is not None:
+                return result  # type: ignore[return-value]
         return None
 
     async def trace(self, ctx: RequestContext) -> list[StepOutcome]:

@@ -252,7 +252,10 @@ class _Reader:
         anchor merged into itself is reported instead of recursing forever.
         """
         if type(node) is not MappingNode:
-            self.issue(node, where, f"expected a mapping of fields, found {_kind(node)}")
+            if type(node) is ScalarNode and not node.style and node.value in _NULLS:
+                self.issue(node, where, "is empty", "add its fields, or remove it")
+            else:
+                self.issue(node, where, f"expected a mapping of fields, found {_kind(node)}")
             return None
         pairs = node.value
         try:
@@ -1245,16 +1248,6 @@ class _KeyReader:
         self.digests: dict[bytes, int] = {}
         self.items: list[Node] = []
         self.keys: list[Key] = []
-        r = reader
-        # Optional key fields (other than the expiry group) -> reader of (node, where).
-        self.option_readers: dict[str, Callable[[Node, str], object]] = {
-            "referers": self.referers,
-            "ips": self.ips,
-            "rate_limit": self.rate,
-            "quota": lambda n, w: r.integer(n, w, 1),
-            "revoked": lambda n, w: bool(r.boolean(n, w)),
-            "description": r.text,
-        }
 
     def read_all(self, node: Node) -> None:
         self.items = self.r.sequence(node, "keys") or []
@@ -1292,12 +1285,21 @@ class _KeyReader:
         for name, node in fields.items():
             if name in _KEY_CORE or name in _KEY_EXPIRY:
                 continue
-            value = self.option_readers[name](node, f"{where}.{name}")
+            value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
             if name != "description":
                 options[name] = value
         if not fields.keys().isdisjoint(_KEY_EXPIRY):
             options["expires_at"] = self.expiry(fields, where)
         return options
+
+    def quota(self, node: Node, where: str) -> int | None:
+        return self.r.integer(node, where, 1)
+
+    def revoked(self, node: Node, where: str) -> bool:
+        return bool(self.r.boolean(node, where))
+
+    def description(self, node: Node, where: str) -> None:
+        self.r.text(node, where)  # free text: only its shape is checked
 
     def scalar(self, node: Node, where: str, name: str) -> str | None:
         """`_Reader.text` for one field of a key, without building its path unless needed."""
@@ -1557,6 +1559,19 @@ class _KeyReader:
         return created_at + seconds
 
 
+# Optional key fields (other than the expiry group) -> their reader. Kept out of the
+# instance on purpose: a bound method stored on its own object is a reference cycle,
+# and a cycle here would keep the whole YAML tree alive until the next full collection.
+_KEY_OPTION_READERS: dict[str, Callable[[_KeyReader, Node, str], object]] = {
+    "referers": _KeyReader.referers,
+    "ips": _KeyReader.ips,
+    "rate_limit": _KeyReader.rate,
+    "quota": _KeyReader.quota,
+    "revoked": _KeyReader.revoked,
+    "description": _KeyReader.description,
+}
+
+
 # --------------------------------------------------------------------------- rate limits
 
 _RATE_LIMIT_FIELDS = frozenset({"store", "on_store_error", "timeout", "max_buckets"})
@@ -1676,15 +1691,17 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
+    # No issue means every part was built; the assert only narrows the types.
+    assert server and upstream and rate_limits and route_table is not None
     keys = tuple(key_reader.keys)
     return Config(
         server=server,
         upstream=upstream,
         routes=tuple(table),
-        keys=keys,  # type: ignore[arg-type]
+        keys=keys,
         rate_limits=rate_limits,
-        source=source,  # type: ignore[arg-type]
-        route_table=route_table,  # type: ignore[arg-type]
+        source=source,
+        route_table=route_table,
         keys_by_digest={key.digest: key for key in keys},
     )
 
