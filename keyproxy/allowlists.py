@@ -228,14 +228,30 @@ def _parse_referer(referer: str) -> _Referer | None:
     return _Referer(parts.scheme, host, port, target)
 
 
+#: Recent answers of `match_referer`, by (id of the pattern tuple, Referer). Each entry
+#: keeps its tuple alive, so an id cannot be reused by another tuple while cached.
+_ANSWERS: dict[tuple[int, str], tuple[Sequence[RefererPattern], bool]] = {}
+_MAX_ANSWERS = 4096
+
+
 def match_referer(patterns: Sequence[RefererPattern], referer: str | None) -> bool:
-    """Whether the Referer matches any pattern. A missing or unparsable one matches none."""
+    """Whether the Referer matches any pattern. A missing or unparsable one matches none.
+
+    A browser key sends the same Referer on every request, so answers are
+    remembered per key's pattern tuple: the common case is one dict probe.
+    """
     if not referer or not patterns:
         return False
+    slot = (id(patterns), referer)
+    known = _ANSWERS.get(slot)
+    if known is not None and known[0] is patterns:
+        return known[1]
     parsed = _parse_referer(referer)
-    if parsed is None:
-        return False
-    return any(pattern._matches(parsed) for pattern in patterns)
+    answer = parsed is not None and any(pattern._matches(parsed) for pattern in patterns)
+    if len(_ANSWERS) >= _MAX_ANSWERS:
+        _ANSWERS.clear()
+    _ANSWERS[slot] = (patterns, answer)
+    return answer
 
 
 #: IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are IPv4 clients on a dual-stack socket.

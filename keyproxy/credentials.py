@@ -17,8 +17,8 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 import yaml
@@ -40,8 +40,7 @@ MAX_BEARER_LENGTH = 16 * 1024
 KEY_KINDS = {"publishable": ("pk_", "read"), "secret": ("sk_", "write")}
 
 
-@dataclass(frozen=True, slots=True)
-class Presented:
+class Presented(NamedTuple):
     """The credential a request carries, as read off the wire and not yet looked up.
 
     `source` is "header", "basic" or "query" for a key, or "bearer" when the request

@@ -209,7 +209,8 @@ class Exchange:
         self.conn = conn
         self.method = method
         self.target = target
-        self.raw_headers = raw_headers
+        self.raw_headers = raw_headers  # as received, for forwarding
+        self.headers: list[tuple[str, str]] = []  # lower-case names, decoded: for the checks
         self.http11 = http11
         self.keep_alive = keep_alive
         self.request_id = request_id

@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 #: Longest request target accepted, in characters (= bytes: the target is latin-1).
@@ -41,8 +42,9 @@ MAX_TARGET_LENGTH = 8192
 MAX_SEGMENTS = 128
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
+    """A request target in its one canonical form (a tuple: built on every request)."""
+
     path: str  # canonical path: what routes match and what is forwarded
     query: str  # the query string without "?", forwarded as is ("" when none)
     segments: tuple[str, ...]  # the path split on "/", without the leading empty string

@@ -20,14 +20,14 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from keyproxy.config.model import ROUTE_METHODS, Route
 from keyproxy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, InvalidPath, canonicalize
 
 
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
+class RouteMatch(NamedTuple):
     route: Route
     params: dict[str, str]
 

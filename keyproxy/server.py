@@ -98,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0  # bytes received while the head was incomplete
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.lowered: list[tuple[str, str]] = []  # the same headers, as the checks read them
         self.content_length: int | None = None
         self.chunked = False
         self.expect: bytes | None = None
@@ -167,6 +168,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.url_parts = []
         self.raw_headers = []
+        self.lowered = []
         self.content_length = None
         self.chunked = False
         self.expect = None
@@ -184,6 +186,7 @@ class ClientConnection(asyncio.Protocol):
         self._count_head(len(name) + len(value) + 4)
         headers.append((name, value))
         lname = name.lower()
+        self.lowered.append((lname.decode("latin-1"), value.decode("latin-1")))
         if lname == b"content-length":
             self.content_length = int(value)  # llhttp has validated it
         elif lname == b"transfer-encoding":
@@ -216,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
             parser.should_keep_alive(),
             self.proxy.request_ids.next(),
         )
+        ex.headers = self.lowered
         ex.content_length = None if self.chunked else self.content_length
         ex.chunked = self.chunked
         ex.connection_tokens = self.connection_tokens
@@ -424,11 +428,14 @@ class ProxyServer:
         serving = self.serving  # one snapshot for the whole request
         config = serving.config
         conn.max_body = config.server.max_body
-        headers = Headers.from_lowered(
-            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.raw_headers]
-        )
         ctx = RequestContext(
-            config, ex.method, ex.target, headers, conn.peer_ip, time.time(), ex.request_id
+            config,
+            ex.method,
+            ex.target,
+            Headers.from_lowered(ex.headers),
+            conn.peer_ip,
+            time.time(),
+            ex.request_id,
         )
         ex.ctx = ctx
         outcome = self.pipeline.decide(ctx)

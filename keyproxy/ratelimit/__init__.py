@@ -22,8 +22,7 @@ import functools
 import ipaddress
 import math
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Rate, RateLimitSettings
@@ -45,8 +44,7 @@ __all__ = [
 TOLERANCE = 0.01
 
 
-@dataclass(frozen=True, slots=True)
-class LimitResult:
+class LimitResult(NamedTuple):
     """The verdict for one request, with what the response headers need.
 
     `retry_after` is `math.inf` when the quota is spent: no amount of waiting
