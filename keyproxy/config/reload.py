@@ -34,6 +34,7 @@ class ConfigHolder:
         self._subscribers: list[Callable[[Config], None]] = []
         self._seen = _fingerprint(path) if path else None
         self.reloads = {"success": 0, "error": 0}
+        self._lock = asyncio.Lock()
         self.last_error: str | None = None
 
     @classmethod
@@ -48,22 +49,46 @@ class ConfigHolder:
         self._subscribers.append(callback)
 
     def reload_now(self) -> bool:
+        """Load the file now, on this thread (tests, and the first load)."""
         if self.path is None:
             return False
         self._seen = _fingerprint(self.path)
+        return self._apply(self._load())
+
+    async def reload(self) -> bool:
+        """Load the file on a worker thread, then swap on the loop.
+
+        A large registry takes seconds to parse; parsing on the loop would stall
+        every request in flight for that long.
+        """
+        if self.path is None:
+            return False
+        self._seen = _fingerprint(self.path)
+        async with self._lock:  # one reload at a time; the last edit wins
+            outcome = await asyncio.get_running_loop().run_in_executor(None, self._load)
+            return self._apply(outcome)
+
+    def _load(self) -> Config | str | ConfigError:
+        assert self.path is not None
         try:
-            config = load_config(self.path)
+            return load_config(self.path)
         except ConfigError as exc:
-            self.reloads["error"] += 1
-            self.last_error = str(exc)
-            log_event("config_reload", result="error", errors=[str(i) for i in exc.issues])
-            return False
+            return exc
         except OSError as exc:
+            return f"cannot read {self.path}: {exc.strerror}"
+
+    def _apply(self, outcome: Config | str | ConfigError) -> bool:
+        if not isinstance(outcome, Config):
             self.reloads["error"] += 1
-            self.last_error = f"cannot read {self.path}: {exc.strerror}"
-            log_event("config_reload", result="error", errors=[self.last_error])
+            if isinstance(outcome, ConfigError):
+                self.last_error = str(outcome)
+                errors = [str(i) for i in outcome.issues]
+            else:
+                self.last_error = outcome
+                errors = [outcome]
+            log_event("config_reload", result="error", errors=errors)
             return False
-        old = self._config
+        old, config = self._config, outcome
         self._config = config
         self.reloads["success"] += 1
         self.last_error = None
@@ -78,7 +103,8 @@ class ConfigHolder:
         return True
 
     def reload_soon(self) -> None:
-        asyncio.get_running_loop().call_soon(self.reload_now)
+        """For SIGHUP."""
+        asyncio.get_running_loop().create_task(self.reload())
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
         if self.path is None:
@@ -87,4 +113,4 @@ class ConfigHolder:
             await asyncio.sleep(interval)
             seen = _fingerprint(self.path)
             if seen is not None and seen != self._seen:
-                self.reload_now()
+                await self.reload()
