@@ -345,7 +345,10 @@ class Exchange:
             self.conn.resume_reading(self)
         if self.body_complete and self.chunked:
             parts.append(b"0\r\n\r\n")
-        upstream.transport.writelines(parts)  # type: ignore[union-attr]
+        if len(parts) == 1:
+            upstream.write(parts[0])
+        else:
+            upstream.transport.writelines(parts)  # type: ignore[union-attr]
 
     def _request_head(self, ctx: RequestContext, plan: ForwardPlan) -> bytes:
         route = ctx.route
@@ -451,8 +454,16 @@ class Exchange:
 
     def flush(self) -> None:
         """Called after each upstream read: pass on what it produced, in one write."""
-        if self.out:
-            self.conn.writelines(self.out)
+        out = self.out
+        if out:
+            # A small response is joined (copying a few hundred bytes is cheaper than
+            # a scatter write); a large one goes out as it is.
+            if len(out) == 1:
+                self.conn.write(out[0])
+            elif len(out) <= 4 and sum(map(len, out)) <= 16384:
+                self.conn.write(b"".join(out))
+            else:
+                self.conn.writelines(out)
             self.out = []
             self.last_activity = self.conn.loop.time()
 

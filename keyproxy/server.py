@@ -106,6 +106,7 @@ class ClientConnection(asyncio.Protocol):
         self.connection_tokens: frozenset[bytes] = frozenset()
         self.idle_since = 0.0
         self.max_body = proxy.serving.config.server.max_body
+        self.max_header_size = proxy.serving.config.server.max_header_size
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,7 +135,7 @@ class ClientConnection(asyncio.Protocol):
             # A head still incomplete after this chunk: bound what llhttp and
             # httptools may be accumulating for it.
             self.head_bytes += len(data)
-            if self.head_bytes > self.proxy.serving.config.server.max_header_size:
+            if self.head_bytes > self.max_header_size:
                 self._refuse_now(HEADERS_TOO_LARGE)
                 return
         if self.active is None and self.queue:
@@ -177,13 +178,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url_parts.append(url)
-        self._count_head(len(url))
+        self.head_bytes += len(url)
+        if self.head_bytes > self.max_header_size:
+            raise _HeadRefused(HEADERS_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.raw_headers
         if len(headers) >= MAX_HEADERS:
             raise _HeadRefused(HEADERS_TOO_LARGE)
-        self._count_head(len(name) + len(value) + 4)
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_header_size:
+            raise _HeadRefused(HEADERS_TOO_LARGE)
         headers.append((name, value))
         lname = name.lower()
         self.lowered.append((lname.decode("latin-1"), value.decode("latin-1")))
@@ -199,11 +204,6 @@ class ClientConnection(asyncio.Protocol):
             self.connection_tokens = self.connection_tokens | frozenset(
                 t.strip() for t in value.lower().split(b",")
             )
-
-    def _count_head(self, size: int) -> None:
-        self.head_bytes += size
-        if self.head_bytes > self.proxy.serving.config.server.max_header_size:
-            raise _HeadRefused(HEADERS_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -292,15 +292,13 @@ class ClientConnection(asyncio.Protocol):
         settings = self.proxy.serving.config.server
         if self.active is not None:
             self.active.check_timeout(now)
-        elif self.in_head and not self.queue:
-            begun = self.head_begun
-            limit = settings.header_timeout if begun else settings.keepalive_timeout
-            started = self.head_started if begun else self.idle_since
-            if now - started > limit:
-                if begun:
+        elif not self.queue:
+            if self.head_begun:  # a request has started but its head is not complete
+                if now - self.head_started > settings.header_timeout:
                     self._refuse_now(REQUEST_TIMEOUT)
-                else:
-                    self.close()
+                    return
+            elif now - self.idle_since > settings.keepalive_timeout:
+                self.close()  # idle between requests
                 return
         self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
 
@@ -428,6 +426,7 @@ class ProxyServer:
         serving = self.serving  # one snapshot for the whole request
         config = serving.config
         conn.max_body = config.server.max_body
+        conn.max_header_size = config.server.max_header_size
         ctx = RequestContext(
             config,
             ex.method,

@@ -545,3 +545,45 @@ def test_other_injection_forms(tmp_path, mode):
             kp.stop()
     finally:
         up.stop()
+
+
+def test_unsupported_expectation_gets_417(proxy: Keyproxy, upstream):
+    upstream.reset()
+    s, h, b, _ = proxy.request(
+        "POST", "/echo/x", {"Expect": "something-else"}, b"{}", key=KEYS["admin"]
+    )
+    assert_error(s, h, b, 417, "EXPECTATION_FAILED")
+    assert upstream.records() == []
+
+
+def test_path_refusals_name_the_problem(proxy: Keyproxy):
+    s, h, b, _ = proxy.request("GET", "/echo/a%2Fb", key=KEYS["admin"])
+    data = assert_error(s, h, b, 400, "INVALID_PATH")
+    assert "%2F" in data["message"]
+
+
+def test_slow_headers_get_408_and_idle_keepalive_closes(tmp_path, upstream):
+    from tests.proxy_process import base_config, start_keyproxy
+
+    config = base_config(upstream.url, upstream.inject())
+    config["server"]["header_timeout"] = "1s"
+    config["server"]["keepalive_timeout"] = "1s"
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        with socket.create_connection((kp.host, kp.port), timeout=10) as sock:
+            sock.sendall(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            started = time.monotonic()
+            response = sock.recv(4096)
+            assert response.startswith(b"HTTP/1.1 408 ")
+            assert b'"error":"REQUEST_TIMEOUT"' in response
+            assert 0.9 < time.monotonic() - started < 4
+        with socket.create_connection((kp.host, kp.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n".encode()
+            )
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            started = time.monotonic()
+            assert sock.recv(10) == b""  # the server closes the idle connection
+            assert 0.9 < time.monotonic() - started < 4
+    finally:
+        kp.stop()
