@@ -139,8 +139,13 @@ def extract(
     wrong way gets a message saying how to send it, and so that a disabled
     source can never carry a second key past the ambiguity check.
     """
-    api_keys = headers.getall("x-api-key")
-    authorizations = headers.getall("authorization")
+    api_keys: list[str] = []
+    authorizations: list[str] = []
+    for name, value in headers:  # one pass over the headers for both
+        if name == "x-api-key":
+            api_keys.append(value)
+        elif name == "authorization":
+            authorizations.append(value)
     query_values = (
         [value for _, name, value in _query_pairs(query) if name == query_param] if query else []
     )

@@ -66,6 +66,8 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-original-url",
     b"x-rewrite-url",
 }
+#: Response headers that need more than copying: dropped, or rewritten (Location).
+RESPONSE_SPECIAL = HOP_BY_HOP | {b"location", b"x-request-id"}
 METHOD_OVERRIDE = frozenset({b"x-http-method-override", b"x-method-override", b"x-http-method"})
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
@@ -400,20 +402,17 @@ class Exchange:
         plan = self.plan
         assert plan is not None and self.ctx is not None
         length = None
-        parts = []
-        append = parts.append
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
         for name, lname, value in headers:
-            if lname in HOP_BY_HOP or lname in connection_tokens:
+            if lname in RESPONSE_SPECIAL or lname in connection_tokens:
                 if lname == b"content-length":
                     length = value
-                continue
-            if lname == b"location":
-                value = plan.rewrite_location(value)
-            elif lname == b"x-request-id":
-                continue
-            append(name + b": " + value + b"\r\n")
+                elif lname == b"location":
+                    parts += (name, b": ", plan.rewrite_location(value), b"\r\n")
+                continue  # hop-by-hop, framing, or keyproxy's own X-Request-Id
+            parts += (name, b": ", value, b"\r\n")
         block = b"".join(parts)
-        if plan.scrubber:
+        if plan.scrubber.found_in(block):
             block = plan.scrubber.scrub(block)
         if self.method == "HEAD" or status == 204 or status == 304:
             mode = NO_BODY
@@ -433,8 +432,7 @@ class Exchange:
         self.mode = mode
         self.head_sent = True
         self.out.append(
-            b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
-            + block
+            block
             + b"X-Request-Id: "
             + self.request_id.encode()
             + b"\r\n"

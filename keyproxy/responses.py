@@ -75,13 +75,19 @@ class SecretScrubber:
             spellings.add(base64.b64encode(pair))
         spellings.discard(b"")
         ordered = sorted(spellings, key=len, reverse=True)
+        self._spellings = tuple(ordered)
         self._pattern = re.compile(b"|".join(re.escape(s) for s in ordered)) if ordered else None
 
     def __bool__(self) -> bool:
         return self._pattern is not None
 
     def found_in(self, data: bytes) -> bool:
-        return self._pattern is not None and self._pattern.search(data) is not None
+        # One substring search per spelling (memchr-fast) beats a regex alternation
+        # on the common path, where nothing is found.
+        for spelling in self._spellings:  # noqa: SIM110 - a loop is cheaper than any(genexpr)
+            if spelling in data:
+                return True
+        return False
 
     def scrub(self, value: bytes) -> bytes:
         if self._pattern is None:

@@ -15,6 +15,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import signal
@@ -398,6 +399,7 @@ class ProxyServer:
         return max(0.05, min(1.0, config.upstream.timeout / 4, s.header_timeout / 4))
 
     def _on_config(self, config: Config) -> None:
+        freeze_long_lived()
         old = self.serving
         pool = old.pool
         up = config.upstream
@@ -479,6 +481,17 @@ class ProxyServer:
         await self.limits.limiter.aclose()
 
 
+def freeze_long_lived() -> None:
+    """Move the loaded configuration out of the cyclic collector's sight.
+
+    A registry of 100,000 keys is a few hundred thousand objects that live until
+    the next reload; every full collection would walk them all, pausing traffic.
+    Frozen objects are still freed by reference counting when a reload drops them.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def install_uvloop() -> None:
     try:
         import uvloop
@@ -500,6 +513,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     config = holder.config
     proxy = ProxyServer(holder, loop)
+    freeze_long_lived()
     listen_host = host or config.server.listen.host
     listen_port = config.server.listen.port if port is None else port
     server = await loop.create_server(

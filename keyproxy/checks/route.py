@@ -13,11 +13,12 @@ from keyproxy.routes import AmbiguousMatch
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
 URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
 METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
+OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
 
 def _asks_for_override(ctx: RequestContext, query: str) -> str | None:
     for name, _ in ctx.headers:
-        if name in METHOD_OVERRIDE_HEADERS or name in URL_OVERRIDE_HEADERS:
+        if name in OVERRIDE_HEADERS:
             return name
     if query:
         for pair in query.split("&"):
