@@ -28,26 +28,10 @@ from keyproxy.responses import (
     payload_too_large,
     reason,
 )
-from keyproxy.upstream import UpstreamConnection, UpstreamPool, UpstreamUnavailable
+from keyproxy.upstream import HOP_BY_HOP, UpstreamConnection, UpstreamPool, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from keyproxy.server import ClientConnection
-
-#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers keyproxy sets itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"content-length",
-    }
-)
 
 #: Request headers that could speak for keyproxy or change what was authorised.
 REQUEST_DROP = HOP_BY_HOP | {
@@ -66,8 +50,6 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-original-url",
     b"x-rewrite-url",
 }
-#: Response headers that need more than copying: dropped, or rewritten (Location).
-RESPONSE_SPECIAL = HOP_BY_HOP | {b"location", b"x-request-id"}
 METHOD_OVERRIDE = frozenset({b"x-http-method-override", b"x-method-override", b"x-http-method"})
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
@@ -394,24 +376,13 @@ class Exchange:
 
     # -- ResponseListener: events from the upstream connection ----------------
     def on_response_head(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes, bytes]],
-        connection_tokens: frozenset[bytes],
+        self, status: int, lines: list[bytes], length: bytes | None, location: bytes | None
     ) -> None:
         plan = self.plan
         assert plan is not None and self.ctx is not None
-        length = None
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
-        for name, lname, value in headers:
-            if lname in RESPONSE_SPECIAL or lname in connection_tokens:
-                if lname == b"content-length":
-                    length = value
-                elif lname == b"location":
-                    parts += (name, b": ", plan.rewrite_location(value), b"\r\n")
-                continue  # hop-by-hop, framing, or keyproxy's own X-Request-Id
-            parts += (name, b": ", value, b"\r\n")
-        block = b"".join(parts)
+        block = b"".join(lines)
+        if location is not None:
+            block += b"Location: " + plan.rewrite_location(location) + b"\r\n"
         if plan.scrubber.found_in(block):
             block = plan.scrubber.scrub(block)
         if self.method == "HEAD" or status == 204 or status == 304:
@@ -432,7 +403,8 @@ class Exchange:
         self.mode = mode
         self.head_sent = True
         self.out.append(
-            block
+            b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+            + block
             + b"X-Request-Id: "
             + self.request_id.encode()
             + b"\r\n"

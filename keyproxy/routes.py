@@ -260,6 +260,9 @@ def _needs_lenient_look(segments: tuple[str, ...]) -> bool:
     return segments[-1] == "" or _NOT_PLAIN.search("/".join(segments)) is not None
 
 
+#: Remembered answers of `RouteTable.resolve` (RouteMatch.params must not be mutated).
+ROUTE_CACHE_SIZE = 10_000
+
 _AMBIGUOUS = (
     "path is ambiguous: read with different letter case, decoded escapes or without the"
     " trailing slash it matches another route; use the exact spelling"
@@ -272,10 +275,13 @@ class RouteTable:
     Route order is the order of `routes`, which the loader keeps as in the file.
     """
 
-    __slots__ = ("_exact", "_loose", "_params", "_plain", "_routes")
+    __slots__ = ("_cache", "_exact", "_loose", "_params", "_plain", "_routes")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self._routes = tuple(routes)
+        # Answers already computed, by (method, segments), as Kong's router keeps an LRU
+        # of matches: most traffic repeats a few paths. Bounded; emptied when full.
+        self._cache: dict[tuple[str, tuple[str, ...]], RouteMatch | AmbiguousMatch | None] = {}
         self._params: list[tuple[tuple[str, int], ...]] = []
         self._exact: dict[str, _Node] = {}
         self._loose: dict[str, _Node] = {}
@@ -308,6 +314,19 @@ class RouteTable:
 
     def resolve(self, method: str, segments: tuple[str, ...]) -> RouteMatch | AmbiguousMatch | None:
         """The first route for `method` and the canonical `segments`; None if none matches."""
+        slot = (method, segments)
+        cache = self._cache
+        if slot in cache:
+            return cache[slot]
+        found = self._resolve(method, segments)
+        if len(cache) >= ROUTE_CACHE_SIZE:
+            cache.clear()
+        cache[slot] = found
+        return found
+
+    def _resolve(
+        self, method: str, segments: tuple[str, ...]
+    ) -> RouteMatch | AmbiguousMatch | None:
         root = self._exact.get(method)
         if root is None:
             return None

@@ -20,6 +20,25 @@ import httptools
 
 from keyproxy.config.model import Upstream
 
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers: never copied across the proxy.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"content-length",
+    }
+)
+#: Response headers not copied as they are: hop-by-hop, Location (rewritten) and
+#: X-Request-Id (keyproxy sets its own).
+NOT_COPIED = HOP_BY_HOP | {b"location", b"x-request-id"}
+
 #: An idle connection older than this is closed rather than reused: many servers
 #: close idle keep-alive sockets after 5–60 s and a reused dead socket costs a retry.
 IDLE_REUSE_LIMIT = 4.0
@@ -31,7 +50,7 @@ class UpstreamUnavailable(Exception):
 
 class ResponseListener(Protocol):
     def on_response_head(
-        self, status: int, headers: list[tuple[bytes, bytes, bytes]], connection_tokens: frozenset
+        self, status: int, lines: list[bytes], length: bytes | None, location: bytes | None
     ) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
@@ -46,9 +65,12 @@ class UpstreamConnection(asyncio.Protocol):
         "_connection_tokens",
         "_counted_out",
         "_eof_delimited",
-        "_headers",
+        "_header_names",
+        "_header_parts",
         "_headers_done",
         "_interim",
+        "_length",
+        "_location",
         "_parser",
         "_stale_parser",
         "closed",
@@ -68,7 +90,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener: ResponseListener | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._stale_parser = False
-        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        # The response's end-to-end headers, already serialised ("Name", ": ", value, CRLF),
+        # and their lower-case names in step, for the rare Connection-listed removal.
+        self._header_parts: list[bytes] = []
+        self._header_names: list[bytes] = []
+        self._length: bytes | None = None
+        self._location: bytes | None = None
         self._connection_tokens: frozenset[bytes] = frozenset()
         self._interim = False
         self._eof_delimited = True
@@ -92,9 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_response = True
         self.got_response_bytes = False
         self.uses += 1
-        self._headers = []
-        self._connection_tokens = frozenset()
-        self._eof_delimited = True
+        self._reset_head()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -171,13 +196,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname == b"connection":
-            self._connection_tokens = self._connection_tokens | frozenset(
-                t.strip() for t in value.lower().split(b",")
-            )
-        elif lname == b"content-length" or lname == b"transfer-encoding":
-            self._eof_delimited = False
-        self._headers.append((name, lname, value))
+        if lname in NOT_COPIED:
+            if lname == b"content-length":
+                self._length = value
+                self._eof_delimited = False
+            elif lname == b"transfer-encoding":
+                self._eof_delimited = False
+            elif lname == b"location":
+                self._location = value
+            elif lname == b"connection":
+                tokens = value.lower()
+                if tokens != b"keep-alive" and tokens != b"close":  # usual values name nothing
+                    self._connection_tokens = self._connection_tokens | frozenset(
+                        t.strip() for t in tokens.split(b",")
+                    )
+            return
+        self._header_parts += (name, b": ", value, b"\r\n")
+        self._header_names.append(lname)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -185,14 +220,34 @@ class UpstreamConnection(asyncio.Protocol):
             if status == 101:
                 raise UpstreamUnavailable("unexpected protocol switch")
             self._interim = True  # 100 Continue, 103 Early Hints: wait for the real answer
-            self._headers = []
+            self._reset_head()
             return
         self._headers_done = True
         if status == 204 or status == 304:
             self._eof_delimited = False
         listener = self.listener
         if listener is not None:
-            listener.on_response_head(status, self._headers, self._connection_tokens)
+            parts = self._header_parts
+            if self._connection_tokens:
+                parts = self._without_listed(parts)
+            listener.on_response_head(status, parts, self._length, self._location)
+
+    def _without_listed(self, parts: list[bytes]) -> list[bytes]:
+        """Drop the headers the response's Connection header names (hop-by-hop by listing)."""
+        listed = self._connection_tokens
+        kept: list[bytes] = []
+        for i, lname in enumerate(self._header_names):
+            if lname not in listed:
+                kept += parts[4 * i : 4 * i + 4]
+        return kept
+
+    def _reset_head(self) -> None:
+        self._header_parts = []
+        self._header_names = []
+        self._length = None
+        self._location = None
+        self._connection_tokens = frozenset()
+        self._eof_delimited = True
 
     def on_body(self, body: bytes) -> None:
         listener = self.listener
