@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policy import SMALL_PATH, build_policy  # noqa: E402
+from policy import SMALL_PATH, build_policy
 
-from keyproxy.config import parse_config  # noqa: E402
-from keyproxy.config.reload import ConfigHolder  # noqa: E402
-from keyproxy.server import ClientConnection, ProxyServer  # noqa: E402
-from keyproxy.upstream import UpstreamConnection  # noqa: E402
+from keyproxy.config import parse_config
+from keyproxy.config.reload import ConfigHolder
+from keyproxy.server import ClientConnection, ProxyServer
+from keyproxy.upstream import UpstreamConnection
 
 ENV = {"UPSTREAM_SECRET": "bench-upstream-secret-0123456789"}
 BODY = b'[{"id": 0, "title": "post 0", "author": {"name": "alice", "phone": "555"}}]' * 4

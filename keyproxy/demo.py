@@ -12,6 +12,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import sys
 from importlib import resources
 
 from keyproxy.config import parse_config
@@ -68,8 +69,23 @@ def demo_config(secret: str, backend_port: int, proxy_port: int, admin_port: int
     return dataclasses.replace(config, upstream=upstream, server=server, source="demo")
 
 
+def _self_command() -> str:
+    """How this user ran keyproxy, so the printed explain line works when pasted."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.endswith("__main__.py") or not argv0:
+        return "python -m keyproxy"
+    return argv0 if os.sep in argv0 else "keyproxy"
+
+
+def _example_path() -> str:
+    if os.path.exists("config.example.yaml"):
+        return "config.example.yaml"
+    return str(resources.files("keyproxy").joinpath("config.example.yaml"))
+
+
 def instructions(base: str) -> str:
     read, admin = DEMO_KEYS["website"], DEMO_KEYS["admin"]
+    explain = f"UPSTREAM_SECRET=x {_self_command()} explain -c {_example_path()}"
     return f"""
 keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
 (the backend's secret was generated for this run and never leaves keyproxy).
@@ -84,7 +100,7 @@ keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
   curl -si -X DELETE {base}/v1/data/posts/1 -H 'X-API-Key: {admin}'
 
   # and why was the first one refused? (offline, against the same file)
-  UPSTREAM_SECRET=x keyproxy explain -c config.example.yaml --key {read} \\
+  {explain} --key {read} \\
       --referer {DEMO_REFERER} DELETE {base}/v1/data/posts/1
 
 Press Ctrl-C to stop both.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -141,6 +144,21 @@ def test_demo_prints_working_curl_lines(tmp_path):
         assert status == 403 and json.loads(body)["error"] == "REFERER_NOT_ALLOWED"
         status, _ = call("DELETE", "/v1/data/posts/1", DEMO_KEYS["admin"])
         assert status == 204
+        # the printed explain line works as pasted (with this interpreter for "python")
+        line = re.search(r"UPSTREAM_SECRET=x (.+?) \\\n\s+(.+)\n", out)
+        assert line is not None, out
+        argv = shlex.split(line.group(1) + " " + line.group(2))
+        if argv[0] == "python":
+            argv[0] = sys.executable
+        explained = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "UPSTREAM_SECRET": "x"},
+        )
+        assert explained.returncode == 1, explained.stdout + explained.stderr
+        assert "verdict: DENY 403 PERMISSION_DENIED" in explained.stdout
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     finally:

@@ -1,0 +1,402 @@
+"""The `keys` section: every key's hash, type, ACLs and optional constraints."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from yaml.nodes import Node, SequenceNode
+
+from keyproxy import allowlists
+from keyproxy.config.model import Key, KeyType, Rate
+from keyproxy.config.routes_section import AclIndex
+from keyproxy.config.units import parse_rate
+from keyproxy.config.yaml_reader import UNTAGGED, Reader, clean_text, did_you_mean, line_of, show
+
+_KEY_FIELDS = frozenset(
+    {
+        "id",
+        "hash",
+        "type",
+        "acls",
+        "referers",
+        "ips",
+        "expires",
+        "ttl",
+        "created",
+        "rate_limit",
+        "quota",
+        "revoked",
+        "description",
+    }
+)
+_KEY_NOT_YET = frozenset({"scopes", "roles", "fields"})
+_KEY_CORE = frozenset({"id", "hash", "type", "acls"})
+_KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
+_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
+_KEY_TYPES = {t.value: t for t in KeyType}
+_MAX_ALLOWLIST = 100
+
+
+def _raw_texts(node: Node) -> tuple[str, ...] | None:
+    """A list's scalars as written, as a cache key; None if it is not a list of scalars.
+
+    A nested list or mapping makes the tuple unhashable, which rules it out
+    without inspecting every item.
+    """
+    if type(node) is not SequenceNode:
+        return None
+    raw = tuple([item.value for item in node.value])
+    try:
+        hash(raw)
+    except TypeError:
+        return None
+    return raw
+
+
+class KeyReader:
+    """Reads the key list; fast because 100k keys mostly repeat a few shapes.
+
+    Values that many keys share (ACL lists, CIDR lists, referers, rates,
+    timestamps) are parsed once and the parsed, immutable object is reused.
+    Only successful results are cached: a bad value is re-read for every key
+    that uses it, so each occurrence gets its own issue and line.
+    """
+
+    def __init__(self, reader: Reader, acls: AclIndex) -> None:
+        self.r = reader
+        self.acl_index = acls
+        self.defaults = {t: acls.default_for(t) for t in KeyType}
+        # Caches keyed by the text as written (see `_raw_texts`).
+        self.acl_cache: dict[tuple[KeyType, tuple[str, ...] | None], frozenset[str]] = {}
+        self.ip_cache: dict[tuple[str, ...], allowlists.IpAllowlist] = {}
+        self.referer_cache: dict[tuple[str, ...], tuple[allowlists.RefererPattern, ...]] = {}
+        self.rate_cache: dict[str, Rate] = {}
+        self.time_cache: dict[str, float] = {}
+        self.ids: dict[str, int] = {}  # key id -> index of the key that has it first
+        self.digests: dict[bytes, int] = {}
+        self.items: list[Node] = []
+        self.keys: list[Key] = []
+
+    def read_all(self, node: Node) -> None:
+        self.items = self.r.sequence(node, "keys") or []
+        for index, item in enumerate(self.items):
+            key = self.key(item, index)
+            if key is not None:
+                self.keys.append(key)
+
+    def key(self, node: Node, index: int) -> Key | None:
+        r = self.r
+        where = f"keys[{index}]"
+        fields = r.fields(node, where, _KEY_FIELDS, _KEY_NOT_YET)
+        if fields is None:
+            return None
+        before = len(r.issues)
+        key_id = self.key_id(fields.get("id"), node, where, index)
+        digest = self.digest(fields.get("hash"), node, where, index)
+        key_type = self.key_type(fields.get("type"), node, where)
+        acls = self.acls(fields.get("acls"), node, key_type, where)
+        options = {} if fields.keys() <= _KEY_CORE else self.options(fields, where)
+        if len(r.issues) != before:
+            return None
+        return Key(
+            id=key_id,
+            digest=digest,
+            type=key_type,
+            acls=acls,
+            line=node.start_mark.line + 1,
+            **options,
+        )
+
+    def options(self, fields: dict[str, Node], where: str) -> dict[str, object]:
+        """The optional constraints of one key, by `Key` field name."""
+        options: dict[str, object] = {}
+        for name, node in fields.items():
+            if name in _KEY_CORE or name in _KEY_EXPIRY:
+                continue
+            value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
+            if name != "description":
+                options[name] = value
+        if not fields.keys().isdisjoint(_KEY_EXPIRY):
+            options["expires_at"] = self.expiry(fields, where)
+        return options
+
+    def quota(self, node: Node, where: str) -> int | None:
+        return self.r.integer(node, where, 1)
+
+    def revoked(self, node: Node, where: str) -> bool:
+        return bool(self.r.boolean(node, where))
+
+    def description(self, node: Node, where: str) -> None:
+        self.r.text(node, where)  # free text: only its shape is checked
+
+    def scalar(self, node: Node, where: str, name: str) -> str | None:
+        """`Reader.text` for one field of a key, without building its path unless needed."""
+        value = clean_text(node)
+        return value if value is not None else self.r.text(node, f"{where}.{name}")
+
+    def first_line(self, index: int) -> int | None:
+        return line_of(self.items[index])
+
+    def key_id(self, node: Node | None, parent: Node, where: str, index: int) -> str | None:
+        if node is None:
+            self.r.issue(
+                parent, where, "'id' is required", "give every key an id, like id: website"
+            )
+            return None
+        key_id = self.scalar(node, where, "id")
+        if key_id is None:
+            return None
+        if _KEY_ID.fullmatch(key_id) is None:
+            self.r.issue(
+                node,
+                where + ".id",
+                f"{show(node)} is not a valid key id",
+                "use 1 to 64 letters, digits, '.', '_' or '-'",
+            )
+            return None
+        first = self.ids.setdefault(key_id, index)
+        if first != index:
+            self.r.issue(
+                node,
+                where + ".id",
+                f"key id {key_id!r} is already used by keys[{first}] "
+                f"(line {self.first_line(first)})",
+                "every key needs its own id",
+            )
+            return None
+        return key_id
+
+    def digest(self, node: Node | None, parent: Node, where: str, index: int) -> bytes | None:
+        if node is None:
+            self.r.issue(
+                parent,
+                where,
+                "'hash' is required",
+                "run `keyproxy keygen`: it prints a key and the hash line to paste",
+            )
+            return None
+        text = self.scalar(node, where, "hash")
+        if text is None:
+            return None
+        match = _HASH.fullmatch(text)
+        if match is None:
+            looks_like_key = text.startswith(("pk_", "sk_"))
+            self.r.issue(
+                node,
+                where + ".hash",
+                "expected sha256: followed by 64 hexadecimal characters",
+                "this looks like a key itself: never store keys here, only the hash that "
+                "`keyproxy keygen` prints"
+                if looks_like_key
+                else "run `keyproxy keygen` to get one",
+            )
+            return None
+        digest = bytes.fromhex(match.group(1))
+        first = self.digests.setdefault(digest, index)
+        if first != index:
+            self.r.issue(
+                node,
+                where + ".hash",
+                f"the same hash is already used by keys[{first}] (line {self.first_line(first)})",
+                "every key needs its own secret: generate a new one with `keyproxy keygen`",
+            )
+            return None
+        return digest
+
+    def key_type(self, node: Node | None, parent: Node, where: str) -> KeyType | None:
+        if node is None:
+            self.r.issue(parent, where, "'type' is required", "add type: read, write or admin")
+            return None
+        value = self.scalar(node, where, "type")
+        key_type = _KEY_TYPES.get(value)  # type: ignore[arg-type]
+        if key_type is None and value is not None:
+            self.r.issue(
+                node,
+                where + ".type",
+                f"expected read, write or admin, found {show(node)}",
+                did_you_mean(value, _KEY_TYPES),
+            )
+        return key_type
+
+    def acls(
+        self, node: Node | None, parent: Node, key_type: KeyType | None, where: str
+    ) -> frozenset[str] | None:
+        """The key's ACLs; with an invalid type, listed names are still checked to exist."""
+        if node is None:
+            if key_type is None:
+                return None
+            default = self.defaults[key_type]
+            if not default and self.acl_index.complete:
+                self.r.issue(
+                    parent,
+                    where,
+                    f"no route grants {key_type.value} access, so this key could never be used",
+                    "add a route, or change the key's type",
+                )
+            return default
+        raw = _raw_texts(node)
+        cached = self.acl_cache.get((key_type, raw))
+        if cached is not None:
+            return cached
+        where += ".acls"
+        items = self.r.texts(
+            node, where, non_empty="omit acls to allow every ACL the key type allows"
+        )
+        if items is None:
+            return None
+        before = len(self.r.issues)
+        for position, (item, name) in enumerate(items):
+            self.check_acl(item, f"{where}[{position}]", name, key_type)
+        if len(self.r.issues) != before:
+            return None
+        names = tuple([value for _, value in items])
+        result = frozenset(names)
+        if names == raw:  # as written, without ${...}: safe to reuse for the same text
+            self.acl_cache[(key_type, raw)] = result
+        return result
+
+    def check_acl(self, node: Node, where: str, name: str, key_type: KeyType | None) -> None:
+        index = self.acl_index
+        if not index.complete:
+            return
+        if name not in index.known:
+            known = ", ".join(sorted(index.known))
+            hint = did_you_mean(name, index.known)
+            hint = f"{hint} the routes use: {known}" if hint else f"the routes use: {known}"
+            self.r.issue(node, where, f"no route uses the ACL {name!r}", hint)
+        elif key_type is KeyType.READ and name not in index.read:
+            self.r.issue(
+                node,
+                where,
+                f"a read key can never use ACL {name!r}: every route with it writes",
+                "remove it, or make this a write or admin key",
+            )
+        elif key_type is KeyType.WRITE and name not in index.write:
+            self.r.issue(
+                node,
+                where,
+                f"a write key can never use ACL {name!r}: every route with it only reads",
+                "remove it, or make this a read or admin key",
+            )
+
+    def referers(self, node: Node, where: str) -> tuple[allowlists.RefererPattern, ...] | None:
+        raw = _raw_texts(node)
+        cached = self.referer_cache.get(raw)  # type: ignore[arg-type]
+        if cached is not None:
+            return cached
+        items = self.r.texts(
+            node, where, non_empty="omit referers to allow any referer", at_most=_MAX_ALLOWLIST
+        )
+        if items is None:
+            return None
+        patterns = []
+        for position, (item, text) in enumerate(items):
+            try:
+                patterns.append(allowlists.RefererPattern.parse(text))
+            except ValueError as error:
+                self.r.issue(
+                    item,
+                    f"{where}[{position}]",
+                    str(error),
+                    'write a URL pattern like "https://*.example.com/*"',
+                )
+        if len(patterns) != len(items):
+            return None
+        result = tuple(patterns)
+        if tuple([value for _, value in items]) == raw:
+            self.referer_cache[raw] = result
+        return result
+
+    def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
+        raw = _raw_texts(node)
+        cached = self.ip_cache.get(raw)  # type: ignore[arg-type]
+        if cached is not None:
+            return cached
+        items = self.r.texts(
+            node, where, non_empty="omit ips to allow any address", at_most=_MAX_ALLOWLIST
+        )
+        if items is None:
+            return None
+        texts = [value for _, value in items]
+        try:
+            result = allowlists.IpAllowlist.parse(texts)
+        except ValueError as error:
+            self.locate_bad_cidrs(node, where, items, error)
+            return None
+        if tuple(texts) == raw:
+            self.ip_cache[raw] = result
+        return result
+
+    def locate_bad_cidrs(
+        self, node: Node, where: str, items: list[tuple[Node, str]], error: ValueError
+    ) -> None:
+        """Point at the entry that failed, not just at the list."""
+        found = False
+        for position, (item, text) in enumerate(items):
+            try:
+                allowlists.IpAllowlist.parse([text])
+            except ValueError as item_error:
+                found = True
+                self.r.issue(
+                    item,
+                    f"{where}[{position}]",
+                    str(item_error),
+                    "write an address or a CIDR block, like 10.0.0.0/8 or ::1",
+                )
+        if not found:
+            self.r.issue(node, where, str(error))
+
+    def rate(self, node: Node, where: str) -> Rate | None:
+        plain = node.tag is UNTAGGED  # a tagged node must go through the tag check every time
+        if plain and (cached := self.rate_cache.get(node.value)) is not None:
+            return cached
+        rate = self.r.unit(node, where, parse_rate)
+        if rate is not None and plain:
+            self.rate_cache[node.value] = rate
+        return rate
+
+    def time(self, node: Node, where: str) -> float | None:
+        plain = node.tag is UNTAGGED
+        if plain and (cached := self.time_cache.get(node.value)) is not None:
+            return cached
+        seconds = self.r.timestamp(node, where)
+        if seconds is not None and plain:
+            self.time_cache[node.value] = seconds
+        return seconds
+
+    def expiry(self, fields: dict[str, Node], where: str) -> float | None:
+        expires, ttl, created = fields.get("expires"), fields.get("ttl"), fields.get("created")
+        created_at = None if created is None else self.time(created, where + ".created")
+        if expires is not None:
+            if ttl is not None:
+                self.r.issue(ttl, where + ".ttl", "set either expires or ttl, not both")
+            return self.time(expires, where + ".expires")
+        if ttl is None:
+            return None
+        seconds = self.r.duration(ttl, where + ".ttl")
+        if created is None:
+            self.r.issue(
+                ttl,
+                where + ".ttl",
+                "ttl counts from created, which is missing",
+                "add created: 2026-01-01T00:00:00Z (when the key was issued), or use expires",
+            )
+            return None
+        if seconds is None or created_at is None:
+            return None
+        return created_at + seconds
+
+
+# Optional key fields (other than the expiry group) -> their reader. Kept out of the
+# instance on purpose: a bound method stored on its own object is a reference cycle,
+# and a cycle here would keep the whole YAML tree alive until the next full collection.
+_KEY_OPTION_READERS: dict[str, Callable[[KeyReader, Node, str], object]] = {
+    "referers": KeyReader.referers,
+    "ips": KeyReader.ips,
+    "rate_limit": KeyReader.rate,
+    "quota": KeyReader.quota,
+    "revoked": KeyReader.revoked,
+    "description": KeyReader.description,
+}

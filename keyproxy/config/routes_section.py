@@ -1,0 +1,173 @@
+"""The `routes` section: the route list, and which ACLs it defines for the keys."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from yaml.nodes import Node
+
+from keyproxy import routes
+from keyproxy.config.model import OPS, Access, KeyType, Route
+from keyproxy.config.yaml_reader import Reader, line_of
+
+_ROUTE_FIELDS = frozenset({"match", "acl", "op", "access", "allow_method_override"})
+_ACL_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+_CHANGING_OPS = frozenset({"create", "update", "delete"})
+
+
+@dataclass(slots=True)
+class AclIndex:
+    """Which ACLs the routes define, and which kind of access each can grant.
+
+    `complete` is False when some route could not be read: checks that need
+    the full picture (does this ACL exist?) are then skipped rather than
+    reported falsely; the route's own issue already refuses the file.
+    """
+
+    known: set[str]
+    read: set[str]
+    write: set[str]
+    complete: bool
+
+    def default_for(self, key_type: KeyType) -> frozenset[str]:
+        if key_type is KeyType.READ:
+            return frozenset(self.read)
+        if key_type is KeyType.WRITE:
+            return frozenset(self.write)
+        return frozenset(self.known)
+
+
+def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]:
+    """One route, or None; also returns its ACL name when readable (for key checks)."""
+    where = f"routes[{index}]"
+    fields = r.fields(node, where, _ROUTE_FIELDS)
+    if fields is None:
+        return None, None
+    before = len(r.issues)
+    for required, example in (("match", 'match: "GET /v1/data/{table}"'), ("acl", "acl: search")):
+        if required not in fields:
+            r.issue(node, where, f"{required!r} is required", f"like {example}")
+    acl = None
+    if "acl" in fields:
+        acl = r.string(
+            fields["acl"],
+            f"{where}.acl",
+            _ACL_NAME,
+            "ACL name",
+            "use lower-case letters, digits, _ and - (at most 64)",
+        )
+    pattern = None
+    if "match" in fields:
+        pattern = _route_pattern(r, fields["match"], f"{where}.match")
+    op = r.choice(fields["op"], f"{where}.op", OPS) if "op" in fields else None
+    access = (
+        r.choice(fields["access"], f"{where}.access", ("read", "write"))
+        if "access" in fields
+        else None
+    )
+    override = False
+    if "allow_method_override" in fields:
+        override = r.boolean(fields["allow_method_override"], f"{where}.allow_method_override")
+    if access == "read" and op in _CHANGING_OPS:
+        r.issue(
+            fields["access"],
+            f"{where}.access",
+            f"a route with op: {op} changes data and cannot be access: read",
+            "remove access: read, or fix op",
+        )
+    if len(r.issues) != before or pattern is None or acl is None:
+        return None, acl
+    text, methods, segments = pattern
+    return Route(
+        index=index,
+        match=text,
+        methods=methods,
+        segments=segments,
+        acl=acl,
+        op=op,
+        access=Access(access) if access else None,
+        allow_method_override=bool(override),
+        line=line_of(node) or 0,
+    ), acl
+
+
+def _route_pattern(
+    r: Reader, node: Node, where: str
+) -> tuple[str, frozenset[str], tuple[str, ...]] | None:
+    text = r.text(node, where)
+    if text is None:
+        return None
+    try:
+        methods, segments = routes.parse_pattern(text)
+    except ValueError as error:
+        r.issue(
+            node, where, str(error), 'write METHOD[|METHOD...] /path, like "GET|HEAD /v1/{table}"'
+        )
+        return None
+    return text, methods, segments
+
+
+def _shape(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """Segments with parameters erased: /{a}, /{b} and /* match exactly the same paths."""
+    return tuple("*" if s.startswith("{") and s.endswith("}") else s for s in segments)
+
+
+def _unreachable_routes(r: Reader, table: list[Route]) -> None:
+    """A route whose path an earlier route has, with all its methods, can never match."""
+    earlier: dict[tuple[str, ...], list[Route]] = {}
+    for route in table:
+        shape = _shape(route.segments)
+        before = earlier.setdefault(shape, [])
+        covered = set().union(*(e.methods for e in before)) if before else set()
+        if before and route.methods <= covered:
+            same = next((e for e in before if e.methods == route.methods), None)
+            if same is not None:
+                message = (
+                    f"route {route.index} duplicates route {same.index} "
+                    f"(line {same.line}) and can never match"
+                )
+            else:
+                names = ", ".join(str(e.index) for e in before if e.methods & route.methods)
+                message = (
+                    f"route {route.index} can never match: earlier routes ({names}) "
+                    "have the same path and all of its methods"
+                )
+            r.issue_at(
+                route.line,
+                f"routes[{route.index}].match",
+                message,
+                "remove it, or change its methods or path",
+            )
+        before.append(route)
+
+
+def read_routes(r: Reader, node: Node | None, root: Node) -> tuple[list[Route], AclIndex]:
+    """The routes in file order and the ACL index; `index.complete` means all were valid."""
+    index = AclIndex(set(), set(), set(), complete=False)
+    if node is None:
+        r.issue(
+            root,
+            "routes",
+            "the routes section is required",
+            'a request no route matches is refused; add - {match: "GET /v1/{table}", acl: read}',
+        )
+        return [], index
+    items = r.sequence(
+        node, "routes", non_empty="add at least one route: without routes nothing passes"
+    )
+    if items is None:
+        return [], index
+    before = len(r.issues)
+    table: list[Route] = []
+    for position, item in enumerate(items):
+        route, acl = _route(r, item, position)
+        if acl is not None:
+            index.known.add(acl)
+        if route is not None:
+            table.append(route)
+            for method in route.methods:
+                (index.read if route.access_for(method) is Access.READ else index.write).add(acl)
+    _unreachable_routes(r, table)
+    index.complete = len(r.issues) == before
+    return table, index
