@@ -79,7 +79,12 @@ class MemoryTransport(asyncio.Transport):
 def setup(n_keys: int) -> tuple[ClientConnection, UpstreamConnection, bytes, MemoryTransport]:
     policy = build_policy("http://127.0.0.1:8000", n_keys=n_keys)
     config = parse_config(policy.yaml, "bench", ENV)
-    loop = asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:  # the standard loop works too; uvloop is what `serve` uses
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
     proxy = ProxyServer(ConfigHolder(config), loop)
     client = ClientConnection(proxy)
     client_transport = MemoryTransport()

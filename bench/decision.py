@@ -44,19 +44,22 @@ def request_headers(key: str, referer: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def time_decisions(iterations: int, n_keys: int) -> tuple[float, str]:
+def time_decisions(iterations: int, n_keys: int, distinct: bool = False) -> tuple[float, str]:
+    """µs per decision; `distinct` sends a new path (id) each time, so no cache helps."""
     policy = build_policy("http://127.0.0.1:8000", n_keys=n_keys)
     config = parse_config(policy.yaml, "bench", ENV)
     pipeline = Pipeline(build_checks(open_limiter(config.rate_limits)))
     raw = request_headers(policy.key, policy.referer)
+    base = SMALL_PATH.rsplit("/", 1)[0]
+    paths = [f"{base}/{i}" for i in range(iterations)] if distinct else [SMALL_PATH] * iterations
     deny = None
     start = time.perf_counter()
-    for _ in range(iterations):
+    for path in paths:
         # As the server's header callback does, one header at a time.
         headers = Headers.from_lowered(
             [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         )
-        ctx = RequestContext(config, "GET", SMALL_PATH, headers, "127.0.0.1", time.time(), "bench")
+        ctx = RequestContext(config, "GET", path, headers, "127.0.0.1", time.time(), "bench")
         deny = pipeline.decide(ctx)  # synchronous: the memory store never waits
     elapsed = time.perf_counter() - start
     assert deny is None, deny  # a benchmark of refusals would measure the wrong thing
@@ -92,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-keys", type=int, default=100_000)
     args = p.parse_args(argv)
     per_decision, summary = time_decisions(args.iterations, args.keys)
-    print(f"decision ({summary}): {per_decision:.2f} µs per request, {args.iterations} requests")
+    print(f"decision ({summary}), one path: {per_decision:.2f} µs per request")
+    per_decision, _ = time_decisions(args.iterations, args.keys, distinct=True)
+    print(f"decision ({summary}), a new path each time: {per_decision:.2f} µs per request")
     load_s, per_key = time_big_load(args.big_keys)
     print(
         f"load {args.big_keys} keys: {load_s:.2f} s; registry memory {per_key:.0f} B per key "
