@@ -48,3 +48,35 @@ def test_bench_smoke_run_measures_every_target(tmp_path: Path) -> None:
         assert result["rps"] > 0, f"{target} reported no requests per second"
         assert result["errors"] == 0, f"{target} answered errors under load: {result}"
     assert "small body" in out.read_text()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        (
+            "decision.py",
+            ["--iterations", "500", "--keys", "200", "--big-keys", "500"],
+            r"decision \(200 keys, \d+ routes\), one path: [\d.]+ µs",
+        ),
+        ("limiter.py", ["--quick"], r"sequential round trips\s+[\d.]+"),
+        (
+            "datapath.py",
+            ["--iterations", "500", "--keys", "200"],
+            r"data path \+ decision, no sockets: [\d.]+ µs",
+        ),
+    ],
+)
+def test_micro_benchmarks_run(script: str, args: list[str], expect: str) -> None:
+    """The CPU-only benchmarks run end to end (they assert the proxy answered, not speed)."""
+    import re
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / script), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.search(expect, proc.stdout), proc.stdout
