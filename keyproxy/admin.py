@@ -6,6 +6,7 @@ Not on the hot path, so it uses aiohttp's web application for clarity.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -16,11 +17,14 @@ if TYPE_CHECKING:
 READY_PROBE_TIMEOUT = 1.0
 
 
-async def upstream_reachable(host: str, port: int) -> bool:
+async def upstream_reachable(host: str, port: int, tls: ssl.SSLContext | None = None) -> bool:
+    """A connection (and, for HTTPS, a verified TLS handshake) to the upstream succeeds."""
     try:
         async with asyncio.timeout(READY_PROBE_TIMEOUT):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
+            _, writer = await asyncio.open_connection(
+                host, port, ssl=tls, server_hostname=host if tls else None
+            )
+    except (OSError, TimeoutError, ssl.SSLError):
         return False
     writer.close()
     return True
@@ -42,7 +46,7 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
         if proxy.draining:
             return web.json_response({"status": "draining", **body}, status=503)
         up = config.upstream
-        if not await upstream_reachable(up.host, up.port):
+        if not await upstream_reachable(up.host, up.port, proxy.serving.pool.ssl_context):
             return web.json_response(
                 {"status": "not ready", "reason": "upstream unreachable", **body}, status=503
             )

@@ -403,8 +403,12 @@ class ProxyServer:
         old = self.serving
         pool = old.pool
         up = config.upstream
-        if (up.scheme, up.host, up.port) != pool.endpoint or (
-            up.max_connections != pool.upstream.max_connections
+        # A ca_file is re-read on every reload (the pool's TLS context holds the old
+        # bundle): after rotating the CA file in place, SIGHUP is enough.
+        if (
+            (up.scheme, up.host, up.port) != pool.endpoint
+            or up.max_connections != pool.upstream.max_connections
+            or (up.ca_file or pool.upstream.ca_file) is not None
         ):
             pool.close()
             pool = UpstreamPool(up, self.loop)

@@ -19,6 +19,7 @@ from typing import Protocol
 import httptools
 
 from keyproxy.config.model import Upstream
+from keyproxy.observability import log_event
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers: never copied across the proxy.
 HOP_BY_HOP = frozenset(
@@ -43,9 +44,26 @@ NOT_COPIED = HOP_BY_HOP | {b"location", b"x-request-id"}
 #: close idle keep-alive sockets after 5–60 s and a reused dead socket costs a retry.
 IDLE_REUSE_LIMIT = 4.0
 
+#: At most one `upstream_tls_error` log line per pool this often: a distrusted
+#: certificate fails every request, and the first line already says why.
+TLS_ERROR_LOG_INTERVAL = 10.0
+
 
 class UpstreamUnavailable(Exception):
     """The upstream refused, reset or garbled the exchange (never shown to clients)."""
+
+
+def tls_context(upstream: Upstream) -> ssl.SSLContext | None:
+    """How an https upstream is verified; None for http.
+
+    Certificate and hostname checks are always on: keyproxy sends the backend's
+    secret on every request, so a peer that cannot prove it is the upstream must
+    never receive it. With `ca_file` only that bundle is trusted (the system
+    store is not loaded), which is what a private CA's backend needs.
+    """
+    if upstream.scheme != "https":
+        return None
+    return ssl.create_default_context(cafile=upstream.ca_file)
 
 
 class ResponseListener(Protocol):
@@ -295,10 +313,21 @@ class UpstreamPool:
         self._idle: deque[UpstreamConnection] = deque()
         self._open = 0
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
-        self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if upstream.scheme == "https" else None
-        )
+        # Built once per pool: loading a CA bundle costs milliseconds, a handshake reuses it.
+        # The loader proved the bundle loads; should it vanish in the moment since, every
+        # request is a 502 until the next good reload, rather than a failed reload half-applied.
+        self._tls_error: str | None = None
+        try:
+            self._ssl = tls_context(upstream)
+        except (OSError, ssl.SSLError) as exc:
+            self._ssl, self._tls_error = None, f"ca_file unusable: {exc}"
+        self._tls_logged_at = -TLS_ERROR_LOG_INTERVAL
         self._closed = False
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context connections use (None for plain HTTP); readiness probes use it too."""
+        return self._ssl
 
     @property
     def open_connections(self) -> int:
@@ -330,6 +359,9 @@ class UpstreamPool:
         return await self._connect(loop)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        if self._tls_error is not None:
+            self._log_tls_error(self._tls_error)
+            raise UpstreamUnavailable(self._tls_error)
         self._open += 1
         up = self.upstream
         try:
@@ -344,8 +376,22 @@ class UpstreamPool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self._open -= 1
             self._wake_one()
+            if isinstance(exc, ssl.SSLError):
+                # Clients only see 502; the operator needs to know it is the certificate.
+                self._log_tls_error(getattr(exc, "verify_message", None) or exc.reason or str(exc))
             raise UpstreamUnavailable(type(exc).__name__) from exc
         return conn  # type: ignore[return-value]
+
+    def _log_tls_error(self, error: str) -> None:
+        now = self._loop.time()
+        if now - self._tls_logged_at >= TLS_ERROR_LOG_INTERVAL:
+            self._tls_logged_at = now
+            log_event(
+                "upstream_tls_error",
+                upstream=self.upstream.url,
+                ca_file=self.upstream.ca_file,
+                error=error,
+            )
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         if not reusable or conn.closed or self._closed:

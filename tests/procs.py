@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -269,6 +270,7 @@ class UpstreamServer:
         header_secrets: Mapping[str, str],
         basic: tuple[str, str] | None,
         query_secrets: Mapping[str, str],
+        tls: bool = False,
     ) -> None:
         self.process = process
         self.host = host
@@ -277,7 +279,10 @@ class UpstreamServer:
         self.basic = basic
         self.query_secrets = dict(query_secrets)
         url_host = f"[{host}]" if ":" in host else host
-        self.url = f"http://{url_host}:{port}"
+        self.url = f"{'https' if tls else 'http'}://{url_host}:{port}"
+        # The harness talks to its own child over loopback: trusting the test certificate
+        # here is not what is under test (the proxy's verification is).
+        self._control_tls = _unverified_tls() if tls else None
 
     @property
     def secrets(self) -> list[str]:
@@ -300,7 +305,7 @@ class UpstreamServer:
 
     def _control(self, method: str, name: str) -> Any:
         request = urllib.request.Request(f"{self.url}/__control/{name}", method=method)
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5, context=self._control_tls) as response:
             return json.load(response)
 
     def records(self) -> list[dict[str, Any]]:
@@ -335,11 +340,14 @@ def start_upstream(
     port: int = 0,
     env: Mapping[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> UpstreamServer:
     """Launch the recording upstream and return once it is listening.
 
     With no secrets at all it accepts every request, which suits tests that
-    only care about forwarding.
+    only care about forwarding. With `tls_cert` and `tls_key` (PEM files) it
+    serves HTTPS and its `url` starts with `https://`.
     """
     argv = [sys.executable, str(UPSTREAM_SCRIPT), "--host", host, "--port", str(port)]
     for name, value in (header_secrets or {}).items():
@@ -348,8 +356,25 @@ def start_upstream(
         argv += ["--basic", f"{basic[0]}:{basic[1]}"]
     for name, value in (query_secrets or {}).items():
         argv += ["--query-secret", f"{name}={value}"]
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
+    if tls_cert is not None and tls_key is not None:
+        argv += ["--tls-cert", os.fspath(tls_cert), "--tls-key", os.fspath(tls_key)]
     process, ready = spawn(argv, ready=r"^READY (\d+)$", env=env, name="upstream", timeout=timeout)
     assert ready is not None
     return UpstreamServer(
-        process, host, int(ready.group(1)), header_secrets or {}, basic, query_secrets or {}
+        process,
+        host,
+        int(ready.group(1)),
+        header_secrets or {},
+        basic,
+        query_secrets or {},
+        tls=tls_cert is not None,
     )
+
+
+def _unverified_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 
 from keyproxy.allowlists import IpAllowlist
@@ -778,6 +779,66 @@ def test_inject_query_refusals() -> None:
 def test_inject_unknown_part() -> None:
     issue = the_issue(upstream("  url: http://b\n  inject:\n    header: {X-A: b}\n"))
     assert issue.hint == "did you mean 'headers'?" and issue.line == 4
+
+
+@pytest.fixture(scope="module")
+def pem_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA, a server certificate it signed, and files that are not CA bundles."""
+    folder = tmp_path_factory.mktemp("pem")
+    ca = trustme.CA()
+    files = {name: folder / f"{name}.pem" for name in ("ca", "leaf", "key", "text")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    leaf = ca.issue_cert("api.internal")
+    leaf.cert_chain_pems[0].write_to_path(str(files["leaf"]))
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    files["text"].write_text("not a certificate\n")
+    return files
+
+
+def test_upstream_ca_file_is_kept_as_an_absolute_path(pem_files: dict[str, Path]) -> None:
+    result = parse(upstream(f"  url: https://api.internal\n  ca_file: {pem_files['ca']}\n"))
+    assert result.upstream.ca_file == str(pem_files["ca"])
+    assert parse(BASE).upstream.ca_file is None
+
+
+def test_a_relative_ca_file_is_read_from_the_config_files_directory(
+    pem_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = pem_files["ca"].parent / "keyproxy.yaml"
+    path.write_text(upstream("  url: https://api.internal\n  ca_file: ca.pem\n"))
+    monkeypatch.chdir(tmp_path)  # elsewhere: the working directory must not matter
+    assert load_config(path, ENV).upstream.ca_file == str(pem_files["ca"])
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("missing", "no such file"),
+        ("text", "does not load as PEM certificates (no certificate or crl found)"),
+        ("key", "does not load as PEM certificates"),
+        ("leaf", "holds no CA certificate"),
+        ("folder", "is not a file"),
+    ],
+)
+def test_upstream_ca_file_refusals(pem_files: dict[str, Path], name: str, problem: str) -> None:
+    folder = pem_files["ca"].parent
+    path = folder if name == "folder" else pem_files.get(name, folder / "missing.pem")
+    issue = the_issue(upstream(f"  url: https://api.internal\n  ca_file: {path}\n"))
+    assert (issue.where, issue.line) == ("upstream.ca_file", 3)
+    assert problem in issue.message and str(path) in issue.message
+    assert issue.hint
+
+
+def test_upstream_ca_file_needs_an_https_url(pem_files: dict[str, Path]) -> None:
+    issue = the_issue(upstream(f"  url: http://api.internal\n  ca_file: {pem_files['ca']}\n"))
+    assert (issue.where, issue.line) == ("upstream.ca_file", 3)
+    assert "only applies to an https:// upstream" in issue.message
+    assert issue.hint == "use an https:// url, or remove ca_file"
+
+
+def test_upstream_ca_file_must_not_be_empty() -> None:
+    issue = the_issue(upstream("  url: https://api.internal\n  ca_file: ''\n"))
+    assert issue.line == 3 and issue.message == "is empty"
 
 
 # --------------------------------------------------------------------------- routes

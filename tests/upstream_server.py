@@ -16,6 +16,9 @@ Control endpoints under `/__control/` skip the secret and are not recorded;
 tests call them directly, never through the proxy. Every other path that is
 not a behaviour endpoint below is echoed, so a proxy configured with the
 SPEC's example routes can be pointed here as is.
+
+With `--tls-cert FILE --tls-key FILE` it serves HTTPS instead, like a backend
+behind an internal CA.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import gzip
 import hashlib
 import json
 import signal
+import ssl
 import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -431,7 +435,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--header-secret", metavar="NAME=VALUE", **named)
     parser.add_argument("--basic", metavar="USER:PASS", type=lambda s: _pair(s, ":"))
     parser.add_argument("--query-secret", metavar="NAME=VALUE", **named)
-    return parser.parse_args(argv)
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS: PEM certificate chain")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    return args
+
+
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """HTTPS when a certificate is given, so tests can put a private-CA backend behind keyproxy."""
+    if args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -449,11 +467,12 @@ async def serve(args: argparse.Namespace) -> None:
         max_field_size=65536,
     )
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    tls = _server_tls(args)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    config.base_url = f"http://{host}:{port}"
+    config.base_url = f"{'https' if tls else 'http'}://{host}:{port}"
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

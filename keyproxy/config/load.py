@@ -125,7 +125,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     r = Reader(env)
     sections = r.fields(root, "", _SECTIONS, _SECTIONS_NOT_YET) or {}
     server = read_server(r, sections.get("server"))
-    upstream = read_upstream(r, sections.get("upstream"), root)
+    upstream = read_upstream(r, sections.get("upstream"), root, os.path.dirname(source))
     table, acls = read_routes(r, sections.get("routes"), root)
     key_reader = KeyReader(r, acls)
     if "keys" in sections:
@@ -152,8 +152,9 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     """Build a `Config` from YAML text, or raise `ConfigError` listing every problem.
 
-    Pure: `env` is the only outside input, so tests and `keyproxy check` see
-    exactly what `serve` would. The cyclic garbage collector is paused while
+    Pure apart from reading the CA bundle `upstream.ca_file` names: `env` is the
+    only other outside input, so tests and `keyproxy check` see exactly what
+    `serve` would. The cyclic garbage collector is paused while
     parsing: a large key list allocates millions of short-lived, acyclic
     nodes, and repeated collections over them would cost more than the parse.
     """

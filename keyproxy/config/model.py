@@ -95,6 +95,9 @@ class Upstream:
     inject_headers: tuple[tuple[str, str], ...] = ()
     inject_basic: tuple[str, str] | None = None
     inject_query: tuple[tuple[str, str], ...] = ()
+    #: Absolute path of a PEM bundle: the only CAs trusted for an https upstream
+    #: (a private CA's backend). None: the system trust store.
+    ca_file: str | None = None
 
     @property
     def origin(self) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -11,7 +13,9 @@ from keyproxy.config.model import Upstream
 from keyproxy.config.server_section import QUERY_NAME, normalize_host
 from keyproxy.config.yaml_reader import Reader, kind_of, line_of
 
-_UPSTREAM_FIELDS = frozenset({"url", "timeout", "connect_timeout", "max_connections", "inject"})
+_UPSTREAM_FIELDS = frozenset(
+    {"url", "timeout", "connect_timeout", "max_connections", "ca_file", "inject"}
+)
 _INJECT_FIELDS = frozenset({"headers", "basic", "query"})
 _BASIC_FIELDS = frozenset({"username", "password"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -113,6 +117,50 @@ def _base_path(path: str) -> tuple[str, str]:
         if _PATH_SEGMENT.fullmatch(segment) is None or _FORBIDDEN_PATH_ESCAPES.search(segment):
             return "", "the URL path contains characters or escapes that upstreams read differently"
     return path, ""
+
+
+def _ca_file(r: Reader, node: Node, where: str, base_dir: str) -> str | None:
+    """The CA bundle's absolute path, loaded once here to prove it is usable.
+
+    A missing or broken bundle found only at the first request would turn every
+    request into a 502; found here, it is a refused file with its line. A relative
+    path is read from the configuration file's directory, so the file means the
+    same whatever directory keyproxy was started from.
+    """
+    text = r.text(node, where)
+    if text is None:
+        return None
+    hint = (
+        "give a PEM file (-----BEGIN CERTIFICATE-----) holding the CA certificates "
+        "that signed the upstream's certificate"
+    )
+    if not text:
+        r.issue(node, where, "is empty", hint)
+        return None
+    path = os.path.abspath(os.path.join(base_dir, text))
+    if not os.path.isfile(path):
+        problem = f"{path} is not a file" if os.path.exists(path) else f"no such file: {path}"
+        r.issue(node, where, problem, hint)
+        return None
+    try:
+        # With cafile given, the system store is not loaded: only the bundle is trusted.
+        context = ssl.create_default_context(cafile=path)
+    except ssl.SSLError as error:  # before OSError, of which it is a subclass
+        detail = (error.reason or "malformed PEM").lower().replace("_", " ")
+        r.issue(node, where, f"{path} does not load as PEM certificates ({detail})", hint)
+        return None
+    except OSError as error:
+        r.issue(node, where, f"cannot read {path}: {error.strerror or error}")
+        return None
+    if context.cert_store_stats()["x509_ca"] == 0:
+        r.issue(
+            node,
+            where,
+            f"{path} holds no CA certificate",
+            "a server's own certificate is not a CA: give the CA that signed it",
+        )
+        return None
+    return path
 
 
 def _header_value(r: Reader, node: Node, where: str) -> str | None:
@@ -259,7 +307,8 @@ def _inject(r: Reader, node: Node, where: str) -> dict[str, object] | None:
     return result if len(r.issues) == before else None
 
 
-def read_upstream(r: Reader, node: Node | None, root: Node) -> Upstream | None:
+def read_upstream(r: Reader, node: Node | None, root: Node, base_dir: str = "") -> Upstream | None:
+    """The `upstream` section; `base_dir` anchors a relative `ca_file` (the file's directory)."""
     if node is None:
         r.issue(
             root,
@@ -289,6 +338,16 @@ def read_upstream(r: Reader, node: Node | None, root: Node) -> Upstream | None:
         values["max_connections"] = r.integer(
             fields["max_connections"], "upstream.max_connections", 1, 100_000
         )
+    if "ca_file" in fields:
+        if values.get("scheme") == "http":
+            r.issue(
+                fields["ca_file"],
+                "upstream.ca_file",
+                "ca_file only applies to an https:// upstream",
+                "use an https:// url, or remove ca_file",
+            )
+        else:
+            values["ca_file"] = _ca_file(r, fields["ca_file"], "upstream.ca_file", base_dir)
     if "inject" in fields:
         values.update(_inject(r, fields["inject"], "upstream.inject") or {})
     if len(r.issues) != before:
