@@ -101,3 +101,31 @@ def test_expect_continue_refused_request_gets_no_100(proxy: Keyproxy):
         )
         response = sock.recv(4096)
     assert response.startswith(b"HTTP/1.1 401 ")
+
+
+def test_requests_wait_for_a_free_upstream_connection(tmp_path, upstream):
+    """With max_connections: 1, concurrent requests queue for the one socket instead of failing."""
+    import threading
+
+    from tests.proxy_process import base_config, start_keyproxy
+
+    config = base_config(upstream.url, upstream.inject())
+    config["upstream"]["max_connections"] = 1
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        upstream.reset()
+        statuses: list[int] = []
+
+        def one() -> None:
+            statuses.append(kp.request("GET", "/slow/300", key=KEYS["reader"])[0])
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert statuses == [200, 200, 200, 200]
+        peers = {record["peer"] for record in upstream.records()}
+        assert len(peers) == 1, peers  # one upstream socket served them all, in turn
+    finally:
+        kp.stop()
