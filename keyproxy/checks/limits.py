@@ -21,16 +21,16 @@ from keyproxy.request import Deny, IPAddress, RequestContext
 STORE_ERROR_LOG_INTERVAL = 5.0
 
 STORE_UNAVAILABLE = Deny(
-    503, "RATE_LIMIT_UNAVAILABLE", "the rate-limit store is unavailable; retry shortly",
+    503,
+    "RATE_LIMIT_UNAVAILABLE",
+    "the rate-limit store is unavailable; retry shortly",
     (("Retry-After", "1"),),
 )
 
 
 def limit_denial(result: LimitResult) -> Deny:
     if result.reason == "quota":
-        return Deny(
-            429, "RATE_LIMITED", f"this key's quota of {result.quota} requests is used up"
-        )
+        return Deny(429, "RATE_LIMITED", f"this key's quota of {result.quota} requests is used up")
     retry = max(1, math.ceil(result.retry_after))
     return Deny(
         429,
@@ -89,9 +89,7 @@ class RateLimitCheck:
         now = time.monotonic()
         if now - self._logged_at >= STORE_ERROR_LOG_INTERVAL:
             self._logged_at = now
-            log_event(
-                "rate_limit_store_error", on_store_error=policy, failures=self.store_failures
-            )
+            log_event("rate_limit_store_error", on_store_error=policy, failures=self.store_failures)
         return None if policy == "allow" else STORE_UNAVAILABLE
 
     def describe(self, ctx: RequestContext) -> str:
