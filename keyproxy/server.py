@@ -86,6 +86,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.closed = False
         self.lingering = False
+        self.peer_done = False  # the client half-closed: answer what it asked, then close
         self.queue: deque[Exchange] = deque()
         self.active: Exchange | None = None
         self.parsing: Exchange | None = None
@@ -143,6 +144,14 @@ class ClientConnection(asyncio.Protocol):
             # After the whole read is parsed, so a refused request whose body came
             # in the same packet is known to be complete and the connection can stay.
             self._dispatch()
+
+    def eof_received(self) -> bool:
+        """The client will send nothing more. Complete requests still get their answers
+        (HTTP/1.1 clients may half-close, as `nc -N` does); a request cut short cannot."""
+        if self.parsing is not None or (self.active is None and not self.queue):
+            return False  # nothing (complete) to answer: let the transport close
+        self.peer_done = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -279,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
             self.active = None
         if self.closed:
             return
-        if not keep_alive or self.proxy.draining:
+        if not keep_alive or self.proxy.draining or (self.peer_done and not self.queue):
             self.close()
             return
         self.idle_since = self.loop.time()

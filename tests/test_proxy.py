@@ -587,3 +587,17 @@ def test_slow_headers_get_408_and_idle_keepalive_closes(tmp_path, upstream):
             assert 0.9 < time.monotonic() - started < 4
     finally:
         kp.stop()
+
+
+def test_a_half_closed_client_still_gets_its_answer(proxy: Keyproxy):
+    """`nc -N` and some clients shut their sending side once the request is out."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(
+            f"GET /echo/half HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n".encode()
+        )
+        sock.shutdown(socket.SHUT_WR)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert b"/echo/half" in response
