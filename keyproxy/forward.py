@@ -161,6 +161,7 @@ class Exchange:
         "expect_continue",
         "forwarding",
         "head_sent",
+        "head_written",
         "headers",
         "http11",
         "keep_alive",
@@ -208,7 +209,8 @@ class Exchange:
         self.body_received = 0
         self.body_complete = False
         self.too_large = False
-        self.head_sent = False
+        self.head_sent = False  # a response head was produced (maybe still in `out`)
+        self.head_written = False  # ... and handed to the client's socket
         self.mode = NO_BODY
         #: Response bytes produced while handling one upstream read, written with one
         #: writev when that read is done: head and body of a small response cost one syscall.
@@ -435,6 +437,7 @@ class Exchange:
             else:
                 self.conn.writelines(out)
             self.out = []
+            self.head_written = self.head_sent
             self.last_activity = self.conn.loop.time()
 
     def on_response_end(self, reusable: bool) -> None:
@@ -451,6 +454,10 @@ class Exchange:
             self.pool.release(conn, False)
         if self.done:
             return
+        if self.head_sent and not self.head_written:
+            # Broken before any of the answer left: the client can still get a clean 502.
+            self.out = []
+            self.head_sent = False
         if self.head_sent:
             self.conn.abort()  # the client saw a head; a truncated body must look truncated
             self._finish(False)

@@ -1,0 +1,63 @@
+"""An upstream that speaks broken HTTP gets the client a 502, never a hang or a traceback."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.proxy_process import KEYS, base_config, start_keyproxy
+
+BROKEN_ANSWERS = {
+    "garbage": b"this is not http\r\n\r\n",
+    "bad-length": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "length-and-chunked": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    "silent-close": b"",
+}
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        path = data.split(b" ", 2)[1].decode()
+        self.request.sendall(BROKEN_ANSWERS[path.strip("/").split("/")[-1]])
+        self.request.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture(scope="module")
+def broken_upstream() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("answer", sorted(BROKEN_ANSWERS))
+def test_broken_upstream_answers_become_502(broken_upstream, tmp_path, answer):
+    kp = start_keyproxy(tmp_path, base_config(broken_upstream, {"headers": {"X-K": "v" * 20}}))
+    try:
+        status, headers, body, _ = kp.request("GET", f"/echo/{answer}", key=KEYS["reader"])
+        assert status == 502, body
+        assert headers["content-type"] == "application/json"
+        assert b"UPSTREAM_UNAVAILABLE" in body
+        assert "Traceback" not in kp.process.stderr
+        assert "internal_error" not in kp.process.stderr
+    finally:
+        kp.stop()
