@@ -193,6 +193,8 @@ class ClientConnection(asyncio.Protocol):
             raise _HeadRefused(HEADERS_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer: never read, never forwarded
         headers = self.raw_headers
         if len(headers) >= MAX_HEADERS:
             raise _HeadRefused(HEADERS_TOO_LARGE)

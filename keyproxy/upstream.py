@@ -213,6 +213,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a chunked body's trailer: not forwarded
         lname = name.lower()
         if lname in NOT_COPIED:
             if lname == b"content-length":

@@ -22,6 +22,17 @@ BROKEN_ANSWERS = {
     "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     "silent-close": b"",
 }
+#: Odd but valid answers, passed on without what must not cross the proxy.
+ODD_ANSWERS = {
+    "trailers": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Upstream-Trailer: v\r\n\r\n"
+    ),
+    "early-hints": (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    ),
+}
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -34,7 +45,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
             data += chunk
         path = data.split(b" ", 2)[1].decode()
-        self.request.sendall(BROKEN_ANSWERS[path.strip("/").split("/")[-1]])
+        name = path.strip("/").split("/")[-1]
+        self.request.sendall(BROKEN_ANSWERS.get(name) or ODD_ANSWERS[name])
         self.request.shutdown(socket.SHUT_WR)
 
 
@@ -59,5 +71,17 @@ def test_broken_upstream_answers_become_502(broken_upstream, tmp_path, answer):
         assert b"UPSTREAM_UNAVAILABLE" in body
         assert "Traceback" not in kp.process.stderr
         assert "internal_error" not in kp.process.stderr
+    finally:
+        kp.stop()
+
+
+@pytest.mark.parametrize("answer", sorted(ODD_ANSWERS))
+def test_odd_but_valid_answers_pass_cleanly(broken_upstream, tmp_path, answer):
+    kp = start_keyproxy(tmp_path, base_config(broken_upstream, {"headers": {"X-K": "v" * 20}}))
+    try:
+        status, headers, body, _ = kp.request("GET", f"/echo/{answer}", key=KEYS["reader"])
+        assert (status, body) == (200, b"hello")
+        assert "x-upstream-trailer" not in headers  # trailers never cross the proxy
+        assert "link" not in headers  # nor do interim (1xx) responses
     finally:
         kp.stop()

@@ -601,3 +601,16 @@ def test_a_half_closed_client_still_gets_its_answer(proxy: Keyproxy):
             response += chunk
     assert response.startswith(b"HTTP/1.1 200 ")
     assert b"/echo/half" in response
+
+
+def test_request_trailers_are_never_forwarded(proxy: Keyproxy, upstream):
+    upstream.reset()
+    response = proxy.raw(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + f"X-API-Key: {KEYS['admin']}\r\nConnection: close\r\n\r\n".encode()
+        + b"5\r\nhello\r\n0\r\nX-Trailer-Smuggled: 1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n"
+    )
+    assert response.startswith(b"HTTP/1.1 200 ")
+    names = [n.lower() for n, _ in last_record(upstream)["headers"]]
+    assert "x-trailer-smuggled" not in names
+    assert "x-http-method-override" not in names
