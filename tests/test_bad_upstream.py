@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.proxy_process import KEYS, base_config, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
 
 BROKEN_ANSWERS = {
     "garbage": b"this is not http\r\n\r\n",
@@ -61,27 +61,27 @@ def broken_upstream() -> Iterator[str]:
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def proxy_to_it(broken_upstream, tmp_path_factory) -> Iterator[Keyproxy]:
+    config = base_config(broken_upstream, {"headers": {"X-K": "v" * 20}})
+    kp = start_keyproxy(tmp_path_factory.mktemp("proxy"), config)
+    yield kp
+    kp.stop()
+
+
 @pytest.mark.parametrize("answer", sorted(BROKEN_ANSWERS))
-def test_broken_upstream_answers_become_502(broken_upstream, tmp_path, answer):
-    kp = start_keyproxy(tmp_path, base_config(broken_upstream, {"headers": {"X-K": "v" * 20}}))
-    try:
-        status, headers, body, _ = kp.request("GET", f"/echo/{answer}", key=KEYS["reader"])
-        assert status == 502, body
-        assert headers["content-type"] == "application/json"
-        assert b"UPSTREAM_UNAVAILABLE" in body
-        assert "Traceback" not in kp.process.stderr
-        assert "internal_error" not in kp.process.stderr
-    finally:
-        kp.stop()
+def test_broken_upstream_answers_become_502(proxy_to_it: Keyproxy, answer):
+    status, headers, body, _ = proxy_to_it.request("GET", f"/echo/{answer}", key=KEYS["reader"])
+    assert status == 502, body
+    assert headers["content-type"] == "application/json"
+    assert b"UPSTREAM_UNAVAILABLE" in body
+    assert "Traceback" not in proxy_to_it.process.stderr
+    assert "internal_error" not in proxy_to_it.process.stderr
 
 
 @pytest.mark.parametrize("answer", sorted(ODD_ANSWERS))
-def test_odd_but_valid_answers_pass_cleanly(broken_upstream, tmp_path, answer):
-    kp = start_keyproxy(tmp_path, base_config(broken_upstream, {"headers": {"X-K": "v" * 20}}))
-    try:
-        status, headers, body, _ = kp.request("GET", f"/echo/{answer}", key=KEYS["reader"])
-        assert (status, body) == (200, b"hello")
-        assert "x-upstream-trailer" not in headers  # trailers never cross the proxy
-        assert "link" not in headers  # nor do interim (1xx) responses
-    finally:
-        kp.stop()
+def test_odd_but_valid_answers_pass_cleanly(proxy_to_it: Keyproxy, answer):
+    status, headers, body, _ = proxy_to_it.request("GET", f"/echo/{answer}", key=KEYS["reader"])
+    assert (status, body) == (200, b"hello")
+    assert "x-upstream-trailer" not in headers  # trailers never cross the proxy
+    assert "link" not in headers  # nor do interim (1xx) responses
