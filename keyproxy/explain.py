@@ -71,7 +71,10 @@ async def explain(
     allowed = all(step.deny is None for step in steps)
     forward_to = None
     if allowed:
-        forward_to = config.upstream.origin + ForwardPlan(config).upstream_target(ctx)
+        plan = ForwardPlan(config)
+        target = config.upstream.origin + plan.upstream_target(ctx)
+        # An injected query secret is part of the forwarded URL: show where it goes, not it.
+        forward_to = plan.scrubber.scrub(target.encode()).decode()
     return Explanation(steps, allowed, forward_to)
 
 

@@ -107,7 +107,8 @@ def test_two_keygens_differ():
 
 def test_explain_allow_and_deny(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:3000", {"headers": {"K": "v"}})))
+    inject = {"headers": {"K": "k-upstream-secret-value"}}
+    path.write_text(yaml.safe_dump(base_config("http://127.0.0.1:3000", inject)))
     allow = keyproxy("explain", "-c", str(path), "--key", KEYS["reader"], "GET",
                      "http://localhost:8080/v1/data/posts?limit=2")
     assert allow.returncode == 0, allow.stdout
@@ -146,3 +147,15 @@ def test_example_config_checks_ok():
     result = keyproxy("check", "-c", "config.example.yaml", env={"UPSTREAM_SECRET": "s" * 32})
     assert result.returncode == 0, result.stdout
     assert result.stdout == "OK: 3 keys, 9 routes\n"
+
+
+def test_explain_never_prints_an_injected_query_secret(tmp_path):
+    path = tmp_path / "c.yaml"
+    secret = "very-secret-query-value-456"
+    path.write_text(
+        yaml.safe_dump(base_config("http://127.0.0.1:3000", {"query": {"apikey": secret}}))
+    )
+    result = keyproxy("explain", "-c", str(path), "--key", KEYS["admin"], "GET", "/echo/a?x=1")
+    assert result.returncode == 0, result.stdout
+    assert secret not in result.stdout
+    assert "/echo/a?x=1&apikey=[REDACTED]" in result.stdout
