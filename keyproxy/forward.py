@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from keyproxy.checks.route import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 from keyproxy.config.model import Config
 from keyproxy.credentials import strip_query_param
 from keyproxy.ratelimit import LimitResult
@@ -24,7 +25,7 @@ from keyproxy.responses import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
     SecretScrubber,
-    error_body,
+    error_response,
     payload_too_large,
     reason,
 )
@@ -47,10 +48,9 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-prefix",
     b"x-real-ip",
     b"x-request-id",
-    b"x-original-url",
-    b"x-rewrite-url",
+    *(name.encode() for name in URL_OVERRIDE_HEADERS),
 }
-METHOD_OVERRIDE = frozenset({b"x-http-method-override", b"x-method-override", b"x-http-method"})
+METHOD_OVERRIDE = frozenset(name.encode() for name in METHOD_OVERRIDE_HEADERS)
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -503,21 +503,15 @@ class Exchange:
             return
         if not self.body_complete:
             self.keep_alive = False  # unread body bytes would be taken for the next request
-        body = error_body(deny, self.request_id)
-        extra = b"".join(f"{n}: {v}\r\n".encode() for n, v in deny.headers)
         limit = self.ctx.limit if self.ctx is not None else None
         self.head_sent = True
         self.conn.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            % (deny.status, reason(deny.status), len(body))
-            + b"X-Request-Id: "
-            + self.request_id.encode()
-            + b"\r\n"
-            + extra
-            + rate_limit_headers(limit)
-            + self.conn.connection_header(self)
-            + b"\r\n"
-            + (b"" if self.method == "HEAD" else body)
+            error_response(
+                deny,
+                self.request_id,
+                rate_limit_headers(limit) + self.conn.connection_header(self),
+                head_only=self.method == "HEAD",
+            )
         )
         self._finish(self.keep_alive)
 

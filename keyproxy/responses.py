@@ -35,6 +35,27 @@ def error_body(deny: Deny, request_id: str) -> bytes:
     ).encode()
 
 
+def error_response(
+    deny: Deny, request_id: str, extra: bytes = b"", head_only: bool = False
+) -> bytes:
+    """A whole HTTP response for a refusal: status line, headers, JSON body.
+
+    `extra` is further header lines (rate-limit state, `Connection`); `head_only`
+    leaves the body out, as an answer to HEAD must.
+    """
+    body = error_body(deny, request_id)
+    headers = b"".join(f"{n}: {v}\r\n".encode() for n, v in deny.headers)
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"X-Request-Id: %s\r\n"
+        % (deny.status, reason(deny.status), len(body), request_id.encode())
+        + headers
+        + extra
+        + b"\r\n"
+        + (b"" if head_only else body)
+    )
+
+
 # Denials the server itself produces, outside the pipeline.
 BAD_REQUEST = Deny(400, "BAD_REQUEST", "the request is not valid HTTP/1.1")
 HEADERS_TOO_LARGE = Deny(431, "HEADERS_TOO_LARGE", "the request headers are too large")

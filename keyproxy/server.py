@@ -40,8 +40,7 @@ from keyproxy.responses import (
     HEADERS_TOO_LARGE,
     REQUEST_TIMEOUT,
     UPGRADE_NOT_ALLOWED,
-    error_body,
-    reason,
+    error_response,
 )
 from keyproxy.upstream import UpstreamPool
 
@@ -365,12 +364,7 @@ class ClientConnection(asyncio.Protocol):
         """A request that cannot even be parsed: answer if nothing else is under way, then close."""
         if self.active is None and not self.closed:
             rid = self.proxy.request_ids.next()
-            body = error_body(deny, rid)
-            self.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"X-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
-                % (deny.status, reason(deny.status), len(body), rid.encode(), body)
-            )
+            self.write(error_response(deny, rid, b"Connection: close\r\n"))
         self.queue.clear()
         self.closed = True
         if self.transport is not None:
