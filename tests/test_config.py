@@ -1302,3 +1302,21 @@ def test_a_large_file_loads_correctly() -> None:
     assert sample.id == "key-12345" and sample.type is KeyType.READ
     assert sample.rate_limit == Rate(100, 60.0, "100/minute")
     assert sample.line == line_of(text, "id: key-12345")
+
+
+def test_no_secret_in_the_repr_of_a_loaded_config() -> None:
+    """A traceback or a debug print of the configuration must not show the upstream's secrets."""
+    text = (
+        "upstream:\n"
+        "  url: https://api.example.com\n"
+        "  inject:\n"
+        "    headers: {X-API-Key: header-secret-123456}\n"
+        "    basic: {username: svc, password: basic-secret-123456}\n"
+        "    query: {apikey: query-secret-123456}\n"
+        "routes: [{match: 'GET /x', acl: get}]\n"
+        "rate_limits: {store: 'redis://:redis-secret-123456@127.0.0.1:6379/0'}\n"
+    )
+    config = parse_config(text, "c.yaml", {})
+    shown = repr(config)
+    for secret in ("header-secret", "basic-secret", "query-secret", "redis-secret"):
+        assert secret not in shown

@@ -92,9 +92,10 @@ class Upstream:
     timeout: float = 30.0
     connect_timeout: float = 5.0
     max_connections: int = 512
-    inject_headers: tuple[tuple[str, str], ...] = ()
-    inject_basic: tuple[str, str] | None = None
-    inject_query: tuple[tuple[str, str], ...] = ()
+    # The upstream's secrets: kept out of repr, so no traceback or debug print shows them.
+    inject_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    inject_basic: tuple[str, str] | None = field(default=None, repr=False)
+    inject_query: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     #: Absolute path of a PEM bundle: the only CAs trusted for an https upstream
     #: (a private CA's backend). None: the system trust store.
     ca_file: str | None = None
@@ -151,7 +152,7 @@ class Key:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitSettings:
-    store: str = "memory"  # "memory" or "redis://host:port/db"
+    store: str = field(default="memory", repr=False)  # or a redis:// URL (may hold a password)
     on_store_error: str = "deny"  # deny | allow
     timeout: float = 0.1  # per store round trip
     max_buckets: int = 100_000  # memory store: least recently used buckets are dropped beyond this
