@@ -29,8 +29,6 @@ from keyproxy.request import Deny, Headers
 MIN_KEY_LENGTH = 16
 MAX_KEY_LENGTH = 256
 
-#: Printable ASCII without space: a key that needs quoting or escaping anywhere is refused.
-_KEY_RE = re.compile(r"[\x21-\x7e]+")
 #: RFC 7235 token68, the shape of a Basic payload and of a JWT. A fixed pattern that
 #: cannot backtrack: one character class, then one.
 _TOKEN68_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -112,7 +110,14 @@ def strip_query_param(query: str, name: str) -> str:
 
 
 def _valid_key(key: str) -> bool:
-    return MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH and _KEY_RE.fullmatch(key) is not None
+    # Printable ASCII without space: a key that needs quoting or escaping anywhere is
+    # refused. Three str methods cost less than a regex.
+    return (
+        MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH
+        and key.isascii()
+        and key.isprintable()
+        and " " not in key
+    )
 
 
 def _decode_basic(payload: str) -> tuple[str, str] | Deny:
@@ -227,7 +232,8 @@ def extract(
             f"malformed key: an API key is {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} "
             "printable ASCII characters"
         )
-    return Presented(source, key, key_id, bearer)
+    # tuple.__new__: NamedTuple's constructor is a Python function, three times the cost.
+    return tuple.__new__(Presented, (source, key, key_id, bearer))
 
 
 def sha256_digest(key: str) -> bytes:
@@ -257,7 +263,7 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
     unknown = UNKNOWN_KEY
     if not presented.key:
         return unknown
-    key = keys_by_digest.get(sha256_digest(presented.key))
+    key = keys_by_digest.get(hashlib.sha256(presented.key.encode()).digest())  # sha256_digest
     if presented.source == "basic":
         given = (presented.key_id or "").encode("utf-8")
         expected = key.id.encode("utf-8") if key is not None else b"\x00"

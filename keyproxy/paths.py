@@ -42,6 +42,12 @@ MAX_TARGET_LENGTH = 8192
 MAX_SEGMENTS = 128
 
 
+#: NamedTuple's own constructor is a Python function; calling `tuple.__new__` directly
+#: builds the same object at a third of the cost, which counts for values built on
+#: every request.
+_new_tuple = tuple.__new__
+
+
 class Target(NamedTuple):
     """A request target in its one canonical form (a tuple: built on every request)."""
 
@@ -132,7 +138,7 @@ def canonicalize(raw_target: str) -> Target | InvalidPath:
             if len(segments) <= MAX_SEGMENTS and not (
                 "/." in path and ("." in segments or ".." in segments)
             ):
-                return Target(path, query or "", segments)
+                return _new_tuple(Target, (path, query or "", segments))
     return _canonicalize_carefully(raw_target)
 
 

@@ -8,7 +8,7 @@ pipeline over it, so an explanation cannot drift from what traffic gets.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,12 @@ class RequestContext:
     client_ip: IPAddress | None = None
     target: Target | None = None
     route: Route | None = None
-    params: dict[str, str] = field(default_factory=dict)
     access: Access | None = None
     limit: LimitResult | None = None
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The matched route's `{name}` parameters; built on demand, as few callers need them."""
+        if self.route is None or self.target is None:
+            return {}
+        return self.route.params(self.target.segments)

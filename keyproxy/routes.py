@@ -20,16 +20,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from urllib.parse import unquote
 
 from keyproxy.config.model import ROUTE_METHODS, Route
 from keyproxy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, InvalidPath, canonicalize
-
-
-class RouteMatch(NamedTuple):
-    route: Route
-    params: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +199,10 @@ def _insert(root: _Node, tokens: Sequence[_Token], position: int) -> None:
     node.end = min(node.end, position)
 
 
-def _first(node: _Node, segments: Sequence[str], i: int, n: int, best: int) -> int:
+def _first(node: _Node, segments: Sequence[str | None], i: int, n: int, best: int) -> int:
     """The first route matching `segments[i:]` below `node`, if it comes before `best`.
+
+    A None segment is one that no literal spells (see `RouteTable.resolve`).
 
     Every trie node sits at a fixed depth and is entered only with the
     segment of that depth, so one search enters each node at most once.
@@ -216,8 +212,8 @@ def _first(node: _Node, segments: Sequence[str], i: int, n: int, best: int) -> i
     if i == n:
         return node.end if node.end < best else best
     segment = segments[i]
-    lit = node.lit.get(segment)
-    one = node.one if segment else None
+    lit = node.lit.get(segment)  # type: ignore[arg-type]
+    one = node.one if segment != "" else None
     if lit is not None and one is not None and one.low < lit.low:
         lit, one = one, lit
     if lit is not None and lit.low < best:
@@ -256,12 +252,8 @@ def _fold_path(segments: Sequence[str]) -> tuple[str, ...]:
 _NOT_PLAIN = re.compile(r"[^a-z0-9\-._~!$&'()*+,=:@/]")
 
 
-def _needs_lenient_look(segments: tuple[str, ...]) -> bool:
-    return segments[-1] == "" or _NOT_PLAIN.search("/".join(segments)) is not None
-
-
-#: Remembered answers of `RouteTable.resolve` (RouteMatch.params must not be mutated).
-ROUTE_CACHE_SIZE = 10_000
+#: Most remembered path shapes (see `RouteTable.resolve`); the cache is emptied when full.
+SHAPE_CACHE_SIZE = 10_000
 
 _AMBIGUOUS = (
     "path is ambiguous: read with different letter case, decoded escapes or without the"
@@ -275,16 +267,16 @@ class RouteTable:
     Route order is the order of `routes`, which the loader keeps as in the file.
     """
 
-    __slots__ = ("_cache", "_exact", "_loose", "_params", "_plain", "_routes")
+    __slots__ = ("_exact", "_literals", "_loose", "_loose_literals", "_plain", "_routes", "_shapes")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self._routes = tuple(routes)
-        # Answers already computed, by (method, segments), as Kong's router keeps an LRU
-        # of matches: most traffic repeats a few paths. Bounded; emptied when full.
-        self._cache: dict[tuple[str, tuple[str, ...]], RouteMatch | AmbiguousMatch | None] = {}
-        self._params: list[tuple[tuple[str, int], ...]] = []
         self._exact: dict[str, _Node] = {}
         self._loose: dict[str, _Node] = {}
+        # Each literal some route spells, mapped to itself; "" (a trailing slash) too,
+        # since `{name}` must never match it.
+        self._literals: dict[str, str] = {"": ""}
+        self._loose_literals: dict[str, str] = {"": ""}
         # While every literal reads the same leniently, only a path that does not can be
         # ambiguous; one upper-case literal (`/Admin`) makes a plain `/admin` ambiguous too.
         self._plain = True
@@ -294,51 +286,70 @@ class RouteTable:
                 raise ValueError(f"route '{route.match}': '**' must be the last segment")
             if len(segments) > MAX_SEGMENTS:
                 raise ValueError(f"route '{route.match}': more than {MAX_SEGMENTS} segments")
-            self._params.append(
-                tuple((s[1:-1], i) for i, s in enumerate(segments) if s.startswith("{"))
-            )
             tokens = _tokens(segments)
             folded = _fold_tokens(tokens)
             if folded != tokens:
                 self._plain = False
+            self._literals.update((t, t) for t in tokens if isinstance(t, str))
+            self._loose_literals.update((t, t) for t in folded if isinstance(t, str))
             methods = set(route.methods)
             if "GET" in methods:
                 methods.add("HEAD")
             for method in methods.intersection(ROUTE_METHODS):
                 _insert(self._exact.setdefault(method, _Node()), tokens, position)
                 _insert(self._loose.setdefault(method, _Node()), folded, position)
+        # Answers by path shape: (method, exact shape, lenient shape or None) -> the
+        # route, None or an AmbiguousMatch. Unlike a cache of whole paths (Kong's router
+        # keeps an LRU of those) it serves `/posts/43` after `/posts/42` too: ids never
+        # reach the key. Bounded; emptied when full.
+        self._shapes: dict[
+            tuple[str, tuple[str | None, ...], tuple[str | None, ...] | None],
+            Route | AmbiguousMatch | None,
+        ] = {}
 
     @property
     def routes(self) -> tuple[Route, ...]:
         return self._routes
 
-    def resolve(self, method: str, segments: tuple[str, ...]) -> RouteMatch | AmbiguousMatch | None:
-        """The first route for `method` and the canonical `segments`; None if none matches."""
-        slot = (method, segments)
-        cache = self._cache
-        if slot in cache:
-            return cache[slot]
-        found = self._resolve(method, segments)
-        if len(cache) >= ROUTE_CACHE_SIZE:
-            cache.clear()
-        cache[slot] = found
+    def resolve(self, method: str, segments: tuple[str, ...]) -> Route | AmbiguousMatch | None:
+        """The first route for `method` and the canonical `segments`; None if none matches.
+
+        Which route matches depends only on the path's shape: each segment either
+        is a literal that some route spells, or it is not and can then only meet
+        `{name}`, `*` or `**`. Such segments become None, and the trie is searched
+        once per shape.
+        """
+        shape = tuple(map(self._literals.get, segments))
+        loose = None
+        if not self._plain or (
+            segments and (segments[-1] == "" or _NOT_PLAIN.search("/".join(segments)))
+        ):
+            loose = tuple(map(self._loose_literals.get, _fold_path(segments)))
+        slot = (method, shape, loose)
+        shapes = self._shapes
+        try:
+            return shapes[slot]
+        except KeyError:
+            pass
+        found = self._search(method, shape, loose)
+        if len(shapes) >= SHAPE_CACHE_SIZE:
+            shapes.clear()
+        shapes[slot] = found
         return found
 
-    def _resolve(
-        self, method: str, segments: tuple[str, ...]
-    ) -> RouteMatch | AmbiguousMatch | None:
+    def _search(
+        self, method: str, shape: tuple[str | None, ...], loose: tuple[str | None, ...] | None
+    ) -> Route | AmbiguousMatch | None:
         root = self._exact.get(method)
         if root is None:
             return None
-        found = _first(root, segments, 0, len(segments), _NONE)
+        found = _first(root, shape, 0, len(shape), _NONE)
         if found == _NONE:
             return None
-        if not self._plain or (segments and _needs_lenient_look(segments)):
-            folded = _fold_path(segments)
-            loose = _first(self._loose[method], folded, 0, len(folded), _NONE)
-            if loose != found:
-                other = self._routes[loose] if loose != _NONE else None
-                return AmbiguousMatch(_AMBIGUOUS, self._routes[found], other)
-        return RouteMatch(
-            self._routes[found], {name: segments[i] for name, i in self._params[found]}
-        )
+        if loose is not None:
+            other = _first(self._loose[method], loose, 0, len(loose), _NONE)
+            if other != found:
+                return AmbiguousMatch(
+                    _AMBIGUOUS, self._routes[found], self._routes[other] if other != _NONE else None
+                )
+        return self._routes[found]

@@ -8,7 +8,6 @@ decides (deny with 503 by default, or let the request through).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -40,10 +39,23 @@ def limit_denial(result: LimitResult) -> Deny:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+#: id(address) -> (address, bucket). Client addresses come from an LRU of parsed peers,
+#: so one client is one object; by identity, the lookup skips `ipaddress`'s hash, a
+#: Python function. The address is held in the value so its id cannot be reused.
+_BUCKETS: dict[int, tuple[IPAddress, str]] = {}
+_MAX_BUCKETS = 4096
+
+
 def client_bucket(ip: IPAddress) -> str:
     """Who a rate limit counts: the address, or for IPv6 its /64 (one host's usual share)."""
-    return ip_bucket(str(ip))
+    known = _BUCKETS.get(id(ip))
+    if known is not None and known[0] is ip:
+        return known[1]
+    bucket = ip_bucket(str(ip))
+    if len(_BUCKETS) >= _MAX_BUCKETS:
+        _BUCKETS.clear()
+    _BUCKETS[id(ip)] = (ip, bucket)
+    return bucket
 
 
 class RateLimitCheck:

@@ -38,11 +38,10 @@ def match_route(ctx: RequestContext) -> Deny | None:
         return Deny(403, "ROUTE_NOT_ALLOWED", f"no route allows {ctx.method} {shown}")
     if isinstance(found, AmbiguousMatch):
         return Deny(400, "AMBIGUOUS_PATH", found.message)
-    ctx.route = found.route
-    ctx.params = found.params
+    ctx.route = found
     override = _asks_for_override(ctx, target.query)
     if override is not None and not (
-        found.route.allow_method_override and override not in URL_OVERRIDE_HEADERS
+        found.allow_method_override and override not in URL_OVERRIDE_HEADERS
     ):
         return Deny(
             400,

@@ -126,6 +126,10 @@ class Route:
     allow_method_override: bool = False
     line: int = 0
 
+    def params(self, segments: tuple[str, ...]) -> dict[str, str]:
+        """The `{name}` parameters of canonical `segments` this route matched."""
+        return {s[1:-1]: segments[i] for i, s in enumerate(self.segments) if s.startswith("{")}
+
     def access_for(self, method: str) -> Access:
         if self.access is not None:
             return self.access

@@ -26,6 +26,10 @@ from keyproxy.ratelimit import TOLERANCE, UNLIMITED, LimitResult, quota_exhauste
 if TYPE_CHECKING:
     from keyproxy.config.model import Rate
 
+#: LimitResult's NamedTuple constructor is a Python function; `tuple.__new__` builds the
+#: same object at a third of the cost, which counts on every request.
+_new_tuple = tuple.__new__
+
 
 class MemoryLimiter:
     """GCRA per (key id, client IP) and a request count per key id, in this process.
@@ -115,15 +119,18 @@ class MemoryLimiter:
         buckets[bucket] = tat  # a new key goes to the end; an existing one was moved there
         if len(buckets) > self._max_buckets:
             buckets.popitem(last=False)
-        return LimitResult(
-            True,
-            None,
-            limit,
-            int(available - 1.0 + TOLERANCE),
-            tat - now,
-            0.0,
-            quota,
-            quota_remaining,
+        return _new_tuple(
+            LimitResult,
+            (
+                True,
+                None,
+                limit,
+                int(available - 1.0 + TOLERANCE),
+                tat - now,
+                0.0,
+                quota,
+                quota_remaining,
+            ),
         )
 
     def _quota_only(self, key_id: str, quota: int) -> LimitResult:
