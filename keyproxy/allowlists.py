@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,8 +23,14 @@ MAX_REFERER_LENGTH = 4096
 MAX_IP_ENTRIES = 100
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-#: Characters a host name may hold. `_` is not valid DNS but is common in internal names.
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: Lower-case labels joined by single dots. `_` is not valid DNS but is common in internal names.
+_HOSTNAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+#: The schemes a pattern's scheme part allows (`*`: either).
+_SCHEMES = {
+    "http": frozenset({"http"}),
+    "https": frozenset({"https"}),
+    "*": frozenset(DEFAULT_PORTS),
+}
 
 
 def _printable_ascii(text: str) -> bool:
@@ -33,7 +40,7 @@ def _printable_ascii(text: str) -> bool:
 
 def _valid_hostname(host: str) -> bool:
     """A lower-case DNS-style name: no empty label, nothing a URL parser could read twice."""
-    return bool(host) and set(host) <= _HOST_CHARS and all(host.split("."))
+    return _HOSTNAME.fullmatch(host) is not None
 
 
 def _normalise_ip_literal(host: str) -> str | None:
@@ -115,18 +122,15 @@ class RefererPattern:
         scheme = scheme.lower()
         if not sep:
             raise ValueError(f"referer pattern {text!r} has no scheme: {form}")
-        if scheme == "*":
-            schemes = frozenset(DEFAULT_PORTS)
-        elif scheme in DEFAULT_PORTS:
-            schemes = frozenset({scheme})
-        else:
+        schemes = _SCHEMES.get(scheme)
+        if schemes is None:
             raise ValueError(f"referer pattern {text!r}: the scheme must be http, https or *")
 
         slash = rest.find("/")
         authority, path_text = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
         if "@" in authority:
             raise ValueError(f"referer pattern {text!r}: user information (@) is not allowed")
-        if any(c in authority for c in "?#\\"):
+        if "?" in authority or "#" in authority or "\\" in authority:
             raise ValueError(f"referer pattern {text!r}: the host may not contain ?, # or \\")
 
         if authority.startswith("["):

@@ -35,9 +35,11 @@ def get(
         conn.request("GET", path, headers={"X-API-Key": key, **(headers or {})})
         resp = conn.getresponse()
         body = resp.read()
-        data = json.loads(body) if resp.getheader("content-type", "").startswith(
-            "application/json"
-        ) else {}
+        data = (
+            json.loads(body)
+            if resp.getheader("content-type", "").startswith("application/json")
+            else {}
+        )
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
     finally:
         conn.close()
@@ -95,9 +97,7 @@ def test_trusted_proxies_decide_the_client_address(make, upstream, trusted):
     if trusted:
         status, _, data = get(kp, headers={"X-Forwarded-For": "not-an-ip"})
         assert (status, data["error"]) == (400, "INVALID_FORWARDED_FOR")
-        status, _, data = get(
-            kp, headers={**chain, "Forwarded": "for=192.0.2.1"}
-        )
+        status, _, data = get(kp, headers={**chain, "Forwarded": "for=192.0.2.1"})
         assert (status, data["error"]) == (400, "INVALID_FORWARDED_FOR")
 
 
@@ -191,8 +191,11 @@ def test_two_replicas_share_one_limit_in_redis(make, upstream, redis_server: Red
 @pytest.mark.parametrize("policy", ["deny", "allow"])
 def test_redis_dying_never_hangs_a_request(make, upstream, redis_server: RedisServer, policy):
     config = config_with(upstream, rate_limit="1000/minute")
-    config["rate_limits"] = {"store": redis_server.url, "on_store_error": policy,
-                             "timeout": "200ms"}
+    config["rate_limits"] = {
+        "store": redis_server.url,
+        "on_store_error": policy,
+        "timeout": "200ms",
+    }
     kp = make(config)
     assert get(kp)[0] == 200
     redis_server.kill()

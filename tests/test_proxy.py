@@ -309,9 +309,7 @@ def test_smuggling_shapes_are_refused(proxy: Keyproxy, upstream):
 
 
 def test_oversized_headers_get_431(proxy: Keyproxy):
-    response = proxy.raw(
-        b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
-    )
+    response = proxy.raw(b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 431 ")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from keyproxy import allowlists
 from keyproxy.config.model import Key, KeyType, Rate
@@ -40,19 +40,12 @@ _MAX_ALLOWLIST = 100
 
 
 def _raw_texts(node: Node) -> tuple[str, ...] | None:
-    """A list's scalars as written, as a cache key; None if it is not a list of scalars.
-
-    A nested list or mapping makes the tuple unhashable, which rules it out
-    without inspecting every item.
-    """
+    """A list's scalars as written, as a cache key; None if it is not a list of scalars."""
     if type(node) is not SequenceNode:
         return None
-    raw = tuple([item.value for item in node.value])
-    try:
-        hash(raw)
-    except TypeError:
-        return None
-    return raw
+    items = node.value
+    raw = tuple([item.value for item in items if type(item) is ScalarNode])
+    return raw if len(raw) == len(items) else None
 
 
 class KeyReader:
