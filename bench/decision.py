@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy import SMALL_PATH, build_policy
 
+from keyproxy import routes
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.config import load_config, parse_config
 from keyproxy.ratelimit import open_limiter
@@ -44,8 +45,11 @@ def request_headers(key: str, referer: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def time_decisions(iterations: int, n_keys: int, distinct: bool = False) -> tuple[float, str]:
-    """µs per decision; `distinct` sends a new path (id) each time, so no cache helps."""
+def time_decisions(
+    iterations: int, n_keys: int, distinct: bool = False, cold_routes: bool = False
+) -> tuple[float, str]:
+    """µs per decision; `distinct` sends a new path (id) each time; `cold_routes`
+    empties the route table's shape cache before every lookup, the worst case."""
     policy = build_policy("http://127.0.0.1:8000", n_keys=n_keys)
     config = parse_config(policy.yaml, "bench", ENV)
     pipeline = Pipeline(build_checks(open_limiter(config.rate_limits)))
@@ -55,12 +59,18 @@ def time_decisions(iterations: int, n_keys: int, distinct: bool = False) -> tupl
     # What the parser callbacks hand over (counted in bench/datapath.py, not here).
     lowered = [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
     deny = None
-    start = time.perf_counter()
-    for path in paths:
-        headers = Headers.from_lowered(lowered)
-        ctx = RequestContext(config, "GET", path, headers, "127.0.0.1", time.time(), "bench")
-        deny = pipeline.decide(ctx)  # synchronous: the memory store never waits
-    elapsed = time.perf_counter() - start
+    cache_size = routes.SHAPE_CACHE_SIZE
+    if cold_routes:
+        routes.SHAPE_CACHE_SIZE = 0  # no shape is remembered
+    try:
+        start = time.perf_counter()
+        for path in paths:
+            headers = Headers.from_lowered(lowered)
+            ctx = RequestContext(config, "GET", path, headers, "127.0.0.1", time.time(), "bench")
+            deny = pipeline.decide(ctx)  # synchronous: the memory store never waits
+        elapsed = time.perf_counter() - start
+    finally:
+        routes.SHAPE_CACHE_SIZE = cache_size
     assert deny is None, deny  # a benchmark of refusals would measure the wrong thing
     return elapsed / iterations * 1e6, config.summary()
 
@@ -97,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decision ({summary}), one path: {per_decision:.2f} µs per request")
     per_decision, _ = time_decisions(args.iterations, args.keys, distinct=True)
     print(f"decision ({summary}), a new path each time: {per_decision:.2f} µs per request")
+    per_decision, _ = time_decisions(args.iterations, args.keys, distinct=True, cold_routes=True)
+    print(
+        f"decision ({summary}), a new path each time, no route shape cache: "
+        f"{per_decision:.2f} µs per request"
+    )
     load_s, per_key = time_big_load(args.big_keys)
     print(
         f"load {args.big_keys} keys: {load_s:.2f} s; registry memory {per_key:.0f} B per key "

@@ -253,6 +253,7 @@ _NOT_PLAIN = re.compile(r"[^a-z0-9\-._~!$&'()*+,=:@/]")
 
 
 #: Most remembered path shapes (see `RouteTable.resolve`); the cache is emptied when full.
+#: Read at every miss, so 0 turns the cache off.
 SHAPE_CACHE_SIZE = 10_000
 
 _AMBIGUOUS = (
@@ -334,7 +335,8 @@ class RouteTable:
         found = self._search(method, shape, loose)
         if len(shapes) >= SHAPE_CACHE_SIZE:
             shapes.clear()
-        shapes[slot] = found
+        if SHAPE_CACHE_SIZE:  # 0 turns the cache off (bench/decision.py's worst case)
+            shapes[slot] = found
         return found
 
     def _search(
