@@ -430,3 +430,23 @@ def test_table_agrees_with_a_linear_scan(
             else patterns[found.index]
         )
         assert got == _ref_resolve(patterns, method, target.segments), path_segments
+
+
+@pytest.mark.parametrize("cache_size", [0, 1, 2])
+def test_answers_stay_right_when_the_shape_cache_is_small_or_off(
+    monkeypatch: pytest.MonkeyPatch, cache_size: int
+) -> None:
+    import keyproxy.routes
+
+    monkeypatch.setattr(keyproxy.routes, "SHAPE_CACHE_SIZE", cache_size)
+    t = table("GET /v1/data/audit_log", "GET /v1/data/{table}", "GET /v1/{a}/{b}/{c}", "GET /**")
+    expected = {
+        "/v1/data/posts": ("GET /v1/data/{table}", {"table": "posts"}),
+        "/v1/data/audit_log": ("GET /v1/data/audit_log", {}),
+        "/v1/x/y/z": ("GET /v1/{a}/{b}/{c}", {"a": "x", "b": "y", "c": "z"}),
+        "/v1/data/y/z": ("GET /v1/{a}/{b}/{c}", {"a": "data", "b": "y", "c": "z"}),
+        "/other": ("GET /**", {}),
+    }
+    for _ in range(2):
+        for path, answer in expected.items():
+            assert hit(t, "GET", path) == answer
