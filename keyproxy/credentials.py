@@ -38,6 +38,12 @@ MAX_BEARER_LENGTH = 16 * 1024
 KEY_KINDS = {"publishable": ("pk_", "read"), "secret": ("sk_", "write")}
 
 
+#: NamedTuple's own constructor is a Python function; calling `tuple.__new__` directly
+#: builds the same object at a third of the cost, which counts for values built on
+#: every request.
+_new_tuple = tuple.__new__
+
+
 class Presented(NamedTuple):
     """The credential a request carries, as read off the wire and not yet looked up.
 
@@ -232,8 +238,7 @@ def extract(
             f"malformed key: an API key is {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} "
             "printable ASCII characters"
         )
-    # tuple.__new__: NamedTuple's constructor is a Python function, three times the cost.
-    return tuple.__new__(Presented, (source, key, key_id, bearer))
+    return _new_tuple(Presented, (source, key, key_id, bearer))
 
 
 def sha256_digest(key: str) -> bytes:
@@ -263,7 +268,7 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
     unknown = UNKNOWN_KEY
     if not presented.key:
         return unknown
-    key = keys_by_digest.get(hashlib.sha256(presented.key.encode()).digest())  # sha256_digest
+    key = keys_by_digest.get(sha256_digest(presented.key))
     if presented.source == "basic":
         given = (presented.key_id or "").encode("utf-8")
         expected = key.id.encode("utf-8") if key is not None else b"\x00"
