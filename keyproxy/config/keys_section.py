@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
@@ -37,6 +38,8 @@ _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _KEY_TYPES = {t.value: t for t in KeyType}
 _MAX_ALLOWLIST = 100
+
+T = TypeVar("T")
 
 
 def _raw_texts(node: Node) -> tuple[str, ...] | None:
@@ -274,16 +277,44 @@ class KeyReader:
                 "remove it, or make this a read or admin key",
             )
 
-    def referers(self, node: Node, where: str) -> tuple[allowlists.RefererPattern, ...] | None:
+    def allowlist(
+        self,
+        node: Node,
+        where: str,
+        cache: dict[tuple[str, ...], T],
+        non_empty: str,
+        build: Callable[[Node, str, list[tuple[Node, str]]], T | None],
+    ) -> T | None:
+        """A key's list of allowed values, parsed by `build`, once per distinct text.
+
+        Only a list written out literally is remembered: after ${VAR} substitution
+        the same text can mean something else, so such lists are parsed every time.
+        """
         raw = _raw_texts(node)
-        cached = self.referer_cache.get(raw)  # type: ignore[arg-type]
+        cached = cache.get(raw)  # type: ignore[arg-type]
         if cached is not None:
             return cached
-        items = self.r.texts(
-            node, where, non_empty="omit referers to allow any referer", at_most=_MAX_ALLOWLIST
-        )
+        items = self.r.texts(node, where, non_empty=non_empty, at_most=_MAX_ALLOWLIST)
         if items is None:
             return None
+        result = build(node, where, items)
+        if result is not None and tuple([value for _, value in items]) == raw:
+            cache[raw] = result  # type: ignore[index]
+        return result
+
+    def referers(self, node: Node, where: str) -> tuple[allowlists.RefererPattern, ...] | None:
+        return self.allowlist(
+            node, where, self.referer_cache, "omit referers to allow any referer", self._patterns
+        )
+
+    def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
+        return self.allowlist(
+            node, where, self.ip_cache, "omit ips to allow any address", self._cidrs
+        )
+
+    def _patterns(
+        self, node: Node, where: str, items: list[tuple[Node, str]]
+    ) -> tuple[allowlists.RefererPattern, ...] | None:
         patterns = []
         for position, (item, text) in enumerate(items):
             try:
@@ -295,32 +326,16 @@ class KeyReader:
                     str(error),
                     'write a URL pattern like "https://*.example.com/*"',
                 )
-        if len(patterns) != len(items):
-            return None
-        result = tuple(patterns)
-        if tuple([value for _, value in items]) == raw:
-            self.referer_cache[raw] = result
-        return result
+        return tuple(patterns) if len(patterns) == len(items) else None
 
-    def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
-        raw = _raw_texts(node)
-        cached = self.ip_cache.get(raw)  # type: ignore[arg-type]
-        if cached is not None:
-            return cached
-        items = self.r.texts(
-            node, where, non_empty="omit ips to allow any address", at_most=_MAX_ALLOWLIST
-        )
-        if items is None:
-            return None
-        texts = [value for _, value in items]
+    def _cidrs(
+        self, node: Node, where: str, items: list[tuple[Node, str]]
+    ) -> allowlists.IpAllowlist | None:
         try:
-            result = allowlists.IpAllowlist.parse(texts)
+            return allowlists.IpAllowlist.parse([value for _, value in items])
         except ValueError as error:
             self.locate_bad_cidrs(node, where, items, error)
             return None
-        if tuple(texts) == raw:
-            self.ip_cache[raw] = result
-        return result
 
     def locate_bad_cidrs(
         self, node: Node, where: str, items: list[tuple[Node, str]], error: ValueError
