@@ -1320,3 +1320,18 @@ def test_no_secret_in_the_repr_of_a_loaded_config() -> None:
     shown = repr(config)
     for secret in ("header-secret", "basic-secret", "query-secret", "redis-secret"):
         assert secret not in shown
+
+
+def test_a_number_python_cannot_convert_is_a_refusal_not_a_crash() -> None:
+    issue = the_issue(with_keys(key("    quota: " + "9" * 5000 + "\n")))
+    assert "cannot be read" in issue.message
+
+
+def test_merges_nested_too_deeply_are_a_refusal_not_a_crash() -> None:
+    anchors = ["a0: &a0 {type: read}"]
+    for i in range(1, 1200):
+        anchors.append(f"a{i}: &a{i} {{<<: *a{i - 1}}}")
+    text = BASE + "x-anchors:\n" + "".join(f"  {a}\n" for a in anchors)
+    text += f"keys:\n  - {{<<: *a1199, id: k1, hash: '{hash_of(1)}'}}\n"
+    issues = issues_of(text)
+    assert any("too deeply" in i.message for i in issues), issues

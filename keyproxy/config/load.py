@@ -162,6 +162,17 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     gc.disable()
     try:
         return _build(text, source, env)
+    except RecursionError:
+        raise ConfigError(
+            source, [ConfigIssue(None, "", "the YAML is nested too deeply (or merges too deeply)")]
+        ) from None
+    except ValueError as error:
+        # A value no reader foresaw (e.g. an integer of thousands of digits, which
+        # Python refuses to convert): still a refused file, never a crash or a
+        # stopped reload. The message names the problem, not the value.
+        raise ConfigError(
+            source, [ConfigIssue(None, "", f"a value cannot be read: {type(error).__name__}")]
+        ) from None
     finally:
         if collecting:
             gc.enable()

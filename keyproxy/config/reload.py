@@ -76,6 +76,8 @@ class ConfigHolder:
             return exc
         except OSError as exc:
             return f"cannot read {self.path}: {exc.strerror}"
+        except Exception as exc:  # a loader bug must cost this edit, never the watcher
+            return f"cannot load {self.path}: internal error ({type(exc).__name__})"
 
     def _apply(self, outcome: Config | str | ConfigError) -> bool:
         if not isinstance(outcome, Config):
