@@ -1335,3 +1335,23 @@ def test_merges_nested_too_deeply_are_a_refusal_not_a_crash() -> None:
     text += f"keys:\n  - {{<<: *a1199, id: k1, hash: '{hash_of(1)}'}}\n"
     issues = issues_of(text)
     assert any("too deeply" in i.message for i in issues), issues
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        ('acls: ["get"]', "acls: [!!binary get]", "tags"),
+        ('ips: ["10.0.0.0/8"]', "ips: [~]", "has no value"),
+        ('ips: ["10.0.0.0/8"]', "ips: [!!binary 10.0.0.0/8]", "tags"),
+        ('referers: ["https://a.example/*"]', "referers: [!!binary https://a.example/*]", "tags"),
+    ],
+)
+def test_a_list_read_earlier_never_excuses_a_bad_spelling_of_it(
+    first: str, second: str, message: str
+) -> None:
+    """Parsed lists are shared between keys by their text; a null or a tagged item
+    must still be refused when an earlier key wrote the same text cleanly."""
+    text = with_keys(key(first + "\n", id="k1", seed=1) + key(second + "\n", id="k2", seed=2))
+    issue = the_issue(text)
+    assert issue.where.startswith("keys[1]"), issue
+    assert message in issue.message, issue

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from yaml.nodes import Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, SequenceNode
 
 from keyproxy import allowlists
 from keyproxy.config.model import Key, KeyType, Rate
@@ -43,11 +43,16 @@ T = TypeVar("T")
 
 
 def _raw_texts(node: Node) -> tuple[str, ...] | None:
-    """A list's scalars as written, as a cache key; None if it is not a list of scalars."""
+    """A list's texts as a cache key, when every item is a clean scalar; else None.
+
+    Only clean items (untagged, not a null, no ${VAR}) mean exactly what they say,
+    so only such lists may share a parsed result: `[null]` or a tagged item must be
+    read, and refused, every time, whatever an earlier key wrote.
+    """
     if type(node) is not SequenceNode:
         return None
     items = node.value
-    raw = tuple([item.value for item in items if type(item) is ScalarNode])
+    raw = tuple([text for item in items if (text := clean_text(item)) is not None])
     return raw if len(raw) == len(items) else None
 
 
@@ -247,9 +252,8 @@ class KeyReader:
             self.check_acl(item, f"{where}[{position}]", name, key_type)
         if len(self.r.issues) != before:
             return None
-        names = tuple([value for _, value in items])
-        result = frozenset(names)
-        if names == raw:  # as written, without ${...}: safe to reuse for the same text
+        result = frozenset([value for _, value in items])
+        if raw is not None:
             self.acl_cache[(key_type, raw)] = result
         return result
 
@@ -287,8 +291,7 @@ class KeyReader:
     ) -> T | None:
         """A key's list of allowed values, parsed by `build`, once per distinct text.
 
-        Only a list written out literally is remembered: after ${VAR} substitution
-        the same text can mean something else, so such lists are parsed every time.
+        Only lists of clean scalars are remembered (see `_raw_texts`).
         """
         raw = _raw_texts(node)
         cached = cache.get(raw)  # type: ignore[arg-type]
@@ -298,8 +301,8 @@ class KeyReader:
         if items is None:
             return None
         result = build(node, where, items)
-        if result is not None and tuple([value for _, value in items]) == raw:
-            cache[raw] = result  # type: ignore[index]
+        if result is not None and raw is not None:
+            cache[raw] = result
         return result
 
     def referers(self, node: Node, where: str) -> tuple[allowlists.RefererPattern, ...] | None:
