@@ -35,21 +35,28 @@ if TYPE_CHECKING:
     from keyproxy.server import ClientConnection
 
 #: Request headers that could speak for keyproxy or change what was authorised.
+#: Every `X-Forwarded-*` is dropped too (see `FORWARDED_PREFIX`); names holding `_`
+#: never get this far (see `ClientConnection.on_header`).
 REQUEST_DROP = HOP_BY_HOP | {
     b"host",
     b"expect",
     b"x-api-key",
     b"authorization",
     b"forwarded",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-port",
-    b"x-forwarded-prefix",
     b"x-real-ip",
+    b"x-client-ip",
+    b"client-ip",
+    b"true-client-ip",
+    b"x-cluster-client-ip",
+    b"cf-connecting-ip",
+    b"fastly-client-ip",
+    b"x-original-uri",
     b"x-request-id",
     *(name.encode() for name in URL_OVERRIDE_HEADERS),
 }
+#: X-Forwarded-For, -Proto, -Host, -Port, -Ssl, -Scheme, -Uri ...: frameworks trust
+#: each of them for the client address, the scheme or the path.
+FORWARDED_PREFIX = b"x-forwarded-"
 METHOD_OVERRIDE = frozenset(name.encode() for name in METHOD_OVERRIDE_HEADERS)
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
@@ -80,13 +87,8 @@ class ForwardPlan:
             pair = f"{up.inject_basic[0]}:{up.inject_basic[1]}".encode()
             injected.append(b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n")
         self.inject_block = b"".join(injected)
-        drop_names = REQUEST_DROP | {n.lower().encode() for n, _ in up.inject_headers}
-        # CGI-style upstreams read "X_API_Key" as "X-API-Key": drop both spellings.
-        drop_names |= {n.replace(b"-", b"_") for n in drop_names}
-        self.request_drop = frozenset(drop_names)
-        self.request_drop_no_override = (
-            self.request_drop | METHOD_OVERRIDE | {n.replace(b"-", b"_") for n in METHOD_OVERRIDE}
-        )
+        self.request_drop = REQUEST_DROP | {n.lower().encode() for n, _ in up.inject_headers}
+        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE
         self.inject_query = "&".join(
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
         )
@@ -351,7 +353,7 @@ class Exchange:
         proto = b"http"
         for name, value in self.raw_headers:
             lname = name.lower()
-            if lname in drop or lname in tokens:
+            if lname in drop or lname in tokens or lname.startswith(FORWARDED_PREFIX):
                 if lname == b"host":
                     host = value
                 elif plan.trusted_proxies:

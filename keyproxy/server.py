@@ -200,6 +200,12 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > self.max_header_size:
             raise _HeadRefused(HEADERS_TOO_LARGE)
+        if b"_" in name:
+            # CGI, WSGI, Rack and Puma read `X-API_Key` or `X-Forwarded_For` as the
+            # hyphenated header, so no list of names to drop could cover every mix of
+            # the two. Such headers are ignored altogether, neither decided on nor
+            # forwarded, as nginx does by default (`underscores_in_headers off`).
+            return
         headers.append((name, value))
         lname = name.lower()
         self.lowered.append((lname.decode("latin-1"), value.decode("latin-1")))

@@ -266,6 +266,55 @@ def test_override_headers_are_refused(proxy: Keyproxy, upstream, header):
     assert upstream.records() == []
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "_method=DELETE",
+        "_METHOD=DELETE",
+        "%5Fmethod=DELETE",
+        "_%6Dethod=DELETE",
+        ".method=DELETE",  # PHP reads '.' in a name as '_'
+        "+_method=DELETE",  # and drops leading spaces
+        "%20_method=DELETE",
+        "_method%5B%5D=DELETE",  # an array of the same name
+        "a=1;_method=DELETE",  # some parsers split on ';'
+    ],
+)
+def test_every_spelling_of_the_method_parameter_is_refused(proxy: Keyproxy, upstream, query):
+    upstream.reset()
+    s, h, b, _ = proxy.request("GET", f"/echo/x?{query}", key=KEYS["admin"])
+    assert_error(s, h, b, 400, "METHOD_OVERRIDE_NOT_ALLOWED")
+    assert upstream.records() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-HTTP_Method-Override", "DELETE"),
+        ("X-Forwarded_For", "6.6.6.6"),
+        ("X-Real_IP", "6.6.6.6"),
+        ("X-API_Key", "client-key"),
+        ("X_Upstream-Key", "attacker"),
+        ("X-Forwarded-Ssl", "on"),
+        ("X-Forwarded-Scheme", "https"),
+        ("X-Forwarded-Uri", "/admin"),
+        ("True-Client-IP", "6.6.6.6"),
+        ("Client-IP", "6.6.6.6"),
+        ("X-Original-URI", "/admin"),
+    ],
+)
+def test_headers_upstream_frameworks_would_trust_never_reach_it(
+    proxy: Keyproxy, upstream, name, value
+):
+    """Mixed '-'/'_' spellings (CGI, WSGI, Rack read them as the hyphenated header)
+    and client-address or scheme headers are dropped, never decided on or forwarded."""
+    upstream.reset()
+    status, _, _, _ = proxy.request("POST", "/echo/h", {name: value}, b"{}", key=KEYS["admin"])
+    assert status == 200
+    names = [n.lower() for n, _ in last_record(upstream)["headers"]]
+    assert name.lower() not in names
+
+
 def test_a_route_may_allow_method_override(proxy: Keyproxy, upstream):
     s, _, _, _ = proxy.request(
         "POST", "/legacy/thing", {"X-HTTP-Method-Override": "PUT"}, b"{}", key=KEYS["admin"]

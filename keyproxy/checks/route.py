@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote
+import re
+from urllib.parse import unquote_plus
 
 from keyproxy.paths import InvalidPath, canonicalize
 from keyproxy.request import Deny, RequestContext
@@ -15,14 +16,27 @@ URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
 METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
+_PARAM_SEPARATORS = re.compile(r"[&;]")
+
+
+def _param_name(raw: str) -> str:
+    """A query parameter's name as the most lenient framework reads it.
+
+    Form decoding (`+` is a space), then PHP's rules: leading spaces dropped, spaces
+    and dots inside read as `_`, a `[...]` suffix making an array of the same name.
+    """
+    name = unquote_plus(raw).lstrip(" ").lower()
+    return name.partition("[")[0].replace(" ", "_").replace(".", "_")
+
 
 def _asks_for_override(ctx: RequestContext, query: str) -> str | None:
     for name, _ in ctx.headers:
         if name in OVERRIDE_HEADERS:
             return name
-    if query:
-        for pair in query.split("&"):
-            if unquote(pair.partition("=")[0]).lower() in METHOD_OVERRIDE_PARAMS:
+    # The common case has no spelling of it at all (an escaped letter needs a '%').
+    if query and ("method" in query.lower() or "%" in query):
+        for pair in _PARAM_SEPARATORS.split(query):
+            if _param_name(pair.partition("=")[0]) in METHOD_OVERRIDE_PARAMS:
                 return "_method"
     return None
 
