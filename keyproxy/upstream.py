@@ -49,6 +49,12 @@ IDLE_REUSE_LIMIT = 4.0
 TLS_ERROR_LOG_INTERVAL = 10.0
 
 
+#: Most bytes an upstream may send before its response head ends (nginx answers 502
+#: "upstream sent too big header" past its buffer); without a bound a broken or
+#: hostile upstream grows keyproxy's memory until the upstream timeout.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
 class UpstreamUnavailable(Exception):
     """The upstream refused, reset or garbled the exchange (never shown to clients)."""
 
@@ -83,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_connection_tokens",
         "_counted_out",
         "_eof_delimited",
+        "_head_budget",
         "_header_names",
         "_header_parts",
         "_headers_done",
@@ -118,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._eof_delimited = True
         self._headers_done = False
+        self._head_budget = MAX_RESPONSE_HEAD
         self._counted_out = False
         self.closed = False
         self.reading_paused = False
@@ -185,6 +193,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(exc)
+        else:
+            if not self._headers_done and self.in_response:
+                self._head_budget -= len(data)
+                if self._head_budget < 0:
+                    self._fail(UpstreamUnavailable("response head too large"))
         listener.flush()
 
     def eof_received(self) -> bool:
@@ -221,6 +234,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._length = value
                 self._eof_delimited = False
             elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # A coding keyproxy would have to undo or declare; nginx refuses it too.
+                    raise UpstreamUnavailable("unsupported Transfer-Encoding")
                 self._eof_delimited = False
             elif lname == b"location":
                 self._location = value
@@ -236,6 +252,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status < 100:
+            raise UpstreamUnavailable("invalid status code")
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamUnavailable("unexpected protocol switch")
@@ -268,6 +286,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._location = None
         self._connection_tokens = frozenset()
         self._eof_delimited = True
+        self._head_budget = MAX_RESPONSE_HEAD
 
     def on_body(self, body: bytes) -> None:
         listener = self.listener
@@ -354,8 +373,19 @@ class UpstreamPool:
         if self._open >= self.upstream.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
             self._waiters.append(waiter)
-            async with asyncio.timeout(self.upstream.timeout):  # TimeoutError: a 504
-                handed = await waiter
+            try:
+                async with asyncio.timeout(self.upstream.timeout):  # TimeoutError: a 504
+                    handed = await waiter
+            except BaseException:
+                # Timed out or cancelled in the same turn as a release handed this
+                # waiter a connection (or a free slot): pass it on, or it is lost for good.
+                if waiter.done() and not waiter.cancelled():
+                    given = waiter.result()
+                    if given is not None:
+                        self.release(given, reusable=True)
+                    else:
+                        self._wake_one()
+                raise
             if handed is not None:
                 return handed
         return await self._connect(loop)

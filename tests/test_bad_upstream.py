@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import threading
@@ -21,7 +22,14 @@ BROKEN_ANSWERS = {
     "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     "switching": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     "silent-close": b"",
+    "status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi",
+    "gzip-coding": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00",
+    # 100,000 header lines, never finished: refused at 64 KiB, not buffered until the timeout.
+    "endless-head": b"HTTP/1.1 200 OK\r\n" + (b"X-Filler: " + b"a" * 90 + b"\r\n") * 100_000,
 }
+#: Answers after which the upstream keeps the connection open, so only keyproxy's own
+#: limits can end the exchange before the upstream timeout.
+KEPT_OPEN = frozenset({"endless-head"})
 #: Odd but valid answers, passed on without what must not cross the proxy.
 ODD_ANSWERS = {
     "trailers": (
@@ -47,6 +55,9 @@ class _Handler(socketserver.BaseRequestHandler):
         path = data.split(b" ", 2)[1].decode()
         name = path.strip("/").split("/")[-1]
         self.request.sendall(BROKEN_ANSWERS.get(name) or ODD_ANSWERS[name])
+        if name in KEPT_OPEN:
+            with contextlib.suppress(OSError):
+                self.request.recv(1)  # until keyproxy gives up on it
         self.request.shutdown(socket.SHUT_WR)
 
 
