@@ -95,8 +95,9 @@ class ForwardPlan:
         self.inject_query_names = tuple(n for n, _ in up.inject_query)
         self.scrubber = SecretScrubber(up.secrets, up.inject_basic)
         origin = up.origin.encode()
-        self.location_prefixes = tuple(p.lower() for p in {origin + up.base_path.encode(), origin})
-        self.base_path_bytes = up.base_path.encode()
+        # Longest first: under a base path, `origin/api/next` must lose `/api` too.
+        prefixes = {(origin + up.base_path.encode()).lower(), origin.lower()}
+        self.location_prefixes = tuple(sorted(prefixes, key=len, reverse=True))
 
     def upstream_target(self, ctx: RequestContext) -> str:
         target = ctx.target
@@ -113,15 +114,20 @@ class ForwardPlan:
         return f"{path}?{query}" if query else path
 
     def rewrite_location(self, value: bytes) -> bytes:
-        """Absolute redirects to the upstream become relative ones through the proxy."""
+        """Absolute redirects to the upstream become relative ones through the proxy.
+
+        Never into `//host/...` or `/\\host/...`: browsers read those as another
+        origin, so such a redirect is passed on as the upstream wrote it.
+        """
         lowered = value[:512].lower()
         for prefix in self.location_prefixes:
             if lowered.startswith(prefix):
                 rest = value[len(prefix) :]
                 if not rest or rest[:1] in (b"/", b"?"):
-                    if prefix.endswith(self.base_path_bytes) and self.base_path_bytes:
-                        return rest if rest[:1] == b"/" else b"/" + rest
-                    return rest or b"/"
+                    relative = rest if rest[:1] == b"/" else b"/" + rest
+                    if relative[1:2] in (b"/", b"\\"):
+                        return value
+                    return relative
         return value
 
 
