@@ -212,7 +212,11 @@ class ClientConnection(asyncio.Protocol):
         if lname == b"content-length":
             self.content_length = int(value)  # llhttp has validated it
         elif lname == b"transfer-encoding":
-            self.chunked = self.chunked or b"chunked" in value.lower()
+            if self.chunked or value.strip().lower() != b"chunked":
+                # gzip and friends would be forwarded undeclared once the chunking is
+                # undone; only plain chunked framing crosses the proxy (as nginx asks).
+                raise _HeadRefused(BAD_REQUEST)
+            self.chunked = True
         elif lname == b"host":
             self.hosts += 1
         elif lname == b"expect":

@@ -872,6 +872,11 @@ def test_routes_must_not_be_empty() -> None:
         ('{match: "GET /a", acl: a, allow_method_override: yes}', "routes[0]", "true or false"),
         ('{match: "GET /a", acl: a, methods: [GET]}', "routes[0].methods", "unknown field"),
         ('{match: "DELETE /a", acl: a, op: delete, access: read}', "routes[0].access", "op: del"),
+        (
+            '{match: "POST /a", acl: a, access: read, allow_method_override: true}',
+            "routes[0].allow_method_override",
+            "cannot allow method overrides",
+        ),
         ("GET /a", "routes[0]", "expected a mapping"),
     ],
 )

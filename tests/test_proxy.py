@@ -351,6 +351,11 @@ def test_smuggling_shapes_are_refused(proxy: Keyproxy, upstream):
         b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"GET /echo/x HTTP/1.1\r\nHost: x\r\nHost: y\r\nX-API-Key: " + key + b"\r\n\r\n",
         b"GET /echo/x HTTP/1.1\r\nX-API-Key: " + key + b"\r\n\r\n",
+        # A coding the upstream would receive undeclared once the chunking is undone.
+        b"POST /echo/x HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\n"
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /echo/x HTTP/1.1\r\nHost: x\r\nX-API-Key: " + key + b"\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     ):
         response = proxy.raw(request)
         assert response.startswith(b"HTTP/1.1 400 "), (request, response)

@@ -76,6 +76,14 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
             f"a route with op: {op} changes data and cannot be access: read",
             "remove access: read, or fix op",
         )
+    if access == "read" and override:
+        r.issue(
+            fields["allow_method_override"],
+            f"{where}.allow_method_override",
+            "a route with access: read cannot allow method overrides: a read key could"
+            " then send POST with X-HTTP-Method-Override: DELETE",
+            "remove one of the two",
+        )
     if len(r.issues) != before or pattern is None or acl is None:
         return None, acl
     text, methods, segments = pattern
