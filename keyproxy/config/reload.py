@@ -33,6 +33,7 @@ class ConfigHolder:
         self.path = path
         self._subscribers: list[Callable[[Config], None]] = []
         self._seen = _fingerprint(path) if path else None
+        self._changing: tuple[int, int, int] | None = None  # a change not yet settled
         self.reloads = {"success": 0, "error": 0}
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
@@ -108,11 +109,28 @@ class ConfigHolder:
         """For SIGHUP."""
         asyncio.get_running_loop().create_task(self.reload())
 
+    def settled_change(self) -> bool:
+        """One poll: whether the file changed and then stayed the same for a whole poll.
+
+        A file rewritten in place (not replaced by a rename) is read too early
+        otherwise: a half-written key list can be valid YAML that grants more than
+        the finished one (a key before its `ips:` or `revoked: true` line arrives).
+        """
+        assert self.path is not None
+        seen = _fingerprint(self.path)
+        if seen is None or seen == self._seen:
+            self._changing = None
+            return False
+        if seen != self._changing:
+            self._changing = seen  # still being written, perhaps: look again next poll
+            return False
+        self._changing = None
+        return True
+
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
         if self.path is None:
             return
         while True:
             await asyncio.sleep(interval)
-            seen = _fingerprint(self.path)
-            if seen is not None and seen != self._seen:
+            if self.settled_change():
                 await self.reload()
