@@ -51,6 +51,7 @@ def parse_peer(peer: str) -> IPAddress:
     return _address(peer)
 
 
+@functools.lru_cache(maxsize=4096)  # one object per client, as for peers (see parse_peer)
 def _node(text: str) -> IPAddress:
     """One hop as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`.
 
