@@ -38,7 +38,17 @@ HOP_BY_HOP = frozenset(
 )
 #: Response headers not copied as they are: hop-by-hop, Location (rewritten) and
 #: X-Request-Id (keyproxy sets its own).
-NOT_COPIED = HOP_BY_HOP | {b"location", b"x-request-id"}
+NOT_COPIED = HOP_BY_HOP | {
+    b"location",
+    b"x-request-id",
+    # The upstream's limits count keyproxy's one secret, shared by every client: they
+    # say nothing about the client's own, and would sit beside keyproxy's headers.
+    b"x-ratelimit-limit",
+    b"x-ratelimit-remaining",
+    b"x-ratelimit-reset",
+    b"x-quota-limit",
+    b"x-quota-remaining",
+}
 
 #: An idle connection older than this is closed rather than reused: many servers
 #: close idle keep-alive sockets after 5–60 s and a reused dead socket costs a retry.

@@ -214,3 +214,28 @@ def test_redis_dying_never_hangs_a_request(make, upstream, redis_server: RedisSe
     while get(kp)[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert get(kp)[0] == 200
+
+
+def test_the_upstreams_own_limit_headers_never_reach_the_client(make, upstream):
+    """A client must see keyproxy's limits only: the upstream's count the one shared
+    secret, and a second X-RateLimit-Limit would be read first by most libraries."""
+    kp = make(config_with(upstream, rate_limit="5/minute"))
+    asked = [
+        ("X-Echo-Response-Header", f"{name}=999")
+        for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-Quota-Remaining")
+    ]
+    for key, limit in ((LIMITED, ["5"]), (KEYS["reader"], [])):
+        conn = http.client.HTTPConnection(kp.host, kp.port, timeout=10)
+        try:
+            conn.putrequest("GET", "/echo/limits")
+            for name, value in [("X-API-Key", key), *asked]:
+                conn.putheader(name, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+            resp.read()
+            headers = [(n.lower(), v) for n, v in resp.getheaders()]
+        finally:
+            conn.close()
+        assert resp.status == 200
+        assert [v for n, v in headers if n == "x-ratelimit-limit"] == limit
+        assert "999" not in [v for _, v in headers]

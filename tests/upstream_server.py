@@ -201,7 +201,7 @@ def big_body(nbytes: int) -> bytes:
 
 async def echo(request: web.Request) -> web.Response:
     path, _, query = request.raw_path.partition("?")
-    return web.json_response(
+    response = web.json_response(
         {
             "method": request.method,
             "path": path,
@@ -210,6 +210,11 @@ async def echo(request: web.Request) -> web.Response:
             **_body_info(),
         }
     )
+    # `X-Echo-Response-Header: Name=value` asks for that header in the answer.
+    for wanted in request.headers.getall("X-Echo-Response-Header", []):
+        name, _, value = wanted.partition("=")
+        response.headers.add(name, value)
+    return response
 
 
 async def json_sized(request: web.Request) -> web.Response:
