@@ -138,6 +138,19 @@ def test_explain_allow_and_deny(tmp_path):
     assert unknown.returncode == 1 and "INVALID_TOKEN" in unknown.stdout
 
 
+def test_explain_decides_for_the_address_given_with_ip(tmp_path):
+    config = base_config("http://127.0.0.1:3000", {"headers": {"K": "k-upstream-secret-value"}})
+    for key in config["keys"]:
+        key["ips"] = ["10.0.0.0/8"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ("explain", "-c", str(path), "--key", KEYS["reader"])
+    inside = keyproxy(*args, "--ip", "10.1.2.3", "GET", "/v1/data/posts")
+    assert inside.returncode == 0 and "client 10.1.2.3" in inside.stdout, inside.stdout
+    outside = keyproxy(*args, "GET", "/v1/data/posts")  # the default, 127.0.0.1
+    assert outside.returncode == 1 and "IP_NOT_ALLOWED" in outside.stdout, outside.stdout
+
+
 @pytest.mark.parametrize(
     ("inject", "shown"),
     [

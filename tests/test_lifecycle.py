@@ -178,3 +178,15 @@ def test_x_forwarded_for_is_built_from_trust(tmp_path, upstream, trusted):
         assert xff == (["127.0.0.1"] if trusted == 0 else ["203.0.113.9, 127.0.0.1"])
     finally:
         kp.stop()
+
+
+def test_serve_host_and_port_flags_override_the_config(tmp_path, upstream):
+    config = base_config(upstream.url, upstream.inject())
+    port = free_port()
+    kp = start_keyproxy(tmp_path, config, extra_args=["--host", "127.0.0.2", "--port", str(port)])
+    try:
+        assert f'"url":"http://127.0.0.2:{port}"' in kp.process.stderr.replace(" ", "")
+        kp.host, kp.port = "127.0.0.2", port
+        assert kp.request("GET", "/echo/flags", key=KEYS["reader"])[0] == 200
+    finally:
+        kp.stop()
