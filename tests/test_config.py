@@ -1360,3 +1360,16 @@ def test_a_list_read_earlier_never_excuses_a_bad_spelling_of_it(
     issue = the_issue(text)
     assert issue.where.startswith("keys[1]"), issue
     assert message in issue.message, issue
+
+
+def test_a_secret_mistaken_for_a_tag_is_never_printed() -> None:
+    """Unquoted, `!Sup3r-secret` is a YAML tag; the refusal must not show it (it ends
+    up in logs and /readyz)."""
+    text = upstream("  url: http://b\n  inject:\n    headers:\n      X-K: !Sup3r-secret-v4lue\n")
+    issue = the_issue(text)
+    assert "Sup3r" not in str(issue) and "quote the value" in (issue.hint or "")
+
+
+def test_a_blank_query_secret_is_refused() -> None:
+    issue = the_issue(upstream("  url: http://b\n  inject:\n    query: {apikey: '  '}\n"))
+    assert issue.message == "is empty"

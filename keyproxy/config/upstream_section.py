@@ -250,7 +250,7 @@ def _inject_query(r: Reader, node: Node, where: str) -> tuple[tuple[str, str], .
         else:
             seen[name] = key
             value = r.text(value_node, here)
-            if value == "":
+            if value is not None and not value.strip():
                 r.issue(value_node, here, "is empty", "an injected credential must have a value")
             elif value is not None and _CONTROL.search(value):
                 r.issue(value_node, here, "contains a line break, NUL or another control character")
@@ -277,6 +277,8 @@ def _inject_basic(r: Reader, node: Node, where: str) -> tuple[str, str] | None:
             f"{where}.username",
             "must be non-empty, without ':' or control characters",
         )
+    # An empty password is allowed: APIs such as Stripe's take the secret as the
+    # username (`sk_live_...:`), and the username is checked non-empty above.
     if password is not None and _CONTROL.search(password):
         r.issue(fields["password"], f"{where}.password", "contains a control character")
     if len(r.issues) != before or username is None or password is None:

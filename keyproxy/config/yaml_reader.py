@@ -80,6 +80,18 @@ def did_you_mean(name: str, options: Iterable[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
+def _tag_refusal(tag: str) -> tuple[str, str]:
+    """Message and hint for a tagged value. A tag is only named when it is a YAML one:
+    an unquoted value starting with '!' (a secret, often) reads as a tag, and must not
+    be printed into logs and /readyz."""
+    if tag.startswith(("tag:yaml.org,2002:", "!!")):
+        return f"explicit YAML tags such as {tag!r} are not supported", "remove the tag"
+    return (
+        "a value starting with '!' is read by YAML as a tag",
+        'quote the value, like "!...", or remove the tag',
+    )
+
+
 def show(node: ScalarNode) -> str:
     """The value as written in the file (never after ${VAR} substitution), for messages."""
     value = node.value
@@ -234,12 +246,7 @@ class Reader:
         tag = node.tag
         value = node.value
         if tag is not UNTAGGED and tag not in _NO_OP_TAGS:
-            self.issue(
-                node,
-                where,
-                f"explicit YAML tags such as {tag!r} are not supported",
-                "remove the tag",
-            )
+            self.issue(node, where, *_tag_refusal(tag))
             return None
         if not node.style and tag is UNTAGGED and value in _NULLS:
             self.issue(node, where, "has no value", "write a value, or remove the field")
