@@ -1373,3 +1373,29 @@ def test_a_secret_mistaken_for_a_tag_is_never_printed() -> None:
 def test_a_blank_query_secret_is_refused() -> None:
     issue = the_issue(upstream("  url: http://b\n  inject:\n    query: {apikey: '  '}\n"))
     assert issue.message == "is empty"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "ips: !!python/tuple [10.0.0.0/8]",
+        "acls: !!python/list [get]",
+        "referers: !custom [https://a.example/*]",
+    ],
+)
+def test_tagged_lists_are_refused_even_after_the_same_list_untagged(field: str) -> None:
+    plain = field.split(": ", 1)[0] + ': ["10.0.0.0/8"]' if field.startswith("ips") else ""
+    text = with_keys(key(plain + "\n", id="k1", seed=1) + key(field + "\n", id="k2", seed=2))
+    issues = issues_of(text)
+    assert any(i.where.startswith("keys[1]") and "tag" in i.message for i in issues), issues
+
+
+def test_a_merge_bomb_is_refused_quickly() -> None:
+    """Each level merges the previous anchor twice: 2**40 merges unbounded."""
+    lines = ["x-a0: &a0 {type: read}"]
+    for i in range(1, 41):
+        lines.append(f"x-a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}")
+    text = "\n".join(lines) + "\n" + BASE
+    text += f"keys:\n  - {{<<: *a40, id: k1, hash: '{hash_of(1)}'}}\n"
+    issues = issues_of(text)
+    assert any("'<<' merges in the file" in i.message for i in issues), issues

@@ -49,7 +49,7 @@ def _raw_texts(node: Node) -> tuple[str, ...] | None:
     so only such lists may share a parsed result: `[null]` or a tagged item must be
     read, and refused, every time, whatever an earlier key wrote.
     """
-    if type(node) is not SequenceNode:
+    if type(node) is not SequenceNode or node.tag is not UNTAGGED:
         return None
     items = node.value
     raw = tuple([text for item in items if (text := clean_text(item)) is not None])

@@ -25,7 +25,9 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------- YAML
 
-UNTAGGED = "?"  # what our resolver assigns to every node without an explicit tag
+UNTAGGED = "?"
+#: Most mappings merged with `<<` in one file (see `Reader._merge`).
+MAX_MERGES = 100_000  # what our resolver assigns to every node without an explicit tag
 _NO_OP_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 _YAML11_BOOLS = frozenset(
@@ -126,11 +128,14 @@ class Reader:
     error channel.
     """
 
-    __slots__ = ("env", "issues")
+    __slots__ = ("env", "issues", "merges_left")
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.issues: list[ConfigIssue] = []
+        # Merging a shared anchor twice at every level doubles the work per level:
+        # bounded, a hostile or careless file is refused instead of taking hours.
+        self.merges_left = MAX_MERGES
 
     def issue(self, node: Node | None, where: str, message: str, hint: str | None = None) -> None:
         self.issues.append(ConfigIssue(line_of(node), where, message, hint))
@@ -158,6 +163,9 @@ class Reader:
                 self.issue(node, where, "is empty", "add its fields, or remove it")
             else:
                 self.issue(node, where, f"expected a mapping of fields, found {kind_of(node)}")
+            return None
+        if node.tag is not UNTAGGED and node.tag not in _NO_OP_TAGS:
+            self.issue(node, where, *_tag_refusal(node.tag))
             return None
         pairs = node.value
         try:
@@ -226,6 +234,16 @@ class Reader:
         for source in sources:
             mappings = source.value if type(source) is SequenceNode else [source]
             for mapping in mappings:
+                self.merges_left -= 1
+                if self.merges_left < 0:
+                    if self.merges_left == -1:  # said once
+                        self.issue(
+                            mapping,
+                            where,
+                            f"more than {MAX_MERGES} '<<' merges in the file",
+                            "merge each anchor once per mapping; avoid merges of merges",
+                        )
+                    return
                 if type(mapping) is not MappingNode:
                     self.issue(mapping, where, "'<<' must name a mapping or a list of mappings")
                     continue
@@ -429,6 +447,9 @@ class Reader:
                     f"expected a list, found {kind_of(node)}",
                     "write [a, b] or one '- item' per line",
                 )
+            return None
+        if node.tag is not UNTAGGED and node.tag not in _NO_OP_TAGS:
+            self.issue(node, where, *_tag_refusal(node.tag))
             return None
         items = node.value
         if non_empty is not None and not items:
