@@ -6,13 +6,21 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from keyproxy import allowlists
 from keyproxy.config.model import Key, KeyType, Rate
 from keyproxy.config.routes_section import AclIndex
 from keyproxy.config.units import parse_rate
-from keyproxy.config.yaml_reader import UNTAGGED, Reader, clean_text, did_you_mean, line_of, show
+from keyproxy.config.yaml_reader import (
+    NULLS,
+    UNTAGGED,
+    Reader,
+    clean_text,
+    did_you_mean,
+    line_of,
+    show,
+)
 
 _KEY_FIELDS = frozenset(
     {
@@ -52,7 +60,16 @@ def _raw_texts(node: Node) -> tuple[str, ...] | None:
     if type(node) is not SequenceNode or node.tag is not UNTAGGED:
         return None
     items = node.value
-    raw = tuple([text for item in items if (text := clean_text(item)) is not None])
+    raw = tuple(
+        [
+            item.value  # clean_text, inlined: this runs for every list of 100k keys
+            for item in items
+            if type(item) is ScalarNode
+            and item.tag is UNTAGGED
+            and "$" not in item.value
+            and item.value not in NULLS
+        ]
+    )
     return raw if len(raw) == len(items) else None
 
 

@@ -29,7 +29,7 @@ UNTAGGED = "?"
 #: Most mappings merged with `<<` in one file (see `Reader._merge`).
 MAX_MERGES = 100_000  # what our resolver assigns to every node without an explicit tag
 _NO_OP_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
-_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
+NULLS = frozenset({"", "~", "null", "Null", "NULL"})
 _YAML11_BOOLS = frozenset(
     {"yes", "no", "on", "off", "y", "n", "True", "False", "TRUE", "FALSE", "Yes", "No", "On", "Off"}
 )
@@ -111,7 +111,7 @@ def clean_text(node: Node) -> str | None:
     """
     if type(node) is ScalarNode and node.tag is UNTAGGED:
         value = node.value
-        if "$" not in value and value not in _NULLS:
+        if "$" not in value and value not in NULLS:
             return value
     return None
 
@@ -159,7 +159,7 @@ class Reader:
         anchor merged into itself is reported instead of recursing forever.
         """
         if type(node) is not MappingNode:
-            if type(node) is ScalarNode and not node.style and node.value in _NULLS:
+            if type(node) is ScalarNode and not node.style and node.value in NULLS:
                 self.issue(node, where, "is empty", "add its fields, or remove it")
             else:
                 self.issue(node, where, f"expected a mapping of fields, found {kind_of(node)}")
@@ -266,7 +266,7 @@ class Reader:
         if tag is not UNTAGGED and tag not in _NO_OP_TAGS:
             self.issue(node, where, *_tag_refusal(tag))
             return None
-        if not node.style and tag is UNTAGGED and value in _NULLS:
+        if not node.style and tag is UNTAGGED and value in NULLS:
             self.issue(node, where, "has no value", "write a value, or remove the field")
             return None
         if "$" in value:
@@ -438,7 +438,7 @@ class Reader:
         self, node: Node, where: str, *, non_empty: str | None = None, at_most: int | None = None
     ) -> list[Node] | None:
         if type(node) is not SequenceNode:
-            if type(node) is ScalarNode and not node.style and node.value in _NULLS:
+            if type(node) is ScalarNode and not node.style and node.value in NULLS:
                 self.issue(node, where, "has no value", "write a list, or remove the field")
             else:
                 self.issue(
