@@ -94,10 +94,6 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         root = _compose(text)
     except yaml.YAMLError as error:
         raise ConfigError(source, [yaml_issue(error, text)]) from None
-    except RecursionError:
-        raise ConfigError(
-            source, [ConfigIssue(None, "", "the YAML is nested too deeply")]
-        ) from None
     if root is None:
         raise ConfigError(
             source,
@@ -162,9 +158,9 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     gc.disable()
     try:
         return _build(text, source, env)
-    except RecursionError:
+    except RecursionError:  # deep nesting, in the YAML itself or through '<<' merges
         raise ConfigError(
-            source, [ConfigIssue(None, "", "the YAML is nested too deeply (or merges too deeply)")]
+            source, [ConfigIssue(None, "", "the YAML is nested too deeply")]
         ) from None
     except ValueError as error:
         # A value no reader foresaw (e.g. an integer of thousands of digits, which
