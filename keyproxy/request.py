@@ -93,6 +93,10 @@ class RequestContext:
     now: float  # wall-clock epoch seconds, passed in so tests and explain control time
     request_id: str = ""
 
+    #: The method the upstream will act on: the wire method, or the override a route
+    #: allows (`X-HTTP-Method-Override`, `?_method=`). Set by the route check; every
+    #: later check decides on it.
+    effective_method: str = ""
     key: Key | None = None
     credential_source: str | None = None  # "header" | "basic" | "query"
     client_ip: IPAddress | None = None

@@ -32,7 +32,7 @@ ROUTES = [
     {"match": "POST /{index}/_search", "acl": "search", "access": "read"},
     {"match": "GET|HEAD|OPTIONS /echo/**", "acl": "echo"},
     {"match": "POST|PUT|PATCH|DELETE /echo/**", "acl": "echo-write"},
-    {"match": "POST /legacy/**", "acl": "legacy", "allow_method_override": True},
+    {"match": "POST|PUT /legacy/**", "acl": "legacy", "allow_method_override": True},
     {"match": "GET /json/{n}", "acl": "get"},
     {"match": "GET /big/{n}", "acl": "get"},
     {"match": "GET /chunked/{n}", "acl": "get"},

@@ -9,8 +9,20 @@ from keyproxy.request import Deny, RequestContext
 def check_key_type(ctx: RequestContext) -> Deny | None:
     key, route = ctx.key, ctx.route
     assert key is not None and route is not None
-    access = route.access_for(ctx.method)
+    method = ctx.effective_method or ctx.method
+    access = route.access_for(method)
     ctx.access = access
+    if method != ctx.method and route.access_for(ctx.method) is not access:
+        # An upstream may honour the override or not (many do only on POST): the key
+        # must be allowed both readings, which only an admin key is.
+        if key.type is not KeyType.ADMIN:
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"{key.type.value} keys cannot send {ctx.method} overridden to {method}:"
+                f" on {route.match} one reads and the other changes data",
+            )
+        return None
     if key.type is KeyType.READ and access is Access.WRITE:
         return Deny(403, "PERMISSION_DENIED", f"read keys cannot write: {route.match} changes data")
     if key.type is KeyType.WRITE and access is Access.READ:

@@ -29,7 +29,10 @@ def route(ctx: RequestContext) -> str:
     r = ctx.route
     assert r is not None and ctx.target is not None
     params = "".join(f" {k}={v}" for k, v in ctx.params.items())
-    return f"#{r.index + 1} '{r.match}' (line {r.line}) matches {ctx.target.path}{params}"
+    shown = f"#{r.index + 1} '{r.match}' (line {r.line}) matches {ctx.target.path}{params}"
+    if ctx.effective_method and ctx.effective_method != ctx.method:
+        shown += f"; decided as {ctx.effective_method} (method override)"
+    return shown
 
 
 def key_type(ctx: RequestContext) -> str:

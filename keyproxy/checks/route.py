@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
+from keyproxy.config.model import ROUTE_METHODS, Route
 from keyproxy.paths import InvalidPath, canonicalize
 from keyproxy.request import Deny, RequestContext
 from keyproxy.routes import AmbiguousMatch
@@ -17,27 +18,139 @@ METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
 _PARAM_SEPARATORS = re.compile(r"[&;]")
+#: Leading characters a parser skips before a name: brackets (Rack 2 reads `[_method]` as
+#: `_method`, and `qs` — Express's parser — reads a key that starts with `[x]` as `x`).
+_NAME_LEAD = " []"
+#: Where a parser ends the base name: a `[` opens an array or nested key (qs, Rack, PHP),
+#: a `]` closes one, a `.` opens a nested key (qs with allowDots, Spring binders).
+_NAME_END = re.compile(r"[\[\].\x00]")
+#: Most rounds of percent-decoding applied to a name: an upstream behind another
+#: decoding layer reads `%255F` as `_`.
+_DECODE_ROUNDS = 3
 
 
-def _param_name(raw: str) -> str:
-    """A query parameter's name as the most lenient framework reads it.
+def _decoded(raw: str) -> str:
+    name = unquote_plus(raw)
+    for _ in range(_DECODE_ROUNDS - 1):
+        if "%" not in name:
+            break
+        again = unquote_plus(name)
+        if again == name:
+            break
+        name = again
+    return name
 
-    Form decoding (`+` is a space), then PHP's rules: leading spaces dropped, spaces
-    and dots inside read as `_`, a `[...]` suffix making an array of the same name.
+
+def param_readings(raw: str) -> frozenset[str]:
+    """Every name a common framework may read the raw query name `raw` as (lower-case).
+
+    * as sent, decoded (Django's QueryDict, Spring's getParameter, Rack 3);
+    * the base name before any `[`, `]` or `.`, after leading brackets and spaces
+      (qs/Express: `_method[]`, `[_method]`, `[_method][]`, `_method.x` with allowDots;
+      Rack 2: `[_method]`, `]]_method`; Rails' nested params);
+    * PHP's reading (Laravel, Symfony): leading spaces dropped, then `.` and space
+      inside the name read as `_`, and a `[` starting an array of that name.
     """
-    name = unquote_plus(raw).lstrip(" ").lower()
-    return name.partition("[")[0].replace(" ", "_").replace(".", "_")
+    name = _decoded(raw).lower()
+    base = _NAME_END.split(name.lstrip(_NAME_LEAD), 1)[0]
+    php = name.lstrip(" ").partition("[")[0].replace(" ", "_").replace(".", "_")
+    return frozenset((name, base, php))
 
 
-def _asks_for_override(ctx: RequestContext, query: str) -> str | None:
-    for name, _ in ctx.headers:
+def _query_names(query: str) -> list[tuple[str, frozenset[str]]]:
+    """(decoded name, its readings) for each parameter of the query."""
+    out = []
+    for pair in _PARAM_SEPARATORS.split(query):
+        raw = pair.partition("=")[0]
+        if raw:
+            out.append((_decoded(raw), param_readings(raw)))
+    return out
+
+
+def _too_long(text: str) -> str:
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+class _Override:
+    """What a request asks the upstream to do instead of its wire method."""
+
+    __slots__ = ("methods", "refused")
+
+    def __init__(self) -> None:
+        self.methods: list[tuple[str, str]] = []  # (where it was asked, the value)
+        self.refused: str | None = None  # a spelling no route may allow
+
+
+def _override_asked(ctx: RequestContext, query: str) -> _Override | None:
+    """Every method or URL override in the request; None when there is none (the usual case)."""
+    found: _Override | None = None
+    for name, value in ctx.headers:
         if name in OVERRIDE_HEADERS:
-            return name
+            if found is None:
+                found = _Override()
+            if name in URL_OVERRIDE_HEADERS:
+                found.refused = found.refused or name
+            else:
+                found.methods.append((name, value))
     # The common case has no spelling of it at all (an escaped letter needs a '%').
     if query and ("method" in query.lower() or "%" in query):
         for pair in _PARAM_SEPARATORS.split(query):
-            if _param_name(pair.partition("=")[0]) in METHOD_OVERRIDE_PARAMS:
-                return "_method"
+            raw, _, value = pair.partition("=")
+            if not raw or not (param_readings(raw) & METHOD_OVERRIDE_PARAMS):
+                continue
+            if found is None:
+                found = _Override()
+            if _decoded(raw) == "_method":
+                found.methods.append(("_method", unquote_plus(value)))
+            else:
+                # Frameworks disagree on bracketed, dotted or re-encoded spellings
+                # (an array, a nested key, another name): only the plain one is decidable.
+                found.refused = found.refused or "_method"
+    return found
+
+
+def _not_allowed(what: str) -> Deny:
+    return Deny(
+        400,
+        "METHOD_OVERRIDE_NOT_ALLOWED",
+        f"{what} is not allowed: send the real method and path",
+    )
+
+
+def effective_method(ctx: RequestContext, asked: _Override) -> str | Deny:
+    """The one method the upstream will act on, on a route that allows overrides."""
+    if asked.refused is not None:
+        if asked.refused == "_method":
+            return _not_allowed("a bracketed, dotted or encoded _method parameter")
+        return _not_allowed(asked.refused)
+    values = {value.strip().upper() for _, value in asked.methods}
+    if len(values) != 1:
+        return _not_allowed("more than one method override (they differ)")
+    (method,) = values
+    if method not in ROUTE_METHODS:
+        return _not_allowed(f"the override method {_too_long(method)!r}")
+    return method
+
+
+def check_query(ctx: RequestContext, route: Route, query: str) -> Deny | None:
+    """The route's `query: {allow|deny}` list, on every reading of every name."""
+    rule = route.query
+    assert rule is not None
+    server = ctx.config.server
+    key_param = server.query_param if "query" in server.credential_sources else None
+    for name, readings in _query_names(query):
+        if name == key_param or (route.allow_method_override and name == "_method"):
+            continue  # the key is stripped before forwarding; the override was decided on
+        if rule.allow is not None:
+            bad = not readings <= rule.allow
+        else:
+            bad = bool(readings & rule.deny)
+        if bad:
+            return Deny(
+                403,
+                "QUERY_NOT_ALLOWED",
+                f"query parameter {_too_long(name)!r} is not allowed on {route.match}",
+            )
     return None
 
 
@@ -53,13 +166,28 @@ def match_route(ctx: RequestContext) -> Deny | None:
     if isinstance(found, AmbiguousMatch):
         return Deny(400, "AMBIGUOUS_PATH", found.message)
     ctx.route = found
-    override = _asks_for_override(ctx, target.query)
-    if override is not None and not (
-        found.allow_method_override and override not in URL_OVERRIDE_HEADERS
-    ):
-        return Deny(
-            400,
-            "METHOD_OVERRIDE_NOT_ALLOWED",
-            f"{override} is not allowed: send the real method and path",
-        )
+    ctx.effective_method = ctx.method
+    asked = _override_asked(ctx, target.query)
+    if asked is not None:
+        if not found.allow_method_override:
+            what = asked.refused or (asked.methods[0][0] if asked.methods else "_method")
+            return _not_allowed(what)
+        method = effective_method(ctx, asked)
+        if method.__class__ is Deny:
+            return method  # type: ignore[return-value]
+        assert isinstance(method, str)
+        if method != ctx.method:
+            # The upstream acts on `method`: it must be this same route that allows it, so
+            # the route, the key type and the ACL hold for the wire and the effective method.
+            other = ctx.config.route_table.resolve(method, target.segments)
+            if other is not found:
+                return Deny(
+                    400,
+                    "METHOD_OVERRIDE_NOT_ALLOWED",
+                    f"the override to {method} is not allowed by {found.match}:"
+                    f" send {method} itself",
+                )
+            ctx.effective_method = method
+    if found.query is not None and target.query:
+        return check_query(ctx, found, target.query)
     return None

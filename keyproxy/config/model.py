@@ -115,6 +115,14 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryRule:
+    """A route's `query:` list: names (lower-case) it allows, or names it denies; one is None."""
+
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     index: int  # position in the file: first match wins
     match: str  # the pattern as written, e.g. "GET|PUT /{index}/_settings"
@@ -125,6 +133,7 @@ class Route:
     access: Access | None = None  # explicit override; None means "by method"
     allow_method_override: bool = False
     line: int = 0
+    query: QueryRule | None = None  # None: any query parameter
 
     def params(self, segments: tuple[str, ...]) -> dict[str, str]:
         """The `{name}` parameters of canonical `segments` this route matched."""

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from yaml.nodes import Node
 
 from keyproxy import routes
-from keyproxy.config.model import OPS, Access, KeyType, Route
-from keyproxy.config.yaml_reader import Reader, line_of
+from keyproxy.config.model import OPS, Access, KeyType, QueryRule, Route
+from keyproxy.config.yaml_reader import Reader, line_of, show
 
-_ROUTE_FIELDS = frozenset({"match", "acl", "op", "access", "allow_method_override"})
+_ROUTE_FIELDS = frozenset({"match", "acl", "op", "access", "allow_method_override", "query"})
+_QUERY_FIELDS = frozenset({"allow", "deny"})
+#: A query parameter name as a list entry: printable ASCII without separators or brackets
+#: (the check compares the base name every framework reads, `select[x]` being `select`).
+_QUERY_NAME = re.compile(r"[A-Za-z0-9_\-.~!$'()*,:@]{1,128}")
 _ACL_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 _CHANGING_OPS = frozenset({"create", "update", "delete"})
 
@@ -84,6 +88,20 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
             " then send POST with X-HTTP-Method-Override: DELETE",
             "remove one of the two",
         )
+    query = _query_rule(r, fields["query"], f"{where}.query") if "query" in fields else None
+    if (
+        override
+        and access != "read"
+        and pattern is not None
+        and len(_written_methods(pattern[0])) < 2
+    ):
+        r.issue(
+            fields["allow_method_override"],
+            f"{where}.allow_method_override",
+            "an override may only name another method of the same route, and this route"
+            " has one method",
+            'list every method the override may ask for, like match: "POST|PUT|DELETE /x/{id}"',
+        )
     if len(r.issues) != before or pattern is None or acl is None:
         return None, acl
     text, methods, segments = pattern
@@ -97,7 +115,47 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
         access=Access(access) if access else None,
         allow_method_override=bool(override),
         line=line_of(node) or 0,
+        query=query,
     ), acl
+
+
+def _written_methods(text: str) -> set[str]:
+    """The methods a pattern names itself (GET's implicit HEAD not counted)."""
+    methods = text.split()[0]
+    return set(routes.parse_pattern(text)[0]) if methods == "*" else set(methods.split("|"))
+
+
+def _query_rule(r: Reader, node: Node, where: str) -> QueryRule | None:
+    fields = r.fields(node, where, _QUERY_FIELDS)
+    if fields is None:
+        return None
+    if len(fields) != 1:
+        r.issue(
+            node,
+            where,
+            "write exactly one of allow or deny" if fields else "is empty",
+            "query: {allow: [page, limit]} lets only those through;"
+            " query: {deny: [_embed, select]} refuses those",
+        )
+        return None
+    ((kind, items),) = fields.items()
+    names = r.texts(items, f"{where}.{kind}", non_empty="list at least one parameter name")
+    if names is None:
+        return None
+    ok = True
+    for item, name in names:
+        if _QUERY_NAME.fullmatch(name) is None:
+            r.issue(
+                item,
+                f"{where}.{kind}",
+                f"{show(item)} is not a query parameter name",
+                "write the name alone, decoded and without brackets: select, not select[]",
+            )
+            ok = False
+    if not ok:
+        return None
+    lowered = frozenset(name.lower() for _, name in names)
+    return QueryRule(allow=lowered) if kind == "allow" else QueryRule(deny=lowered)
 
 
 def _route_pattern(
@@ -121,33 +179,75 @@ def _shape(segments: tuple[str, ...]) -> tuple[str, ...]:
     return tuple("*" if s.startswith("{") and s.endswith("}") else s for s in segments)
 
 
+def covers(earlier: tuple[str, ...], later: tuple[str, ...]) -> bool:
+    """Whether every path `later` matches is matched by `earlier` (both as `_shape`s).
+
+    `**` matches any rest, even none; `*` any one non-empty segment; a literal itself.
+    """
+    for i, token in enumerate(earlier):
+        if token == "**":
+            return True
+        if i >= len(later):
+            return False
+        other = later[i]
+        if other == "**":
+            return False  # `later` also matches shorter and longer paths
+        if token == "*":
+            if other == "":
+                return False  # a trailing slash: `*` never matches an empty segment
+        elif token != other:
+            return False
+    return len(later) == len(earlier)
+
+
 def _unreachable_routes(r: Reader, table: list[Route]) -> None:
-    """A route whose path an earlier route has, with all its methods, can never match."""
-    earlier: dict[tuple[str, ...], list[Route]] = {}
-    for route in table:
-        shape = _shape(route.segments)
-        before = earlier.setdefault(shape, [])
-        covered = set().union(*(e.methods for e in before)) if before else set()
-        if before and route.methods <= covered:
-            same = next((e for e in before if e.methods == route.methods), None)
-            if same is not None:
-                message = (
-                    f"route {route.index} duplicates route {same.index} "
-                    f"(line {same.line}) and can never match"
-                )
-            else:
-                names = ", ".join(str(e.index) for e in before if e.methods & route.methods)
-                message = (
-                    f"route {route.index} can never match: earlier routes ({names}) "
-                    "have the same path and all of its methods"
-                )
-            r.issue_at(
-                route.line,
-                f"routes[{route.index}].match",
-                message,
-                "remove it, or change its methods or path",
+    """A route whose every method an earlier route matches on all its paths can never match.
+
+    Checked per method, so `GET /v1/data/{table}` shadows a later `GET /v1/data/admin`,
+    `* /**` shadows everything after it, and `GET /x` plus `PUT /x/*` shadow `GET|PUT /x/{id}`.
+    """
+    shapes = [_shape(route.segments) for route in table]
+    for position, route in enumerate(table):
+        shadowing: list[Route] = []
+        for method in sorted(route.methods):
+            first = next(
+                (
+                    e
+                    for e, shape in zip(table[:position], shapes, strict=False)
+                    if method in e.methods and covers(shape, shapes[position])
+                ),
+                None,
             )
-        before.append(route)
+            if first is None:
+                break
+            if first not in shadowing:
+                shadowing.append(first)
+        else:
+            _report_shadowed(r, route, shadowing)
+
+
+def _report_shadowed(r: Reader, route: Route, shadowing: list[Route]) -> None:
+    same = next((e for e in shadowing if e.methods == route.methods), None)
+    if same is not None and _shape(same.segments) == _shape(route.segments):
+        message = (
+            f"route {route.index} duplicates route {same.index} "
+            f"(line {same.line}) and can never match"
+        )
+    else:
+        shadowing.sort(key=lambda e: e.index)
+        names = ", ".join(str(e.index) for e in shadowing)
+        lines = ", ".join(f"{e.index} '{e.match}' on line {e.line}" for e in shadowing)
+        message = (
+            f"route {route.index} can never match: earlier routes ({names}) match every"
+            f" request it would (first match wins): {lines}"
+        )
+    first_line = min(e.line for e in shadowing)
+    r.issue_at(
+        route.line,
+        f"routes[{route.index}].match",
+        message,
+        f"move it above line {first_line} if it should win, or remove it",
+    )
 
 
 def read_routes(r: Reader, node: Node | None, root: Node) -> tuple[list[Route], AclIndex]:
