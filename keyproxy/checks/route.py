@@ -180,6 +180,13 @@ def match_route(ctx: RequestContext) -> Deny | None:
             # The upstream acts on `method`: it must be this same route that allows it, so
             # the route, the key type and the ACL hold for the wire and the effective method.
             other = ctx.config.route_table.resolve(method, target.segments)
+            if other is None:
+                shown = target.path if len(target.path) <= 120 else target.path[:120] + "..."
+                return Deny(
+                    403,
+                    "ROUTE_NOT_ALLOWED",
+                    f"no route allows {method} {shown} (asked for by a method override)",
+                )
             if other is not found:
                 return Deny(
                     400,
