@@ -117,6 +117,27 @@ def clean_text(node: Node) -> str | None:
 
 
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
+
+#: The fields where `${VAR}` reads the environment: secrets and addresses, which differ
+#: per deployment. Anywhere else a value from the environment could end up where
+#: clients see it (an ACL name is quoted in 403 bodies) or change a rule unseen.
+ENV_FIELDS = frozenset(
+    {
+        "upstream.url",
+        "upstream.ca_file",
+        "rate_limits.store",
+        "server.listen",
+        "server.admin_listen",
+        "users.jwt.secret",
+        "users.jwt.jwks_url",
+        "cache.store",
+    }
+)
+ENV_FIELD_PREFIXES = ("upstream.inject.",)
+
+
+def env_allowed(where: str) -> bool:
+    return where in ENV_FIELDS or where.startswith(ENV_FIELD_PREFIXES)
 _INT = re.compile(r"[0-9](?:_?[0-9])*")
 
 
@@ -128,7 +149,7 @@ class Reader:
     error channel.
     """
 
-    __slots__ = ("env", "issues", "merges_left")
+    __slots__ = ("_expanded", "env", "issues", "merges_left")
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
@@ -136,9 +157,33 @@ class Reader:
         # Merging a shared anchor twice at every level doubles the work per level:
         # bounded, a hostile or careless file is refused instead of taking hours.
         self.merges_left = MAX_MERGES
+        # id(node) -> the (name, value) pairs substituted into it: an issue about that
+        # node shows `${NAME}` wherever its message would quote the value.
+        self._expanded: dict[int, list[tuple[str, str]]] = {}
 
     def issue(self, node: Node | None, where: str, message: str, hint: str | None = None) -> None:
+        if self._expanded and node is not None and id(node) in self._expanded:
+            message, hint = self._scrub(self._expanded[id(node)], message, hint)
         self.issues.append(ConfigIssue(line_of(node), where, message, hint))
+
+    @staticmethod
+    def _scrub(
+        values: list[tuple[str, str]], message: str, hint: str | None
+    ) -> tuple[str, str | None]:
+        for name, value in sorted(values, key=lambda nv: -len(nv[1])):
+            if value:
+                message = message.replace(value, f"${{{name}}}")
+                hint = hint.replace(value, f"${{{name}}}") if hint else hint
+        # A message may quote part of the value (a parser's "invalid port 'xyz'"):
+        # then it says only which variable holds a bad value.
+        for name, value in values:
+            pieces = {value[i : i + 4] for i in range(max(1, len(value) - 3))}
+            if any(p in message for p in pieces if len(p) >= 4 or p == value):
+                names = ", ".join(f"${{{n}}}" for n, _ in values)
+                message = f"the value read from {names} is not valid here (not shown)"
+            if hint and any(p in hint for p in pieces if len(p) >= 4 or p == value):
+                hint = None
+        return message, hint
 
     def issue_at(self, line: int | None, where: str, message: str, hint: str | None = None) -> None:
         self.issues.append(ConfigIssue(line, where, message, hint))
@@ -275,6 +320,9 @@ class Reader:
 
     def _expand(self, node: ScalarNode, where: str) -> str | None:
         problems: list[tuple[str, str]] = []
+        allowed = env_allowed(where)
+        refused: list[str] = []
+        used: list[tuple[str, str]] = []
 
         def substitute(match: re.Match[str]) -> str:
             text = match.group(0)
@@ -288,6 +336,9 @@ class Reader:
                         "write ${NAME} with letters, digits and _, or $${ for a literal ${",
                     )
                 )
+                return ""
+            if not allowed:
+                refused.append(name)
                 return ""
             value = self.env.get(name)
             if value is None:
@@ -305,11 +356,23 @@ class Reader:
                         "an empty value would become an empty secret; set the real value",
                     )
                 )
+            used.append((name, value))
             return value
 
         result = _VAR.sub(substitute, node.value)
+        if refused and not problems:
+            problems.append(
+                (
+                    f"${{{refused[0]}}}: environment variables are not read in this field",
+                    "write the value itself (or $${ for a literal ${); ${VAR} is read only"
+                    " in fields for secrets and addresses: upstream.url, upstream.inject.*,"
+                    " upstream.ca_file, rate_limits.store, server.listen, server.admin_listen",
+                )
+            )
         for message, hint in problems:
             self.issue(node, where, message, hint)
+        if used and not problems:
+            self._expanded.setdefault(id(node), []).extend(used)
         return None if problems else result
 
     def string(
