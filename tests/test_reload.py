@@ -32,3 +32,102 @@ def test_an_unchanged_file_is_never_reread(tmp_path: Path) -> None:
     _touch(path, BASE, 1_000_000_000)
     holder = ConfigHolder(parse(BASE, ENV), str(path))
     assert [holder.settled_change() for _ in range(3)] == [False, False, False]
+
+
+# --------------------------------------------------------------------------- partial files
+
+
+def test_the_end_marker_is_the_last_non_blank_line() -> None:
+    from keyproxy.config.reload import ends_with_marker
+
+    assert ends_with_marker(b"keys: []\n# end\n")
+    assert ends_with_marker(b"keys: []\n  # END  \n\n")
+    assert ends_with_marker(b"# end")
+    assert not ends_with_marker(b"keys: []\n")
+    assert not ends_with_marker(b"# end\nkeys: []\n")
+    assert not ends_with_marker(b"keys: []\n# end of keys\n")
+    assert not ends_with_marker(b"")
+
+
+def _holder_after_edit(tmp_path: Path, write, monkeypatch) -> tuple[ConfigHolder, bool]:
+    import asyncio
+
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(BASE)
+    holder = ConfigHolder(parse(BASE, ENV), str(path))
+    write(path)
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    return holder, asyncio.run(holder.reload(in_place=holder.in_place()))
+
+
+def test_an_in_place_edit_without_the_marker_is_refused(tmp_path: Path, monkeypatch) -> None:
+    edited = BASE.replace("3000", "3001")
+
+    def in_place(path: Path) -> None:
+        with open(path, "w") as file:  # same inode
+            file.write(edited)
+
+    holder, applied = _holder_after_edit(tmp_path, in_place, monkeypatch)
+    assert not applied and holder.config.upstream.port == 3000
+    assert "rewritten in place" in (holder.last_error or "")
+    assert holder.reloads["error"] == 1
+
+
+def test_an_in_place_edit_ending_with_the_marker_is_read(tmp_path: Path, monkeypatch) -> None:
+    def in_place(path: Path) -> None:
+        with open(path, "w") as file:
+            file.write(BASE.replace("3000", "3001") + "# end\n")
+
+    holder, applied = _holder_after_edit(tmp_path, in_place, monkeypatch)
+    assert applied and holder.config.upstream.port == 3001
+
+
+def test_a_file_replaced_by_rename_needs_no_marker(tmp_path: Path, monkeypatch) -> None:
+    def by_rename(path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(BASE.replace("3000", "3001"))
+        tmp.replace(path)
+
+    holder, applied = _holder_after_edit(tmp_path, by_rename, monkeypatch)
+    assert applied and holder.config.upstream.port == 3001
+
+
+def test_a_half_written_file_never_goes_live(tmp_path: Path, upstream) -> None:
+    """A real `keyproxy serve`; the file is rewritten in place in two parts with a pause of
+    several polls between them. The key whose `revoked: true` comes last stays revoked."""
+    import time
+
+    import yaml
+
+    from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
+    from tests.test_lifecycle import wait_until
+
+    victim = "pk_" + "9" * 64
+    newcomer = "pk_" + "8" * 64
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"].append({"id": "victim", "hash": digest(victim), "type": "read", "revoked": True})
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+        edited = dict(config)
+        edited["keys"] = [
+            {"id": "newcomer", "hash": digest(newcomer), "type": "read"},
+            *config["keys"],
+        ]
+        text = yaml.safe_dump(edited, sort_keys=False) + "# end\n"
+        cut = text.rindex("  revoked: true")
+        assert text[cut:].count("\n") == 2  # the victim's revocation is the last setting
+        with open(kp.config_path, "w") as file:  # in place: same inode, truncated
+            file.write(text[:cut])
+            file.flush()
+            time.sleep(2.0)  # four polls: the half file is quiet long enough to be read
+            assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+            assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401  # not applied
+            file.write(text[cut:])
+        assert wait_until(lambda: kp.request("GET", "/echo/x", key=newcomer)[0] == 200, 3.0)
+        assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 200
+        assert "rewritten in place" in kp.process.stderr
+    finally:
+        kp.stop()

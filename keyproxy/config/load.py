@@ -183,6 +183,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(
             source, [ConfigIssue(None, "", f"cannot read the file: {error.strerror or error}")]
         ) from None
+    return config_from_bytes(data, source, env)
+
+
+def config_from_bytes(data: bytes, source: str, env: Mapping[str, str] | None = None) -> Config:
+    """Parse the file's bytes as read once (the reloader checks them before parsing)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

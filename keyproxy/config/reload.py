@@ -4,6 +4,20 @@ An edit is applied whole or not at all: a file that fails to load leaves the
 running configuration in force, and the failure is logged and counted. The
 file is polled rather than watched with inotify so that editors that replace
 the file, bind mounts and ConfigMap symlink swaps all behave the same.
+
+A half-written file must never be taken for a whole one: a key list cut before
+a key's `revoked: true` or `ips:` line is valid YAML that grants more than the
+finished file. No quiet period tells a pausing writer from a finished one, so
+the watcher trusts only what cannot be partial:
+
+* a file *replaced* (a new inode: write a temporary file, then rename it over
+  the old one; editors that save by rename, `kubectl` ConfigMap swaps) is
+  complete by construction, and is read once it has stopped changing;
+* a file *rewritten in place* (same inode) is read only when its last line is
+  the end marker `# end`, which a writer reaching the end of the file writes
+  last; without it the edit is refused and logged, and the running
+  configuration stays in force;
+* SIGHUP is the operator saying the edit is done: it reads the file as it is.
 """
 
 from __future__ import annotations
@@ -12,11 +26,26 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from keyproxy.config.load import ConfigError, load_config
+from keyproxy.config.load import ConfigError, config_from_bytes, load_config
 from keyproxy.config.model import Config
 from keyproxy.observability import log_event
 
 POLL_INTERVAL = 0.5  # seconds; SPEC: an edit takes effect within 2 s
+
+#: The last line an in-place edit must end with to be read by the watcher.
+END_MARKER = b"# end"
+
+IN_PLACE_WITHOUT_MARKER = (
+    "{path} was rewritten in place and does not end with a '# end' line: not applied,"
+    " since a half-written file would look the same; write a temporary file and rename"
+    " it over {path}, end the file with '# end', or send SIGHUP when the edit is done"
+)
+
+
+def ends_with_marker(data: bytes) -> bool:
+    """Whether the last non-blank line is `# end` (any case, surrounding blanks ignored)."""
+    last = data[-4096:].rstrip().rpartition(b"\n")[2]
+    return last.strip().lower() == END_MARKER
 
 
 def _fingerprint(path: str) -> tuple[int, int, int] | None:
@@ -56,23 +85,32 @@ class ConfigHolder:
         self._seen = _fingerprint(self.path)
         return self._apply(self._load())
 
-    async def reload(self) -> bool:
+    async def reload(self, *, in_place: bool = False) -> bool:
         """Load the file on a worker thread, then swap on the loop.
 
         A large registry takes seconds to parse; parsing on the loop would stall
-        every request in flight for that long.
+        every request in flight for that long. `in_place`: the watcher saw the
+        file rewritten in place, so it is read only if it ends with the marker.
         """
         if self.path is None:
             return False
         self._seen = _fingerprint(self.path)
         async with self._lock:  # one reload at a time; the last edit wins
-            outcome = await asyncio.get_running_loop().run_in_executor(None, self._load)
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                None, self._load, in_place
+            )
             return self._apply(outcome)
 
-    def _load(self) -> Config | str | ConfigError:
+    def _load(self, in_place: bool = False) -> Config | str | ConfigError:
         assert self.path is not None
         try:
-            return load_config(self.path)
+            if not in_place:
+                return load_config(self.path)
+            with open(self.path, "rb") as file:
+                data = file.read()
+            if not ends_with_marker(data):
+                return IN_PLACE_WITHOUT_MARKER.format(path=self.path)
+            return config_from_bytes(data, self.path)
         except ConfigError as exc:
             return exc
         except OSError as exc:
@@ -109,6 +147,12 @@ class ConfigHolder:
         """For SIGHUP."""
         asyncio.get_running_loop().create_task(self.reload())
 
+    def in_place(self) -> bool:
+        """Whether the file now on disk is the same inode as the one last read."""
+        assert self.path is not None
+        now = _fingerprint(self.path)
+        return now is not None and self._seen is not None and now[2] == self._seen[2]
+
     def settled_change(self) -> bool:
         """One poll: whether the file changed and then stayed the same for a whole poll.
 
@@ -133,4 +177,4 @@ class ConfigHolder:
         while True:
             await asyncio.sleep(interval)
             if self.settled_change():
-                await self.reload()
+                await self.reload(in_place=self.in_place())
