@@ -102,6 +102,31 @@ def test_framework_spellings_of_method_are_refused(kp: Keyproxy, upstream, name)
 
 
 @pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"_method=DELETE&q=x"),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n',
+        ),
+    ],
+)
+def test_a_read_key_cannot_send_a_form_to_a_read_only_post(
+    kp: Keyproxy, upstream, content_type, body
+):
+    """`POST /{index}/_search` only reads (`access: read`); a form body could carry
+    `_method=DELETE` to a Rack, Laravel or Spring upstream."""
+    upstream.reset()
+    headers = {"Content-Type": content_type}
+    status, _, got, _ = kp.request("POST", "/posts/_search", headers, body, key=KEYS["reader"])
+    assert status == 400 and _error(got) == "METHOD_OVERRIDE_NOT_ALLOWED", got
+    assert upstream.records() == []
+    headers = {"Content-Type": "application/json"}
+    status, _, _, _ = kp.request("POST", "/posts/_search", headers, b"{}", key=KEYS["reader"])
+    assert status == 200
+
+
+@pytest.mark.parametrize(
     ("target", "status"),
     [
         ("/posts/1?_embed=audit_log", 403),  # json-server reads another table

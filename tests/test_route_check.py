@@ -32,6 +32,7 @@ routes:
   - {{match: "GET /posts/{{id}}", acl: comments, query: {{deny: [_embed, _expand, select]}}}}
   - {{match: "GET /items", acl: comments, query: {{allow: [page, limit]}}}}
   - {{match: "GET /plain/**", acl: comments}}
+  - {{match: "POST /{{index}}/_search", acl: comments, access: read}}
 keys:
   - {{id: reader, hash: {_hash(KEYS["reader"])}, type: read, acls: [comments]}}
   - {{id: writer, hash: {_hash(KEYS["writer"])}, type: write, acls: [comments, users, open]}}
@@ -69,7 +70,13 @@ OVERRIDE = (("x-http-method-override", "DELETE"),)
         ("reader", "GET", "/comments/1?_method=delete", (), "403 PERMISSION_DENIED"),
         ("reader", "GET", "/comments/1", (), "allowed as GET"),
         # a write key cannot read by asking for GET through POST
-        ("writer", "POST", "/users/1", (("x-http-method-override", "GET"),), "403 ROUTE_NOT_ALLOWED"),
+        (
+            "writer",
+            "POST",
+            "/users/1",
+            (("x-http-method-override", "GET"),),
+            "403 ROUTE_NOT_ALLOWED",
+        ),
         ("writer", "POST", "/users/1?_method=GET", (), "403 ROUTE_NOT_ALLOWED"),
         ("writer", "POST", "/users/1", (("x-http-method-override", "PUT"),), "allowed as PUT"),
         # the write key may not have it either way: GET reads, DELETE writes
@@ -87,7 +94,13 @@ OVERRIDE = (("x-http-method-override", "DELETE"),)
             "400 METHOD_OVERRIDE_NOT_ALLOWED",
         ),
         ("admin", "POST", "/users/1?_method=PURGE", (), "400 METHOD_OVERRIDE_NOT_ALLOWED"),
-        ("admin", "POST", "/users/1", (("x-original-url", "/x"),), "400 METHOD_OVERRIDE_NOT_ALLOWED"),
+        (
+            "admin",
+            "POST",
+            "/users/1",
+            (("x-original-url", "/x"),),
+            "400 METHOD_OVERRIDE_NOT_ALLOWED",
+        ),
         # on an override route only the plain spelling is decidable
         ("admin", "POST", "/users/1?%5B_method%5D=PUT", (), "400 METHOD_OVERRIDE_NOT_ALLOWED"),
         ("admin", "POST", "/users/1?_method[]=PUT", (), "400 METHOD_OVERRIDE_NOT_ALLOWED"),
@@ -97,6 +110,30 @@ OVERRIDE = (("x-http-method-override", "DELETE"),)
 )
 def test_the_effective_method_decides(decide, key, method, target, headers, expected):
     assert decide(key, method, target, headers) == expected
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "expected"),
+    [
+        (FORM, "400 METHOD_OVERRIDE_NOT_ALLOWED"),
+        ("Application/X-WWW-Form-Urlencoded; charset=utf-8", "400 METHOD_OVERRIDE_NOT_ALLOWED"),
+        ("multipart/form-data; boundary=x", "400 METHOD_OVERRIDE_NOT_ALLOWED"),
+        ("multipart/mixed; boundary=x", "400 METHOD_OVERRIDE_NOT_ALLOWED"),
+        ("application/json", "allowed as POST"),
+        (None, "allowed as POST"),
+    ],
+)
+def test_a_form_body_on_a_read_only_post_route_is_refused(decide, content_type, expected):
+    headers = (("content-type", content_type),) if content_type else ()
+    assert decide("reader", "POST", "/posts/_search", headers) == expected
+
+
+def test_a_second_content_type_cannot_hide_a_form(decide):
+    headers = (("content-type", "application/json"), ("content-type", FORM))
+    assert decide("reader", "POST", "/posts/_search", headers) == "400 METHOD_OVERRIDE_NOT_ALLOWED"
 
 
 SPELLINGS = [
@@ -176,7 +213,9 @@ def test_route_query_lists(decide, target: str, expected: str) -> None:
     ],
 )
 def test_query_rule_refusals(query: str, problem: str) -> None:
-    text = f'upstream: {{url: "http://b"}}\nroutes:\n  - {{match: "GET /a", acl: a, query: {query}}}\n'
+    text = (
+        f'upstream: {{url: "http://b"}}\nroutes:\n  - {{match: "GET /a", acl: a, query: {query}}}\n'
+    )
     with pytest.raises(ConfigError) as info:
         parse_config(text, "q.yaml", {})
     assert any(problem in i.message for i in info.value.issues), info.value.issues

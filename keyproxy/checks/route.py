@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-from keyproxy.config.model import ROUTE_METHODS, Route
+from keyproxy.config.model import READ_METHODS, ROUTE_METHODS, Access, Route
 from keyproxy.paths import InvalidPath, canonicalize
 from keyproxy.request import Deny, RequestContext
 from keyproxy.routes import AmbiguousMatch
@@ -141,17 +141,36 @@ def check_query(ctx: RequestContext, route: Route, query: str) -> Deny | None:
     for name, readings in _query_names(query):
         if name == key_param or (route.allow_method_override and name == "_method"):
             continue  # the key is stripped before forwarding; the override was decided on
-        if rule.allow is not None:
-            bad = not readings <= rule.allow
-        else:
-            bad = bool(readings & rule.deny)
-        if bad:
+        # Allowed: every reading is listed. Denied: any reading is.
+        if (not readings <= rule.allow) if rule.allow is not None else readings & rule.deny:
             return Deny(
                 403,
                 "QUERY_NOT_ALLOWED",
                 f"query parameter {_too_long(name)!r} is not allowed on {route.match}",
             )
     return None
+
+
+#: Body types whose fields Rack::MethodOverride, Laravel/Symfony and Spring's
+#: HiddenHttpMethodFilter read `_method` from (Rack parses every multipart type).
+FORM_MEDIA_TYPES = ("application/x-www-form-urlencoded", "multipart/")
+
+FORM_ON_READ_ROUTE = Deny(
+    400,
+    "METHOD_OVERRIDE_NOT_ALLOWED",
+    "form bodies are not accepted on this read-only route: the upstream could read a"
+    " _method field in them as another method; send JSON",
+)
+
+
+def _form_body(ctx: RequestContext) -> bool:
+    """Whether the request declares a form body (any copy of Content-Type counts)."""
+    for name, value in ctx.headers:
+        if name == "content-type":
+            media = value.partition(";")[0].strip(" \t").lower()
+            if media.startswith(FORM_MEDIA_TYPES):
+                return True
+    return False
 
 
 def match_route(ctx: RequestContext) -> Deny | None:
@@ -195,6 +214,11 @@ def match_route(ctx: RequestContext) -> Deny | None:
                     f" send {method} itself",
                 )
             ctx.effective_method = method
+    elif found.access is Access.READ and ctx.method not in READ_METHODS and _form_body(ctx):
+        # A `POST` that only reads, carrying a form: a body `_method=DELETE` would make
+        # it a write the read key was never allowed. The body itself is streamed, never
+        # read here; its declared type is enough to refuse.
+        return FORM_ON_READ_ROUTE
     if found.query is not None and target.query:
         return check_query(ctx, found, target.query)
     return None

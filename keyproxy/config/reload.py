@@ -96,9 +96,7 @@ class ConfigHolder:
             return False
         self._seen = _fingerprint(self.path)
         async with self._lock:  # one reload at a time; the last edit wins
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                None, self._load, in_place
-            )
+            outcome = await asyncio.get_running_loop().run_in_executor(None, self._load, in_place)
             return self._apply(outcome)
 
     def _load(self, in_place: bool = False) -> Config | str | ConfigError:

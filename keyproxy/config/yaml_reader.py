@@ -138,6 +138,8 @@ ENV_FIELD_PREFIXES = ("upstream.inject.",)
 
 def env_allowed(where: str) -> bool:
     return where in ENV_FIELDS or where.startswith(ENV_FIELD_PREFIXES)
+
+
 _INT = re.compile(r"[0-9](?:_?[0-9])*")
 
 
@@ -176,7 +178,7 @@ class Reader:
                 hint = hint.replace(value, f"${{{name}}}") if hint else hint
         # A message may quote part of the value (a parser's "invalid port 'xyz'"):
         # then it says only which variable holds a bad value.
-        for name, value in values:
+        for _, value in values:
             pieces = {value[i : i + 4] for i in range(max(1, len(value) - 3))}
             if any(p in message for p in pieces if len(p) >= 4 or p == value):
                 names = ", ".join(f"${{{n}}}" for n, _ in values)
