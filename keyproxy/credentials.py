@@ -24,6 +24,7 @@ from urllib.parse import unquote_plus
 import yaml
 
 from keyproxy.config.model import Key
+from keyproxy.paths import param_readings
 from keyproxy.request import Deny, Headers
 
 MIN_KEY_LENGTH = 16
@@ -157,9 +158,19 @@ def extract(
             api_keys.append(value)
         elif name == "authorization":
             authorizations.append(value)
-    query_values = (
-        [value for _, name, value in _query_pairs(query) if name == query_param] if query else []
-    )
+    query_values: list[str] = []
+    if query:
+        lowered = query_param.lower()
+        for _, name, value in _query_pairs(query):
+            if name == query_param:
+                query_values.append(value)
+            elif lowered in name.lower() and lowered in param_readings(name):
+                # `api_key[]`, `[api_key]`, `api_key.x`: frameworks read these as the key
+                # parameter too, so a second key (or the first) would reach the upstream.
+                return _invalid(
+                    f"a key in the query is sent as ?{query_param}=<key> exactly,"
+                    " never in a bracketed or dotted spelling"
+                )
 
     if len(api_keys) > 1:
         return _ambiguous("more than one X-API-Key header")

@@ -34,7 +34,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 #: Longest request target accepted, in characters (= bytes: the target is latin-1).
 MAX_TARGET_LENGTH = 8192
@@ -252,3 +252,45 @@ def _describe_char(char: str) -> str:
     if char < " " or char == "\x7f":
         return f"a control character (0x{ord(char):02X})"
     return "a non-ASCII character (send it percent-encoded as UTF-8)"
+
+
+# --- query parameter names --------------------------------------------------------
+
+#: Leading characters a parser skips before a name: brackets (Rack 2 reads `[_method]` as
+#: `_method`, and `qs` — Express's parser — reads a key that starts with `[x]` as `x`).
+_NAME_LEAD = " []"
+#: Where a parser ends the base name: a `[` opens an array or nested key (qs, Rack, PHP),
+#: a `]` closes one, a `.` opens a nested key (qs with allowDots, Spring binders).
+_NAME_END = re.compile(r"[\[\].\x00]")
+#: Most rounds of percent-decoding applied to a name: an upstream behind another
+#: decoding layer reads `%255F` as `_`.
+_DECODE_ROUNDS = 3
+
+
+def decoded_name(raw: str) -> str:
+    """A query name form-decoded (`+` is a space), again while escapes remain (bounded)."""
+    name = unquote_plus(raw)
+    for _ in range(_DECODE_ROUNDS - 1):
+        if "%" not in name:
+            break
+        again = unquote_plus(name)
+        if again == name:
+            break
+        name = again
+    return name
+
+
+def param_readings(raw: str) -> frozenset[str]:
+    """Every name a common framework may read the raw query name `raw` as (lower-case).
+
+    * as sent, decoded (Django's QueryDict, Spring's getParameter, Rack 3);
+    * the base name before any `[`, `]` or `.`, after leading brackets and spaces
+      (qs/Express: `_method[]`, `[_method]`, `[_method][]`, `_method.x` with allowDots;
+      Rack 2: `[_method]`, `]]_method`; Rails' nested params);
+    * PHP's reading (Laravel, Symfony): leading spaces dropped, then `.` and space
+      inside the name read as `_`, and a `[` starting an array of that name.
+    """
+    name = decoded_name(raw).lower()
+    base = _NAME_END.split(name.lstrip(_NAME_LEAD), 1)[0]
+    php = name.lstrip(" ").partition("[")[0].replace(" ", "_").replace(".", "_")
+    return frozenset((name, base, php))

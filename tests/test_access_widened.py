@@ -188,3 +188,17 @@ def test_a_variable_outside_secret_fields_is_refused_and_never_echoed(tmp_path: 
     text = result.stdout + result.stderr
     assert "routes[0].acl" in text and "${" in text
     assert "s3cr3t-value-xyz" not in text
+
+
+@pytest.mark.parametrize("name", ["api_key[]", "%5Bapi_key%5D", "api_key.x"])
+def test_framework_spellings_of_the_query_key_never_reach_the_upstream(
+    kp: Keyproxy, upstream, name
+):
+    upstream.reset()
+    response = kp.raw(
+        f"GET /echo/x?{name}=smuggled HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['admin']}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    assert response.startswith(b"HTTP/1.1 401"), response
+    assert b'"error":"INVALID_TOKEN"' in response
+    assert upstream.records() == []

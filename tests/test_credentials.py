@@ -391,3 +391,17 @@ def test_sha256_digest():
     assert sha256_digest("abc").hex() == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["api_key[]", "[api_key]", "%5Bapi_key%5D", "api_key.x", "api_key[x]", "API_KEY", "+api_key"],
+)
+def test_framework_spellings_of_the_query_key_are_refused(name):
+    # qs, Rack and PHP read these as `api_key`: a key there would reach the upstream.
+    assert_deny(run(query=f"{name}={KEY}"), 401, "INVALID_TOKEN")
+    assert_deny(run([("X-API-Key", KEY)], query=f"{name}=other"), 401, "INVALID_TOKEN")
+
+
+def test_names_that_merely_contain_the_key_name_pass():
+    assert run([("X-API-Key", KEY)], query="my_api_key_hint=1") == Presented("header", KEY)

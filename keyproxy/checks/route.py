@@ -6,7 +6,7 @@ import re
 from urllib.parse import unquote_plus
 
 from keyproxy.config.model import READ_METHODS, ROUTE_METHODS, Access, Route
-from keyproxy.paths import InvalidPath, canonicalize
+from keyproxy.paths import InvalidPath, canonicalize, decoded_name, param_readings
 from keyproxy.request import Deny, RequestContext
 from keyproxy.routes import AmbiguousMatch
 
@@ -18,52 +18,13 @@ METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
 _PARAM_SEPARATORS = re.compile(r"[&;]")
-#: Leading characters a parser skips before a name: brackets (Rack 2 reads `[_method]` as
-#: `_method`, and `qs` — Express's parser — reads a key that starts with `[x]` as `x`).
-_NAME_LEAD = " []"
-#: Where a parser ends the base name: a `[` opens an array or nested key (qs, Rack, PHP),
-#: a `]` closes one, a `.` opens a nested key (qs with allowDots, Spring binders).
-_NAME_END = re.compile(r"[\[\].\x00]")
-#: Most rounds of percent-decoding applied to a name: an upstream behind another
-#: decoding layer reads `%255F` as `_`.
-_DECODE_ROUNDS = 3
-
-
-def _decoded(raw: str) -> str:
-    name = unquote_plus(raw)
-    for _ in range(_DECODE_ROUNDS - 1):
-        if "%" not in name:
-            break
-        again = unquote_plus(name)
-        if again == name:
-            break
-        name = again
-    return name
-
-
-def param_readings(raw: str) -> frozenset[str]:
-    """Every name a common framework may read the raw query name `raw` as (lower-case).
-
-    * as sent, decoded (Django's QueryDict, Spring's getParameter, Rack 3);
-    * the base name before any `[`, `]` or `.`, after leading brackets and spaces
-      (qs/Express: `_method[]`, `[_method]`, `[_method][]`, `_method.x` with allowDots;
-      Rack 2: `[_method]`, `]]_method`; Rails' nested params);
-    * PHP's reading (Laravel, Symfony): leading spaces dropped, then `.` and space
-      inside the name read as `_`, and a `[` starting an array of that name.
-    """
-    name = _decoded(raw).lower()
-    base = _NAME_END.split(name.lstrip(_NAME_LEAD), 1)[0]
-    php = name.lstrip(" ").partition("[")[0].replace(" ", "_").replace(".", "_")
-    return frozenset((name, base, php))
-
-
 def _query_names(query: str) -> list[tuple[str, frozenset[str]]]:
     """(decoded name, its readings) for each parameter of the query."""
     out = []
     for pair in _PARAM_SEPARATORS.split(query):
         raw = pair.partition("=")[0]
         if raw:
-            out.append((_decoded(raw), param_readings(raw)))
+            out.append((decoded_name(raw), param_readings(raw)))
     return out
 
 
@@ -100,7 +61,7 @@ def _override_asked(ctx: RequestContext, query: str) -> _Override | None:
                 continue
             if found is None:
                 found = _Override()
-            if _decoded(raw) == "_method":
+            if decoded_name(raw) == "_method":
                 found.methods.append(("_method", unquote_plus(value)))
             else:
                 # Frameworks disagree on bracketed, dotted or re-encoded spellings
