@@ -18,6 +18,8 @@ METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
 _PARAM_SEPARATORS = re.compile(r"[&;]")
+
+
 def _query_names(query: str) -> list[tuple[str, frozenset[str]]]:
     """(decoded name, its readings) for each parameter of the query."""
     out = []
@@ -61,7 +63,7 @@ def _override_asked(ctx: RequestContext, query: str) -> _Override | None:
                 continue
             if found is None:
                 found = _Override()
-            if decoded_name(raw) == "_method":
+            if unquote_plus(raw) == "_method":
                 found.methods.append(("_method", unquote_plus(value)))
             else:
                 # Frameworks disagree on bracketed, dotted or re-encoded spellings
