@@ -71,3 +71,10 @@ def test_an_expanded_value_is_never_echoed(text: str, value: str) -> None:
     assert issues
     for issue in issues:
         assert "s3cr3t" not in str(issue), issue
+
+
+def test_a_value_quoted_in_an_issue_about_another_field_is_not_echoed() -> None:
+    text = BASE + "server:\n  listen: ${LISTEN}\n  admin_listen: 0.0.0.0:8080\n"
+    (issue,) = _issues(text, {"LISTEN": "10.9.8.7:8080"})
+    assert issue.where == "server.admin_listen"
+    assert "10.9.8.7" not in str(issue) and "(${LISTEN})" in issue.message

@@ -164,9 +164,20 @@ class Reader:
         self._expanded: dict[int, list[tuple[str, str]]] = {}
 
     def issue(self, node: Node | None, where: str, message: str, hint: str | None = None) -> None:
-        if self._expanded and node is not None and id(node) in self._expanded:
-            message, hint = self._scrub(self._expanded[id(node)], message, hint)
+        if self._expanded:
+            if node is not None and id(node) in self._expanded:
+                message, hint = self._scrub(self._expanded[id(node)], message, hint)
+            message, hint = self._scrub_elsewhere(message, hint)
         self.issues.append(ConfigIssue(line_of(node), where, message, hint))
+
+    def _scrub_elsewhere(self, message: str, hint: str | None) -> tuple[str, str | None]:
+        """An issue about one field may quote another (two listeners on one port)."""
+        for values in self._expanded.values():
+            for name, value in values:
+                if len(value) >= 4:
+                    message = message.replace(value, f"${{{name}}}")
+                    hint = hint.replace(value, f"${{{name}}}") if hint else hint
+        return message, hint
 
     @staticmethod
     def _scrub(
@@ -188,6 +199,8 @@ class Reader:
         return message, hint
 
     def issue_at(self, line: int | None, where: str, message: str, hint: str | None = None) -> None:
+        if self._expanded:
+            message, hint = self._scrub_elsewhere(message, hint)
         self.issues.append(ConfigIssue(line, where, message, hint))
 
     # ---- mappings
