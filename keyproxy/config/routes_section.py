@@ -11,7 +11,9 @@ from keyproxy import routes
 from keyproxy.config.model import OPS, Access, KeyType, Route
 from keyproxy.config.yaml_reader import Reader, line_of
 
-_ROUTE_FIELDS = frozenset({"match", "acl", "op", "access", "allow_method_override"})
+_ROUTE_FIELDS = frozenset(
+    {"match", "acl", "op", "access", "allow_method_override", "max_concurrency"}
+)
 _ACL_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 _CHANGING_OPS = frozenset({"create", "update", "delete"})
 
@@ -69,6 +71,9 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
     override = False
     if "allow_method_override" in fields:
         override = r.boolean(fields["allow_method_override"], f"{where}.allow_method_override")
+    max_concurrency = None
+    if "max_concurrency" in fields:
+        max_concurrency = r.integer(fields["max_concurrency"], f"{where}.max_concurrency", 1)
     if access == "read" and op in _CHANGING_OPS:
         r.issue(
             fields["access"],
@@ -97,6 +102,7 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
         access=Access(access) if access else None,
         allow_method_override=bool(override),
         line=line_of(node) or 0,
+        max_concurrency=max_concurrency,
     ), acl
 
 
