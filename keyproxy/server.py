@@ -436,8 +436,9 @@ class ClientConnection(asyncio.Protocol):
             self._dispatch()
 
     def _stop_input(self) -> None:
+        # `parsing` stays set when a body was arriving: closing then lingers, so a
+        # client still sending can read its answer instead of a reset.
         self.ignore_input = True
-        self.parsing = None
         self.to_flush = None
         self.pause_reading(INPUT_DONE)
 
