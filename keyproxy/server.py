@@ -237,9 +237,16 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client will send nothing more. Complete requests still get their answers
         (HTTP/1.1 clients may half-close, as `nc -N` does); a request cut short cannot."""
-        if self.parsing is not None or (self.active is None and not self.queue):
+        if self.active is None and not self.queue:
             return False  # nothing (complete) to answer: let the transport close
         self.peer_done = True
+        cut = self.parsing
+        if cut is not None:  # its body will never be complete: the requests before it still are
+            self._stop_input()
+            self.parsing = None  # nothing more can arrive: no lingering
+            self._fail_request(cut, BAD_REQUEST)
+            if self.active is None and self.queue:
+                self._dispatch()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -22,6 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from keyproxy.config import ConfigError
+from keyproxy.config.load import parse_config
+from keyproxy.config.model import ServerSettings
+from keyproxy.server import FD_RESERVE, connection_limits
 from tests.procs import UpstreamServer, spawn
 from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
 
@@ -398,3 +402,48 @@ def test_at_the_descriptor_limit_clients_are_refused_and_upstream_and_readyz_wor
         assert kp.request("GET", "/echo/after", key=KEYS["reader"])[0] == 200
     finally:
         kp.stop()
+
+
+# -- settings and sizing (pure) -----------------------------------------------------------------
+
+
+def _config(server: str = "", route_extra: str = "") -> str:
+    return (
+        "server:\n  listen: 127.0.0.1:8080\n" + server + "upstream:\n  url: http://127.0.0.1:9\n"
+        'routes:\n  - match: "GET /v1/{table}"\n    acl: read\n' + route_extra + "keys: []\n"
+    )
+
+
+def test_new_settings_are_read_and_checked():
+    config = parse_config(
+        _config(
+            "  body_timeout: 3s\n  max_connections: 100\n  max_connections_per_ip: 7\n",
+            "    max_concurrency: 2\n",
+        ),
+        "t.yaml",
+        {},
+    )
+    assert config.server.body_timeout == 3.0
+    assert (config.server.max_connections, config.server.max_connections_per_ip) == (100, 7)
+    assert config.routes[0].max_concurrency == 2
+    default = parse_config(_config(), "t.yaml", {})
+    assert default.server.max_connections is None and default.routes[0].max_concurrency is None
+    for server, route, where in (
+        ("  max_connections: 0\n", "", "t.yaml:3: server.max_connections:"),
+        ("  max_connections_per_ip: -1\n", "", "t.yaml:3: server.max_connections_per_ip:"),
+        ("  body_timeout: 0s\n", "", "t.yaml:3: server.body_timeout:"),
+        ("", "    max_concurrency: 0\n", "t.yaml:8: routes[0].max_concurrency:"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config(_config(server, route), "t.yaml", {})
+        assert str(error.value).startswith(where), str(error.value)
+
+
+def test_connection_limits_leave_room_for_the_pool_and_the_reserve():
+    up = parse_config(_config(), "t.yaml", {}).upstream  # a pool of 512
+    assert connection_limits(ServerSettings(), up, 1 << 20) == (838_860, 83_886)
+    total, per_ip = connection_limits(ServerSettings(), up, 1024)
+    assert total == 1024 - 512 - FD_RESERVE and per_ip == 44
+    assert connection_limits(ServerSettings(), up, 256) == (16, 16)  # never below a floor
+    explicit = ServerSettings(max_connections=50, max_connections_per_ip=80)
+    assert connection_limits(explicit, up, 1024) == (50, 50)
