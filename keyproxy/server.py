@@ -67,6 +67,10 @@ INPUT_DONE = object()
 #: few thousand parser callbacks (1,000,000 one-byte chunks would hold the loop for seconds).
 FREE_CHUNKS = 1024
 MIN_AVERAGE_CHUNK = 32
+#: Bytes per second a request body must average, over each `body_timeout` window,
+#: while it holds an upstream connection (Apache's mod_reqtimeout uses 500): one byte
+#: every few seconds would otherwise keep a pool slot for as long as `max_body` lasts.
+MIN_BODY_RATE = 500
 #: Descriptors kept out of the client connection budget beyond the upstream pool:
 #: the admin listener and its probes, Redis, DNS, config and log files.
 FD_RESERVE = 64
@@ -150,6 +154,8 @@ class ClientConnection(asyncio.Protocol):
         self.awaiting_first = True  # no byte of any request yet
         self.last_read = 0.0
         self.body_pieces = 0  # on_body calls for the request body being parsed
+        self.rate_since = 0.0  # start of the current body-rate window
+        self.rate_bytes = 0  # body bytes received when it started
         self.to_flush: Exchange | None = None  # has request body to pass upstream after this read
         self.peer_done = False  # the client half-closed: answer what it asked, then close
         self.queue: deque[Exchange] = deque()
@@ -362,6 +368,7 @@ class ClientConnection(asyncio.Protocol):
             ex.body_complete = True
         self.parsing = ex
         self.body_pieces = 0
+        self.rate_since, self.rate_bytes = self.last_read, 0
         self.queue.append(ex)
         if len(self.queue) > MAX_QUEUED:
             self.pause_reading(PIPELINE_FULL)
@@ -442,6 +449,20 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None and self.queue:
             self._dispatch()
 
+    def _body_too_slow(self, body: Exchange, now: float, settings: ServerSettings) -> bool:
+        if now - self.last_read > settings.body_timeout:
+            return True
+        window = now - self.rate_since
+        if window < settings.body_timeout:
+            return False
+        if (
+            body.upstream is not None
+            and body.body_received - self.rate_bytes < MIN_BODY_RATE * window
+        ):
+            return True  # trickling while holding an upstream connection
+        self.rate_since, self.rate_bytes = now, body.body_received
+        return False
+
     def _stop_input(self) -> None:
         # `parsing` stays set when a body was arriving: closing then lingers, so a
         # client still sending can read its answer instead of a reset.
@@ -465,11 +486,7 @@ class ClientConnection(asyncio.Protocol):
         settings = self.proxy.serving.config.server
         body = self.parsing
         # A request body arriving too slowly (unless keyproxy is the one holding it up).
-        if (
-            body is not None
-            and not self.read_pausers
-            and now - self.last_read > settings.body_timeout
-        ):
+        if body is not None and not self.read_pausers and self._body_too_slow(body, now, settings):
             self._stop_input()
             self._fail_request(body, REQUEST_TIMEOUT)
             if self.active is None and self.queue:
@@ -517,7 +534,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.read_pausers.discard(reason)
         if not self.read_pausers and self.transport is not None and not self.closed:
-            self.last_read = self.loop.time()  # the body timeout counts from now again
+            # The body timeout and rate window count from now again.
+            self.last_read = self.rate_since = self.loop.time()
+            if self.parsing is not None:
+                self.rate_bytes = self.parsing.body_received
             self.transport.resume_reading()
 
     def close(self) -> None:

@@ -266,6 +266,36 @@ def test_a_stalled_body_gets_408_and_frees_its_upstream_connection(make_proxy):
     assert trickle(kp, b"z" * 20, 0.01, stop_after=5) == [408]
 
 
+def test_a_trickling_large_body_loses_its_upstream_connection(make_proxy):
+    # Each byte comes well within body_timeout, but far below 500 bytes/s.
+    kp = make_proxy({"body_timeout": "1s"}, {"max_connections": 1, "timeout": "10s"})
+    big = b"y" * 100_000  # past the wait buffer: streaming, on the only upstream socket
+    head = (
+        b"PUT /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ADMIN + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % (len(big) + 100)
+    )
+    with connect(kp) as sock:
+        sock.sendall(head + big)
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(100):  # 30 s at most, if nothing stopped it
+                sock.sendall(b"y")
+                time.sleep(0.3)
+                sock.settimeout(0.01)
+                try:
+                    if sock.recv(1, socket.MSG_PEEK):
+                        break
+                except TimeoutError:
+                    pass
+                finally:
+                    sock.settimeout(10)
+        took = time.monotonic() - started
+        responses = read_responses(sock)
+    assert [s for s, _ in responses] == [408]
+    assert took < 4
+    assert kp.request("GET", "/echo/next", key=KEYS["reader"])[0] == 200
+
+
 def test_a_million_one_byte_chunks_are_refused_without_stalling_others(proxy: Keyproxy):
     head = (
         b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ADMIN + b"\r\n"
