@@ -599,6 +599,7 @@ class ProxyServer:
         )
         self._default_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._on_loop_exception)
+        self._warn_if_over_fd_limit(config)
         self.checks = build_checks(open_limiter(config.rate_limits))
         self.pipeline = Pipeline(self.checks)
         #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
@@ -642,6 +643,20 @@ class ProxyServer:
         self.max_connections, self.max_per_ip = connection_limits(
             config.server, config.upstream, fd_soft_limit()
         )
+
+    def _warn_if_over_fd_limit(self, config: Config) -> None:
+        """A `max_connections` set above what the descriptor limit allows would end in
+        failed accepts rather than clean 503s: say so when serving starts."""
+        fd_limit = fd_soft_limit()
+        needed = self.max_connections + config.upstream.max_connections + FD_RESERVE
+        if needed > fd_limit:
+            log_event(
+                "warning",
+                message=f"server.max_connections ({self.max_connections}) + "
+                f"upstream.max_connections ({config.upstream.max_connections}) + "
+                f"{FD_RESERVE} reserved need {needed} file descriptors but the limit is "
+                f"{fd_limit}: raise the limit (ulimit -n, LimitNOFILE=) or lower max_connections",
+            )
 
     def connection_refused(self, peer_ip: str, held: int) -> None:
         """Count a connection refused at a limit; say so at most every few seconds."""

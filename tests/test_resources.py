@@ -4,6 +4,7 @@ request after valid ones, per-route concurrency, drain, the descriptor reserve."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -25,7 +26,8 @@ import yaml
 from keyproxy.config import ConfigError
 from keyproxy.config.load import parse_config
 from keyproxy.config.model import ServerSettings
-from keyproxy.server import FD_RESERVE, connection_limits
+from keyproxy.config.reload import ConfigHolder
+from keyproxy.server import FD_RESERVE, ProxyServer, connection_limits
 from tests.procs import UpstreamServer, spawn
 from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
 
@@ -477,3 +479,27 @@ def test_connection_limits_leave_room_for_the_pool_and_the_reserve():
     assert connection_limits(ServerSettings(), up, 256) == (16, 16)  # never below a floor
     explicit = ServerSettings(max_connections=50, max_connections_per_ip=80)
     assert connection_limits(explicit, up, 1024) == (50, 50)
+
+
+def test_failed_accepts_are_counted_and_logged_at_most_every_few_seconds(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+):
+    path = tmp_path / "k.yaml"
+    path.write_text(_config("  max_connections: 9000000\n"))
+    holder = ConfigHolder.load(str(path))
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = ProxyServer(holder, loop)
+        # what asyncio's loop reports when accept() fails with EMFILE
+        context = {
+            "message": "socket.accept() out of system resource",
+            "exception": OSError(24, "x"),
+        }
+        for _ in range(3):
+            loop.call_exception_handler(context)
+        assert proxy.stats.accept_errors == 3
+        err = capfd.readouterr().err
+        assert err.count('"event":"accept_failed"') == 1
+        assert "file descriptors but the limit is" in err  # 9,000,000 connections cannot fit
+    finally:
+        loop.close()
