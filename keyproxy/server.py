@@ -499,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
             if self.head_begun:  # a request has started but its head is not complete
                 if now - self.head_started > settings.header_timeout:
                     if self.awaiting_first and not self.head_bytes:
-                        self.abort()  # never said a word: nobody to answer
+                        self.close()  # never said a word: nobody to answer
                     else:
                         self._refuse_now(REQUEST_TIMEOUT)
                     return
