@@ -63,6 +63,16 @@ NO_BODY, RAW, CHUNKED = 0, 1, 2
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Request body buffered while the decision runs; past it the client is paused.
 BODY_BUFFER_LIMIT = 256 * 1024
+#: A request body that completes within this many bytes is received whole before an
+#: upstream connection is taken: a client trickling a small body holds only its own
+#: connection (bounded by `body_timeout`), never one of the upstream pool's.
+BODY_WAIT_LIMIT = 64 * 1024
+ROUTE_BUSY = Deny(
+    503,
+    "ROUTE_BUSY",
+    "too many requests to this route are in progress; retry shortly",
+    (("Retry-After", "1"),),
+)
 #: Requests that may be sent again when a reused socket turns out to be dead.
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 #: Why client reading may be paused: the upstream cannot take the request body faster.
@@ -159,6 +169,7 @@ class Exchange:
         "body_chunks",
         "body_complete",
         "body_received",
+        "body_wait",
         "chunked",
         "conn",
         "connection_tokens",
@@ -184,8 +195,10 @@ class Exchange:
         "request_id",
         "retried",
         "reused",
+        "route_slot",
         "target",
         "too_large",
+        "up_pending",
         "upstream",
     )
 
@@ -233,6 +246,9 @@ class Exchange:
         self.retried = False
         self.done = False  # answered (or abandoned); the connection has been told
         self.last_activity = 0.0
+        self.body_wait = False  # decided, waiting for a small body to complete
+        self.up_pending: list[bytes] = []  # request body read this turn, for one upstream write
+        self.route_slot: str | None = None  # counted against its route's max_concurrency
 
     @property
     def has_body(self) -> bool:
@@ -248,30 +264,51 @@ class Exchange:
                 self.too_large = True
                 self._body_too_large(max_body)
             return
-        upstream = self.upstream
-        if upstream is not None:
-            self.last_activity = self.conn.loop.time()
-            if self.chunked:
-                upstream.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
-            else:
-                upstream.write(chunk)
+        if self.upstream is not None:
+            # Written once the whole read is parsed (`flush_body`): a read holding
+            # thousands of chunks costs one upstream write, not thousands.
+            if not self.up_pending:
+                self.conn.to_flush = self
+            self.up_pending.append(chunk)
         elif self.done:
             return  # already answered: the rest of the body is discarded
         else:
             self.body_chunks.append(chunk)
             self.body_buffered += len(chunk)
-            if self.body_buffered > BODY_BUFFER_LIMIT:
+            if self.body_wait and self.body_buffered > BODY_WAIT_LIMIT:
+                self._go_upstream()  # too large to wait for: stream the rest
+            elif self.body_buffered > BODY_BUFFER_LIMIT:
                 self.conn.pause_reading(self)
+
+    def flush_body(self) -> None:
+        pending, self.up_pending = self.up_pending, []
+        upstream = self.upstream
+        if upstream is None or not pending:
+            return
+        self.last_activity = self.conn.loop.time()
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        if self.chunked:
+            upstream.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+        else:
+            upstream.write(data)
 
     def end_body(self) -> None:
         self.body_complete = True
+        if self.body_wait:
+            self._go_upstream()
+            return
         upstream = self.upstream
-        if upstream is not None and self.chunked and not self.too_large:
-            upstream.write(b"0\r\n\r\n")
+        if upstream is not None and not self.too_large:
+            if self.up_pending:
+                self.flush_body()
+            if self.chunked:
+                upstream.write(b"0\r\n\r\n")
 
     def _body_too_large(self, max_body: int) -> None:
         self.keep_alive = False
         self.body_chunks = []
+        self.up_pending = []
+        self.body_wait = False
         if self.upstream is not None:
             self._drop_upstream()
         if self.forwarding and not self.done:
@@ -298,9 +335,32 @@ class Exchange:
         ):
             self.send_error(payload_too_large(plan.max_body))
             return
+        route = ctx.route
+        if route is not None and route.max_concurrency is not None:
+            inflight = self.conn.proxy.route_inflight
+            busy = inflight.get(route.match, 0)
+            if busy >= route.max_concurrency:
+                self.conn.proxy.stats.route_busy += 1
+                self.send_error(ROUTE_BUSY)
+                return
+            inflight[route.match] = busy + 1
+            self.route_slot = route.match
         if self.expect_continue and not self.body_complete:
             self.conn.write(CONTINUE_100)
         self.request_head = self._request_head(ctx, plan)
+        if (
+            not self.body_complete
+            and (self.content_length is None or self.content_length <= BODY_WAIT_LIMIT)
+            and self.body_buffered <= BODY_WAIT_LIMIT
+        ):
+            self.body_wait = True  # `end_body` or a full wait buffer goes on
+            return
+        self._go_upstream()
+
+    def _go_upstream(self) -> None:
+        self.body_wait = False
+        pool = self.pool
+        assert pool is not None
         upstream = pool.take_idle()
         if upstream is None:
             self.conn.loop.create_task(self._connect())
@@ -331,11 +391,11 @@ class Exchange:
         parts = [self.request_head]
         if self.body_chunks:
             chunks, self.body_chunks, self.body_buffered = self.body_chunks, [], 0
-            for chunk in chunks:
-                if self.chunked:
-                    parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                else:
-                    parts.append(chunk)
+            if self.chunked:  # what was buffered goes as one chunk, however it came
+                data = b"".join(chunks)
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts += chunks
             self.conn.resume_reading(self)
         if self.body_complete and self.chunked:
             parts.append(b"0\r\n\r\n")
@@ -530,10 +590,33 @@ class Exchange:
             if self.pool is not None:
                 self.pool.release(upstream, False)
 
+    def abandon(self, deny: Deny) -> None:
+        """The request cannot complete (its stream broke or stalled): answer `deny` if
+        nothing was answered yet, else cut the connection so the answer looks truncated."""
+        if self.done:
+            return
+        self.keep_alive = False
+        self.body_wait = False
+        if self.upstream is not None:
+            self._drop_upstream()
+        if self.head_sent:
+            self.conn.abort()
+            self._finish(False)
+        else:
+            self.send_error(deny)
+
     def _finish(self, keep_alive: bool) -> None:
         if self.done:
             return
         self.done = True
+        if self.route_slot is not None:
+            inflight = self.conn.proxy.route_inflight
+            left = inflight[self.route_slot] - 1
+            if left:
+                inflight[self.route_slot] = left
+            else:
+                del inflight[self.route_slot]
+            self.route_slot = None
         self.flush()  # before the connection may close or start the next exchange
         self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
         self.conn.exchange_done(self, keep_alive)

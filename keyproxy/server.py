@@ -7,9 +7,14 @@ pipelining answers in order), runs the pipeline against the configuration
 snapshot current at that moment, and either answers with a JSON error or
 hands the exchange to the forwarder.
 
-Timeouts (slow headers, idle keep-alive, a silent upstream) are checked by one
-periodic tick per connection instead of arming and cancelling timers on every
-request.
+Timeouts (slow headers, slow bodies, idle keep-alive, a silent upstream) are
+checked by one periodic tick per connection instead of arming and cancelling
+timers on every request. The head timeout runs from accept: a connection that
+never sends a byte is closed after `header_timeout`, not `keepalive_timeout`.
+
+Connections are capped in total and per peer address, below the process's
+file-descriptor limit so that upstream sockets and the admin listener always
+find descriptors; the excess gets a short 503 and is closed at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import gc
 import itertools
 import os
+import resource
 import signal
 import sys
 import time
@@ -30,6 +36,7 @@ import httptools
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.checks.limits import RateLimitCheck
 from keyproxy.config import Config, ConfigError
+from keyproxy.config.model import ServerSettings, Upstream
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
 from keyproxy.observability import log_event
@@ -51,9 +58,63 @@ MAX_HEADERS = 100
 LINGER_SECONDS = 2.0
 #: Pipelined requests parsed ahead of the one being answered before reading pauses.
 MAX_QUEUED = 8
+#: Why reading may be paused: too many pipelined requests wait for their answers.
+PIPELINE_FULL = object()
+#: Why reading stops for good: the request stream broke (parse error, body timeout).
+INPUT_DONE = object()
+#: A chunked body may be cut into this many pieces freely; past it the pieces must
+#: average at least MIN_AVERAGE_CHUNK bytes, so one read never costs more than a
+#: few thousand parser callbacks (1,000,000 one-byte chunks would hold the loop for seconds).
+FREE_CHUNKS = 1024
+MIN_AVERAGE_CHUNK = 32
+#: Bytes per second a request body must average, over each `body_timeout` window,
+#: while it holds an upstream connection (Apache's mod_reqtimeout uses 500): one byte
+#: every few seconds would otherwise keep a pool slot for as long as `max_body` lasts.
+MIN_BODY_RATE = 500
+#: Descriptors kept out of the client connection budget beyond the upstream pool:
+#: the admin listener and its probes, Redis, DNS, config and log files.
+FD_RESERVE = 64
+#: At most one log line about refused connections (or failed accepts) this often.
+REFUSAL_LOG_INTERVAL = 5.0
 INTERNAL_ERROR = Deny(500, "INTERNAL_ERROR", "keyproxy failed on this request")
 EXPECTATION_FAILED = Deny(417, "EXPECTATION_FAILED", "only 'Expect: 100-continue' is supported")
 HOST_REQUIRED = Deny(400, "BAD_REQUEST", "HTTP/1.1 requests need exactly one Host header")
+TOO_MANY_CONNECTIONS = Deny(
+    503, "TOO_MANY_CONNECTIONS", "keyproxy has too many open connections; retry shortly"
+)
+CHUNKS_TOO_SMALL = Deny(
+    400, "CHUNKS_TOO_SMALL", "the chunked request body is cut into too many tiny chunks"
+)
+
+
+def connection_limits(server: ServerSettings, upstream: Upstream, fd_limit: int) -> tuple[int, int]:
+    """(total, per peer address) client connections for a process allowed `fd_limit` descriptors.
+
+    Unset limits are sized so that, with every client slot taken, the upstream
+    pool and FD_RESERVE still have descriptors: 80% of the limit, or less when
+    the pool is large. One address gets a tenth of the total (at least 32).
+    """
+    auto = max(16, min(fd_limit * 8 // 10, fd_limit - upstream.max_connections - FD_RESERVE))
+    total = server.max_connections or auto
+    per_ip = server.max_connections_per_ip or max(32, total // 10)
+    return total, min(per_ip, total)
+
+
+def fd_soft_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 20
+
+
+class ServerStats:
+    """Counters for refusals the server makes on its own (read by the metrics endpoint)."""
+
+    __slots__ = ("accept_errors", "connections_refused", "drain_aborted", "route_busy")
+
+    def __init__(self) -> None:
+        self.connections_refused = 0  # over max_connections or max_connections_per_ip
+        self.accept_errors = 0  # accept() failed, e.g. out of file descriptors
+        self.route_busy = 0  # 503 ROUTE_BUSY: a route's max_concurrency was reached
+        self.drain_aborted = 0  # requests cut at drain_timeout
 
 
 class RequestIds:
@@ -85,6 +146,17 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.closed = False
         self.lingering = False
+        self.counted = False  # holds a slot of the connection limits
+        self.ignore_input = False  # lingering, refused or broken: bytes read are dropped
+        #: An error to send once every request before it is answered (a malformed
+        #: request after valid pipelined ones), then close.
+        self.pending_error: Deny | None = None
+        self.awaiting_first = True  # no byte of any request yet
+        self.last_read = 0.0
+        self.body_pieces = 0  # on_body calls for the request body being parsed
+        self.rate_since = 0.0  # start of the current body-rate window
+        self.rate_bytes = 0  # body bytes received when it started
+        self.to_flush: Exchange | None = None  # has request body to pass upstream after this read
         self.peer_done = False  # the client half-closed: answer what it asked, then close
         self.queue: deque[Exchange] = deque()
         self.active: Exchange | None = None
@@ -114,30 +186,54 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        self.head_started = self.idle_since = self.loop.time()
+        proxy = self.proxy
+        per_ip = proxy.per_ip
+        held = per_ip.get(self.peer_ip, 0)
+        if len(proxy.connections) >= proxy.max_connections or held >= proxy.max_per_ip:
+            self.closed = self.ignore_input = True
+            proxy.connection_refused(self.peer_ip, held)
+            transport.write(  # type: ignore[attr-defined]
+                error_response(
+                    TOO_MANY_CONNECTIONS, proxy.request_ids.next(), b"Connection: close\r\n"
+                )
+            )
+            transport.close()
+            return
+        per_ip[self.peer_ip] = held + 1
+        self.counted = True
+        # The first head's timeout starts now: silence from accept on is a slow head.
+        self.head_begun = True
+        self.head_started = self.idle_since = self.last_read = self.loop.time()
         transport.set_write_buffer_limits(high=256 * 1024)  # type: ignore[attr-defined]
-        self.proxy.connections.add(self)
-        self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
+        proxy.connections.add(self)
+        self.tick = self.loop.call_later(proxy.tick_interval, self._on_tick)
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:
+        if self.ignore_input:
             return
+        self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse_now(UPGRADE_NOT_ALLOWED)
+            # The upgrading request was just queued: it is the one refused.
+            self._parse_failed(UPGRADE_NOT_ALLOWED, self.queue[-1] if self.queue else None)
             return
         except httptools.HttpParserError as exc:
             # httptools wraps an exception raised in a callback; ours says why.
             cause = exc.__context__
-            self._refuse_now(cause.deny if isinstance(cause, _HeadRefused) else BAD_REQUEST)
+            deny = cause.deny if isinstance(cause, _HeadRefused) else BAD_REQUEST
+            self._parse_failed(deny, self.parsing)
             return
+        ex = self.to_flush
+        if ex is not None:
+            self.to_flush = None
+            ex.flush_body()  # all request body bytes of this read in one upstream write
         if self.in_head and self.head_begun:
             # A head still incomplete after this chunk: bound what llhttp and
             # httptools may be accumulating for it.
             self.head_bytes += len(data)
             if self.head_bytes > self.max_header_size:
-                self._refuse_now(HEADERS_TOO_LARGE)
+                self._parse_failed(HEADERS_TOO_LARGE, None)
                 return
         if self.active is None and self.queue:
             # After the whole read is parsed, so a refused request whose body came
@@ -147,13 +243,28 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client will send nothing more. Complete requests still get their answers
         (HTTP/1.1 clients may half-close, as `nc -N` does); a request cut short cannot."""
-        if self.parsing is not None or (self.active is None and not self.queue):
+        if self.active is None and not self.queue:
             return False  # nothing (complete) to answer: let the transport close
         self.peer_done = True
+        cut = self.parsing
+        if cut is not None:  # its body will never be complete: the requests before it still are
+            self._stop_input()
+            self.parsing = None  # nothing more can arrive: no lingering
+            self._fail_request(cut, BAD_REQUEST)
+            if self.active is None and self.queue:
+                self._dispatch()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.counted:
+            self.counted = False
+            per_ip = self.proxy.per_ip
+            left = per_ip[self.peer_ip] - 1
+            if left:
+                per_ip[self.peer_ip] = left
+            else:
+                del per_ip[self.peer_ip]
         self.proxy.connections.discard(self)
         if self.tick is not None:
             self.tick.cancel()
@@ -173,8 +284,11 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
         self.in_head = True
+        if self.awaiting_first:
+            self.awaiting_first = False  # the head's time has run since accept
+        else:
+            self.head_started = self.loop.time()
         self.head_begun = True
-        self.head_started = self.loop.time()
         self.head_bytes = 0
         self.url_parts = []
         self.raw_headers = []
@@ -253,13 +367,20 @@ class ClientConnection(asyncio.Protocol):
         if not ex.has_body:
             ex.body_complete = True
         self.parsing = ex
+        self.body_pieces = 0
+        self.rate_since, self.rate_bytes = self.last_read, 0
         self.queue.append(ex)
         if len(self.queue) > MAX_QUEUED:
-            self.pause_reading(self.queue)
+            self.pause_reading(PIPELINE_FULL)
 
     def on_body(self, body: bytes) -> None:
-        if self.parsing is not None:
-            self.parsing.feed_body(body)
+        ex = self.parsing
+        if ex is not None:
+            if ex.chunked:
+                pieces = self.body_pieces = self.body_pieces + 1
+                if pieces > FREE_CHUNKS and ex.body_received < pieces * MIN_AVERAGE_CHUNK:
+                    raise _HeadRefused(CHUNKS_TOO_SMALL)
+            ex.feed_body(body)
 
     def on_message_complete(self) -> None:
         if self.parsing is not None:
@@ -277,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
             while self.active is None and queue and not self.closed:
                 ex = queue.popleft()
                 if self.read_pausers and len(queue) <= MAX_QUEUED:
-                    self.resume_reading(queue)
+                    self.resume_reading(PIPELINE_FULL)
                 self.active = ex
                 try:
                     self.proxy.start(self, ex)
@@ -299,24 +420,88 @@ class ClientConnection(asyncio.Protocol):
             self.active = None
         if self.closed:
             return
-        if not keep_alive or self.proxy.draining or (self.peer_done and not self.queue):
+        if not keep_alive or self.proxy.draining:
             self.close()
             return
+        if not self.queue:
+            if self.pending_error is not None:  # everything before the bad request is answered
+                self._refuse_now(self.pending_error)
+                return
+            if self.peer_done:
+                self.close()
+                return
         self.idle_since = self.loop.time()
         if self.queue:
             self._dispatch()
 
+    def _parse_failed(self, deny: Deny, culprit: Exchange | None) -> None:
+        """The request stream broke. Requests before the break are answered in order;
+        `culprit` (a request whose body or upgrade broke it), or else a separate error
+        after them, carries `deny`; then the connection closes."""
+        self._stop_input()
+        if culprit is not None:
+            self._fail_request(culprit, deny)
+        elif self.active is None and not self.queue:
+            self._refuse_now(deny)
+            return
+        else:
+            self.pending_error = deny
+        if self.active is None and self.queue:
+            self._dispatch()
+
+    def _body_too_slow(self, body: Exchange, now: float, settings: ServerSettings) -> bool:
+        if now - self.last_read > settings.body_timeout:
+            return True
+        window = now - self.rate_since
+        if window < settings.body_timeout:
+            return False
+        if (
+            body.upstream is not None
+            and body.body_received - self.rate_bytes < MIN_BODY_RATE * window
+        ):
+            return True  # trickling while holding an upstream connection
+        self.rate_since, self.rate_bytes = now, body.body_received
+        return False
+
+    def _stop_input(self) -> None:
+        # `parsing` stays set when a body was arriving: closing then lingers, so a
+        # client still sending can read its answer instead of a reset.
+        self.ignore_input = True
+        self.to_flush = None
+        self.pause_reading(INPUT_DONE)
+
+    def _fail_request(self, ex: Exchange, deny: Deny) -> None:
+        """`ex` cannot be completed: answer it with `deny` in its turn (or cut it if its
+        answer has begun); the connection closes after it."""
+        ex.keep_alive = False
+        if ex is self.active:
+            ex.abandon(deny)
+        elif not ex.done:
+            ex.early_deny = deny
+
     def _on_tick(self) -> None:
-        if self.closed:
+        if self.closed or self.lingering:
             return
         now = self.loop.time()
         settings = self.proxy.serving.config.server
+        body = self.parsing
+        # A request body arriving too slowly (unless keyproxy is the one holding it up).
+        if body is not None and not self.read_pausers and self._body_too_slow(body, now, settings):
+            self._stop_input()
+            self._fail_request(body, REQUEST_TIMEOUT)
+            if self.active is None and self.queue:
+                self._dispatch()
+            if self.closed:
+                return
         if self.active is not None:
             self.active.check_timeout(now)
         elif not self.queue:
             if self.head_begun:  # a request has started but its head is not complete
                 if now - self.head_started > settings.header_timeout:
-                    self._refuse_now(REQUEST_TIMEOUT)
+                    if self.awaiting_first and not self.head_bytes:
+                        self.close()  # never said a word: nobody to answer
+                    else:
+                        self._refuse_now(REQUEST_TIMEOUT)
                     return
             elif now - self.idle_since > settings.keepalive_timeout:
                 self.close()  # idle between requests
@@ -349,6 +534,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.read_pausers.discard(reason)
         if not self.read_pausers and self.transport is not None and not self.closed:
+            # The body timeout and rate window count from now again.
+            self.last_read = self.rate_since = self.loop.time()
+            if self.parsing is not None:
+                self.rate_bytes = self.parsing.body_received
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -357,7 +546,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.parsing is not None and not self.closed:
             # A request body is still arriving: finish writing, stop answering, drain a while.
-            self.lingering = True
+            self.lingering = self.ignore_input = True
             self.read_pausers.clear()
             transport.resume_reading()
             transport.write_eof()
@@ -395,9 +584,22 @@ class ProxyServer:
         self.loop = loop
         self.holder = holder
         self.connections: set[ClientConnection] = set()
+        self.per_ip: dict[str, int] = {}  # open connections by peer address
+        #: Requests in flight upstream per route with `max_concurrency`, by route text.
+        self.route_inflight: dict[str, int] = {}
+        self.stats = ServerStats()
         self.request_ids = RequestIds()
         self.draining = False
+        self._refusals_logged = 0
+        self._accept_errors_logged = 0
+        self._refusal_log_at = self._accept_log_at = -REFUSAL_LOG_INTERVAL
         config = holder.config
+        self.max_connections, self.max_per_ip = connection_limits(
+            config.server, config.upstream, fd_soft_limit()
+        )
+        self._default_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_exception)
+        self._warn_if_over_fd_limit(config)
         self.checks = build_checks(open_limiter(config.rate_limits))
         self.pipeline = Pipeline(self.checks)
         #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
@@ -438,6 +640,70 @@ class ProxyServer:
             self.loop.create_task(previous.aclose())
         self.serving = Serving(config, ForwardPlan(config), pool)
         self.tick_interval = self._tick_interval(config)
+        self.max_connections, self.max_per_ip = connection_limits(
+            config.server, config.upstream, fd_soft_limit()
+        )
+
+    def _warn_if_over_fd_limit(self, config: Config) -> None:
+        """A `max_connections` set above what the descriptor limit allows would end in
+        failed accepts rather than clean 503s: say so when serving starts."""
+        fd_limit = fd_soft_limit()
+        needed = self.max_connections + config.upstream.max_connections + FD_RESERVE
+        if needed > fd_limit:
+            log_event(
+                "warning",
+                message=f"server.max_connections ({self.max_connections}) + "
+                f"upstream.max_connections ({config.upstream.max_connections}) + "
+                f"{FD_RESERVE} reserved need {needed} file descriptors but the limit is "
+                f"{fd_limit}: raise the limit (ulimit -n, LimitNOFILE=) or lower max_connections",
+            )
+
+    def connection_refused(self, peer_ip: str, held: int) -> None:
+        """Count a connection refused at a limit; say so at most every few seconds."""
+        self.stats.connections_refused += 1
+        now = self.loop.time()
+        if now - self._refusal_log_at >= REFUSAL_LOG_INTERVAL:
+            refused = self.stats.connections_refused
+            log_event(
+                "connections_refused",
+                refused=refused - self._refusals_logged,
+                total_refused=refused,
+                open=len(self.connections),
+                max_connections=self.max_connections,
+                max_connections_per_ip=self.max_per_ip,
+                last_peer=peer_ip,
+                last_peer_open=held,
+            )
+            self._refusal_log_at = now
+            self._refusals_logged = refused
+
+    def _on_loop_exception(
+        self, loop: asyncio.AbstractEventLoop, context: dict[str, object]
+    ) -> None:
+        """Failed accepts (out of descriptors) are counted and logged at most every few
+        seconds instead of once per attempt; anything else goes to the usual handler."""
+        message = str(context.get("message", ""))
+        if "accept" in message:
+            self.stats.accept_errors += 1
+            now = self.loop.time()
+            if now - self._accept_log_at >= REFUSAL_LOG_INTERVAL:
+                errors = self.stats.accept_errors
+                exc = context.get("exception")
+                log_event(
+                    "accept_failed",
+                    failures=errors - self._accept_errors_logged,
+                    total_failures=errors,
+                    error=type(exc).__name__ if exc is not None else message,
+                    open=len(self.connections),
+                    fd_limit=fd_soft_limit(),
+                )
+                self._accept_log_at = now
+                self._accept_errors_logged = errors
+            return
+        if self._default_exception_handler is not None:
+            self._default_exception_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     def start(self, conn: ClientConnection, ex: Exchange) -> None:
         """Decide, then answer or forward. Runs without suspending unless a check must wait."""
@@ -494,6 +760,15 @@ class ProxyServer:
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.connections:
+            aborted = sum((c.active is not None) + len(c.queue) for c in self.connections)
+            self.stats.drain_aborted += aborted
+            log_event(
+                "drain_timeout",
+                aborted_requests=aborted,
+                connections=len(self.connections),
+                drain_timeout=timeout,
+            )
         for conn in list(self.connections):
             conn.abort()
         self.serving.pool.close()

@@ -79,6 +79,12 @@ class ServerSettings:
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     drain_timeout: float = 30.0
+    #: Most time between two reads of a request body before 408 (or an abort).
+    body_timeout: float = 10.0
+    #: Open client connections at once, in total and from one peer address;
+    #: None: sized from the file-descriptor limit when serving starts.
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,8 @@ class Route:
     allow_method_override: bool = False
     line: int = 0
     query: QueryRule | None = None  # None: any query parameter
+    #: Requests to this route in flight upstream at once; None: no cap of its own.
+    max_concurrency: int | None = None
 
     def params(self, segments: tuple[str, ...]) -> dict[str, str]:
         """The `{name}` parameters of canonical `segments` this route matched."""

@@ -11,7 +11,9 @@ from keyproxy import routes
 from keyproxy.config.model import OPS, Access, KeyType, QueryRule, Route
 from keyproxy.config.yaml_reader import Reader, line_of, show
 
-_ROUTE_FIELDS = frozenset({"match", "acl", "op", "access", "allow_method_override", "query"})
+_ROUTE_FIELDS = frozenset(
+    {"match", "acl", "op", "access", "allow_method_override", "query", "max_concurrency"}
+)
 _QUERY_FIELDS = frozenset({"allow", "deny"})
 #: A query parameter name as a list entry: printable ASCII without separators or brackets
 #: (the check compares the base name every framework reads, `select[x]` being `select`).
@@ -73,6 +75,9 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
     override = False
     if "allow_method_override" in fields:
         override = r.boolean(fields["allow_method_override"], f"{where}.allow_method_override")
+    max_concurrency = None
+    if "max_concurrency" in fields:
+        max_concurrency = r.integer(fields["max_concurrency"], f"{where}.max_concurrency", 1)
     if access == "read" and op in _CHANGING_OPS:
         r.issue(
             fields["access"],
@@ -116,6 +121,7 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
         allow_method_override=bool(override),
         line=line_of(node) or 0,
         query=query,
+        max_concurrency=max_concurrency,
     ), acl
 
 

@@ -88,6 +88,9 @@ _SERVER_FIELDS = frozenset(
         "header_timeout",
         "keepalive_timeout",
         "drain_timeout",
+        "body_timeout",
+        "max_connections",
+        "max_connections_per_ip",
     }
 )
 QUERY_NAME = re.compile(r"[A-Za-z0-9._~\[\]-]{1,64}")
@@ -148,6 +151,9 @@ def read_server(r: Reader, node: Node | None) -> ServerSettings | None:
         "header_timeout": lambda n, w: r.duration(n, w),
         "keepalive_timeout": lambda n, w: r.duration(n, w, allow_zero=True),
         "drain_timeout": lambda n, w: r.duration(n, w, allow_zero=True),
+        "body_timeout": lambda n, w: r.duration(n, w),
+        "max_connections": lambda n, w: r.integer(n, w, 1, 10_000_000),
+        "max_connections_per_ip": lambda n, w: r.integer(n, w, 1, 10_000_000),
     }
     for name, value_node in fields.items():
         values[name] = readers[name](value_node, f"server.{name}")
