@@ -180,9 +180,7 @@ def peer_is_trusted(peer: str, trusted_proxies: IpAllowlist | None) -> bool:
         return False
 
 
-def client_ip(
-    peer: str, headers: Headers, trusted_proxies: IpAllowlist | None
-) -> IPAddress | Deny:
+def client_ip(peer: str, headers: Headers, trusted_proxies: IpAllowlist | None) -> IPAddress | Deny:
     """The address IP allowlists and rate limits apply to.
 
     Only when the socket peer is a trusted proxy are `X-Forwarded-For` and

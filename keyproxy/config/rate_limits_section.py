@@ -69,9 +69,7 @@ def read_rate_limits(r: Reader, node: Node | None) -> RateLimitSettings | None:
     if "ipv4_prefix" in fields:
         values["ipv4_prefix"] = r.integer(fields["ipv4_prefix"], "rate_limits.ipv4_prefix", 16, 32)
     if "ipv6_prefix" in fields:
-        values["ipv6_prefix"] = r.integer(
-            fields["ipv6_prefix"], "rate_limits.ipv6_prefix", 32, 128
-        )
+        values["ipv6_prefix"] = r.integer(fields["ipv6_prefix"], "rate_limits.ipv6_prefix", 32, 128)
     if len(r.issues) != before:
         return None
     return RateLimitSettings(**values)  # type: ignore[arg-type]
