@@ -28,6 +28,7 @@ from keyproxy.request import Deny, RequestContext
 from keyproxy.responses import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
+    OriginRewriter,
     SecretScrubber,
     error_response,
     payload_too_large,
@@ -128,11 +129,8 @@ class ForwardPlan:
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
         )
         self.inject_query_names = tuple(n for n, _ in up.inject_query)
-        self.scrubber = SecretScrubber(up.secrets, up.inject_basic)
-        origin = up.origin.encode()
-        # Longest first: under a base path, `origin/api/next` must lose `/api` too.
-        prefixes = {(origin + up.base_path.encode()).lower(), origin.lower()}
-        self.location_prefixes = tuple(sorted(prefixes, key=len, reverse=True))
+        self.origin = OriginRewriter(up.scheme, up.host, up.port, up.base_path)
+        self.scrubber = SecretScrubber(up.secrets, up.inject_basic, self.origin)
 
     def peer_is_trusted(self, peer: str) -> bool:
         """Whether this peer's X-Forwarded-For/-Proto are kept (the client address's rule)."""
@@ -153,21 +151,13 @@ class ForwardPlan:
         return f"{path}?{query}" if query else path
 
     def rewrite_location(self, value: bytes) -> bytes:
-        """Absolute redirects to the upstream become relative ones through the proxy.
+        """Redirects to the upstream's origin become relative ones through the proxy.
 
-        Never into `//host/...` or `/\\host/...`: browsers read those as another
-        origin, so such a redirect is passed on as the upstream wrote it.
+        Every spelling a browser reads as that origin (scheme-relative `//host`,
+        `/\\host`, the default port written out ...), and never into `//host/...`
+        or `/\\host/...`, which browsers read as another origin (see `OriginRewriter`).
         """
-        lowered = value[:512].lower()
-        for prefix in self.location_prefixes:
-            if lowered.startswith(prefix):
-                rest = value[len(prefix) :]
-                if not rest or rest[:1] in (b"/", b"?"):
-                    relative = rest if rest[:1] == b"/" else b"/" + rest
-                    if relative[1:2] in (b"/", b"\\"):
-                        return value
-                    return relative
-        return value
+        return self.origin.rewrite_location(value)
 
 
 def rate_limit_headers(limit: LimitResult | None) -> bytes:
