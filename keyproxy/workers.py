@@ -109,7 +109,13 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.forward)
         for slot in self.slots:
-            self.spawn(slot)
+            try:
+                self.spawn(slot)
+            except OSError as exc:
+                print(f"keyproxy: cannot start a worker: {exc.strerror}", file=sys.stderr)
+                self.status = 1
+                self.stopping = True
+                break
         while not self.stopping:
             self._watch_ready()
             now = time.monotonic()
@@ -121,7 +127,12 @@ class Supervisor:
                     if code is not None:
                         self._exited(slot, code, now)
                 elif slot.restart_at is not None and now >= slot.restart_at:
-                    self.spawn(slot)
+                    try:
+                        self.spawn(slot)
+                    except OSError as exc:  # out of processes or descriptors: try again later
+                        slot.restart_at = now + BACKOFF_MAX
+                        log_event("worker_spawn_failed", slot=slot.index, error=exc.strerror)
+                        continue
                     log_event("worker_restarted", slot=slot.index, pid=slot.process.pid)  # type: ignore[union-attr]
         self._stop_all()
         return self.status
@@ -188,6 +199,8 @@ class Supervisor:
         slot.ready_fd = None
 
     def _stop_all(self) -> None:
+        # Again: a worker started while the signal was being forwarded has not had it.
+        self.forward(signal.SIGTERM)
         for slot in self.slots:
             if slot.ready_fd is not None:
                 os.close(slot.ready_fd)
