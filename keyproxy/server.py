@@ -665,6 +665,11 @@ def run(
     if workers > 1:
         from keyproxy.workers import supervise
 
-        return supervise(config_path, sockets, admin_sockets, workers, server.drain_timeout)
+        drain_timeout = server.drain_timeout
+        # The supervisor only checked the file: the workers load their own copy, so a
+        # large key list is not kept in memory once more for the supervisor's lifetime.
+        del holder, server
+        gc.collect()
+        return supervise(config_path, sockets, admin_sockets, workers, drain_timeout)
     install_uvloop()
     return asyncio.run(serve(holder, sockets=sockets, admin_sockets=admin_sockets, link=link))
