@@ -40,6 +40,18 @@ POLL_INTERVAL = 0.1
 STOP_GRACE = 10.0
 
 
+def restart_delay(recent_crashes: int) -> float:
+    """How long a slot waits before its next worker: doubling per crash within the window."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, recent_crashes - 1))
+
+
+def forget_before(history: deque[float], now: float) -> int:
+    """Drop crashes older than the window; how many are left."""
+    while history and history[0] < now - CRASH_LOOP_WINDOW:
+        history.popleft()
+    return len(history)
+
+
 @dataclass
 class Slot:
     """One worker position: the current process and its recent history."""
@@ -158,10 +170,8 @@ class Supervisor:
         slot.process = None
         if slot.ready_fd is not None:
             self._drain_ready(slot)
-        window_start = now - CRASH_LOOP_WINDOW
-        for history in (slot.crashes, slot.unready_crashes):
-            while history and history[0] < window_start:
-                history.popleft()
+        forget_before(slot.crashes, now)
+        forget_before(slot.unready_crashes, now)
         slot.crashes.append(now)
         if not slot.ready:
             slot.unready_crashes.append(now)
@@ -177,7 +187,7 @@ class Supervisor:
             self.status = 1
             self.forward(signal.SIGTERM)
             return
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(slot.crashes) - 1))
+        delay = restart_delay(len(slot.crashes))
         slot.restart_at = now + delay
         log_event(
             "worker_exited",

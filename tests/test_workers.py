@@ -222,3 +222,20 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_limit(tmp_path, upstream):
         assert row.split()[3:5] == [str(hard), str(hard)]
     finally:
         assert proc.stop() == 0
+
+
+def test_restart_delay_doubles_and_is_capped() -> None:
+    from keyproxy.workers import BACKOFF_MAX, restart_delay
+
+    assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 2.0]
+    assert restart_delay(40) == BACKOFF_MAX
+
+
+def test_only_crashes_within_the_window_count() -> None:
+    from collections import deque
+
+    from keyproxy.workers import CRASH_LOOP_WINDOW, forget_before
+
+    history = deque([0.0, 10.0, 50.0])
+    assert forget_before(history, 10.0 + CRASH_LOOP_WINDOW) == 2
+    assert forget_before(history, 1000.0) == 0
