@@ -113,7 +113,7 @@ class RateLimitCheck:
             return "key has no rate limit or quota"
         parts = []
         if key.rate_limit is not None:
-            parts.append(f"{key.rate_limit} per client IP")  # or network, see rate_limits
+            parts.append(f"{key.rate_limit} per client IP")
         if key.quota is not None:
             parts.append(f"quota {key.quota}")
         result = ctx.limit
