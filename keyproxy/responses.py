@@ -227,9 +227,14 @@ class OriginRewriter:
     def __init__(self, scheme: str, host: str, port: int, base_path: str) -> None:
         self.port = port
         self.default_port = _DEFAULT_PORTS.get(scheme.encode()) == port
-        host_bytes = host.lower().encode("idna") if not host.startswith("[") else host.encode()
-        if ":" in host and not host.startswith("["):
-            host_bytes = b"[" + host.lower().encode() + b"]"  # an IPv6 literal
+        host = host.lower().strip("[]")
+        if ":" in host:
+            host_bytes = b"[" + host.encode() + b"]"  # an IPv6 literal, as URLs write it
+        else:
+            try:
+                host_bytes = host.encode("idna")
+            except UnicodeError:
+                host_bytes = host.encode()
         #: Lower-cased text every match contains: the cheap pre-check for a header block.
         self.hint = host_bytes.strip(b"[]")
         base = re.escape(base_path.lower().encode()) if base_path else b""
