@@ -6,6 +6,7 @@ Not on the hot path, so it uses aiohttp's web application for clarity.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import TYPE_CHECKING
 
@@ -58,10 +59,11 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
     return app
 
 
-async def start_admin(proxy: ProxyServer, reuse_port: bool = False) -> web.AppRunner:
-    listen = proxy.serving.config.server.admin_listen
+async def start_admin(proxy: ProxyServer, sockets: list[socket.socket]) -> web.AppRunner:
+    """Serve the admin app on already bound sockets (with workers, each worker accepts on
+    the supervisor's one admin socket, so /healthz and /readyz answer whichever is free)."""
     runner = web.AppRunner(create_admin_app(proxy), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port or None)
-    await site.start()
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
     return runner

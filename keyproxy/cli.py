@@ -9,13 +9,22 @@ import sys
 from keyproxy import __version__
 
 
+def _fds(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from keyproxy.server import run
+    from keyproxy.server import WorkerLink, run
 
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return 2
-    return run(args.config, args.host, args.port, args.workers)
+    link = None
+    if args.listen_fds is not None:  # started by a `--workers` supervisor
+        link = WorkerLink(
+            _fds(args.listen_fds), _fds(args.admin_fds or ""), args.ready_fd, args.supervisor_pid
+        )
+    return run(args.config, args.host, args.port, args.workers, link)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -103,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="processes sharing the port (SO_REUSEPORT)",
+        help="worker processes accepting on the one listening socket",
     )
+    # How a supervisor hands a worker its sockets; not for people.
+    p.add_argument("--listen-fds", help=argparse.SUPPRESS)
+    p.add_argument("--admin-fds", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

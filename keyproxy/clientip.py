@@ -1,19 +1,28 @@
-"""The client's address: the socket peer, or what a known number of trusted proxies say.
+"""The client's address: the socket peer, or what the proxies keyproxy trusts say.
 
 `X-Forwarded-For` and `Forwarded` are written by whoever sends the request, so
-only the entries appended by the proxies keyproxy was told to trust
-(`server.trusted_proxies`) mean anything: with N trusted proxies the client is
-the Nth address from the right, and everything further left is the client's own
-claim. With N = 0 the headers are not even parsed, so no spoofed header can
-change the address that IP allowlists and rate limits see.
+they mean something only when the socket peer is one of the proxies listed in
+`server.trusted_proxies` (addresses or CIDRs, as nginx's `set_real_ip_from`
+with `real_ip_recursive on`). Then the chain is walked from the right, hop by
+hop, skipping the addresses of trusted proxies: the first address that is not
+one of them is the client, and everything further left is the client's own
+claim. A client that reaches keyproxy directly is never a trusted proxy, so
+whatever it writes in these headers is not even parsed.
+
+A hop count (the former `trusted_proxies: N`) cannot tell a proxy's request
+from a direct client's, which is why the loader refuses one.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+from typing import TYPE_CHECKING
 
 from keyproxy.request import Deny, Headers, IPAddress
+
+if TYPE_CHECKING:
+    from keyproxy.allowlists import IpAllowlist
 
 #: More hops than any real chain of proxies; a bound keeps a hostile header cheap to refuse.
 MAX_FORWARDED_ENTRIES = 64
@@ -161,19 +170,30 @@ def _forwarded(lines: list[str]) -> list[IPAddress]:
             raise _Invalid
 
 
-def client_ip(peer: str, headers: Headers, trusted_proxies: int) -> IPAddress | Deny:
+def peer_is_trusted(peer: str, trusted_proxies: IpAllowlist | None) -> bool:
+    """Whether the socket peer is a proxy whose forwarding headers keyproxy believes."""
+    if trusted_proxies is None:
+        return False
+    try:
+        return trusted_proxies.contains(parse_peer(peer))
+    except ValueError:
+        return False
+
+
+def client_ip(peer: str, headers: Headers, trusted_proxies: IpAllowlist | None) -> IPAddress | Deny:
     """The address IP allowlists and rate limits apply to.
 
-    With N trusted proxies, the last one is the socket peer and each appended
-    the address it received from, so the Nth entry from the right was written
-    by a trusted proxy about the client. A shorter list means fewer hops than
-    configured; its leftmost entry was still written by a trusted proxy.
+    Only when the socket peer is a trusted proxy are `X-Forwarded-For` and
+    `Forwarded` read; each trusted proxy appended the address it received
+    from, so walking from the right past trusted addresses reaches the first
+    hop no trusted proxy vouches for beyond: the client. When every hop is a
+    trusted proxy, the leftmost is the client (as nginx decides).
     When both headers are present they must tell the same story, or the
     request is refused rather than one of them believed.
     ValueError if the peer itself is not an address (a deployment error).
     """
     peer_ip = parse_peer(peer)
-    if trusted_proxies <= 0:
+    if trusted_proxies is None or not trusted_proxies.contains(peer_ip):
         return peer_ip
     xff_lines = headers.getall("x-forwarded-for")
     forwarded_lines = headers.getall("forwarded")
@@ -204,4 +224,7 @@ def client_ip(peer: str, headers: Headers, trusted_proxies: int) -> IPAddress | 
     chain = xff if xff is not None else forwarded
     if not chain:
         return peer_ip
-    return chain[-trusted_proxies] if len(chain) >= trusted_proxies else chain[0]
+    for hop in reversed(chain):
+        if not trusted_proxies.contains(hop):
+            return hop
+    return chain[0]

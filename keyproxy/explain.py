@@ -74,7 +74,7 @@ async def explain(
         plan = ForwardPlan(config)
         target = config.upstream.origin + plan.upstream_target(ctx)
         # An injected query secret is part of the forwarded URL: show where it goes, not it.
-        forward_to = plan.scrubber.scrub(target.encode()).decode()
+        forward_to = plan.scrubber.redact(target.encode()).decode()
     return Explanation(steps, allowed, forward_to)
 
 

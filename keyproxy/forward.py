@@ -13,10 +13,14 @@ What is rewritten, and why, is decided once per configuration snapshot in
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import re
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from keyproxy.checks.route import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
+from keyproxy.clientip import peer_is_trusted
 from keyproxy.config.model import Config
 from keyproxy.credentials import strip_query_param
 from keyproxy.ratelimit import LimitResult
@@ -24,6 +28,7 @@ from keyproxy.request import Deny, RequestContext
 from keyproxy.responses import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
+    OriginRewriter,
     SecretScrubber,
     error_response,
     payload_too_large,
@@ -79,6 +84,37 @@ REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 UPSTREAM_BACKPRESSURE = object()
 
 
+#: RFC 3986 host[:port] as a Host header may carry it: a reg-name restricted to the
+#: characters DNS names and IPv4 addresses use (no sub-delims, no percent-escapes:
+#: no resolvable name has them, and a `,` would read as a list downstream), or an
+#: IPv6 literal in brackets; an optional port of digits.
+_HOST_HEADER = re.compile(
+    rb"(?:([A-Za-z0-9._~-]{1,253})|\[([0-9A-Fa-f:.]{2,45})\])(?::([0-9]{1,5}))?"
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def valid_host(value: bytes) -> bool:
+    """Whether a client's Host is a plain host[:port], fit to pass on as X-Forwarded-Host.
+
+    Upstream frameworks build absolute URLs (redirects, password-reset links)
+    from X-Forwarded-Host, so anything else is dropped rather than passed on.
+    """
+    match = _HOST_HEADER.fullmatch(value)
+    if match is None:
+        return False
+    name, v6, port = match.groups()
+    if port is not None and int(port) > 65535:
+        return False
+    if name is not None:
+        return not name.startswith(b".") and b".." not in name
+    try:
+        ipaddress.IPv6Address(v6.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
 class ForwardPlan:
     """Everything about forwarding that depends only on the configuration."""
 
@@ -103,11 +139,12 @@ class ForwardPlan:
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
         )
         self.inject_query_names = tuple(n for n, _ in up.inject_query)
-        self.scrubber = SecretScrubber(up.secrets, up.inject_basic)
-        origin = up.origin.encode()
-        # Longest first: under a base path, `origin/api/next` must lose `/api` too.
-        prefixes = {(origin + up.base_path.encode()).lower(), origin.lower()}
-        self.location_prefixes = tuple(sorted(prefixes, key=len, reverse=True))
+        self.origin = OriginRewriter(up.scheme, up.host, up.port, up.base_path)
+        self.scrubber = SecretScrubber(up.secrets, up.inject_basic, self.origin)
+
+    def peer_is_trusted(self, peer: str) -> bool:
+        """Whether this peer's X-Forwarded-For/-Proto are kept (the client address's rule)."""
+        return peer_is_trusted(peer, self.trusted_proxies)
 
     def upstream_target(self, ctx: RequestContext) -> str:
         target = ctx.target
@@ -124,21 +161,13 @@ class ForwardPlan:
         return f"{path}?{query}" if query else path
 
     def rewrite_location(self, value: bytes) -> bytes:
-        """Absolute redirects to the upstream become relative ones through the proxy.
+        """Redirects to the upstream's origin become relative ones through the proxy.
 
-        Never into `//host/...` or `/\\host/...`: browsers read those as another
-        origin, so such a redirect is passed on as the upstream wrote it.
+        Every spelling a browser reads as that origin (scheme-relative `//host`,
+        `/\\host`, the default port written out ...), and never into `//host/...`
+        or `/\\host/...`, which browsers read as another origin (see `OriginRewriter`).
         """
-        lowered = value[:512].lower()
-        for prefix in self.location_prefixes:
-            if lowered.startswith(prefix):
-                rest = value[len(prefix) :]
-                if not rest or rest[:1] in (b"/", b"?"):
-                    relative = rest if rest[:1] == b"/" else b"/" + rest
-                    if relative[1:2] in (b"/", b"\\"):
-                        return value
-                    return relative
-        return value
+        return self.origin.rewrite_location(value)
 
 
 def rate_limit_headers(limit: LimitResult | None) -> bytes:
@@ -417,12 +446,13 @@ class Exchange:
         host = b""
         prior_xff: list[bytes] = []
         proto = b"http"
+        trusted = plan.trusted_proxies is not None and plan.peer_is_trusted(ctx.peer_ip)
         for name, value in self.raw_headers:
             lname = name.lower()
             if lname in drop or lname in tokens or lname.startswith(FORWARDED_PREFIX):
                 if lname == b"host":
                     host = value
-                elif plan.trusted_proxies:
+                elif trusted:
                     if lname == b"x-forwarded-for":
                         prior_xff.append(value)
                     elif lname == b"x-forwarded-proto" and value.lower() in (b"http", b"https"):
@@ -432,7 +462,7 @@ class Exchange:
         peer = ctx.peer_ip.encode()
         xff = b", ".join([*prior_xff, peer]) if prior_xff else peer
         append(b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: " + proto + b"\r\n")
-        if host:
+        if host and valid_host(host):
             append(b"X-Forwarded-Host: " + host + b"\r\n")
         append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
         append(plan.inject_block)

@@ -11,6 +11,7 @@ import base64
 import json
 import re
 from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
 
 from keyproxy.request import Deny
 
@@ -71,51 +72,212 @@ def payload_too_large(limit: int) -> Deny:
     return Deny(413, "PAYLOAD_TOO_LARGE", f"the request body exceeds the limit of {limit} bytes")
 
 
-def _hex_digit(digit: str) -> bytes:
-    return digit.encode() if digit.isdigit() else f"[{digit}{digit.lower()}]".encode()
-
-
-def _any_spelling(secret: bytes) -> bytes:
-    """A regex for `secret` with any of its bytes raw or percent-escaped (either case
-    of hex digits), and a space also as `+`: every way a URL or form may write it."""
+def _any_spelling(form: bytes) -> bytes:
+    """A regex for a lower-cased `form` with any of its bytes raw or percent-escaped
+    (hex digits lower-cased too), and a space also as `+`: every way a URL or form
+    may write it, once the text searched is lower-cased as well."""
     parts = []
-    for byte in secret:
-        high, low = f"{byte:02X}"
-        spellings = [re.escape(bytes([byte])), b"%" + _hex_digit(high) + _hex_digit(low)]
+    for byte in form:
+        spellings = [re.escape(bytes([byte])), b"%" + f"{byte:02x}".encode()]
+        upper = bytes([byte]).upper()[0]
+        if upper != byte:  # `%41` stays `%41` when lower-cased, yet decodes to `A`
+            spellings.append(b"%" + f"{upper:02x}".encode())
         if byte == 0x20:
             spellings.append(rb"\+")
         parts.append(b"(?:" + b"|".join(spellings) + b")")
     return b"".join(parts)
 
 
+#: Base64 characters of a secret embedded in a longer encoded text depend on its
+#: neighbours at both ends; a core shorter than this would redact harmless text.
+MIN_BASE64_CORE = 8
+
+
+def _base64_cores(secret: bytes) -> set[bytes]:
+    """The base64 text of `secret` wherever it sits in the encoded data, standard and URL-safe.
+
+    Base64 turns 3 bytes into 4 characters, so the secret starts at one of three
+    alignments; at each, the characters that mix in bytes of its neighbours are
+    dropped and the rest is the same whatever those neighbours are (so the
+    secret alone, `user:secret`, `token=secret` ... all contain one of them).
+    """
+    cores: set[bytes] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret)
+        lead = (0, 2, 3)[offset]  # characters carrying bits of the filler
+        end = offset + len(secret)
+        full_chars = end // 3 * 4 + (0, 1, 2)[end % 3]  # characters whose bits are all known
+        core = encoded[lead:full_chars]
+        if offset == 0:
+            whole = base64.b64encode(secret)
+            cores.add(whole.rstrip(b"="))  # the secret alone, padding or not
+        if len(core) >= MIN_BASE64_CORE:
+            cores.add(core)
+    cores |= {c.replace(b"+", b"-").replace(b"/", b"_") for c in cores}
+    return {c for c in cores if c}
+
+
 class SecretScrubber:
-    """Replaces every spelling of the upstream's secrets in response header values.
+    """Replaces every spelling of the upstream's secrets in response header values,
+    and turns URLs of the upstream's own origin in them into proxy-relative paths.
 
     An upstream may echo its key in a header, a cookie or a redirect URL; the
-    client must never see it. Each secret is searched for with any of its
-    characters raw or percent-escaped, and Basic credentials also as standard or
-    URL-safe base64 with or without padding, in one compiled alternation.
+    client must never see it. Each secret is searched for in any letter case, with
+    any of its characters raw or percent-escaped, as hex, and as base64 (standard
+    or URL-safe, padded or not, alone or inside a longer encoded value such as
+    Basic's `user:password`), in one compiled alternation over the lower-cased
+    headers. The upstream's address is no secret but says where the backend
+    lives: `Content-Location`, `Link`, `Refresh` or any other header naming it
+    gets the same rewrite as `Location` (see `OriginRewriter`).
     """
 
     REDACTED = b"[REDACTED]"
 
-    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
-        patterns = [_any_spelling(secret.encode("utf-8")) for secret in secrets if secret]
+    def __init__(
+        self,
+        secrets: tuple[str, ...],
+        basic: tuple[str, str] | None = None,
+        origin: OriginRewriter | None = None,
+    ) -> None:
+        forms: set[bytes] = set()
+        for secret in secrets:
+            raw = secret.encode("utf-8")
+            if not raw:
+                continue
+            forms.add(raw.lower())
+            forms.add(raw.hex().encode())
+            forms |= {core.lower() for core in _base64_cores(raw)}
         if basic is not None:
             pair = f"{basic[0]}:{basic[1]}".encode()
-            for encoded in {base64.b64encode(pair), base64.urlsafe_b64encode(pair)}:
+            for encoded in (base64.b64encode(pair), base64.urlsafe_b64encode(pair)):
                 # Unpadded: a padded spelling contains it, and is redacted up to its '='.
-                patterns.append(re.escape(encoded.rstrip(b"=")))
-        patterns.sort(key=len, reverse=True)
-        self._pattern = re.compile(b"|".join(patterns)) if patterns else None
+                forms.add(encoded.rstrip(b"=").lower())
+        ordered = sorted(forms, key=len, reverse=True)
+        # Raw forms first, checked by a plain alternation; escapes need '%' or '+'.
+        self._plain = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
+        self._escaped = (
+            re.compile(b"|".join(_any_spelling(form) for form in ordered)) if ordered else None
+        )
+        # A secret holding both '+' and ' ' can mix both spellings of the space with
+        # a raw '+': only the escaped pattern tells those apart.
+        self._slow_escapes = any("+" in x and " " in x for x in secrets)
+        self.origin = origin
+        self._origin_hint = origin.hint if origin is not None else None
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return self._plain is not None or self.origin is not None
 
     def found_in(self, data: bytes) -> bool:
-        return self._pattern is not None and self._pattern.search(data) is not None
+        """Cheap test for the common case: nothing to scrub in this block."""
+        low = data.lower()
+        if self._origin_hint is not None and self._origin_hint in low:
+            return True
+        if self._plain is None:
+            return False
+        if self._plain.search(low) is not None:
+            return True
+        if self._slow_escapes:
+            return self._escaped.search(low) is not None  # type: ignore[union-attr]
+        # Escaped spellings decode to a raw one: decoding is far cheaper than the
+        # per-character alternation the escaped pattern needs (which `scrub` uses).
+        if b"%" in low:
+            low = unquote_to_bytes(low).lower()
+            if self._plain.search(low) is not None:
+                return True
+        return b"+" in low and self._plain.search(low.replace(b"+", b" ")) is not None
 
     def scrub(self, value: bytes) -> bytes:
-        if self._pattern is None:
+        """Header lines with the upstream's origin made relative and its secrets redacted."""
+        if self.origin is not None:
+            value = self.origin.rewrite_all(value)
+        return self.redact(value)
+
+    def redact(self, value: bytes) -> bytes:
+        """`value` with every spelling of a secret replaced (its URLs left as they are)."""
+        if self._escaped is None:
             return value
-        return self._pattern.sub(self.REDACTED, value)
+        low = value.lower()
+        spans = [m.span() for m in self._escaped.finditer(low)]
+        if not spans:
+            return value
+        out, last = [], 0
+        for start, end in spans:
+            out += (value[last:start], self.REDACTED)
+            last = end
+        out.append(value[last:])
+        return b"".join(out)
+
+
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+
+class OriginRewriter:
+    r"""URLs of the upstream's own origin become paths through the proxy.
+
+    The upstream writes absolute URLs with its own address (`http://10.0.0.5:3000/x`);
+    a client must neither learn that address nor be sent there. Every spelling a
+    browser reads as that origin is recognised: any letter case, scheme-relative
+    (`//host/x`), backslashes for slashes (`/\host`, `http:\\host`), userinfo, a
+    trailing dot, and the default port written out (`http://host:80/`), as is the
+    upstream's base path. The result is never scheme-relative: a path that would
+    start with `//` or `/\` (another host, to a browser) is written `/.//...`,
+    which stays on the proxy.
+    """
+
+    def __init__(self, scheme: str, host: str, port: int, base_path: str) -> None:
+        self.port = port
+        self.default_port = _DEFAULT_PORTS.get(scheme.encode()) == port
+        host = host.lower().strip("[]")
+        if ":" in host:
+            host_bytes = b"[" + host.encode() + b"]"  # an IPv6 literal, as URLs write it
+        else:
+            try:
+                host_bytes = host.encode("idna")
+            except UnicodeError:
+                host_bytes = host.encode()
+        #: Lower-cased text every match contains: the cheap pre-check for a header block.
+        self.hint = host_bytes.strip(b"[]")
+        base = re.escape(base_path.lower().encode()) if base_path else b""
+        self._pattern = re.compile(
+            rb"(?:(https?):[/\\]*|[/\\]{2,})"  # scheme with any slashes, or scheme-relative
+            rb"(?:[^/\\?#@\s\"'<>]*@)?"  # userinfo
+            + re.escape(host_bytes)
+            + rb"\.?(?::([0-9]*))?(?![A-Za-z0-9._~%@:-])"
+            + (rb"(" + base + rb"(?![^/\\?#\s\"'<>;,]))?" if base else b"")
+        )
+
+    def _same_origin(self, scheme: bytes | None, port: bytes | None) -> bool:
+        if port:
+            return int(port) == self.port
+        if scheme is None:
+            return self.default_port  # scheme-relative: the proxy's scheme, its default port
+        return _DEFAULT_PORTS[scheme] == self.port
+
+    def rewrite_all(self, data: bytes) -> bytes:
+        """Every URL of the upstream's origin in `data` (header lines) made relative."""
+        low = data.lower()
+        if self.hint not in low:
+            return data
+        out, last = [], 0
+        for match in self._pattern.finditer(low):
+            scheme, port = match.group(1), match.group(2)
+            if not self._same_origin(scheme, port):
+                continue
+            start, end = match.span()
+            rest = data[end : end + 2]
+            if rest[:1] in (b"/", b"\\"):
+                replacement = b"/." if rest[1:2] in (b"/", b"\\") else b""
+            else:
+                replacement = b"/"
+            out += (data[last:start], replacement)
+            last = end
+        if not out:
+            return data
+        out.append(data[last:])
+        return b"".join(out)
+
+    def rewrite_location(self, value: bytes) -> bytes:
+        # Browsers drop tabs inside URLs, so `ht\ttp://host` is the same URL.
+        if b"\t" in value:
+            value = value.replace(b"\t", b"")
+        return self.rewrite_all(value)

@@ -1,4 +1,4 @@
-"""Which address is the client (server.trusted_proxies)."""
+"""Which address is the client (server.trusted_proxies: the proxies whose headers count)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from keyproxy.clientip import client_ip, parse_peer
+from keyproxy.allowlists import IpAllowlist
+from keyproxy.clientip import client_ip, parse_peer, peer_is_trusted
 from keyproxy.request import Deny, Headers
 
 PEER = "198.51.100.9"
@@ -17,8 +18,22 @@ SPOOF = [
 ]
 
 
-def ip(headers: list[tuple[str, str]], trusted: int, peer: str = PEER):
-    return client_ip(peer, Headers(headers), trusted)
+#: Trusted proxies by depth: 1 is the peer alone, 2 adds the 10/8 proxies behind it, 3 adds
+#: 203.0.113.0/24 (so hop counts of the old tests read as the same chains of trusted proxies).
+TRUST = {
+    0: None,
+    1: [PEER],
+    2: [PEER, "10.0.0.0/8"],
+    3: [PEER, "10.0.0.0/8", "203.0.113.0/24"],
+    5: [PEER, "10.0.0.0/8", "203.0.113.0/24", "192.0.2.0/24", "198.18.0.0/15"],
+    9: [PEER, "10.0.0.0/8", "203.0.113.0/24", "1.1.1.1", "2.2.2.2"],
+}
+
+
+def ip(headers: list[tuple[str, str]], trusted: int | list[str] | None, peer: str = PEER):
+    proxies = TRUST[trusted] if isinstance(trusted, int) else trusted
+    allowlist = IpAllowlist.parse(proxies) if proxies else None
+    return client_ip(peer, Headers(headers), allowlist)
 
 
 def assert_invalid(result) -> Deny:
@@ -65,7 +80,45 @@ def test_mapped_peer_is_ipv4():
     assert ip([], 0, peer="::ffff:10.0.0.1") == ip_address("10.0.0.1")
 
 
-# --- trusted_proxies: N > 0 ---------------------------------------------------------------------
+# --- trusted_proxies: a list of proxies ----------------------------------------------------------
+
+
+def test_a_direct_client_cannot_forge_its_address():
+    """The peer is not a listed proxy: its X-Forwarded-For is its own claim, never read."""
+    for headers in (SPOOF, [("X-Forwarded-For", "10.1.2.3")], [("Forwarded", "for=10.1.2.3")]):
+        assert ip(headers, ["10.0.0.0/8"]) == ip_address(PEER)
+    # not even parsed: garbage from an untrusted peer is no error either
+    assert ip([("X-Forwarded-For", "garbage")], ["10.0.0.0/8"]) == ip_address(PEER)
+
+
+def test_hops_are_walked_from_the_right_skipping_trusted_proxies():
+    trusted = [PEER, "10.0.0.0/8"]
+    chain = [("X-Forwarded-For", "6.6.6.6, 203.0.113.1, 10.0.0.9, 10.0.0.2")]
+    assert ip(chain, trusted) == ip_address("203.0.113.1")
+    # a trusted address further left than an untrusted one is the client's claim, ignored
+    chain = [("X-Forwarded-For", "10.0.0.5, 203.0.113.1")]
+    assert ip(chain, trusted) == ip_address("203.0.113.1")
+    # every hop a trusted proxy: the leftmost (as nginx's real_ip_recursive)
+    assert ip([("X-Forwarded-For", "10.0.0.5, 10.0.0.6")], trusted) == ip_address("10.0.0.5")
+
+
+def test_trust_is_by_network_and_mapped_peers_count_as_ipv4():
+    chain = [("X-Forwarded-For", "203.0.113.1")]
+    assert ip(chain, ["198.51.100.0/24"]) == ip_address("203.0.113.1")
+    assert ip(chain, ["198.51.100.0/25"], peer="198.51.100.200") == ip_address("198.51.100.200")
+    assert ip(chain, ["198.51.100.0/24"], peer="::ffff:198.51.100.7") == ip_address("203.0.113.1")
+    assert ip(chain, ["2001:db8::/32"], peer="2001:db8::5") == ip_address("203.0.113.1")
+
+
+def test_peer_is_trusted():
+    proxies = IpAllowlist.parse(["10.0.0.0/8"])
+    assert peer_is_trusted("10.2.3.4", proxies)
+    assert not peer_is_trusted("11.2.3.4", proxies)
+    assert not peer_is_trusted("10.2.3.4", None)
+    assert not peer_is_trusted("not-an-address", proxies)
+
+
+# --- the old hop-count cases, as the same chains of trusted proxies -------------------------
 
 
 def test_no_header_means_the_peer():
@@ -97,7 +150,7 @@ def test_x_forwarded_for(value, trusted, expected):
 def test_x_forwarded_for_lines_are_joined_in_order():
     headers = [("X-Forwarded-For", "1.1.1.1, 2.2.2.2"), ("X-Forwarded-For", "3.3.3.3")]
     assert ip(headers, 1) == ip_address("3.3.3.3")
-    assert ip(headers, 2) == ip_address("2.2.2.2")
+    assert ip(headers, [PEER, "3.3.3.3"]) == ip_address("2.2.2.2")
 
 
 def test_empty_x_forwarded_for_means_the_peer():
@@ -114,7 +167,7 @@ def test_empty_x_forwarded_for_means_the_peer():
         ('for="[2001:db8:cafe::17]"', 1, "2001:db8:cafe::17"),
         ("for=2001:db8::17", 1, "2001:db8::17"),  # unquoted, as nginx configs often write it
         ("for=1.1.1.1, for=203.0.113.1", 1, "203.0.113.1"),
-        ("for=1.1.1.1, for=203.0.113.1", 2, "1.1.1.1"),
+        ("for=1.1.1.1, for=203.0.113.1", 3, "1.1.1.1"),
         ("for=1.1.1.1, for=203.0.113.1", 9, "1.1.1.1"),
         ('proto=https;for="203.0.113.1";host="a,b;c"', 1, "203.0.113.1"),
         ('for=1.1.1.1;host="x\\"y", for=203.0.113.1', 1, "203.0.113.1"),

@@ -10,6 +10,7 @@ import gc
 import hashlib
 import textwrap
 from datetime import UTC, datetime
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ FULL = f"""\
 server:
   listen: 0.0.0.0:8080
   admin_listen: 127.0.0.1:9901      # /metrics, /healthz, /readyz; never on the public port
-  trusted_proxies: 1
+  trusted_proxies: [10.0.0.0/8, 192.0.2.10, "2001:db8::/32"]
   max_body: 10MiB
   credential_sources: [header, basic, query]
   query_param: apikey
@@ -151,7 +152,10 @@ def test_full_file_server() -> None:
     server = parse(FULL).server
     assert server.listen == HostPort("0.0.0.0", 8080)
     assert server.admin_listen == HostPort("127.0.0.1", 9901)
-    assert server.trusted_proxies == 1
+    proxies = server.trusted_proxies
+    assert proxies is not None and proxies.texts == ("10.0.0.0/8", "192.0.2.10", "2001:db8::/32")
+    assert proxies.contains(ip_address("10.9.8.7")) and proxies.contains(ip_address("2001:db8::1"))
+    assert not proxies.contains(ip_address("192.0.2.11"))
     assert server.max_body == 10 * 1024 * 1024
     assert server.credential_sources == frozenset({"header", "basic", "query"})
     assert server.query_param == "apikey"
@@ -217,6 +221,24 @@ def test_full_file_rate_limits() -> None:
     assert limits.on_store_error == "allow"
     assert limits.timeout == pytest.approx(0.25)
     assert limits.max_buckets == 50000
+
+
+def test_a_hop_count_is_refused_with_the_list_form_as_the_hint() -> None:
+    issue = the_issue("server:\n  trusted_proxies: 1\n" + BASE)
+    assert issue.line == 2 and issue.where == "server.trusted_proxies"
+    assert issue.hint is not None and "10.0.0.0/8" in issue.hint and "directly" in issue.hint
+
+
+@pytest.mark.parametrize("text", ["  trusted_proxies: 0\n", ""])
+def test_no_trusted_proxies_means_none(text: str) -> None:
+    assert parse("server:\n  listen: 0.0.0.0:8080\n" + text + BASE).server.trusted_proxies is None
+
+
+def test_rate_limit_prefixes() -> None:
+    limits = parse(BASE + "rate_limits:\n  ipv4_prefix: 24\n  ipv6_prefix: 48\n").rate_limits
+    assert (limits.ipv4_prefix, limits.ipv6_prefix) == (24, 48)
+    defaults = parse(BASE).rate_limits
+    assert (defaults.ipv4_prefix, defaults.ipv6_prefix) == (32, 64)
 
 
 def test_defaults() -> None:
@@ -322,7 +344,7 @@ def test_ints_are_never_booleans(word: str) -> None:
 
 
 def test_octal_looking_numbers_are_refused() -> None:
-    issue = the_issue("server:\n  trusted_proxies: 010\n" + BASE)
+    issue = the_issue("rate_limits:\n  max_buckets: 010000\n" + BASE)
     assert issue.line == 2 and "leading zero" in issue.message
 
 
@@ -552,8 +574,14 @@ def test_separate_listeners_are_fine(listen: str, admin: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
     [
-        ("trusted_proxies", "17", "between 0 and 16"),
-        ("trusted_proxies", "-1", "between 0 and 16"),
+        ("trusted_proxies", "1", "a hop count (1) is not accepted"),
+        ("trusted_proxies", "2", "a hop count (2) is not accepted"),
+        ("trusted_proxies", "-1", "expected 0 or a list of proxy addresses"),
+        ("trusted_proxies", "10.0.0.0/8", "expected 0 or a list of proxy addresses"),
+        ("trusted_proxies", "[]", "empty list"),
+        ("trusted_proxies", "[10.1.2.3/8]", "has host bits set: write 10.0.0.0/8"),
+        ("trusted_proxies", "[proxy.internal]", "not an IP address or CIDR"),
+        ("trusted_proxies", "[10.0.0.1, 10.0.0.1]", "listed twice"),
         ("max_body", "10", "a number needs a unit"),
         ("max_body", "0B", "at least 1 bytes"),
         ("max_header_size", "100B", "between 1024 and 1048576 bytes"),
@@ -1162,6 +1190,10 @@ def test_rate_limit_stores(store: str) -> None:
         ("timeout: 6s", "at most 5s"),
         ("timeout: 0ms", "longer than zero"),
         ("max_buckets: 999", "between 1000"),
+        ("ipv4_prefix: 8", "between 16 and 32"),
+        ("ipv4_prefix: 33", "between 16 and 32"),
+        ("ipv6_prefix: 16", "between 32 and 128"),
+        ("ipv6_prefix: /48", "whole number"),
     ],
 )
 def test_rate_limit_refusals(field: str, problem: str) -> None:

@@ -33,16 +33,28 @@ def plan(url: str = "http://up.internal:8000/api") -> ForwardPlan:
         ("http://up.internal:8000/api?x=1", "/?x=1"),
         ("http://up.internal:8000/other", "/other"),
         ("https://elsewhere.example/x", "https://elsewhere.example/x"),
-        # Never a scheme-relative redirect to another host.
-        (
-            "http://up.internal:8000/api//evil.example/x",
-            "http://up.internal:8000/api//evil.example/x",
-        ),
-        ("http://up.internal:8000//evil.example/x", "http://up.internal:8000//evil.example/x"),
-        (
-            "http://up.internal:8000/api/\\evil.example/x",
-            "http://up.internal:8000/api/\\evil.example/x",
-        ),
+        # Never a scheme-relative redirect to another host, nor the upstream's origin.
+        ("http://up.internal:8000/api//evil.example/x", "/.//evil.example/x"),
+        ("http://up.internal:8000//evil.example/x", "/.//evil.example/x"),
+        ("http://up.internal:8000/api/\\evil.example/x", "/./\\evil.example/x"),
+        # Every spelling a browser reads as the upstream's origin.
+        ("//up.internal:8000/api/next", "/next"),
+        ("/\\up.internal:8000/api/next", "/next"),
+        ("\\\\up.internal:8000/next", "/next"),
+        ("http:/\\up.internal:8000/api/next", "/next"),
+        ("http:\\\\up.internal:8000/api/next", "/next"),
+        ("http:///up.internal:8000/api/next", "/next"),
+        ("ht\ttp://up.internal:8000/api/next", "/next"),  # browsers drop tabs in URLs
+        ("http://user:pw@up.internal:8000/api/next", "/next"),
+        ("http://up.internal.:8000/api/next", "/next"),
+        ("http://up.internal:8000/api#frag", "/#frag"),
+        ("http://up.internal:8000/apix", "/apix"),  # not under the base path
+        # Not the upstream: another port, another host, a look-alike, userinfo tricks.
+        ("http://up.internal:9000/api/next", "http://up.internal:9000/api/next"),
+        ("http://up.internal/api/next", "http://up.internal/api/next"),
+        ("//up.internal.evil.example/x", "//up.internal.evil.example/x"),
+        ("http://up.internal:8000@evil.example/x", "http://up.internal:8000@evil.example/x"),
+        ("/next", "/next"),
     ],
 )
 def test_redirects_to_the_upstream_become_relative_and_never_leave_the_site(
@@ -73,6 +85,82 @@ SECRET = "AbC/dEf+Gh~Ij"
 def test_every_spelling_of_a_secret_is_scrubbed_from_reply_headers(spelling: str) -> None:
     scrubber = plan().scrubber
     block = f"Set-Cookie: k={spelling}; Path=/\r\nLocation: /x?key={spelling}\r\n".encode()
+    assert scrubber.found_in(block)
+    scrubbed = scrubber.scrub(block)
+    assert spelling.encode() not in scrubbed
+    assert scrubbed.count(b"[REDACTED]") == 2
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("http://up.example/next", "/next"),
+        ("http://up.example:80/next", "/next"),  # the default port written out
+        ("HTTP://UP.EXAMPLE:80", "/"),
+        ("//up.example/next", "/next"),
+        ("//up.example:80/next", "/next"),
+        ("/\\up.example/next", "/next"),
+        ("https://up.example/next", "https://up.example/next"),  # port 443: another origin
+        ("https://up.example:80/next", "/next"),
+        ("http://up.example:8080/next", "http://up.example:8080/next"),
+    ],
+)
+def test_default_ports_are_the_same_origin(location: str, expected: str) -> None:
+    assert plan("http://up.example").rewrite_location(location.encode()) == expected.encode()
+
+
+def test_ipv6_upstreams_are_recognised() -> None:
+    rewrite = plan("http://[::1]:3000").rewrite_location
+    assert rewrite(b"http://[::1]:3000/next") == b"/next"
+    assert rewrite(b"//[::1]:3000/next") == b"/next"
+    assert rewrite(b"http://[::1]:4000/next") == b"http://[::1]:4000/next"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("Content-Location: http://up.internal:8000/api/items/1", "Content-Location: /items/1"),
+        (
+            'Link: <http://up.internal:8000/api/p?page=2>; rel="next", <//up.internal:8000/api/p>; '
+            'rel="first"',
+            'Link: </p?page=2>; rel="next", </p>; rel="first"',
+        ),
+        ("Refresh: 5; url=http://up.internal:8000/api/done", "Refresh: 5; url=/done"),
+        ("Refresh: 0;URL='HTTP://UP.INTERNAL:8000/api'", "Refresh: 0;URL='/'"),
+        ("X-Backend: see http://up.internal:8000/status", "X-Backend: see /status"),
+        (
+            "Refresh: 0; url=http://up.internal:8000//evil.example/",
+            "Refresh: 0; url=/.//evil.example/",
+        ),
+    ],
+)
+def test_the_upstream_origin_is_rewritten_in_every_header(header: str, expected: str) -> None:
+    scrubber = plan().scrubber
+    block = f"Content-Type: text/html\r\n{header}\r\n".encode()
+    assert scrubber.found_in(block)
+    assert scrubber.scrub(block) == f"Content-Type: text/html\r\n{expected}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        SECRET.upper(),
+        SECRET.lower(),
+        SECRET.encode().hex(),
+        SECRET.encode().hex().upper(),
+        base64.b64encode(SECRET.encode()).decode(),  # the secret alone, not user:pass
+        base64.b64encode(SECRET.encode()).decode().rstrip("="),
+        base64.urlsafe_b64encode(SECRET.encode()).decode(),
+        base64.b64encode(b"token=" + SECRET.encode() + b";x").decode(),  # inside a longer value
+        base64.b64encode(b"t:" + SECRET.encode()).decode(),
+        base64.b64encode(b"tk:" + SECRET.encode() + b"!").decode(),
+        "P%40SS+WORD",
+        "%61%62%63%2f%64%65%66%2b%67%68%7e%69%6a",  # lower-case letters fully escaped
+    ],
+)
+def test_more_spellings_of_a_secret_are_scrubbed(spelling: str) -> None:
+    scrubber = plan().scrubber
+    block = f"X-Debug: {spelling}\r\nSet-Cookie: s={spelling}; Path=/\r\n".encode()
     assert scrubber.found_in(block)
     scrubbed = scrubber.scrub(block)
     assert spelling.encode() not in scrubbed

@@ -165,17 +165,23 @@ def test_demo_prints_working_curl_lines(tmp_path):
         proc.stop()
 
 
-@pytest.mark.parametrize("trusted", [0, 1])
+@pytest.mark.parametrize("trusted", [0, 1, "other"])
 def test_x_forwarded_for_is_built_from_trust(tmp_path, upstream, trusted):
+    """The chain a client sends is kept only when the peer (127.0.0.1) is a trusted proxy."""
     config = base_config(upstream.url, upstream.inject())
-    config["server"]["trusted_proxies"] = trusted
+    config["server"]["trusted_proxies"] = {0: 0, 1: ["127.0.0.0/8"], "other": ["10.0.0.0/8"]}[
+        trusted
+    ]
     kp = start_keyproxy(tmp_path, config)
     try:
         upstream.reset()
-        kp.request("GET", "/echo/xff", {"X-Forwarded-For": "203.0.113.9"}, key=KEYS["reader"])
+        sent = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+        kp.request("GET", "/echo/xff", sent, key=KEYS["reader"])
         record = upstream.records()[-1]
         xff = [v for n, v in record["headers"] if n.lower() == "x-forwarded-for"]
-        assert xff == (["127.0.0.1"] if trusted == 0 else ["203.0.113.9, 127.0.0.1"])
+        proto = [v for n, v in record["headers"] if n.lower() == "x-forwarded-proto"]
+        assert xff == (["203.0.113.9, 127.0.0.1"] if trusted == 1 else ["127.0.0.1"])
+        assert proto == (["https"] if trusted == 1 else ["http"])
     finally:
         kp.stop()
 

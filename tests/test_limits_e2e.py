@@ -85,10 +85,14 @@ def test_ip_allowlist_with_loopback_aliases(make, upstream):
     assert get(kp, source="127.0.0.2")[0] == 200
 
 
+#: The same chains of trust as the former hop counts 0, 1 and 2 (the test client is 127.0.0.1).
+TRUST_DEPTHS = {0: 0, 1: ["127.0.0.1"], 2: ["127.0.0.1", "203.0.113.0/24"]}
+
+
 @pytest.mark.parametrize("trusted", [0, 1, 2])
 def test_trusted_proxies_decide_the_client_address(make, upstream, trusted):
     config = config_with(upstream, ips=["203.0.113.0/24"])
-    config["server"]["trusted_proxies"] = trusted
+    config["server"]["trusted_proxies"] = TRUST_DEPTHS[trusted]
     kp = make(config)
     chain = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}
     status = get(kp, headers=chain)[0]
@@ -99,6 +103,46 @@ def test_trusted_proxies_decide_the_client_address(make, upstream, trusted):
         assert (status, data["error"]) == (400, "INVALID_FORWARDED_FOR")
         status, _, data = get(kp, headers={**chain, "Forwarded": "for=192.0.2.1"})
         assert (status, data["error"]) == (400, "INVALID_FORWARDED_FOR")
+
+
+def test_a_direct_client_cannot_forge_x_forwarded_for(make, upstream):
+    """Only 127.0.0.2 is a trusted proxy: a client connecting from 127.0.0.1 itself writes
+    `X-Forwarded-For: 10.1.2.3` to pass a 10.0.0.0/8 allowlist or to get a fresh rate-limit
+    bucket per request. Neither works; the same header from the proxy is believed."""
+    config = config_with(upstream, ips=["10.0.0.0/8", "127.0.0.1"], rate_limit="3/minute")
+    config["keys"].append(
+        {
+            "id": "tenants",
+            "hash": digest(KEYS["reader"] + "x"),
+            "type": "read",
+            "ips": ["10.0.0.0/8"],
+        }
+    )
+    config["server"]["trusted_proxies"] = ["127.0.0.2"]
+    kp = make(config)
+    forged = {"X-Forwarded-For": "10.1.2.3"}
+    status, _, data = get(kp, key=KEYS["reader"] + "x", headers=forged)
+    assert (status, data["error"]) == (403, "IP_NOT_ALLOWED")
+    assert "127.0.0.1" in data["message"]
+    status, _, data = get(kp, key=KEYS["reader"] + "x", headers={"Forwarded": "for=10.1.2.3"})
+    assert (status, data["error"]) == (403, "IP_NOT_ALLOWED")
+    # through the trusted proxy the same header names the client
+    assert get(kp, key=KEYS["reader"] + "x", headers=forged, source="127.0.0.2")[0] == 200
+    # a forged address per request does not buy a fresh bucket: all count as 127.0.0.1
+    statuses = [get(kp, headers={"X-Forwarded-For": f"10.9.9.{i}"})[0] for i in range(1, 6)]
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+def test_rate_limit_buckets_group_clients_by_the_configured_prefix(make, upstream):
+    config = config_with(upstream, rate_limit="2/minute")
+    config["rate_limits"] = {"ipv4_prefix": 24}
+    kp = make(config)
+    # 127.0.0.1 and 127.0.0.3 are one /24: one bucket of 2
+    assert [get(kp, source=s)[0] for s in ("127.0.0.1", "127.0.0.3", "127.0.0.4")] == [
+        200,
+        200,
+        429,
+    ]
 
 
 # -- rate limits and quotas -------------------------------------------------------------

@@ -224,6 +224,16 @@ def test_lowered_quota_applies_to_what_was_already_used(limiter: MemoryLimiter) 
     assert limiter.hit("k", "ip", None, 10, T0).quota_remaining == 4
 
 
+def test_ip_bucket_prefixes_are_configurable_per_family() -> None:
+    assert ip_bucket("192.0.2.7", 24, 64) == "192.0.2.0/24"
+    assert ip_bucket("192.0.2.7", 32, 64) == "192.0.2.7"
+    assert ip_bucket("::ffff:192.0.2.7", 16, 64) == "192.0.0.0/16"
+    assert ip_bucket("2001:db8:1:2:aaaa::1", 32, 48) == "2001:db8:1::/48"
+    assert ip_bucket("2001:db8:1:2:aaaa::1", 32, 56) == "2001:db8:1::/56"
+    assert ip_bucket("2001:db8:1:2:aaaa::1", 32, 128) == "2001:db8:1:2:aaaa::1"
+    assert ip_bucket("2001:db8:1:2:aaaa::1", 32, 127) == "2001:db8:1:2:aaaa::/127"
+
+
 def test_ip_bucket_groups_ipv6_by_64_and_unmaps_ipv4() -> None:
     assert ip_bucket("192.0.2.7") == "192.0.2.7"
     assert ip_bucket("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"

@@ -43,19 +43,20 @@ def limit_denial(result: LimitResult) -> Deny:
 #: and forwarded hops (keyproxy.clientip), so one client is one object; by identity,
 #: the lookup skips `ipaddress`'s hash, a Python function. The address is held in
 #: the value so its id cannot be reused.
-_BUCKETS: dict[int, tuple[IPAddress, str]] = {}
+_BUCKETS: dict[int, tuple[IPAddress, int, int, str]] = {}
 _MAX_BUCKETS = 4096
 
 
-def client_bucket(ip: IPAddress) -> str:
-    """Who a rate limit counts: the address, or for IPv6 its /64 (one host's usual share)."""
+def client_bucket(ip: IPAddress, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """Who a rate limit counts: the client's network at the configured prefix length
+    (by default the IPv4 address, or an IPv6 address's /64: one host's usual share)."""
     known = _BUCKETS.get(id(ip))
-    if known is not None and known[0] is ip:
-        return known[1]
-    bucket = ip_bucket(str(ip))
+    if known is not None and known[0] is ip and known[1] == ipv4_prefix and known[2] == ipv6_prefix:
+        return known[3]
+    bucket = ip_bucket(str(ip), ipv4_prefix, ipv6_prefix)
     if len(_BUCKETS) >= _MAX_BUCKETS:
         _BUCKETS.clear()
-    _BUCKETS[id(ip)] = (ip, bucket)
+    _BUCKETS[id(ip)] = (ip, ipv4_prefix, ipv6_prefix, bucket)
     return bucket
 
 
@@ -76,9 +77,9 @@ class RateLimitCheck:
             return None
         try:
             assert ctx.client_ip is not None
-            result = self.limiter.hit(
-                key.id, client_bucket(ctx.client_ip), key.rate_limit, key.quota, self.clock()
-            )
+            settings = ctx.config.rate_limits
+            bucket = client_bucket(ctx.client_ip, settings.ipv4_prefix, settings.ipv6_prefix)
+            result = self.limiter.hit(key.id, bucket, key.rate_limit, key.quota, self.clock())
         except StoreUnavailable:
             return self._store_failed(ctx)
         if result.__class__ is LimitResult:

@@ -71,7 +71,8 @@ class HostPort:
 class ServerSettings:
     listen: HostPort = HostPort("0.0.0.0", 8080)
     admin_listen: HostPort = HostPort("127.0.0.1", 9901)
-    trusted_proxies: int = 0
+    #: The proxies whose X-Forwarded-For / Forwarded are believed; None: the peer is the client.
+    trusted_proxies: IpAllowlist | None = None
     max_body: int = 10 * MiB
     credential_sources: frozenset[str] = frozenset({"header", "basic"})
     query_param: str = "api_key"
@@ -180,6 +181,9 @@ class RateLimitSettings:
     on_store_error: str = "deny"  # deny | allow
     timeout: float = 0.1  # per store round trip
     max_buckets: int = 100_000  # memory store: least recently used buckets are dropped beyond this
+    #: One bucket per client network of this prefix length (32 / 128: per address).
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ from yaml.nodes import Node
 from keyproxy.config.model import RateLimitSettings
 from keyproxy.config.yaml_reader import Reader
 
-_RATE_LIMIT_FIELDS = frozenset({"store", "on_store_error", "timeout", "max_buckets"})
+_RATE_LIMIT_FIELDS = frozenset(
+    {"store", "on_store_error", "timeout", "max_buckets", "ipv4_prefix", "ipv6_prefix"}
+)
 _REDIS_DB = re.compile(r"/?|/[0-9]{1,5}")
 
 
@@ -63,6 +65,11 @@ def read_rate_limits(r: Reader, node: Node | None) -> RateLimitSettings | None:
         values["max_buckets"] = r.integer(
             fields["max_buckets"], "rate_limits.max_buckets", 1000, 100_000_000
         )
+    # Shorter than /16 (IPv4) or /32 (IPv6) would put whole providers in one bucket.
+    if "ipv4_prefix" in fields:
+        values["ipv4_prefix"] = r.integer(fields["ipv4_prefix"], "rate_limits.ipv4_prefix", 16, 32)
+    if "ipv6_prefix" in fields:
+        values["ipv6_prefix"] = r.integer(fields["ipv6_prefix"], "rate_limits.ipv6_prefix", 32, 128)
     if len(r.issues) != before:
         return None
     return RateLimitSettings(**values)  # type: ignore[arg-type]

@@ -6,8 +6,9 @@ import ipaddress
 import re
 from collections.abc import Callable
 
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
+from keyproxy.allowlists import IpAllowlist
 from keyproxy.config.model import CREDENTIAL_SOURCES, HostPort, ServerSettings
 from keyproxy.config.yaml_reader import Reader, did_you_mean, show
 
@@ -110,6 +111,44 @@ def _listen(r: Reader, node: Node, where: str) -> HostPort | None:
     return value
 
 
+_TRUSTED_HINT = (
+    "list the addresses or CIDRs of your own proxies, like [10.0.0.0/8, 192.0.2.10] "
+    "(nginx's set_real_ip_from); a hop count would let a client that connects directly "
+    "write its own X-Forwarded-For; 0 or no field: the socket peer is the client"
+)
+#: More proxy networks than any deployment lists; bounds the per-request walk.
+MAX_TRUSTED_PROXIES = 64
+
+
+def _trusted_proxies(r: Reader, node: Node, where: str) -> IpAllowlist | bool | None:
+    """The proxies whose forwarding headers are believed: None for none, False on error."""
+    if type(node) is ScalarNode and not node.style and node.value == "0":
+        return None
+    if type(node) is not SequenceNode:
+        if type(node) is not ScalarNode:
+            message = "expected 0 or a list of proxy addresses, found a mapping"
+        elif node.value.isdigit():
+            message = f"a hop count ({node.value}) is not accepted"
+        else:
+            message = f"expected 0 or a list of proxy addresses, found {show(node)}"
+        r.issue(node, where, message, _TRUSTED_HINT)
+        return False
+    items = r.texts(
+        node, where, non_empty="list at least one proxy, or write 0", at_most=MAX_TRUSTED_PROXIES
+    )
+    if items is None:
+        return False
+    ok = True
+    for index, (item, value) in enumerate(items):
+        try:
+            IpAllowlist.parse([value])
+        except ValueError as exc:
+            message = str(exc).replace("ips entry ", "", 1)
+            r.issue(item, f"{where}[{index}]", message)
+            ok = False
+    return IpAllowlist.parse([value for _, value in items]) if ok else False
+
+
 def _credential_sources(r: Reader, node: Node, where: str) -> frozenset[str] | None:
     items = r.texts(node, where, non_empty="list at least one of: header, basic, query")
     if items is None:
@@ -137,7 +176,7 @@ def read_server(r: Reader, node: Node | None) -> ServerSettings | None:
     readers: dict[str, Callable[[Node, str], object]] = {
         "listen": lambda n, w: _listen(r, n, w),
         "admin_listen": lambda n, w: _listen(r, n, w),
-        "trusted_proxies": lambda n, w: r.integer(n, w, 0, 16),
+        "trusted_proxies": lambda n, w: _trusted_proxies(r, n, w),
         "max_body": lambda n, w: r.size(n, w, 1),
         "credential_sources": lambda n, w: _credential_sources(r, n, w),
         "query_param": lambda n, w: r.string(
@@ -157,7 +196,7 @@ def read_server(r: Reader, node: Node | None) -> ServerSettings | None:
     }
     for name, value_node in fields.items():
         values[name] = readers[name](value_node, f"server.{name}")
-    if len(r.issues) != before:
+    if len(r.issues) != before or values.get("trusted_proxies") is False:
         return None
     settings = ServerSettings(**values)  # type: ignore[arg-type]
     if _shares_port(settings.listen, settings.admin_listen):

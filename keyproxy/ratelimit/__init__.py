@@ -105,24 +105,42 @@ def open_limiter(settings: RateLimitSettings) -> Limiter:
 
 
 @functools.lru_cache(maxsize=4096)
-def ip_bucket(client_ip: str) -> str:
-    """The address to rate-limit by: IPv6 clients by their /64, everyone else as is.
+def ip_bucket(client_ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The client network to rate-limit by: an IPv4 address's /ipv4_prefix (32: the
+    address itself), an IPv6 address's /ipv6_prefix (64 by default).
 
     One IPv6 host usually owns a whole /64 and can pick a new source address per
     request; limited by full address, each request would find a fresh, full bucket.
+    Sites that hand out /56 or /48 networks (or IPv4 clients behind carrier NAT
+    ranges an operator wants grouped) need a shorter prefix, hence the settings.
     IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, seen on dual-stack sockets) are
     folded into their IPv4 form so one client has one bucket. Not applied by the
     stores themselves: the caller decides what "client" means.
     """
     if ":" not in client_ip:
-        return client_ip
+        if ipv4_prefix >= 32:
+            return client_ip
+        try:
+            v4 = ipaddress.IPv4Address(client_ip)
+        except ValueError:
+            return client_ip
+        return _network(int(v4), 32, ipv4_prefix)
     try:
         addr = ipaddress.IPv6Address(client_ip.split("%", 1)[0])
     except ValueError:
         return client_ip
     if addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return f"{ipaddress.IPv6Address(int(addr) >> 64 << 64)}/64"
+        return ip_bucket(str(addr.ipv4_mapped), ipv4_prefix, ipv6_prefix)
+    if ipv6_prefix >= 128:
+        return str(addr)
+    return _network(int(addr), 128, ipv6_prefix)
+
+
+def _network(value: int, bits: int, prefix: int) -> str:
+    shift = bits - prefix
+    masked = value >> shift << shift
+    address = ipaddress.IPv4Address(masked) if bits == 32 else ipaddress.IPv6Address(masked)
+    return f"{address}/{prefix}"
 
 
 def quota_exhausted(
