@@ -88,6 +88,29 @@ def _any_spelling(secret: bytes) -> bytes:
     return b"".join(parts)
 
 
+def secret_spellings(
+    secrets: tuple[str, ...], basic: tuple[str, str] | None = None
+) -> list[tuple[bytes, int]]:
+    """Every spelling of the secrets to search for: (regex, longest text it can match).
+
+    Shared by the header scrubber and the streaming body scrubber, which holds
+    back the longest length minus one byte at each chunk's end, so a spelling
+    split across two chunks is still found whole.
+    """
+    spellings = []
+    for secret in secrets:
+        if secret:
+            raw = secret.encode("utf-8")
+            spellings.append((_any_spelling(raw), 3 * len(raw)))  # each byte at most %XX
+    if basic is not None:
+        pair = f"{basic[0]}:{basic[1]}".encode()
+        for encoded in {base64.b64encode(pair), base64.urlsafe_b64encode(pair)}:
+            # Unpadded: a padded spelling contains it, and is redacted up to its '='.
+            unpadded = encoded.rstrip(b"=")
+            spellings.append((re.escape(unpadded), len(unpadded)))
+    return spellings
+
+
 class SecretScrubber:
     """Replaces every spelling of the upstream's secrets in response header values.
 
@@ -100,12 +123,7 @@ class SecretScrubber:
     REDACTED = b"[REDACTED]"
 
     def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
-        patterns = [_any_spelling(secret.encode("utf-8")) for secret in secrets if secret]
-        if basic is not None:
-            pair = f"{basic[0]}:{basic[1]}".encode()
-            for encoded in {base64.b64encode(pair), base64.urlsafe_b64encode(pair)}:
-                # Unpadded: a padded spelling contains it, and is redacted up to its '='.
-                patterns.append(re.escape(encoded.rstrip(b"=")))
+        patterns = [pattern for pattern, _ in secret_spellings(secrets, basic)]
         patterns.sort(key=len, reverse=True)
         self._pattern = re.compile(b"|".join(patterns)) if patterns else None
 

@@ -1,0 +1,102 @@
+"""The upstream's secret kept out of response bodies, streaming, across chunk boundaries.
+
+An Express redirect body ("Found. Redirecting to /posts?apikey=<secret>"), a
+debug page or an endpoint echoing request headers would hand the upstream's
+secret to any client. Every body is scanned for every spelling the header
+scrubber knows (`keyproxy.responses.secret_spellings`), and each occurrence is
+replaced by a fixed redaction.
+
+Streaming without letting a byte out before it is known clean: each call to
+`ScrubStream.feed` returns the bytes that can no longer be the start of a
+spelling, and holds back the last `longest - 1` bytes (the longest text a
+spelling can match), which the next chunk completes. `end` releases the rest.
+A match that starts before the held tail always lies wholly within the bytes
+seen, so the regular expression decides it on complete data.
+
+The body changes length when something is redacted: the caller sends it
+chunked (or buffers it to recompute `Content-Length`). Compressed bodies must
+be decoded first (`keyproxy.response.codings`): the scrubber reads bytes as
+the client will read them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from keyproxy.responses import secret_spellings
+
+REDACTED = b"[REDACTED]"
+
+
+class BodyScrubber:
+    """The compiled spellings of one configuration snapshot; `stream()` per response."""
+
+    __slots__ = ("hold", "pattern")
+
+    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
+        spellings = secret_spellings(secrets, basic)
+        if spellings:
+            patterns = sorted((p for p, _ in spellings), key=len, reverse=True)
+            self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
+            self.hold = max(length for _, length in spellings) - 1
+        else:
+            self.pattern = None
+            self.hold = 0
+
+    def __bool__(self) -> bool:
+        return self.pattern is not None
+
+    def stream(self) -> ScrubStream:
+        assert self.pattern is not None
+        return ScrubStream(self.pattern, self.hold)
+
+    def scrub(self, body: bytes) -> bytes:
+        """A whole body at once (a buffered or cached one)."""
+        if self.pattern is None:
+            return body
+        return self.pattern.sub(REDACTED, body)
+
+
+class ScrubStream:
+    """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
+
+    __slots__ = ("found", "held", "hold", "pattern")
+
+    def __init__(self, pattern: re.Pattern[bytes], hold: int) -> None:
+        self.pattern = pattern
+        self.hold = hold
+        self.held = b""
+        self.found = 0  # occurrences redacted so far (for a log line or a metric)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.held + chunk if self.held else chunk
+        cut = len(data) - self.hold
+        if cut <= 0:
+            self.held = data
+            return b""
+        pattern = self.pattern
+        match = pattern.search(data)
+        if match is None or match.start() >= cut:
+            self.held = data[cut:]
+            return data[:cut]
+        out = []
+        position = 0
+        while match is not None and match.start() < cut:
+            out.append(data[position : match.start()])
+            out.append(REDACTED)
+            self.found += 1
+            position = match.end()
+            match = pattern.search(data, position)
+        # Everything before `cut` and before the next possible match is clean.
+        keep_from = max(position, cut)
+        out.append(data[position:keep_from])
+        self.held = data[keep_from:]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        rest, self.held = self.held, b""
+        if not rest:
+            return b""
+        count = len(self.pattern.findall(rest))
+        self.found += count
+        return self.pattern.sub(REDACTED, rest) if count else rest
