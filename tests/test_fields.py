@@ -107,10 +107,10 @@ def test_invalid_field_paths_are_refused(bad: str) -> None:
 
 
 def test_fields_config_reader_compiles_or_names_the_problem() -> None:
-    import yaml
+    from keyproxy.config.load import _compose
 
     def read(text: str) -> tuple[FieldFilter | None, list[ConfigIssue]]:
-        node = yaml.compose(text)
+        node = _compose(text)
         r = Reader({})
         return read_fields(r, node, "keys[0].fields"), r.issues
 

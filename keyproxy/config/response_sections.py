@@ -40,10 +40,10 @@ def read_cors(r: Reader, node: Node | None, routes: Sequence[Route]) -> CorsPoli
     """`cors:` compiled into a policy; None when absent (or invalid, with issues recorded)."""
     if node is None:
         return None
+    before = len(r.issues)
     fields = r.fields(node, "cors", _CORS_FIELDS)
     if fields is None:
         return None
-    before = len(r.issues)
     if "allow_origins" not in fields:
         r.issue(
             node, "cors", "allow_origins is required", 'allow_origins: ["https://app.example.com"]'
@@ -89,8 +89,9 @@ MAX_FIELD_PATHS = 200
 
 def read_fields(r: Reader, node: Node, where: str) -> FieldFilter | None:
     """A key's `fields: {include: [...]}` or `{exclude: [...]}`, compiled into a filter."""
+    before = len(r.issues)
     fields = r.fields(node, where, _FIELDS_FIELDS)
-    if fields is None:
+    if fields is None or len(r.issues) != before:
         return None
     if len(fields) != 1:
         r.issue(
@@ -162,10 +163,10 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
     """`cache:`; its `routes` must each be written exactly as one of the configured routes."""
     if node is None:
         return None
+    before = len(r.issues)
     fields = r.fields(node, "cache", _CACHE_FIELDS)
     if fields is None:
         return None
-    before = len(r.issues)
     for required in ("backend", "ttl", "routes"):
         if required not in fields:
             r.issue(
