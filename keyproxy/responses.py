@@ -11,6 +11,7 @@ import base64
 import json
 import re
 from http import HTTPStatus
+from typing import NamedTuple
 
 from keyproxy.request import Deny
 
@@ -88,26 +89,44 @@ def _any_spelling(secret: bytes) -> bytes:
     return b"".join(parts)
 
 
+class Spelling(NamedTuple):
+    """One way a secret may be written in a response, as the scrubbers search for it.
+
+    `longest`: the longest text the pattern can match (the body scrubber holds
+    back that much minus one byte at a chunk's end). `anchors`: every match
+    contains one of these literals, so a body with none of them is known clean
+    after a few fast substring searches, without running the pattern.
+    """
+
+    pattern: bytes
+    longest: int
+    anchors: tuple[bytes, ...]
+
+
+def _longest_run_without_space(raw: bytes) -> bytes:
+    """Raw bytes a match with no `%` must contain: only a space has another spelling (`+`)."""
+    return max(raw.split(b" "), key=len)
+
+
 def secret_spellings(
     secrets: tuple[str, ...], basic: tuple[str, str] | None = None
-) -> list[tuple[bytes, int]]:
-    """Every spelling of the secrets to search for: (regex, longest text it can match).
-
-    Shared by the header scrubber and the streaming body scrubber, which holds
-    back the longest length minus one byte at each chunk's end, so a spelling
-    split across two chunks is still found whole.
-    """
+) -> list[Spelling]:
+    """Every spelling of the secrets to search for, shared by the header and body scrubbers."""
     spellings = []
     for secret in secrets:
         if secret:
             raw = secret.encode("utf-8")
-            spellings.append((_any_spelling(raw), 3 * len(raw)))  # each byte at most %XX
+            run = _longest_run_without_space(raw)
+            # Each byte at most `%XX`; a match without any `%` holds the longest
+            # space-free run of the secret as it is.
+            anchors = (b"%", run) if run else (b"%", b" ", b"+")
+            spellings.append(Spelling(_any_spelling(raw), 3 * len(raw), anchors))
     if basic is not None:
         pair = f"{basic[0]}:{basic[1]}".encode()
         for encoded in {base64.b64encode(pair), base64.urlsafe_b64encode(pair)}:
             # Unpadded: a padded spelling contains it, and is redacted up to its '='.
             unpadded = encoded.rstrip(b"=")
-            spellings.append((re.escape(unpadded), len(unpadded)))
+            spellings.append(Spelling(re.escape(unpadded), len(unpadded), (unpadded,)))
     return spellings
 
 
@@ -123,7 +142,7 @@ class SecretScrubber:
     REDACTED = b"[REDACTED]"
 
     def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
-        patterns = [pattern for pattern, _ in secret_spellings(secrets, basic)]
+        patterns = [spelling.pattern for spelling in secret_spellings(secrets, basic)]
         patterns.sort(key=len, reverse=True)
         self._pattern = re.compile(b"|".join(patterns)) if patterns else None
 

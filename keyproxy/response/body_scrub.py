@@ -6,6 +6,11 @@ secret to any client. Every body is scanned for every spelling the header
 scrubber knows (`keyproxy.responses.secret_spellings`), and each occurrence is
 replaced by a fixed redaction.
 
+Cheap when clean: every spelling declares anchors (a `%`, or a literal such
+as the secret's longest run without a space), and a window with none of them
+is passed after a few substring searches; the pattern runs only from just
+before the first anchor.
+
 Streaming without letting a byte out before it is known clean: each call to
 `ScrubStream.feed` returns the bytes that can no longer be the start of a
 spelling, and holds back the last `longest - 1` bytes (the longest text a
@@ -31,14 +36,15 @@ REDACTED = b"[REDACTED]"
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
-    __slots__ = ("hold", "pattern")
+    __slots__ = ("anchors", "hold", "pattern")
 
     def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
         spellings = secret_spellings(secrets, basic)
+        self.anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
         if spellings:
-            patterns = sorted((p for p, _ in spellings), key=len, reverse=True)
+            patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
-            self.hold = max(length for _, length in spellings) - 1
+            self.hold = max(s.longest for s in spellings) - 1
         else:
             self.pattern = None
             self.hold = 0
@@ -48,7 +54,7 @@ class BodyScrubber:
 
     def stream(self) -> ScrubStream:
         assert self.pattern is not None
-        return ScrubStream(self.pattern, self.hold)
+        return ScrubStream(self.pattern, self.hold, self.anchors)
 
     def scrub(self, body: bytes) -> bytes:
         """A whole body at once (a buffered or cached one)."""
@@ -60,34 +66,56 @@ class BodyScrubber:
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = ("found", "held", "hold", "pattern")
+    __slots__ = ("anchors", "found", "held", "hold", "pattern")
 
-    def __init__(self, pattern: re.Pattern[bytes], hold: int) -> None:
+    def __init__(self, pattern: re.Pattern[bytes], hold: int, anchors: tuple[bytes, ...]) -> None:
         self.pattern = pattern
         self.hold = hold
+        self.anchors = anchors
         self.held = b""
         self.found = 0  # occurrences redacted so far (for a log line or a metric)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.held + chunk if self.held else chunk
-        cut = len(data) - self.hold
+        size = len(data)
+        hold = self.hold
+        cut = size - hold  # bytes before `cut` cannot begin a spelling the next chunk completes
         if cut <= 0:
             self.held = data
             return b""
+        anchors = self.anchors
+        find = data.find
+        upcoming = [find(anchor) for anchor in anchors]
         pattern = self.pattern
-        match = pattern.search(data)
-        if match is None or match.start() >= cut:
-            self.held = data[cut:]
-            return data[:cut]
-        out = []
+        out: list[bytes] = []
         position = 0
-        while match is not None and match.start() < cut:
+        while True:
+            # The earliest anchor at or after `position`.
+            first = -1
+            for i, at in enumerate(upcoming):
+                if 0 <= at < position:
+                    at = upcoming[i] = find(anchors[i], position)
+                if at >= 0 and (first < 0 or at < first):
+                    first = at
+            if first < 0:
+                break
+            low = max(position, first - hold)
+            if low >= cut:
+                break
+            # A match holding the anchor at `first` starts at most `hold` bytes before it
+            # and is at most `hold + 1` bytes long: this window holds all of it.
+            match = pattern.search(data, low, min(size, first + hold + 1))
+            if match is None or match.start() > first:
+                for i, at in enumerate(upcoming):
+                    if at == first:
+                        upcoming[i] = find(anchors[i], first + 1)
+                continue
+            if match.start() >= cut:
+                break
             out.append(data[position : match.start()])
             out.append(REDACTED)
             self.found += 1
             position = match.end()
-            match = pattern.search(data, position)
-        # Everything before `cut` and before the next possible match is clean.
         keep_from = max(position, cut)
         out.append(data[position:keep_from])
         self.held = data[keep_from:]
