@@ -220,7 +220,8 @@ def test_include_with_duplicates_agrees_with_json_parse() -> None:
         (b'{"a":1', "application/json", "not valid JSON"),
         (b'{"a":NaN}', "application/json", "not valid JSON"),
         (b'{"a":1}\n{"b":', "application/x-ndjson", "not valid JSON"),
-        (b"[" * 65 + b"]" * 65, "application/json", "deeper than 64"),
+        (b"[" * 255 + b"]" * 255, "application/json", "deeper than 254"),
+        (b'{"a":' * 300 + b"1" + b"}" * 300, "application/json", "deeper than 254"),
         (b"[" * 5000 + b"]" * 5000, "application/json", "not valid JSON"),  # orjson's own cap
     ],
 )
@@ -237,6 +238,11 @@ def test_size_and_depth_caps_are_configurable() -> None:
     with pytest.raises(FilterFailed):
         filter_body(body, "application/json", exclude("x"), limits=FilterLimits(max_depth=2))
     assert filter_body(body, "application/json", exclude("x"), limits=FilterLimits(max_depth=3))
+    deep = b"[" * 65 + b"]" * 65
+    with pytest.raises(FilterFailed) as caught:
+        filter_body(deep, "application/json", exclude("x"), limits=FilterLimits(max_depth=64))
+    assert "deeper than 64" in caught.value.reason
+    assert filter_body(deep, "application/json", exclude("x")) == deep  # under the default
 
 
 def test_a_compressed_bomb_is_stopped_at_the_cap() -> None:

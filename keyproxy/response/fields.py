@@ -35,7 +35,10 @@ import orjson
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BYTES = 8 * MiB
-DEFAULT_MAX_DEPTH = 64
+#: orjson writes at most this many nested levels and refuses deeper documents, so
+#: this cap costs nothing; a lower one is checked by walking the parsed body.
+SERIALISER_MAX_DEPTH = 254
+DEFAULT_MAX_DEPTH = SERIALISER_MAX_DEPTH
 MAX_PATH_SEGMENTS = 32
 _SEGMENT = re.compile(r"[^.\[\]*\s]{1,128}|\*")
 _JSON_TYPES = ("application/json", "text/json")
@@ -273,18 +276,20 @@ def filter_document(value: Any, flt: FieldFilter, at: tuple[DocumentPath, ...] =
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    """Whether containers nest deeper than `limit`; iterative, so no recursion limit is hit."""
-    stack = [(value, 1)]
-    pop, push = stack.pop, stack.append
-    while stack:
-        current, depth = pop()
+    """Whether containers nest deeper than `limit`, level by level (no recursion)."""
+    level = [value]
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        children = current.values() if type(current) is dict else current
-        for child in children:
-            kind = type(child)
-            if kind is dict or kind is list:
-                push((child, depth + 1))
+        below = []
+        for container in level:
+            for child in container.values() if type(container) is dict else container:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    below.append(child)
+        level = below
+        depth += 1
     return False
 
 
@@ -305,7 +310,7 @@ def body_kind(content_type: str | None) -> str | None:
 @dataclass(frozen=True, slots=True)
 class FilterLimits:
     max_bytes: int = DEFAULT_MAX_BYTES  # of the decoded body
-    max_depth: int = DEFAULT_MAX_DEPTH
+    max_depth: int = DEFAULT_MAX_DEPTH  # at most SERIALISER_MAX_DEPTH
 
 
 def _parse(data: bytes, limits: FilterLimits) -> Any:
@@ -314,9 +319,20 @@ def _parse(data: bytes, limits: FilterLimits) -> Any:
     except orjson.JSONDecodeError:
         raise FilterFailed("the body is not valid JSON") from None
     kind = type(value)
-    if (kind is dict or kind is list) and _too_deep(value, limits.max_depth):
+    if (
+        limits.max_depth < SERIALISER_MAX_DEPTH
+        and (kind is dict or kind is list)
+        and _too_deep(value, limits.max_depth)
+    ):
         raise FilterFailed(f"the body nests deeper than {limits.max_depth} levels")
     return value
+
+
+def _dump(value: Any, limits: FilterLimits) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # deeper than the serialiser writes
+        raise FilterFailed(f"the body nests deeper than {limits.max_depth} levels") from None
 
 
 def filter_body(
@@ -335,9 +351,9 @@ def filter_body(
     if not body.strip():
         return b""  # nothing to hide in an empty body
     if kind == "json":
-        return orjson.dumps(filter_document(_parse(body, limits), flt, at))
+        return _dump(filter_document(_parse(body, limits), flt, at), limits)
     out = []
     for line in body.split(b"\n"):
         if line.strip():
-            out.append(orjson.dumps(filter_document(_parse(line, limits), flt, at)))
+            out.append(_dump(filter_document(_parse(line, limits), flt, at), limits))
     return b"\n".join(out) + b"\n"
