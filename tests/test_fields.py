@@ -300,3 +300,23 @@ def test_exclude_with_star_prefixes_removes_the_key_at_every_depth_covered(value
 def test_include_output_is_a_sub_document(value: object) -> None:
     out = orjson.loads(filter_body(orjson.dumps(value), "application/json", include("a", "b.x")))
     assert _keys(out) <= _keys(value) and _keys(out) <= {"a", "b", "x", "email"}
+
+
+def test_fields_at_and_filter_limits_readers() -> None:
+    from keyproxy.config.load import _compose
+    from keyproxy.config.response_sections import read_fields_at, read_filter_limits
+
+    r = Reader({})
+    paths = read_fields_at(
+        r, _compose("['data[*]', 'hits.hits[*]._source']"), "routes[0].fields_at"
+    )
+    assert r.issues == [] and paths is not None
+    assert [p.steps for p in paths] == [("data", None), ("hits", "hits", None, "_source")]
+    assert read_fields_at(r, _compose("['data[0]']"), "routes[0].fields_at") is None
+    assert r.issues[-1].where == "routes[0].fields_at[0]" and r.issues[-1].line == 1
+    assert read_fields_at(r, _compose("[]"), "routes[0].fields_at") is None
+    r = Reader({})
+    limits = read_filter_limits(r, _compose("2MiB"), _compose("32"))
+    assert r.issues == [] and limits == FilterLimits(max_bytes=2 * 1024 * 1024, max_depth=32)
+    assert read_filter_limits(r, None, _compose("1000")) is None
+    assert "between 2 and 254" in r.issues[-1].message

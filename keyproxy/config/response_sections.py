@@ -17,7 +17,13 @@ from keyproxy.config.model import MiB, Route
 from keyproxy.config.rate_limits_section import _store
 from keyproxy.config.yaml_reader import Reader
 from keyproxy.response.cors import MAX_ORIGINS, CorsPolicy, CorsSettings, parse_origin_pattern
-from keyproxy.response.fields import FieldFilter, compile_fields
+from keyproxy.response.fields import (
+    DocumentPath,
+    FieldFilter,
+    FilterLimits,
+    compile_fields,
+    parse_document_path,
+)
 
 _CORS_FIELDS = frozenset({"allow_origins", "max_age", "allow_headers", "expose_headers"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]{1,64}")
@@ -120,6 +126,47 @@ def read_fields(r: Reader, node: Node, where: str) -> FieldFilter | None:
             'dotted names, * for any key or array item: "author.phone", "items.*.price"',
         )
         return None
+
+
+MAX_DOCUMENT_PATHS = 8
+
+
+def read_fields_at(r: Reader, node: Node, where: str) -> tuple[DocumentPath, ...] | None:
+    """A route's `fields_at: ["data[*]"]`: where that endpoint's documents sit in its bodies.
+
+    On the route, not the key: the shape of a body is the endpoint's, which
+    fields a caller may see is the key's.
+    """
+    items = r.texts(
+        node,
+        where,
+        non_empty="name at least one document path, or remove fields_at",
+        at_most=MAX_DOCUMENT_PATHS,
+    )
+    if items is None:
+        return None
+    paths = []
+    before = len(r.issues)
+    for index, (item, text) in enumerate(items):
+        try:
+            paths.append(parse_document_path(text))
+        except ValueError as error:
+            r.issue(item, f"{where}[{index}]", str(error))
+    return None if len(r.issues) != before else tuple(paths)
+
+
+def read_filter_limits(
+    r: Reader, max_body: Node | None, max_depth: Node | None
+) -> FilterLimits | None:
+    """The filter's caps: `filter_max_body` (decoded; default 8MiB) and `filter_max_depth`
+    (default 254). Proposed as `server` fields; the caller passes their nodes."""
+    values: dict[str, int | None] = {}
+    before = len(r.issues)
+    if max_body is not None:
+        values["max_bytes"] = r.size(max_body, "server.filter_max_body", 1024, 512 * MiB)
+    if max_depth is not None:
+        values["max_depth"] = r.integer(max_depth, "server.filter_max_depth", 2, 254)
+    return None if len(r.issues) != before else FilterLimits(**values)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- cache
