@@ -329,3 +329,24 @@ def test_cors_config_file_round_trips_through_yaml(tmp_path: Path) -> None:
     text = BASE + yaml.safe_dump({"cors": {"allow_origins": [ALLOWED], "max_age": 0}})
     config = parse_config(text, "f.yaml", {})
     assert config.cors is not None and b"Access-Control-Max-Age: 0" in config.cors.preflight_tail
+
+
+def test_explain_command_shows_a_preflight_reply(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = base_config("http://127.0.0.1:3000", {"headers": {"K": "k-upstream-secret"}})
+    config["cors"] = {"allow_origins": [ALLOWED]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "keyproxy", "explain", "-c", str(path), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    preflight_args = ["--header", "Access-Control-Request-Method: GET", "OPTIONS", "/v1/data/x"]
+    answered = run("--origin", ALLOWED, *preflight_args)
+    assert answered.returncode == 0, answered.stdout + answered.stderr
+    assert "verdict: REPLY 204" in answered.stdout
+    refused = run("--origin", OTHER, *preflight_args)
+    assert refused.returncode == 1 and "verdict: DENY 401 UNAUTHORIZED" in refused.stdout
