@@ -132,7 +132,11 @@ class FieldFilter:
     root: _Node = field(repr=False, compare=False)
 
     def apply(self, value: Any) -> Any:
-        """The document with the paths kept (include) or removed (exclude)."""
+        """The document with the paths kept (include) or removed (exclude).
+
+        Exclusion edits `value` in place (it is a body just parsed); pass a copy
+        to keep the original.
+        """
         if self.mode == "exclude":
             return _exclude(value, self.root)
         kept = _include(value, self.root)
@@ -163,42 +167,68 @@ _DROP = object()
 
 
 def _exclude(value: Any, node: _Node) -> Any:
-    if type(value) is dict:
-        by_key = node.by_key
+    """Remove the paths, in place: the value is a body just parsed, owned by the caller.
+
+    Without a `*` at this level only the named keys are visited, so a large
+    record costs as many steps as the filter has paths, not as it has keys.
+    """
+    kind = type(value)
+    if kind is dict:
         star = node.star
-        out = {}
-        for key, child_value in value.items():
+        if star is None:
+            for key, sub in node.by_key.items():
+                if key in value:
+                    if sub.end:
+                        del value[key]
+                    else:
+                        value[key] = _exclude(value[key], sub)
+            return value
+        by_key = node.by_key
+        for key in list(value):
             sub = by_key.get(key, star)
-            if sub is None:
-                out[key] = child_value
-            elif not sub.end:
-                out[key] = _exclude(child_value, sub)
-        return out
-    if type(value) is list:
+            if sub.end:
+                del value[key]
+            else:
+                value[key] = _exclude(value[key], sub)
+        return value
+    if kind is list:
         item = node.item
         assert item is not None
         if item.end:
             return []
-        return [_exclude(v, item) for v in value]
+        for index, child in enumerate(value):
+            child_kind = type(child)
+            if child_kind is dict or child_kind is list:
+                value[index] = _exclude(child, item)
+        return value
     return value
 
 
 def _include(value: Any, node: _Node) -> Any:
-    """The parts of `value` on an included path; `_DROP` when none is."""
+    """The parts of `value` on an included path (a new value); `_DROP` when none is.
+
+    Without a `*` at this level the keys come out in the order the paths name them.
+    """
     if node.end:
         return value
-    if type(value) is dict:
+    kind = type(value)
+    if kind is dict:
         by_key = node.by_key
         star = node.star
         out = {}
+        if star is None:
+            for key, sub in by_key.items():
+                if key in value:
+                    kept = _include(value[key], sub)
+                    if kept is not _DROP:
+                        out[key] = kept
+            return out
         for key, child_value in value.items():
-            sub = by_key.get(key, star)
-            if sub is not None:
-                kept = _include(child_value, sub)
-                if kept is not _DROP:
-                    out[key] = kept
+            kept = _include(child_value, by_key.get(key, star))
+            if kept is not _DROP:
+                out[key] = kept
         return out
-    if type(value) is list:
+    if kind is list:
         item = node.item
         assert item is not None
         return [kept for v in value if (kept := _include(v, item)) is not _DROP]
