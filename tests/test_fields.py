@@ -320,3 +320,28 @@ def test_fields_at_and_filter_limits_readers() -> None:
     assert r.issues == [] and limits == FilterLimits(max_bytes=2 * 1024 * 1024, max_depth=32)
     assert read_filter_limits(r, None, _compose("1000")) is None
     assert "between 2 and 254" in r.issues[-1].message
+
+
+def test_filter_encoded_decodes_filters_and_encodes_as_the_client_accepts() -> None:
+    from keyproxy.response.codings import encode
+    from keyproxy.response.fields import FILTER_FAILED, filter_encoded
+
+    body = json.dumps([RECORD, RECORD]).encode()
+    flt = exclude("email", "author.phone")
+    for upstream_coding in ("gzip", "deflate", "br"):
+        for accept, expected in [("br", "br"), ("gzip, br", "gzip"), (None, None), ("zstd", None)]:
+            out, coding = filter_encoded(
+                encode(body, upstream_coding), "application/json", upstream_coding, accept, flt
+            )
+            assert coding == expected
+            plain = json.loads(decode(out, coding, 1 << 20))
+            assert all("email" not in r and "phone" not in r["author"] for r in plain)
+    out, coding = filter_encoded(body, "application/json", None, "gzip", flt)
+    assert coding is None and b'email":"a@' not in out  # identity stays identity
+    bomb = gzip.compress(b"[" + b"0," * (9 * 1024 * 1024) + b"0]")
+    with pytest.raises(FilterFailed) as caught:
+        filter_encoded(bomb, "application/json", "gzip", "gzip", flt)
+    assert "size limit" in caught.value.reason
+    with pytest.raises(FilterFailed):
+        filter_encoded(b"garbage", "application/json", "br", None, flt)
+    assert (FILTER_FAILED.status, FILTER_FAILED.code) == (502, "FILTER_FAILED")

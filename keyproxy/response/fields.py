@@ -33,6 +33,9 @@ from typing import Any
 
 import orjson
 
+from keyproxy.request import Deny
+from keyproxy.response.codings import DecodeFailed, choose_encoding, decode, encode
+
 MiB = 1024 * 1024
 DEFAULT_MAX_BYTES = 8 * MiB
 #: orjson writes at most this many nested levels and refuses deeper documents, so
@@ -49,6 +52,10 @@ _NDJSON_TYPES = (
     "application/x-jsonlines",
     "application/jsonlines",
 )
+
+
+#: The refusal when a body that must be filtered cannot be: no byte of it has left.
+FILTER_FAILED = Deny(502, "FILTER_FAILED", "the response could not be filtered for this key")
 
 
 class FilterFailed(Exception):
@@ -387,3 +394,32 @@ def filter_body(
         if line.strip():
             out.append(_dump(filter_document(_parse(line, limits), flt, at), limits))
     return b"\n".join(out) + b"\n"
+
+
+def filter_encoded(
+    body: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
+    accept_encoding: str | None,
+    flt: FieldFilter,
+    at: tuple[DocumentPath, ...] = (),
+    limits: FilterLimits = FilterLimits(),
+) -> tuple[bytes, str | None]:
+    """A whole upstream body as received -> (the filtered body, its Content-Encoding or None).
+
+    Decodes whatever `Content-Encoding` the upstream used (bounded: a bomb stops
+    at `limits.max_bytes`), filters, and encodes again only if the upstream had
+    encoded and the client's `Accept-Encoding` allows a coding; otherwise identity.
+    Every failure, decoding included, is `FilterFailed`.
+    """
+    try:
+        decoded = decode(body, content_encoding, limits.max_bytes)
+    except DecodeFailed as error:
+        raise FilterFailed(error.reason) from None
+    filtered = filter_body(decoded, content_type, flt, at, limits)
+    encoded_upstream = content_encoding is not None and content_encoding.strip().lower() not in (
+        "",
+        "identity",
+    )
+    coding = choose_encoding(accept_encoding) if encoded_upstream else None
+    return encode(filtered, coding), coding
