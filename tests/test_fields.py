@@ -337,7 +337,8 @@ def test_filter_encoded_decodes_filters_and_encodes_as_the_client_accepts() -> N
             plain = json.loads(decode(out, coding, 1 << 20))
             assert all("email" not in r and "phone" not in r["author"] for r in plain)
     out, coding = filter_encoded(body, "application/json", None, "gzip", flt)
-    assert coding is None and b'email":"a@' not in out  # identity stays identity
+    assert coding is None  # identity stays identity
+    assert all("email" not in r for r in json.loads(out))
     bomb = gzip.compress(b"[" + b"0," * (9 * 1024 * 1024) + b"0]")
     with pytest.raises(FilterFailed) as caught:
         filter_encoded(bomb, "application/json", "gzip", "gzip", flt)
