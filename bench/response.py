@@ -99,12 +99,8 @@ def main() -> int:
             "json loads+dumps": lambda body=body: json.dumps(
                 json.loads(body), separators=(",", ":")
             ).encode(),
-            "filter_body exclude": lambda body=body: filter_body(
-                body, "application/json", exclude
-            ),
-            "filter_body include": lambda body=body: filter_body(
-                body, "application/json", include
-            ),
+            "filter_body exclude": lambda body=body: filter_body(body, "application/json", exclude),
+            "filter_body include": lambda body=body: filter_body(body, "application/json", include),
             "include, parsed only": lambda parsed=parsed: include.apply(parsed),
             "scrub, clean": lambda chunks=chunks: scrub_all(scrubber, chunks),
             "scrub, 1 hit/16 KiB": lambda dirty=dirty: scrub_all(scrubber, dirty),
