@@ -64,8 +64,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
     from keyproxy.explain import explain, render
 
-    if args.key is None and args.jwt is None:
-        print("explain needs --key or --jwt", file=sys.stderr)
+    if args.key is None and args.jwt is None and args.origin is None:
+        print("explain needs --key or --jwt (or --origin for a CORS preflight)", file=sys.stderr)
         return 2
     from keyproxy.clientip import parse_peer
 
@@ -88,10 +88,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             jwt=args.jwt,
             ip=args.ip,
             referer=args.referer,
+            origin=args.origin,
+            extra_headers=tuple(_header_pair(h) for h in args.header),
         )
     )
     print(render(result, args.method, args.url, config))
-    return 0 if result.allowed else 1
+    return 0 if result.allowed or result.reply is not None else 1
+
+
+def _header_pair(text: str) -> tuple[str, str]:
+    name, _, value = text.partition(":")
+    return name.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--jwt", help="an end-user token (Authorization: Bearer)")
     p.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     p.add_argument("--referer", help="the Referer header")
+    p.add_argument("--origin", help="the Origin header (a browser's cross-origin call)")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="another request header, e.g. 'Access-Control-Request-Method: GET' (repeatable)",
+    )
     p.add_argument("method", metavar="METHOD")
     p.add_argument("url", metavar="URL", help="absolute URL or path, e.g. /v1/data/posts")
     p.set_defaults(func=_cmd_explain)

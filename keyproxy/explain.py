@@ -15,7 +15,7 @@ from keyproxy.checks import Pipeline, StepOutcome, build_checks
 from keyproxy.config.model import Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.ratelimit import open_limiter
-from keyproxy.request import Headers, RequestContext
+from keyproxy.request import Headers, Reply, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,7 @@ class Explanation:
     steps: list[StepOutcome]
     allowed: bool
     forward_to: str | None
+    reply: Reply | None = None  # keyproxy answers the request itself (a CORS preflight)
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -48,6 +49,8 @@ async def explain(
     ip: str = "127.0.0.1",
     referer: str | None = None,
     now: float | None = None,
+    origin: str | None = None,
+    extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> Explanation:
     host, target = split_url(url)
     headers: list[tuple[str, str]] = [("host", host or "localhost")]
@@ -57,6 +60,9 @@ async def explain(
         headers.append(("authorization", f"Bearer {jwt}"))
     if referer is not None:
         headers.append(("referer", referer))
+    if origin is not None:
+        headers.append(("origin", origin))
+    headers += [(n.lower(), v) for n, v in extra_headers]
     ctx = RequestContext(
         config,
         method.upper(),
@@ -68,6 +74,9 @@ async def explain(
     )
     pipeline = Pipeline(build_checks(open_limiter(RateLimitSettings())))
     steps = await pipeline.trace(ctx)
+    reply = steps[-1].reply if steps else None
+    if reply is not None:
+        return Explanation(steps, False, None, reply)
     allowed = all(step.deny is None for step in steps)
     forward_to = None
     if allowed:
@@ -82,12 +91,17 @@ def render(explanation: Explanation, method: str, url: str, config: Config) -> s
     lines = [f"request: {method.upper()} {url}"]
     width = max(len(s.name) for s in explanation.steps)
     for step in explanation.steps:
-        if step.deny is None:
+        if step.reply is not None:
+            lines.append(f"  REPLY {step.name:<{width}}  {step.detail}")
+        elif step.deny is None:
             lines.append(f"  pass  {step.name:<{width}}  {step.detail}")
         else:
             d = step.deny
             lines.append(f"  DENY  {step.name:<{width}}  {d.status} {d.code}: {d.message}")
-    if explanation.allowed:
+    if explanation.reply is not None:
+        status = explanation.reply.status
+        lines.append(f"verdict: REPLY {status} from keyproxy itself (no key, no upstream)")
+    elif explanation.allowed:
         up = config.upstream
         injected = [n for n, _ in up.inject_headers]
         if up.inject_basic is not None:

@@ -24,7 +24,8 @@ from keyproxy.clientip import peer_is_trusted
 from keyproxy.config.model import Config
 from keyproxy.credentials import strip_query_param
 from keyproxy.ratelimit import LimitResult
-from keyproxy.request import Deny, RequestContext
+from keyproxy.request import Deny, Reply, RequestContext
+from keyproxy.response.cors import single_header, strip_upstream_cors
 from keyproxy.responses import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
@@ -480,6 +481,10 @@ class Exchange:
     ) -> None:
         plan = self.plan
         assert plan is not None and self.ctx is not None
+        cors = self.ctx.config.cors
+        if cors is not None:
+            lines = strip_upstream_cors(lines)
+            lines.append(cors.response_headers(single_header(self.headers, "origin")))
         block = b"".join(lines)
         if location is not None:
             block += b"Location: " + plan.rewrite_location(location) + b"\r\n"
@@ -601,15 +606,38 @@ class Exchange:
             return
         if not self.body_complete:
             self.keep_alive = False  # unread body bytes would be taken for the next request
-        limit = self.ctx.limit if self.ctx is not None else None
+        ctx = self.ctx
+        limit = ctx.limit if ctx is not None else None
+        extra = rate_limit_headers(limit)
+        cors = (ctx.config if ctx is not None else self.conn.proxy.serving.config).cors
+        if cors is not None:
+            extra += cors.response_headers(single_header(self.headers, "origin"))
         self.head_sent = True
         self.conn.write(
             error_response(
                 deny,
                 self.request_id,
-                rate_limit_headers(limit) + self.conn.connection_header(self),
+                extra + self.conn.connection_header(self),
                 head_only=self.method == "HEAD",
             )
+        )
+        self._finish(self.keep_alive)
+
+    def send_reply(self, reply: Reply) -> None:
+        """An answer keyproxy gives itself (a CORS preflight): no body, no upstream."""
+        if self.done:
+            return
+        if not self.body_complete:
+            self.keep_alive = False
+        self.head_sent = True
+        self.conn.write(
+            b"HTTP/1.1 %d %s\r\n" % (reply.status, reason(reply.status))
+            + reply.headers
+            + b"X-Request-Id: "
+            + self.request_id.encode()
+            + b"\r\n"
+            + self.conn.connection_header(self)
+            + b"\r\n"
         )
         self._finish(self.keep_alive)
 

@@ -32,6 +32,20 @@ class Deny:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer keyproxy gives itself without a key and without the upstream.
+
+    The one case today is a CORS preflight from an allowed origin: browsers send
+    it without credentials, so it can never pass step 1. It is a value like
+    `Deny`, returned up the pipeline, so `explain` shows it as the verdict.
+    """
+
+    status: int
+    headers: bytes  # ready header lines, each ending in CRLF
+    why: str  # what `explain` prints
+
+
 class Headers:
     """Request headers as an ordered list of (lower-case name, value).
 

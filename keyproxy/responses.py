@@ -11,6 +11,7 @@ import base64
 import json
 import re
 from http import HTTPStatus
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from keyproxy.request import Deny
@@ -117,6 +118,59 @@ def _base64_cores(secret: bytes) -> set[bytes]:
     return {c for c in cores if c}
 
 
+def secret_forms(secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> set[bytes]:
+    """Every lower-cased text that spells a secret: raw, as hex, and as base64 (alone, or
+    inside a longer encoded value), plus the injected Basic pair's base64. The header and
+    body scrubbers both search for these, each form raw or percent-escaped."""
+    forms: set[bytes] = set()
+    for secret in secrets:
+        raw = secret.encode("utf-8")
+        if not raw:
+            continue
+        forms.add(raw.lower())
+        forms.add(raw.hex().encode())
+        forms |= {core.lower() for core in _base64_cores(raw)}
+    if basic is not None:
+        pair = f"{basic[0]}:{basic[1]}".encode()
+        for encoded in (base64.b64encode(pair), base64.urlsafe_b64encode(pair)):
+            # Unpadded: a padded spelling contains it, and is redacted up to its '='.
+            forms.add(encoded.rstrip(b"=").lower())
+    return forms
+
+
+class Spelling(NamedTuple):
+    """One way a secret may be written, as a pattern over lower-cased text.
+
+    `longest`: the longest text the pattern can match (the body scrubber holds
+    back that much minus one byte at a chunk's end). `anchors`: every match
+    contains one of these literals, so a body with none of them is known clean
+    after a few fast substring searches, without running the pattern.
+    """
+
+    pattern: bytes
+    longest: int
+    anchors: tuple[bytes, ...]
+
+
+def _longest_run_without_space(raw: bytes) -> bytes:
+    """Raw bytes a match with no `%` must contain: only a space has another spelling (`+`)."""
+    return max(raw.split(b" "), key=len)
+
+
+def secret_spellings(
+    secrets: tuple[str, ...], basic: tuple[str, str] | None = None
+) -> list[Spelling]:
+    """Every spelling of the secrets to search for, shared by the header and body scrubbers."""
+    spellings = []
+    for form in sorted(secret_forms(secrets, basic), key=len, reverse=True):
+        run = _longest_run_without_space(form)
+        # Each byte at most `%XX`; a match without any `%` holds the longest
+        # space-free run of the form as it is.
+        anchors = (b"%", run) if run else (b"%", b" ", b"+")
+        spellings.append(Spelling(_any_spelling(form), 3 * len(form), anchors))
+    return spellings
+
+
 class SecretScrubber:
     """Replaces every spelling of the upstream's secrets in response header values,
     and turns URLs of the upstream's own origin in them into proxy-relative paths.
@@ -139,19 +193,7 @@ class SecretScrubber:
         basic: tuple[str, str] | None = None,
         origin: OriginRewriter | None = None,
     ) -> None:
-        forms: set[bytes] = set()
-        for secret in secrets:
-            raw = secret.encode("utf-8")
-            if not raw:
-                continue
-            forms.add(raw.lower())
-            forms.add(raw.hex().encode())
-            forms |= {core.lower() for core in _base64_cores(raw)}
-        if basic is not None:
-            pair = f"{basic[0]}:{basic[1]}".encode()
-            for encoded in (base64.b64encode(pair), base64.urlsafe_b64encode(pair)):
-                # Unpadded: a padded spelling contains it, and is redacted up to its '='.
-                forms.add(encoded.rstrip(b"=").lower())
+        forms = secret_forms(secrets, basic)
         ordered = sorted(forms, key=len, reverse=True)
         # Raw forms first, checked by a plain alternation; escapes need '%' or '+'.
         self._plain = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None

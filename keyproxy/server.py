@@ -42,7 +42,7 @@ from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
 from keyproxy.observability import log_event
 from keyproxy.ratelimit import open_limiter
-from keyproxy.request import Deny, Headers, RequestContext
+from keyproxy.request import Deny, Headers, Reply, RequestContext
 from keyproxy.responses import (
     BAD_REQUEST,
     HEADERS_TOO_LARGE,
@@ -730,6 +730,8 @@ class ProxyServer:
             ex.forward(ctx, serving.plan, serving.pool)
         elif outcome.__class__ is Deny:
             ex.send_error(outcome)  # type: ignore[arg-type]
+        elif outcome.__class__ is Reply:
+            ex.send_reply(outcome)  # type: ignore[arg-type]
         else:
             self.loop.create_task(self._decide_later(conn, ex, serving, outcome))  # type: ignore[arg-type]
 

@@ -65,8 +65,8 @@ def test_check_reports_every_error_with_its_line(tmp_path):
         "  - {match: 'GET /v1/{table}', acl: search}\n"
         "keys:\n"
         "  - {id: a, hash: 'sha256:abc', type: read}\n"  # line 12: bad hash
-        "cors:\n"  # line 13: not supported yet
-        "  allow_origins: ['*']\n"
+        "cache:\n"  # line 13: not supported yet
+        "  backend: memory\n"
     )
     result = keyproxy("check", "-c", str(path), env={"NOT_SET_ANYWHERE_123": ""})
     assert result.returncode == 1

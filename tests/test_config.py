@@ -484,7 +484,7 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
     assert issue.line == 2 and issue.hint is not None and "listen" in issue.hint
 
 
-@pytest.mark.parametrize("section", ["users", "roles", "system_tables", "self", "cache", "cors"])
+@pytest.mark.parametrize("section", ["users", "roles", "system_tables", "self", "cache"])
 def test_later_sections_are_not_supported_yet(section: str) -> None:
     text = BASE + f"{section}:\n  anything: 1\n"
     issue = the_issue(text)
@@ -1219,7 +1219,7 @@ routes:
 keys:
   - {{id: a, hash: {hash_of(1)}, type: reed}}
   - {{id: b, hash: {hash_of(2)}, type: read, acls: [zzz], revoked: yes}}
-cors: {{}}
+cache: {{}}
 """
     with pytest.raises(ConfigError) as caught:
         parse(text)
@@ -1233,7 +1233,7 @@ cors: {{}}
         "(hint: write a number and a unit, like 512B, 64KiB or 10MiB "
         "(also KB, MB, GB: powers of 1000))"
     )
-    assert rendered[-1].startswith("test.yaml:12: cors: 'cors' is not supported yet (hint: ")
+    assert rendered[-1].startswith("test.yaml:12: cache: 'cache' is not supported yet (hint: ")
 
 
 def test_several_errors_in_one_key() -> None:

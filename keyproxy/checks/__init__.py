@@ -1,8 +1,9 @@
 """The decision: an ordered list of small checks, read top to bottom (SPEC §3).
 
-Each check takes the `RequestContext` and returns `None` to continue or a
-`Deny`. A check may instead return an awaitable of the same (the rate limiter
-talks to a store); the memory store answers synchronously so the common path
+Each check takes the `RequestContext` and returns `None` to continue, a
+`Deny`, or a `Reply` (an answer keyproxy gives itself: a CORS preflight). A
+check may instead return an awaitable of the same (the rate limiter talks to a
+store); the memory store answers synchronously so the common path
 never suspends. The live server and `keyproxy explain` both run `Pipeline`,
 so an explanation is the decision itself, replayed with a trace.
 """
@@ -18,9 +19,10 @@ from keyproxy.checks.constraints import check_key_constraints
 from keyproxy.checks.limits import RateLimitCheck
 from keyproxy.checks.route import match_route
 from keyproxy.ratelimit import Limiter
-from keyproxy.request import Deny, RequestContext
+from keyproxy.request import Deny, Reply, RequestContext
+from keyproxy.response.cors import check_preflight, describe_preflight
 
-Outcome = Deny | None
+Outcome = Deny | Reply | None
 CheckFn = Callable[[RequestContext], Outcome | Awaitable[Outcome]]
 
 
@@ -36,14 +38,17 @@ class StepOutcome:
     name: str
     deny: Deny | None
     detail: str
+    reply: Reply | None = None  # the step answered the request itself
 
 
 def build_checks(limiter: Limiter) -> tuple[Check, ...]:
-    """SPEC §3 steps 1–8 in order. Steps 6 (scopes) and 7 (roles) arrive with their sections."""
+    """Steps 1–8 in order, after the CORS preflight. Steps 6 (scopes) and 7 (roles) arrive
+    with their sections."""
     from keyproxy.checks import describe
 
     limits = RateLimitCheck(limiter)
     return (
+        Check("0 cors preflight", check_preflight, describe_preflight),
         Check("1 credential", authenticate, describe.credential),
         Check("2 key constraints", check_key_constraints, describe.constraints),
         Check("3 route", match_route, describe.route),
@@ -59,14 +64,14 @@ class Pipeline:
     def __init__(self, checks: tuple[Check, ...]) -> None:
         self.checks = checks
 
-    def decide(self, ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
+    def decide(self, ctx: RequestContext) -> Deny | Reply | Awaitable[Deny | None] | None:
         """The verdict, or — when a check must wait (a remote rate-limit store) — an
         awaitable of it. Synchronous checks never pay for a coroutine."""
         for check in self.checks:
             outcome = check.run(ctx)
             if outcome is None:
                 continue
-            if outcome.__class__ is Deny:
+            if outcome.__class__ is Deny or outcome.__class__ is Reply:
                 return outcome  # type: ignore[return-value]
             return self._decide_rest(ctx, outcome, self.checks.index(check) + 1)  # type: ignore[arg-type]
         return None
@@ -90,6 +95,9 @@ class Pipeline:
         steps: list[StepOutcome] = []
         for check in self.checks:
             outcome = check.run(ctx)
+            if outcome.__class__ is Reply:
+                steps.append(StepOutcome(check.name, None, outcome.why, outcome))  # type: ignore[union-attr]
+                break
             if outcome is not None and outcome.__class__ is not Deny:
                 outcome = await outcome  # type: ignore[misc]
             if outcome is not None:

@@ -32,6 +32,7 @@ from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
 from keyproxy.config.rate_limits_section import read_rate_limits
+from keyproxy.config.response_sections import read_cors
 from keyproxy.config.routes_section import read_routes
 from keyproxy.config.server_section import read_server
 from keyproxy.config.upstream_section import read_upstream
@@ -77,8 +78,8 @@ def _compose(text: str) -> Node | None:
 
 # --------------------------------------------------------------------------- the file
 
-_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits"})
-_SECTIONS_NOT_YET = frozenset({"users", "roles", "system_tables", "self", "cache", "cors"})
+_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits", "cors"})
+_SECTIONS_NOT_YET = frozenset({"users", "roles", "system_tables", "self", "cache"})
 
 
 def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.RouteTable | None:
@@ -127,6 +128,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     if "keys" in sections:
         key_reader.read_all(sections["keys"])
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
+    cors = read_cors(r, sections.get("cors"), table)
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
@@ -142,6 +144,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         source=source,
         route_table=route_table,
         keys_by_digest={key.digest: key for key in keys},
+        cors=cors,
     )
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from keyproxy.allowlists import IpAllowlist, RefererPattern
+    from keyproxy.response.cors import CorsPolicy
     from keyproxy.routes import RouteTable
 
 MiB = 1024 * 1024
@@ -197,6 +198,8 @@ class Config:
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
+    #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
+    cors: CorsPolicy | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         return f"{len(self.keys)} keys, {len(self.routes)} routes"

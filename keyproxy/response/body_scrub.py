@@ -1,0 +1,144 @@
+"""The upstream's secret kept out of response bodies, streaming, across chunk boundaries.
+
+An Express redirect body ("Found. Redirecting to /posts?apikey=<secret>"), a
+debug page or an endpoint echoing request headers would hand the upstream's
+secret to any client. Every body is scanned for every spelling the header
+scrubber knows (`keyproxy.responses.secret_spellings`), and each occurrence is
+replaced by a fixed redaction.
+
+Cheap when clean: every spelling declares anchors (a `%`, or a literal such
+as the secret's longest run without a space), and a window with none of them
+is passed after a few substring searches; the pattern runs only from just
+before the first anchor.
+
+Streaming without letting a byte out before it is known clean: each call to
+`ScrubStream.feed` returns the bytes that can no longer be the start of a
+spelling, and holds back the last `longest - 1` bytes (the longest text a
+spelling can match), which the next chunk completes. `end` releases the rest.
+A match that starts before the held tail always lies wholly within the bytes
+seen, so the regular expression decides it on complete data.
+
+The body changes length when something is redacted: the caller sends it
+chunked (or buffers it to recompute `Content-Length`). Compressed bodies must
+be decoded first (`keyproxy.response.codings`): the scrubber reads bytes as
+the client will read them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from keyproxy.responses import secret_spellings
+
+REDACTED = b"[REDACTED]"
+
+
+class BodyScrubber:
+    """The compiled spellings of one configuration snapshot; `stream()` per response."""
+
+    __slots__ = ("anchors", "hold", "pattern")
+
+    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
+        spellings = secret_spellings(secrets, basic)
+        self.anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
+        if spellings:
+            patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
+            self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
+            self.hold = max(s.longest for s in spellings) - 1
+        else:
+            self.pattern = None
+            self.hold = 0
+
+    def __bool__(self) -> bool:
+        return self.pattern is not None
+
+    def stream(self) -> ScrubStream:
+        assert self.pattern is not None
+        return ScrubStream(self.pattern, self.hold, self.anchors)
+
+    def scrub(self, body: bytes) -> bytes:
+        """A whole body at once (a buffered or cached one)."""
+        if self.pattern is None:
+            return body
+        return _redact(self.pattern, body)[0]
+
+
+class ScrubStream:
+    """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
+
+    __slots__ = ("anchors", "found", "held", "hold", "pattern")
+
+    def __init__(self, pattern: re.Pattern[bytes], hold: int, anchors: tuple[bytes, ...]) -> None:
+        self.pattern = pattern
+        self.hold = hold
+        self.anchors = anchors
+        self.held = b""
+        self.found = 0  # occurrences redacted so far (for a log line or a metric)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.held + chunk if self.held else chunk
+        size = len(data)
+        hold = self.hold
+        cut = size - hold  # bytes before `cut` cannot begin a spelling the next chunk completes
+        if cut <= 0:
+            self.held = data
+            return b""
+        anchors = self.anchors
+        low = data.lower()  # the spellings are lower-cased; bytes.lower keeps every offset
+        find = low.find
+        upcoming = [find(anchor) for anchor in anchors]
+        pattern = self.pattern
+        out: list[bytes] = []
+        position = 0
+        while True:
+            # The earliest anchor at or after `position`.
+            first = -1
+            for i, at in enumerate(upcoming):
+                if 0 <= at < position:
+                    at = upcoming[i] = find(anchors[i], position)
+                if at >= 0 and (first < 0 or at < first):
+                    first = at
+            if first < 0:
+                break
+            start = max(position, first - hold)
+            if start >= cut:
+                break
+            # A match holding the anchor at `first` starts at most `hold` bytes before it
+            # and is at most `hold + 1` bytes long: this window holds all of it.
+            match = pattern.search(low, start, min(size, first + hold + 1))
+            if match is None or match.start() > first:
+                for i, at in enumerate(upcoming):
+                    if at == first:
+                        upcoming[i] = find(anchors[i], first + 1)
+                continue
+            if match.start() >= cut:
+                break
+            out.append(data[position : match.start()])
+            out.append(REDACTED)
+            self.found += 1
+            position = match.end()
+        keep_from = max(position, cut)
+        out.append(data[position:keep_from])
+        self.held = data[keep_from:]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        rest, self.held = self.held, b""
+        if not rest:
+            return b""
+        clean, count = _redact(self.pattern, rest)
+        self.found += count
+        return clean
+
+
+def _redact(pattern: re.Pattern[bytes], data: bytes) -> tuple[bytes, int]:
+    """`data` with every match of `pattern` in its lower-cased text redacted, and the count."""
+    out: list[bytes] = []
+    last = 0
+    for match in pattern.finditer(data.lower()):
+        out += (data[last : match.start()], REDACTED)
+        last = match.end()
+    if not out:
+        return data, 0
+    out.append(data[last:])
+    return b"".join(out), len(out) // 2

@@ -1,0 +1,148 @@
+"""The streaming body scrubber: every spelling, split anywhere, nothing early."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import re
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyproxy.response.body_scrub import REDACTED, BodyScrubber
+from keyproxy.response.codings import Decoder
+from keyproxy.responses import secret_spellings
+
+SECRET = "s3cr3t/key with space+plus"
+BASIC = ("svc", "basic-pass-123")
+SCRUBBER = BodyScrubber((SECRET, "other-secret-xyz"), BASIC)
+PAIR = f"{BASIC[0]}:{BASIC[1]}".encode()
+
+SPELLINGS = [
+    SECRET.encode(),
+    quote(SECRET, safe="").encode(),
+    quote(SECRET, safe="").lower().encode(),
+    SECRET.replace(" ", "+").encode(),
+    b"other-secret-xyz",
+    base64.b64encode(PAIR),
+    base64.urlsafe_b64encode(PAIR).rstrip(b"="),
+]
+
+
+def stream_all(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
+    stream = SCRUBBER.stream()
+    outs = [stream.feed(c) for c in chunks]
+    outs.append(stream.end())
+    return b"".join(outs), outs
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_every_spelling_split_at_every_position_is_redacted(spelling: bytes) -> None:
+    body = b"Found. Redirecting to /posts?apikey=" + spelling + b"&page=2"
+    for cut in range(len(body) + 1):
+        out, _ = stream_all([body[:cut], body[cut:]])
+        assert spelling not in out and REDACTED in out, cut
+        assert out.startswith(b"Found. Redirecting to /posts?apikey=") and out.endswith(b"&page=2")
+
+
+def test_split_into_single_bytes() -> None:
+    body = b"x" * 10 + SECRET.encode() + b"y" * 10 + quote(SECRET).encode()
+    out, outs = stream_all([bytes([b]) for b in body])
+    assert out == b"x" * 10 + REDACTED + b"y" * 10 + REDACTED
+    assert all(SECRET.encode()[:4] not in piece for piece in outs)
+
+
+def test_no_byte_leaves_before_it_is_known_clean() -> None:
+    """Every prefix of a spelling stays held until the chunk that completes or breaks it."""
+    secret = SECRET.encode()
+    stream = SCRUBBER.stream()
+    sent = stream.feed(b"head " + secret[:-1])
+    assert secret[:2] not in sent  # not even the first bytes of the secret have left
+    long_body = b"z" * 500 + secret[:-1]
+    stream2 = SCRUBBER.stream()
+    assert stream2.feed(long_body) == b"z" * (len(long_body) - SCRUBBER.hold)
+    rest = stream.feed(secret[-1:] + b" tail") + stream.end()
+    assert sent + rest == b"head " + REDACTED + b" tail"
+
+
+def test_clean_bodies_come_back_identical_and_held_tail_is_bounded() -> None:
+    body = bytes(range(256)) * 300
+    stream = SCRUBBER.stream()
+    first = stream.feed(body)
+    assert len(body) - len(first) == SCRUBBER.hold
+    assert first + stream.end() == body
+    assert (
+        SCRUBBER.hold
+        == max(s.longest for s in secret_spellings((SECRET, "other-secret-xyz"), BASIC)) - 1
+    )
+
+
+def test_declared_lengths_cover_every_spelling() -> None:
+    """The hold-back relies on each spelling's declared longest match."""
+    for pattern, longest, _ in secret_spellings((SECRET,), BASIC):
+        compiled = re.compile(pattern)
+        for spelling in SPELLINGS:
+            match = compiled.search(spelling)
+            if match:
+                assert len(match.group()) <= longest
+    percent_all = "".join(f"%{b:02X}" for b in SECRET.encode()).encode()
+    assert SCRUBBER.scrub(percent_all) == REDACTED
+
+
+def test_secret_inside_a_gzip_body_is_found_after_decoding() -> None:
+    body = gzip.compress(b'{"headers": {"X-Upstream-Key": "' + SECRET.encode() + b'"}}')
+    decoder, stream = Decoder("gzip", 1 << 20), SCRUBBER.stream()
+    out = b"".join(stream.feed(decoder.feed(body[i : i + 5])) for i in range(0, len(body), 5))
+    out += stream.feed(decoder.end()) + stream.end()
+    assert out == b'{"headers": {"X-Upstream-Key": "' + REDACTED + b'"}}'
+    assert stream.found == 1
+
+
+def test_without_secrets_the_scrubber_is_off() -> None:
+    assert not BodyScrubber(())
+    assert BodyScrubber(()).scrub(b"anything") == b"anything"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b"%", b"s3", b" ", b"+", *SPELLINGS]), max_size=30),
+    st.lists(st.integers(0, 400), max_size=8),
+)
+def test_streaming_equals_scrubbing_the_whole_body(parts: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(parts)
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    out, _ = stream_all(chunks)
+    assert out == SCRUBBER.scrub(body)
+    for spelling in SPELLINGS:
+        assert spelling not in out
+
+
+@st.composite
+def mixed_spelling(draw: st.DrawFn) -> bytes:
+    """The secret with each byte raw, %XX or %xx (a space also as +), chosen at random."""
+    out = []
+    for byte in SECRET.encode():
+        options = [bytes([byte]), b"%%%02X" % byte, b"%%%02x" % byte]
+        if byte == 0x20:
+            options.append(b"+")
+        out.append(draw(st.sampled_from(options)))
+    return b"".join(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        mixed_spelling() | st.sampled_from([b"%", b"%2", b"s3cr", b"x" * 50, b"%25"]), max_size=12
+    ),
+    st.lists(st.integers(0, 600), max_size=6),
+)
+def test_mixed_spellings_amid_percent_noise(parts: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(parts)
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    out, _ = stream_all(chunks)
+    assert out == SCRUBBER.scrub(body)
+    assert SCRUBBER.scrub(out) == out  # nothing left to find
