@@ -280,6 +280,15 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
         return Deny(401, "TOKEN_REVOKED", f"API key {key.id!r} has been revoked")
     if key.expires_at is not None and key.expires_at <= now:
         return Deny(401, "TOKEN_EXPIRED", f"API key {key.id!r} expired at {_utc(key.expires_at)}")
+    rotation = key.rotation
+    if rotation is not None and rotation.until is not None and rotation.until <= now:
+        # An old hash after its grace period: say so, so the client's owner knows that a
+        # new key exists rather than hunting for a typo.
+        return Deny(
+            401,
+            "TOKEN_EXPIRED",
+            f"this key was rotated on {_utc(rotation.until)}; use the new key",
+        )
     return key
 
 
