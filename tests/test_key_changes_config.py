@@ -10,9 +10,8 @@ import pytest
 
 from keyproxy.config import ConfigError, ConfigIssue, parse_config
 from keyproxy.config.model import Config, KeyHash, Rate
-from keyproxy.credentials import lookup
+from keyproxy.credentials import Presented, lookup
 from keyproxy.request import Deny
-from keyproxy.credentials import Presented
 
 BASE = """\
 upstream:
@@ -147,8 +146,12 @@ def test_mode_report_and_enforce() -> None:
 
 @pytest.mark.parametrize(
     ("text", "quota", "period"),
-    [("5000", 5000, None), ("100000/month", 100000, "month"), ("7/week", 7, "week"),
-     ("1/day", 1, "day")],
+    [
+        ("5000", 5000, None),
+        ("100000/month", 100000, "month"),
+        ("7/week", 7, "week"),
+        ("1/day", 1, "day"),
+    ],
 )
 def test_quota_forms(text: str, quota: int, period: str | None) -> None:
     k = parse(key(f"quota: {text}\n")).keys[0]
@@ -157,8 +160,13 @@ def test_quota_forms(text: str, quota: int, period: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("5/hour", "per day, week or month"), ("0/day", "at least 1"), ("5/year", "not per"),
-     ("lots", "whole number"), ("-1/day", "whole number")],
+    [
+        ("5/hour", "per day, week or month"),
+        ("0/day", "at least 1"),
+        ("5/year", "not per"),
+        ("lots", "whole number"),
+        ("-1/day", "whole number"),
+    ],
 )
 def test_bad_quotas(text: str, message: str) -> None:
     issue = the_issue(key(f"quota: {text}\n"))
@@ -179,8 +187,11 @@ def test_rate_limit_lists() -> None:
         ("[]", "keys[0].rate_limit", "empty list"),
         ("[10/second, 5/lots]", "keys[0].rate_limit[1]", "unknown period"),
         ("[10/second, 20/second]", "keys[0].rate_limit", "same period"),
-        ("[1/second, 2/minute, 3/hour, 4/day, 5/second, 6/minute]", "keys[0].rate_limit",
-         "at most 5"),
+        (
+            "[1/second, 2/minute, 3/hour, 4/day, 5/second, 6/minute]",
+            "keys[0].rate_limit",
+            "at most 5",
+        ),
     ],
 )
 def test_bad_rate_limit_lists(text: str, where: str, message: str) -> None:

@@ -211,7 +211,9 @@ class KeyReader:
             )
             return None, None
         items = self.r.sequence(
-            node, where + ".hashes", non_empty="write the new hash first, then the old ones",
+            node,
+            where + ".hashes",
+            non_empty="write the new hash first, then the old ones",
             at_most=_MAX_HASHES,
         )
         if items is None:
@@ -227,7 +229,9 @@ class KeyReader:
                 if entry is None:
                     continue
                 if "hash" not in entry:
-                    self.r.issue(item, at, "'hash' is required", 'write {hash: "sha256:...", until: ...}')
+                    self.r.issue(
+                        item, at, "'hash' is required", 'write {hash: "sha256:...", until: ...}'
+                    )
                     continue
                 if "until" in entry:
                     until = self.time(entry["until"], at + ".until")
