@@ -56,6 +56,11 @@ _MAX_ALLOWLIST = 100
 T = TypeVar("T")
 
 
+def valid_key_id(key_id: str) -> bool:
+    """Whether `key_id` is an id the loader accepts (for `keygen --id`)."""
+    return _KEY_ID.fullmatch(key_id) is not None
+
+
 def _raw_texts(node: Node) -> tuple[str, ...] | None:
     """A list's texts as a cache key, when every item is a clean scalar; else None.
 
