@@ -10,8 +10,8 @@ import pytest
 
 from keyproxy.config import ConfigError, ConfigIssue, parse_config
 from keyproxy.config.model import Config, KeyHash, Rate
-from keyproxy.credentials import Presented, lookup
-from keyproxy.request import Deny
+from keyproxy.credentials import Presented, lookup, rotation_block
+from keyproxy.request import Deny, Headers, RequestContext
 
 BASE = """\
 upstream:
@@ -197,3 +197,37 @@ def test_rate_limit_lists() -> None:
 def test_bad_rate_limit_lists(text: str, where: str, message: str) -> None:
     issue = the_issue(key(f"rate_limit: {text}\n"))
     assert issue.where == where and message in issue.message, issue
+
+
+# -- keygen --rotate's lines ------------------------------------------------------------------
+
+
+def test_rotation_block_keeps_live_hashes_and_drops_dead_ones() -> None:
+    now = UNTIL_EPOCH - 86400
+    old = [
+        (hashlib.sha256(OLD.encode()).digest(), None),  # the current hash: gets the grace
+        (hashlib.sha256(OLDER.encode()).digest(), UNTIL_EPOCH),  # already rotating: kept
+        (hashlib.sha256(b"dead").digest(), now - 1),  # refused already: left out
+    ]
+    block, ends = rotation_block(NEW, old, now, 3 * 86400)
+    assert ends == now + 3 * 86400
+    assert block == (
+        "    hashes:\n"
+        f"      - {sha(NEW)}\n"
+        f'      - {{hash: "{sha(OLD)}", until: 2027-01-17T00:00:00Z}}\n'
+        f'      - {{hash: "{sha(OLDER)}", until: {UNTIL}}}\n'
+    )
+    assert NEW not in block and OLD not in block
+    # pasted under a key, it reads back as the rotation it describes
+    config = parse(f"- id: k\n  type: read\n{block[2:].replace(chr(10) + '  ', chr(10))}")
+    assert len(config.keys_by_digest) == 3
+
+
+def test_the_request_context_names_the_hash_used_never_the_key() -> None:
+    config = parse(ROTATED + f"- id: plain\n  hash: {sha(OLDER + 'x')}\n  type: read\n")
+    ctx = RequestContext(config, "GET", "/", Headers(), "127.0.0.1", 0.0)
+    assert ctx.key_hash is None
+    ctx.key = config.keys_by_digest[hashlib.sha256(OLD.encode()).digest()]
+    assert ctx.key_hash == "sha256:" + hashlib.sha256(OLD.encode()).hexdigest()[:8]
+    ctx.key = config.keys[1]
+    assert ctx.key_hash is None  # a key with a single hash: nothing to tell apart

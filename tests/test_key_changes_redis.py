@@ -101,3 +101,40 @@ async def test_a_period_counter_refills_and_expires_after_its_period(
     # a lifetime quota's counter never expires
     await stepped.hit("k", "ip", None, 1, T0)
     assert await redis_client.pttl("keyproxy:quota:k") == -1
+
+
+async def test_report_mode_through_the_awaited_store(stepped: RedisLimiter) -> None:
+    """The pipeline's waiting path applies report mode exactly as the synchronous one."""
+    import hashlib
+
+    from keyproxy.checks import Pipeline, build_checks
+    from keyproxy.config import parse_config
+    from keyproxy.request import Headers, RequestContext
+
+    key = "pk_" + "5" * 64
+    config = parse_config(
+        f"""\
+upstream: {{url: "http://127.0.0.1:3000"}}
+routes: [{{match: "GET /x", acl: x}}, {{match: "DELETE /x", acl: y}}]
+keys:
+  - {{id: k, hash: "sha256:{hashlib.sha256(key.encode()).hexdigest()}", type: read,
+      acls: [x], ips: [10.0.0.0/8], rate_limit: 2/minute, mode: report}}
+""",
+        "t.yaml",
+        {},
+    )
+    pipeline = Pipeline(build_checks(stepped))
+
+    async def decide(ip: str, method: str = "GET") -> RequestContext:
+        headers = Headers.from_lowered([("x-api-key", key)])
+        ctx = RequestContext(config, method, "/x", headers, ip, 0.0, "t")
+        outcome = pipeline.decide(ctx)
+        assert outcome is not None and not hasattr(outcome, "code")  # an awaitable
+        assert await outcome is None  # type: ignore[misc]
+        return ctx
+
+    inside = [await decide("10.0.0.1") for _ in range(3)]
+    assert [c.would_deny and c.would_deny.code for c in inside] == [None, None, "RATE_LIMITED"]
+    outside = await decide("192.0.2.1")
+    assert outside.would_deny is not None and outside.would_deny.code == "IP_NOT_ALLOWED"
+    assert outside.limit is not None and outside.limit.limit == 2  # still counted
