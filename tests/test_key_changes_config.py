@@ -231,3 +231,14 @@ def test_the_request_context_names_the_hash_used_never_the_key() -> None:
     assert ctx.key_hash == "sha256:" + hashlib.sha256(OLD.encode()).hexdigest()[:8]
     ctx.key = config.keys[1]
     assert ctx.key_hash is None  # a key with a single hash: nothing to tell apart
+
+
+async def test_explain_names_the_hash_a_rotated_key_used() -> None:
+    from keyproxy.explain import explain, render
+
+    config = parse(ROTATED)
+    result = await explain(config, "GET", "/v1/data/posts", key=OLD, now=UNTIL_EPOCH - 1)
+    text = render(result, "GET", "/v1/data/posts", config)
+    assert f"hash #2 {sha(OLD)[:15]} (until {UNTIL})" in text and OLD not in text
+    late = await explain(config, "GET", "/v1/data/posts", key=OLD, now=UNTIL_EPOCH)
+    assert "401 TOKEN_EXPIRED: this key was rotated on" in render(late, "GET", "/x", config)
