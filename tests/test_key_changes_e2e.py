@@ -175,12 +175,17 @@ def test_report_mode_forwards_would_be_refusals_then_enforce_keeps_the_counters(
 # -- refilling quotas and several windows ---------------------------------------------------
 
 
-def test_a_daily_quota_says_when_it_refills(make, upstream) -> None:
-    kp = make(config_with(upstream, quota="2/day"))
+def test_a_daily_quota_says_when_it_refills_and_survives_a_reload(make, upstream) -> None:
+    config = config_with(upstream, quota="2/day")
+    kp = make(config)
     for remaining in ("1", "0"):
         status, headers, _ = get(kp, LIMITED)
         assert status == 200 and headers["x-quota-remaining"] == remaining
         assert abs(int(headers["x-quota-reset"]) - seconds_until_next("day")) <= 5
+    edited = copy.deepcopy(config)
+    edited["keys"][0]["revoked"] = True  # an unrelated edit, and the sign it was loaded
+    kp.rewrite_config(edited)
+    wait_for(lambda: get(kp, KEYS["reader"])[0] == 401)
     status, headers, data = get(kp, LIMITED)
     assert (status, data["error"]) == (429, "QUOTA_EXCEEDED")
     assert abs(int(headers["retry-after"]) - seconds_until_next("day")) <= 5

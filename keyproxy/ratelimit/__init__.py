@@ -14,6 +14,12 @@ an allowed request consumes either, so a client hammering a limited bucket does
 not burn the key's quota. State is keyed by key id and IP only, never by the
 `Config` object, so it survives configuration reloads; a key whose `rate_limit`
 changes keeps its bucket, reinterpreted with the new rate.
+
+A key may have several windows (`[10/second, 1000/hour]`): each is its own GCRA
+bucket, a request must fit all of them and is then counted in all of them. A quota
+may refill per UTC day, week or month: the caller names the current period
+(`quota_window`, from the request's wall clock), and the stores keep one counter per
+key and period, so a new period starts at zero without any reset job.
 """
 
 from __future__ import annotations
