@@ -242,3 +242,20 @@ async def test_explain_names_the_hash_a_rotated_key_used() -> None:
     assert f"hash #2 {sha(OLD)[:15]} (until {UNTIL})" in text and OLD not in text
     late = await explain(config, "GET", "/v1/data/posts", key=OLD, now=UNTIL_EPOCH)
     assert "401 TOKEN_EXPIRED: this key was rotated on" in render(late, "GET", "/x", config)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("rate_limit", "{a: b}", "keys[0].rate_limit"),
+        ("rate_limit", "[[1/second]]", "keys[0].rate_limit[0]"),
+        ("rate_limit", "[{a: b}]", "keys[0].rate_limit[0]"),
+        ("expires", "{a: b}", "keys[0].expires"),
+        ("quota", "[5/day]", "keys[0].quota"),
+    ],
+)
+def test_a_list_or_mapping_where_a_value_belongs_is_an_issue_not_a_crash(
+    field: str, value: str, where: str
+) -> None:
+    issue = the_issue(key(f"{field}: {value}\n"))
+    assert issue.where == where and "expected a single value" in issue.message

@@ -515,7 +515,9 @@ class KeyReader:
         return rates[0] if len(rates) == 1 else tuple(rates)  # type: ignore[return-value]
 
     def one_rate(self, node: Node, where: str) -> Rate | None:
-        plain = node.tag is UNTAGGED  # a tagged node must go through the tag check every time
+        # Only an untagged scalar may be cached: a tagged one must go through the tag
+        # check every time, and a list or mapping is refused by the reader.
+        plain = type(node) is ScalarNode and node.tag is UNTAGGED
         if plain and (cached := self.rate_cache.get(node.value)) is not None:
             return cached
         rate = self.r.unit(node, where, parse_rate)
@@ -524,7 +526,7 @@ class KeyReader:
         return rate
 
     def time(self, node: Node, where: str) -> float | None:
-        plain = node.tag is UNTAGGED
+        plain = type(node) is ScalarNode and node.tag is UNTAGGED
         if plain and (cached := self.time_cache.get(node.value)) is not None:
             return cached
         seconds = self.r.timestamp(node, where)
