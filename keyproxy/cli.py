@@ -49,14 +49,86 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    from keyproxy.config.keys_section import valid_key_id
     from keyproxy.credentials import generate_key, yaml_entry
 
+    if args.rotate is not None:
+        return _rotate(args)
+    if args.config is not None or args.grace is not None:
+        print("keygen: -c and --grace go with --rotate ID", file=sys.stderr)
+        return 2
+    if args.id is not None and not valid_key_id(args.id):
+        print(
+            f"keygen: --id {args.id!r} is not a valid key id: "
+            "use 1 to 64 letters, digits, '.', '_' or '-'",
+            file=sys.stderr,
+        )
+        return 2
+    args.kind = args.kind or "publishable"
     key = generate_key(args.kind)
     key_id = args.id or ("browser" if args.kind == "publishable" else "service")
     print("Your new key (shown once; keyproxy stores only its hash):\n")
     print(f"  {key}\n")
     print("Paste this entry under `keys:` in your configuration:\n")
     print(yaml_entry(key, key_id, args.kind))
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """`keygen --rotate ID -c FILE`: a new key for an existing id, old ones kept for a grace."""
+    import time
+
+    from keyproxy.config import ConfigError, load_config
+    from keyproxy.config.model import KeyType
+    from keyproxy.config.units import UnitError, parse_duration
+    from keyproxy.credentials import generate_key, rotation_block, utc_text
+
+    if args.config is None or args.id is not None:
+        print("keygen --rotate ID needs -c FILE (and no --id)", file=sys.stderr)
+        return 2
+    try:
+        grace = parse_duration(args.grace or "7d")
+    except UnitError as exc:
+        print(f"keygen: --grace: {exc}", file=sys.stderr)
+        return 2
+    if grace <= 0:
+        print("keygen: --grace must be longer than 0s", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc))
+        return 1
+    current = next((k for k in config.keys if k.id == args.rotate), None)
+    if current is None:
+        print(f"keygen: {args.config} has no key with id {args.rotate!r}", file=sys.stderr)
+        return 1
+    found = sorted(
+        (
+            (
+                k.rotation.index if k.rotation else 0,
+                digest,
+                k.rotation.until if k.rotation else None,
+            )
+            for digest, k in config.keys_by_digest.items()
+            if k.id == args.rotate
+        ),
+    )
+    kind = args.kind or ("publishable" if current.type is KeyType.READ else "secret")
+    key = generate_key(kind)
+    now = time.time()
+    block, ends = rotation_block(key, [(digest, until) for _, digest, until in found], now, grace)
+    print(f"The new key for {args.rotate!r} (shown once; keyproxy stores only its hash):\n")
+    print(f"  {key}\n")
+    print(
+        f"In {args.config}, replace the hash of key {args.rotate!r} (line {current.line}) "
+        "with these lines:\n"
+    )
+    print(block)
+    print(
+        f"Until {utc_text(ends)} the old key works too; after that it is refused with "
+        'TOKEN_EXPIRED ("this key was rotated"). Hand out the new key before then.'
+    )
     return 0
 
 
@@ -148,8 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="make a new key and its YAML entry",
         description="Print a new key once, and the YAML entry (holding only its hash) to paste.",
     )
-    p.add_argument("--kind", choices=["publishable", "secret"], default="publishable")
+    p.add_argument(
+        "--kind",
+        choices=["publishable", "secret"],
+        help="pk_ or sk_ (default: publishable; with --rotate, as the key's type suggests)",
+    )
     p.add_argument("--id", help="the key id for the YAML entry")
+    p.add_argument(
+        "--rotate",
+        metavar="ID",
+        help="a new key for the existing key ID; prints the hashes: lines to paste",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="the configuration (with --rotate)")
+    p.add_argument(
+        "--grace",
+        metavar="DURATION",
+        help="with --rotate: how long the old key keeps working (default 7d)",
+    )
     p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser(

@@ -257,7 +257,7 @@ def sha256_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def _utc(epoch: float) -> str:
+def utc_text(epoch: float) -> str:
     try:
         moment = datetime.fromtimestamp(epoch, tz=UTC)
     except (OverflowError, OSError, ValueError):
@@ -290,7 +290,18 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
     if key.revoked:
         return Deny(401, "TOKEN_REVOKED", f"API key {key.id!r} has been revoked")
     if key.expires_at is not None and key.expires_at <= now:
-        return Deny(401, "TOKEN_EXPIRED", f"API key {key.id!r} expired at {_utc(key.expires_at)}")
+        return Deny(
+            401, "TOKEN_EXPIRED", f"API key {key.id!r} expired at {utc_text(key.expires_at)}"
+        )
+    rotation = key.rotation
+    if rotation is not None and rotation.until is not None and rotation.until <= now:
+        # An old hash after its grace period: say so, so the client's owner knows that a
+        # new key exists rather than hunting for a typo.
+        return Deny(
+            401,
+            "TOKEN_EXPIRED",
+            f"this key was rotated on {utc_text(rotation.until)}; use the new key",
+        )
     return key
 
 
@@ -321,3 +332,23 @@ def yaml_entry(key: str, key_id: str, kind: str) -> str:
         f"    type: {KEY_KINDS[kind][1]}\n"
         "    # optional: acls, referers, ips, expires (or ttl), rate_limit, quota\n"
     )
+
+
+def rotation_block(
+    new_key: str, old: list[tuple[bytes, float | None]], now: float, grace: float
+) -> tuple[str, float]:
+    """The `hashes:` lines that rotate a key to `new_key`, and when the grace ends.
+
+    `old` is the key's current hashes, newest first, with their `until` if any. Each
+    one still valid gets `until` = now + grace, unless it already ends sooner or later
+    by the operator's own choice (kept); one already past its `until` is left out: it
+    is refused anyway. The lines hold hashes only, never a key.
+    """
+    ends = now + grace
+    lines = ["    hashes:", f"      - sha256:{sha256_digest(new_key).hex()}"]
+    for digest, until in old:
+        if until is not None and until <= now:
+            continue
+        when = ends if until is None else until
+        lines.append(f'      - {{hash: "sha256:{digest.hex()}", until: {utc_text(when)}}}')
+    return "\n".join(lines) + "\n", ends

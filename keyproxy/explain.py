@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from keyproxy.checks import Pipeline, StepOutcome, build_checks
+from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
 from keyproxy.config.model import Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.ratelimit import open_limiter
@@ -77,7 +77,7 @@ async def explain(
     reply = steps[-1].reply if steps else None
     if reply is not None:
         return Explanation(steps, False, None, reply)
-    allowed = all(step.deny is None for step in steps)
+    allowed = all(step.deny is None or step.detail == REPORTED for step in steps)
     forward_to = None
     if allowed:
         plan = ForwardPlan(config)
@@ -95,6 +95,11 @@ def render(explanation: Explanation, method: str, url: str, config: Config) -> s
             lines.append(f"  REPLY {step.name:<{width}}  {step.detail}")
         elif step.deny is None:
             lines.append(f"  pass  {step.name:<{width}}  {step.detail}")
+        elif step.detail == REPORTED:
+            d = step.deny
+            lines.append(
+                f"  WOULD {step.name:<{width}}  {d.status} {d.code}: {d.message} -- {REPORTED}"
+            )
         else:
             d = step.deny
             lines.append(f"  DENY  {step.name:<{width}}  {d.status} {d.code}: {d.message}")
@@ -110,8 +115,12 @@ def render(explanation: Explanation, method: str, url: str, config: Config) -> s
         what = ", ".join(injected) if injected else "nothing"
         lines.append(f"verdict: ALLOW -> {method.upper()} {explanation.forward_to}")
         lines.append(f"         client credentials removed; injected: {what}")
+        reported = [s.deny for s in explanation.steps if s.deny is not None]
+        if reported:
+            d = reported[0]
+            lines.append(f"         would deny (report mode): {d.status} {d.code}")
     else:
-        d = next(s.deny for s in explanation.steps if s.deny is not None)
+        d = next(s.deny for s in explanation.steps if s.deny is not None and s.detail != REPORTED)
         assert d is not None
         lines.append(f"verdict: DENY {d.status} {d.code}")
     if config.rate_limits.store != "memory":

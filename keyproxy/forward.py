@@ -188,6 +188,8 @@ def rate_limit_headers(limit: LimitResult | None) -> bytes:
             limit.quota,
             limit.quota_remaining or 0,
         )
+        if limit.quota_reset is not None:  # a quota that refills: when it does
+            out += b"X-Quota-Reset: %d\r\n" % -(-limit.quota_reset // 1)
     return out
 
 

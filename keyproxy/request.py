@@ -118,6 +118,19 @@ class RequestContext:
     route: Route | None = None
     access: Access | None = None
     limit: LimitResult | None = None
+    #: `mode: report` keys: the first refusal the decision would have made, had it been
+    #: enforced (the request went through). Read by the access log and metrics.
+    would_deny: Deny | None = None
+
+    @property
+    def key_hash(self) -> str | None:
+        """Which of a rotated key's hashes the request used ("sha256:" + 8 hex digits),
+        so logs and metrics show when the last client moved to the new key; None for
+        keys with a single `hash:`. A label of the digest, never the key."""
+        key = self.key
+        if key is None or key.rotation is None:
+            return None
+        return key.rotation.label
 
     @property
     def params(self) -> dict[str, str]:

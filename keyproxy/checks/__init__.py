@@ -6,6 +6,14 @@ check may instead return an awaitable of the same (the rate limiter talks to a
 store); the memory store answers synchronously so the common path
 never suspends. The live server and `keyproxy explain` both run `Pipeline`,
 so an explanation is the decision itself, replayed with a trace.
+
+Report mode (`mode: report` on a key) lives here, once, rather than in each
+check: a refusal from a check marked `reportable` is recorded on
+`ctx.would_deny` (the first one only) and the remaining checks still run, so
+the rate limiter keeps counting; the request then goes through. Refusals that
+are not reportable are always enforced: the credential, and the route step,
+since a request no route describes (or a path an upstream could read
+differently) has nothing safe to forward.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class Check:
     name: str  # what `explain` prints for this step
     run: CheckFn
     describe: Callable[[RequestContext], str]  # what the step established, when it passed
+    reportable: bool = True  # a `mode: report` key only records this step's refusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +57,10 @@ def build_checks(limiter: Limiter) -> tuple[Check, ...]:
 
     limits = RateLimitCheck(limiter)
     return (
-        Check("0 cors preflight", check_preflight, describe_preflight),
-        Check("1 credential", authenticate, describe.credential),
+        Check("0 cors preflight", check_preflight, describe_preflight, reportable=False),
+        Check("1 credential", authenticate, describe.credential, reportable=False),
         Check("2 key constraints", check_key_constraints, describe.constraints),
-        Check("3 route", match_route, describe.route),
+        Check("3 route", match_route, describe.route, reportable=False),
         Check("4 key type", check_key_type, describe.key_type),
         Check("5 acl", check_acl, describe.acl),
         Check("8 rate limit", limits, limits.describe),
@@ -71,27 +80,62 @@ class Pipeline:
             outcome = check.run(ctx)
             if outcome is None:
                 continue
-            if outcome.__class__ is Deny or outcome.__class__ is Reply:
+            if outcome.__class__ is Deny:
+                if check.reportable and _reporting(ctx):
+                    return self._report(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]
                 return outcome  # type: ignore[return-value]
-            return self._decide_rest(ctx, outcome, self.checks.index(check) + 1)  # type: ignore[arg-type]
+            if outcome.__class__ is Reply:
+                return outcome  # type: ignore[return-value]
+            return self._decide_rest(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]
         return None
+
+    def _report(
+        self, ctx: RequestContext, deny: Deny, index: int
+    ) -> Deny | Awaitable[Deny | None] | None:
+        """A `mode: report` key's refusal: record it and run the remaining checks."""
+        checks = self.checks
+        while True:
+            if ctx.would_deny is None:
+                ctx.would_deny = deny
+            index += 1
+            while index < len(checks):
+                outcome = checks[index].run(ctx)
+                if outcome is None:
+                    index += 1
+                    continue
+                if outcome.__class__ is not Deny:
+                    return self._decide_rest(ctx, outcome, index)  # type: ignore[arg-type]
+                if not checks[index].reportable:
+                    return outcome  # type: ignore[return-value]
+                deny = outcome  # type: ignore[assignment]
+                break
+            else:
+                return None
 
     async def _decide_rest(
-        self, ctx: RequestContext, pending: Awaitable[Deny | None], start: int
+        self, ctx: RequestContext, pending: Awaitable[Deny | None], index: int
     ) -> Deny | None:
         outcome = await pending
-        if outcome is not None:
-            return outcome
-        for check in self.checks[start:]:
-            result = check.run(ctx)
-            if result is not None and result.__class__ is not Deny:
-                result = await result  # type: ignore[misc]
-            if result is not None:
-                return result  # type: ignore[return-value]
-        return None
+        checks = self.checks
+        while True:
+            if outcome is not None:
+                if not (checks[index].reportable and _reporting(ctx)):
+                    return outcome
+                if ctx.would_deny is None:
+                    ctx.would_deny = outcome
+            index += 1
+            if index == len(checks):
+                return None
+            outcome = checks[index].run(ctx)  # type: ignore[assignment]
+            if outcome is not None and outcome.__class__ is not Deny:
+                outcome = await outcome  # type: ignore[misc]
 
     async def trace(self, ctx: RequestContext) -> list[StepOutcome]:
-        """Run the same checks, recording every step up to the first denial."""
+        """Run the same checks, recording every step up to the first enforced denial.
+
+        A `mode: report` key's refusals are recorded with the detail "would deny
+        (report mode)" and the trace goes on, as the live decision does.
+        """
         steps: list[StepOutcome] = []
         for check in self.checks:
             outcome = check.run(ctx)
@@ -101,7 +145,21 @@ class Pipeline:
             if outcome is not None and outcome.__class__ is not Deny:
                 outcome = await outcome  # type: ignore[misc]
             if outcome is not None:
+                if check.reportable and _reporting(ctx):
+                    if ctx.would_deny is None:
+                        ctx.would_deny = outcome  # type: ignore[assignment]
+                    steps.append(StepOutcome(check.name, outcome, REPORTED))  # type: ignore[arg-type]
+                    continue
                 steps.append(StepOutcome(check.name, outcome, ""))  # type: ignore[arg-type]
                 break
             steps.append(StepOutcome(check.name, None, check.describe(ctx)))
         return steps
+
+
+#: The detail of a step whose refusal was only recorded (`mode: report`).
+REPORTED = "would deny (report mode)"
+
+
+def _reporting(ctx: RequestContext) -> bool:
+    key = ctx.key
+    return key is not None and key.report

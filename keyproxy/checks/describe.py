@@ -14,7 +14,13 @@ def credential(ctx: RequestContext) -> str:
     if key.expires_at is not None:
         when = datetime.fromtimestamp(key.expires_at, UTC).isoformat().replace("+00:00", "Z")
         expiry = f"expires {when}"
-    return f"key '{key.id}' ({key.type.value}) via {ctx.credential_source}; {expiry}"
+    used = ""
+    if key.rotation is not None:  # a rotated key: which of its hashes, and until when
+        used = f"; hash #{key.rotation.index + 1} {key.rotation.label}"
+        if key.rotation.until is not None:
+            until = datetime.fromtimestamp(key.rotation.until, UTC).isoformat()
+            used += f" (until {until.replace('+00:00', 'Z')})"
+    return f"key '{key.id}' ({key.type.value}) via {ctx.credential_source}; {expiry}{used}"
 
 
 def constraints(ctx: RequestContext) -> str:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from keyproxy.observability import log_event
-from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable, ip_bucket
+from keyproxy.ratelimit import Limiter, LimitResult, StoreUnavailable, ip_bucket, quota_window
 from keyproxy.request import Deny, IPAddress, RequestContext
 
 #: A dead store fails every request; one log line per interval says so without flooding.
@@ -29,7 +29,17 @@ STORE_UNAVAILABLE = Deny(
 
 def limit_denial(result: LimitResult) -> Deny:
     if result.reason == "quota":
-        return Deny(429, "RATE_LIMITED", f"this key's quota of {result.quota} requests is used up")
+        if result.quota_reset is None:  # a lifetime total: waiting never helps
+            return Deny(
+                429, "QUOTA_EXCEEDED", f"this key's quota of {result.quota} requests is used up"
+            )
+        retry = max(1, math.ceil(result.quota_reset))
+        return Deny(
+            429,
+            "QUOTA_EXCEEDED",
+            f"this key's quota of {result.quota} requests is used up; it refills in {retry}s",
+            (("Retry-After", str(retry)),),
+        )
     retry = max(1, math.ceil(result.retry_after))
     return Deny(
         429,
@@ -79,7 +89,17 @@ class RateLimitCheck:
             assert ctx.client_ip is not None
             settings = ctx.config.rate_limits
             bucket = client_bucket(ctx.client_ip, settings.ipv4_prefix, settings.ipv6_prefix)
-            result = self.limiter.hit(key.id, bucket, key.rate_limit, key.quota, self.clock())
+            if key.quota_period is None:
+                result = self.limiter.hit(key.id, bucket, key.rate_limit, key.quota, self.clock())
+            else:  # the period comes from the request's wall clock, like expiry
+                result = self.limiter.hit(
+                    key.id,
+                    bucket,
+                    key.rate_limit,
+                    key.quota,
+                    self.clock(),
+                    quota_window(key.quota_period, ctx.now),
+                )
         except StoreUnavailable:
             return self._store_failed(ctx)
         if result.__class__ is LimitResult:
@@ -112,10 +132,14 @@ class RateLimitCheck:
         if key.rate_limit is None and key.quota is None:
             return "key has no rate limit or quota"
         parts = []
-        if key.rate_limit is not None:
-            parts.append(f"{key.rate_limit} per client IP")
+        rate = key.rate_limit
+        if rate is not None:
+            windows = " and ".join(map(str, rate)) if isinstance(rate, tuple) else str(rate)
+            parts.append(f"{windows} per client IP")
         if key.quota is not None:
-            parts.append(f"quota {key.quota}")
+            parts.append(
+                f"quota {key.quota}" + (f"/{key.quota_period}" if key.quota_period else "")
+            )
         result = ctx.limit
         state = ""
         if result is not None and result.remaining is not None:

@@ -6,10 +6,10 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from yaml.nodes import Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from keyproxy import allowlists
-from keyproxy.config.model import Key, KeyType, Rate
+from keyproxy.config.model import Key, KeyHash, KeyType, Rate
 from keyproxy.config.routes_section import AclIndex
 from keyproxy.config.units import parse_rate
 from keyproxy.config.yaml_reader import (
@@ -37,6 +37,8 @@ _KEY_FIELDS = frozenset(
         "quota",
         "revoked",
         "description",
+        "hashes",
+        "mode",
     }
 )
 _KEY_NOT_YET = frozenset({"scopes", "roles", "fields"})
@@ -45,9 +47,18 @@ _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _KEY_TYPES = {t.value: t for t in KeyType}
+_QUOTA_PERIODS = ("day", "week", "month")
+_QUOTA = re.compile(r"([0-9]+)/([A-Za-z]+)")
+_MAX_HASHES = 10
+_MAX_WINDOWS = 5
 _MAX_ALLOWLIST = 100
 
 T = TypeVar("T")
+
+
+def valid_key_id(key_id: str) -> bool:
+    """Whether `key_id` is an id the loader accepts (for `keygen --id`)."""
+    return _KEY_ID.fullmatch(key_id) is not None
 
 
 def _raw_texts(node: Node) -> tuple[str, ...] | None:
@@ -94,6 +105,10 @@ class KeyReader:
         self.time_cache: dict[str, float] = {}
         self.ids: dict[str, int] = {}  # key id -> index of the key that has it first
         self.digests: dict[bytes, int] = {}
+        # Rotated keys: each key's (digest, KeyHash) pairs, newest first, for the loader's
+        # index; and the digests of the key being read (a hash listed twice in one key).
+        self.rotations: dict[bytes, list[tuple[bytes, KeyHash]]] = {}
+        self.seen_in_key: set[bytes] = set()
         self.items: list[Node] = []
         self.keys: list[Key] = []
 
@@ -104,6 +119,16 @@ class KeyReader:
             if key is not None:
                 self.keys.append(key)
 
+    def index(self, keys: tuple[Key, ...]) -> dict[bytes, Key]:
+        """Digest -> key; a rotated key's older hashes map to copies that say which hash."""
+        by_digest = {key.digest: key for key in keys}
+        if self.rotations:
+            for key in keys:
+                if key.rotation is not None:
+                    for digest, entry in self.rotations[key.digest][1:]:
+                        by_digest[digest] = key._replace(rotation=entry)
+        return by_digest
+
     def key(self, node: Node, index: int) -> Key | None:
         r = self.r
         where = f"keys[{index}]"
@@ -112,7 +137,11 @@ class KeyReader:
             return None
         before = len(r.issues)
         key_id = self.key_id(fields.get("id"), node, where, index)
-        digest = self.digest(fields.get("hash"), node, where, index)
+        rotation = None
+        if "hashes" in fields:
+            digest, rotation = self.hashes(fields, where, index)
+        else:
+            digest = self.digest(fields.get("hash"), node, where, index)
         key_type = self.key_type(fields.get("type"), node, where)
         acls = self.acls(fields.get("acls"), node, key_type, where)
         options = {} if fields.keys() <= _KEY_CORE else self.options(fields, where)
@@ -124,6 +153,7 @@ class KeyReader:
             type=key_type,
             acls=acls,
             line=node.start_mark.line + 1,
+            rotation=rotation,
             **options,
         )
 
@@ -131,17 +161,95 @@ class KeyReader:
         """The optional constraints of one key, by `Key` field name."""
         options: dict[str, object] = {}
         for name, node in fields.items():
-            if name in _KEY_CORE or name in _KEY_EXPIRY:
+            if name in _KEY_CORE or name in _KEY_EXPIRY or name == "hashes":
                 continue
             value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
-            if name != "description":
+            if name == "quota" and value is not None:
+                options["quota"], options["quota_period"] = value  # type: ignore[misc]
+            elif name == "mode":
+                options["report"] = value
+            elif name != "description":
                 options[name] = value
         if not fields.keys().isdisjoint(_KEY_EXPIRY):
             options["expires_at"] = self.expiry(fields, where)
         return options
 
-    def quota(self, node: Node, where: str) -> int | None:
-        return self.r.integer(node, where, 1)
+    def quota(self, node: Node, where: str) -> tuple[int, str | None] | None:
+        """A lifetime total (`5000`) or a count that refills each UTC period (`100000/month`)."""
+        text = clean_text(node)
+        match = None if text is None else _QUOTA.fullmatch(text)
+        if match is None:
+            total = self.r.integer(node, where, 1)
+            return None if total is None else (total, None)
+        count, period = match.groups()
+        if period not in _QUOTA_PERIODS:
+            self.r.issue(
+                node,
+                where,
+                f"a quota refills per day, week or month, not per {period!r}",
+                "write a count like 100000/month, or a bare number for a lifetime total; "
+                "for shorter periods use rate_limit",
+            )
+            return None
+        counted = ScalarNode(UNTAGGED, count, node.start_mark, node.end_mark)
+        total = self.r.integer(counted, where, 1)
+        return None if total is None else (total, period)
+
+    def mode(self, node: Node, where: str) -> bool:
+        """`report` (True): refusals after the credential check are recorded, not enforced."""
+        return self.r.choice(node, where, ("enforce", "report")) == "report"
+
+    def hashes(
+        self, fields: dict[str, Node], where: str, index: int
+    ) -> tuple[bytes | None, KeyHash | None]:
+        """A rotated key's hashes, newest first: (the newest digest, its `KeyHash`).
+
+        The older ones are kept in `self.rotations` for the loader's digest index.
+        """
+        node = fields["hashes"]
+        if "hash" in fields:
+            self.r.issue(
+                fields["hash"],
+                where + ".hash",
+                "set either hash or hashes, not both",
+                "move this hash into the hashes list (newest first)",
+            )
+            return None, None
+        items = self.r.sequence(
+            node,
+            where + ".hashes",
+            non_empty="write the new hash first, then the old ones",
+            at_most=_MAX_HASHES,
+        )
+        if items is None:
+            return None, None
+        before = len(self.r.issues)
+        self.seen_in_key = set()
+        found: list[tuple[bytes, KeyHash]] = []
+        for position, item in enumerate(items):
+            at = f"{where}.hashes[{position}]"
+            until: float | None = None
+            if type(item) is MappingNode:
+                entry = self.r.fields(item, at, frozenset({"hash", "until"}))
+                if entry is None:
+                    continue
+                if "hash" not in entry:
+                    self.r.issue(
+                        item, at, "'hash' is required", 'write {hash: "sha256:...", until: ...}'
+                    )
+                    continue
+                if "until" in entry:
+                    until = self.time(entry["until"], at + ".until")
+                hash_node = entry["hash"]
+            else:
+                hash_node = item
+            digest = self.digest(hash_node, item, at, index, field="")
+            if digest is not None:
+                found.append((digest, KeyHash(position, "sha256:" + digest.hex()[:8], until)))
+        if len(self.r.issues) != before or not found:
+            return None, None
+        self.rotations[found[0][0]] = found
+        return found[0][0], found[0][1]
 
     def revoked(self, node: Node, where: str) -> bool:
         return bool(self.r.boolean(node, where))
@@ -186,7 +294,9 @@ class KeyReader:
             return None
         return key_id
 
-    def digest(self, node: Node | None, parent: Node, where: str, index: int) -> bytes | None:
+    def digest(
+        self, node: Node | None, parent: Node, where: str, index: int, field: str = ".hash"
+    ) -> bytes | None:
         if node is None:
             self.r.issue(
                 parent,
@@ -195,7 +305,7 @@ class KeyReader:
                 "run `keyproxy keygen`: it prints a key and the hash line to paste",
             )
             return None
-        text = self.scalar(node, where, "hash")
+        text = self.scalar(node, where, "hash") if field else self.r.text(node, where)
         if text is None:
             return None
         match = _HASH.fullmatch(text)
@@ -203,7 +313,7 @@ class KeyReader:
             looks_like_key = text.startswith(("pk_", "sk_"))
             self.r.issue(
                 node,
-                where + ".hash",
+                where + field,
                 "expected sha256: followed by 64 hexadecimal characters",
                 "this looks like a key itself: never store keys here, only the hash that "
                 "`keyproxy keygen` prints"
@@ -213,11 +323,16 @@ class KeyReader:
             return None
         digest = bytes.fromhex(match.group(1))
         first = self.digests.setdefault(digest, index)
-        if first != index:
+        twice = not field and digest in self.seen_in_key
+        if not field:
+            self.seen_in_key.add(digest)
+        if first != index or twice:
             self.r.issue(
                 node,
-                where + ".hash",
-                f"the same hash is already used by keys[{first}] (line {self.first_line(first)})",
+                where + field,
+                f"the same hash is already used by keys[{first}] (line {self.first_line(first)})"
+                if first != index
+                else "this hash appears twice in the key's hashes",
                 "every key needs its own secret: generate a new one with `keyproxy keygen`",
             )
             return None
@@ -376,8 +491,33 @@ class KeyReader:
         if not found:
             self.r.issue(node, where, str(error))
 
-    def rate(self, node: Node, where: str) -> Rate | None:
-        plain = node.tag is UNTAGGED  # a tagged node must go through the tag check every time
+    def rate(self, node: Node, where: str) -> Rate | tuple[Rate, ...] | None:
+        if type(node) is SequenceNode:
+            return self.windows(node, where)
+        return self.one_rate(node, where)
+
+    def windows(self, node: Node, where: str) -> tuple[Rate, ...] | None:
+        """Several windows, `[10/second, 1000/hour]`: a request must fit every one."""
+        items = self.r.sequence(
+            node, where, non_empty="omit rate_limit for no limit", at_most=_MAX_WINDOWS
+        )
+        if items is None:
+            return None
+        rates = [self.one_rate(item, f"{where}[{i}]") for i, item in enumerate(items)]
+        if None in rates:
+            return None
+        periods = [rate.period for rate in rates]  # type: ignore[union-attr]
+        if len(set(periods)) != len(periods):
+            self.r.issue(
+                node, where, "two windows have the same period", "keep the smaller count only"
+            )
+            return None
+        return rates[0] if len(rates) == 1 else tuple(rates)  # type: ignore[return-value]
+
+    def one_rate(self, node: Node, where: str) -> Rate | None:
+        # Only an untagged scalar may be cached: a tagged one must go through the tag
+        # check every time, and a list or mapping is refused by the reader.
+        plain = type(node) is ScalarNode and node.tag is UNTAGGED
         if plain and (cached := self.rate_cache.get(node.value)) is not None:
             return cached
         rate = self.r.unit(node, where, parse_rate)
@@ -386,7 +526,7 @@ class KeyReader:
         return rate
 
     def time(self, node: Node, where: str) -> float | None:
-        plain = node.tag is UNTAGGED
+        plain = type(node) is ScalarNode and node.tag is UNTAGGED
         if plain and (cached := self.time_cache.get(node.value)) is not None:
             return cached
         seconds = self.r.timestamp(node, where)
@@ -427,4 +567,5 @@ _KEY_OPTION_READERS: dict[str, Callable[[KeyReader, Node, str], object]] = {
     "quota": KeyReader.quota,
     "revoked": KeyReader.revoked,
     "description": KeyReader.description,
+    "mode": KeyReader.mode,
 }

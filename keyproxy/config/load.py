@@ -143,7 +143,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         rate_limits=rate_limits,
         source=source,
         route_table=route_table,
-        keys_by_digest={key.digest: key for key in keys},
+        keys_by_digest=key_reader.index(keys),
         cors=cors,
     )
 

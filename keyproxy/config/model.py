@@ -155,6 +155,18 @@ class Route:
         return Access.READ if method in READ_METHODS else Access.WRITE
 
 
+class KeyHash(NamedTuple):
+    """One of the hashes a rotated key lists under `hashes:` (newest first).
+
+    `label` is what logs and metrics may show of it ("sha256:" and the first 8 hex
+    digits of the digest): enough to tell the old hash from the new, never the key.
+    """
+
+    index: int  # position in the key's `hashes:` list; 0 is the newest
+    label: str
+    until: float | None  # epoch seconds after which this hash is refused; None: no end
+
+
 class Key(NamedTuple):
     """One configured key. A named tuple rather than a frozen dataclass: a large
     deployment builds 100,000 of them on every load, and a tuple is built in one
@@ -167,10 +179,17 @@ class Key(NamedTuple):
     referers: tuple[RefererPattern, ...] | None = None  # None: any referer
     ips: IpAllowlist | None = None  # None: any client address
     expires_at: float | None = None  # epoch seconds
-    rate_limit: Rate | None = None
+    rate_limit: Rate | tuple[Rate, ...] | None = None
     quota: int | None = None
     revoked: bool = False
     line: int = 0
+    # A list of windows (`[10/second, 1000/hour]`) is a tuple in `rate_limit`; a
+    # refilling quota names its period here ("day", "week", "month"); None: lifetime.
+    quota_period: str | None = None
+    report: bool = False  # `mode: report`: refusals after the credential are only recorded
+    # Keys listed with `hashes:` only: which of them this Key object was found by.
+    # The loader indexes one Key per hash, so the lookup needs no second search.
+    rotation: KeyHash | None = None
 
     def __repr__(self) -> str:  # never print the digest in logs or tracebacks
         return f"Key(id={self.id!r}, type={self.type.value})"

@@ -14,6 +14,12 @@ an allowed request consumes either, so a client hammering a limited bucket does
 not burn the key's quota. State is keyed by key id and IP only, never by the
 `Config` object, so it survives configuration reloads; a key whose `rate_limit`
 changes keeps its bucket, reinterpreted with the new rate.
+
+A key may have several windows (`[10/second, 1000/hour]`): each is its own GCRA
+bucket, a request must fit all of them and is then counted in all of them. A quota
+may refill per UTC day, week or month: the caller names the current period
+(`quota_window`, from the request's wall clock), and the stores keep one counter per
+key and period, so a new period starts at zero without any reset job.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import functools
 import ipaddress
 import math
 from collections.abc import Awaitable
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -30,9 +37,11 @@ if TYPE_CHECKING:
 __all__ = [
     "LimitResult",
     "Limiter",
+    "QuotaWindow",
     "StoreUnavailable",
     "ip_bucket",
     "open_limiter",
+    "quota_window",
 ]
 
 #: Fraction of one emission interval by which a request may arrive early and still
@@ -60,10 +69,54 @@ class LimitResult(NamedTuple):
     retry_after: float  # seconds until a request would pass (0 when allowed)
     quota: int | None
     quota_remaining: int | None
+    quota_reset: float | None = None  # seconds until a refilling quota refills; None: lifetime
 
 
 #: The answer for keys with neither a rate limit nor a quota; shared, since it is immutable.
-UNLIMITED = LimitResult(True, None, None, None, None, 0.0, None, None)
+UNLIMITED = LimitResult(True, None, None, None, None, 0.0, None, None, None)
+
+
+class QuotaWindow(NamedTuple):
+    """The current period of a refilling quota: its name and the seconds until it ends.
+
+    The label names the period ("month:2026-12"), so a store keeps one counter per key
+    and period and a new period starts from zero without any reset job.
+    """
+
+    label: str
+    reset_in: float
+
+
+_SECONDS_PER_DAY = 86400
+#: period -> (start, end, label) of the last window computed: a month is computed once.
+_WINDOWS: dict[str, tuple[float, float, str]] = {}
+
+
+def _period_bounds(period: str, now: float) -> tuple[float, float, str]:
+    day = math.floor(now / _SECONDS_PER_DAY)
+    if period == "day":
+        first, after = day, day + 1
+    elif period == "week":
+        first = day - (day + 3) % 7  # 1970-01-01 was a Thursday; ISO weeks start on Monday
+        after = first + 7
+    elif period == "month":
+        today = date.fromordinal(date(1970, 1, 1).toordinal() + day)
+        start = datetime(today.year, today.month, 1, tzinfo=UTC)
+        year, month = divmod(today.year * 12 + today.month, 12)  # the month after, 0-based
+        end = datetime(year, month + 1, 1, tzinfo=UTC)
+        return start.timestamp(), end.timestamp(), f"month:{start:%Y-%m}"
+    else:
+        raise ValueError(f"unknown quota period {period!r}")
+    label = date.fromordinal(date(1970, 1, 1).toordinal() + first).isoformat()
+    return first * _SECONDS_PER_DAY, after * _SECONDS_PER_DAY, f"{period}:{label}"
+
+
+def quota_window(period: str, now: float) -> QuotaWindow:
+    """The UTC day, ISO week (from Monday) or month that wall-clock `now` falls in."""
+    bounds = _WINDOWS.get(period)
+    if bounds is None or not bounds[0] <= now < bounds[1]:
+        bounds = _WINDOWS[period] = _period_bounds(period, now)
+    return QuotaWindow(bounds[2], bounds[1] - now)
 
 
 class StoreUnavailable(Exception):
@@ -84,8 +137,17 @@ class Limiter(Protocol):
     """
 
     def hit(
-        self, key_id: str, client_ip: str, rate: Rate | None, quota: int | None, now: float
-    ) -> LimitResult | Awaitable[LimitResult]: ...
+        self,
+        key_id: str,
+        client_ip: str,
+        rate: Rate | tuple[Rate, ...] | None,
+        quota: int | None,
+        now: float,
+        window: QuotaWindow | None = None,
+    ) -> LimitResult | Awaitable[LimitResult]:
+        """`rate` may be several windows (each must allow); `window` makes `quota`
+        count per period instead of for the key's lifetime."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -144,16 +206,34 @@ def _network(value: int, bits: int, prefix: int) -> str:
 
 
 def quota_exhausted(
-    rate: Rate | None, remaining: int | None, reset: float | None, quota: int
+    rate: Rate | None,
+    remaining: int | None,
+    reset: float | None,
+    quota: int,
+    window: QuotaWindow | None = None,
 ) -> LimitResult:
-    """The refusal for a spent quota, shared by both stores so they answer alike."""
+    """The refusal for a spent quota, shared by both stores so they answer alike.
+
+    A lifetime quota never refills (`retry_after` is infinite); a periodic one does
+    when its period ends.
+    """
     return LimitResult(
         False,
         "quota",
         rate.limit if rate is not None else None,
         remaining,
         reset,
-        math.inf,
+        math.inf if window is None else window.reset_in,
         quota,
         0,
+        None if window is None else window.reset_in,
     )
+
+
+def tightest(candidates: list[tuple[int, float, int]]) -> int:
+    """Which window the headers report: the least remaining, then the soonest reset.
+
+    `candidates` are (remaining, reset, index); the index breaks exact ties, so both
+    stores pick the same window.
+    """
+    return min(candidates)[2]

@@ -37,6 +37,7 @@ from keyproxy.ratelimit import (
     TOLERANCE,
     UNLIMITED,
     LimitResult,
+    QuotaWindow,
     StoreUnavailable,
     quota_exhausted,
 )
@@ -44,12 +45,17 @@ from keyproxy.ratelimit import (
 if TYPE_CHECKING:
     from keyproxy.config.model import Rate
 
-# KEYS[1]: bucket, KEYS[2]: quota counter.
-# ARGV[1]: the rate's N (0: no rate limit), ARGV[2]: its period in microseconds (an
-# integer), ARGV[3]: quota (-1: none), ARGV[4]: tolerance (keyproxy.ratelimit.TOLERANCE),
-# ARGV[5] (tests only): the time in integer microseconds, instead of Redis TIME; buckets
-# then get no expiry.
-# Reply: {status (0 allowed, 1 rate, 2 quota), remaining, reset µs, retry-after µs, used}.
+# KEYS[1]: the quota counter, KEYS[2..]: one bucket per window.
+# ARGV[1]: quota (-1: none), ARGV[2]: tolerance (keyproxy.ratelimit.TOLERANCE), ARGV[3]:
+# the quota counter's expiry in ms (0: a lifetime quota, never expires), ARGV[4] (tests
+# only, else ""): the time in integer microseconds instead of Redis TIME (buckets then get
+# no expiry); then per window its N and its period in integer microseconds.
+# Reply: {status (0 allowed, 1 rate, 2 quota), window (1-based; the one the headers
+# report), remaining, reset µs, retry-after µs, used}.
+#
+# Every window is read before any is written, so a request refused by one window or by
+# the quota is counted in none. The window reported is the refusing one that waits
+# longest, else the tightest: least remaining, then soonest reset (as in memory.py).
 #
 # Times are microseconds since the epoch. Lua numbers are doubles, which hold such
 # integers exactly but have only 0.25 µs of resolution at that magnitude, so adding
@@ -58,63 +64,103 @@ if TYPE_CHECKING:
 # integer parts add exactly, the fraction keeps full precision.
 SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
-local limit = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local quota = tonumber(ARGV[3])
-local tol = tonumber(ARGV[4])
+local quota = tonumber(ARGV[1])
+local tol = tonumber(ARGV[2])
+local quota_ttl = tonumber(ARGV[3])
 local used = 0
 if quota >= 0 then
-  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  used = tonumber(redis.call('GET', KEYS[1]) or '0')
 end
-if limit <= 0 then
-  if used >= quota then return {2, 0, 0, 0, used} end
-  return {0, 0, 0, 0, redis.call('INCR', KEYS[2])}
+local function count()
+  if quota < 0 then return used end
+  local n = redis.call('INCR', KEYS[1])
+  if n == 1 and quota_ttl > 0 then redis.call('PEXPIRE', KEYS[1], quota_ttl) end
+  return n
+end
+local windows = #KEYS - 1
+if windows == 0 then
+  if used >= quota then return {2, 0, 0, 0, 0, used} end
+  return {0, 0, 0, 0, 0, count()}
 end
 local now
-local function store(value, ttl_us)
-  redis.call('SET', KEYS[1], value, 'PX', math.ceil(ttl_us / 1000))
-end
-if ARGV[5] then
-  now = tonumber(ARGV[5])
-  -- A made-up clock says nothing about when Redis should expire the key.
-  store = function(value) redis.call('SET', KEYS[1], value) end
+local fixed = ARGV[4] ~= ''
+if fixed then
+  now = tonumber(ARGV[4])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local whole = math.floor(period / limit)
-local frac = (period - whole * limit) / limit
-local interval = period / limit
-local ti, tf = now, 0
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local a, b = string.match(stored, '^(%d+) (%S+)$')
-  if a then ti, tf = tonumber(a), tonumber(b) end
+local function store(key, value, ttl_us)
+  if fixed then
+    -- A made-up clock says nothing about when Redis should expire the key.
+    redis.call('SET', key, value)
+  else
+    redis.call('SET', key, value, 'PX', math.ceil(ttl_us / 1000))
+  end
 end
-local debt = (ti - now) + tf
-if debt < 0 then
-  ti, tf, debt = now, 0, 0
-elseif debt > period then
-  ti, tf, debt = now + period, 0, period
-  store(string.format('%d 0', ti), period)
+local ti, tf, debt, avail, periods, intervals, limits = {}, {}, {}, {}, {}, {}, {}
+local worst, worst_retry = 0, 0
+for i = 1, windows do
+  local limit = tonumber(ARGV[3 + 2 * i])
+  local period = tonumber(ARGV[4 + 2 * i])
+  local interval = period / limit
+  local a, b = now, 0
+  local stored = redis.call('GET', KEYS[i + 1])
+  if stored then
+    local x, y = string.match(stored, '^(%d+) (%S+)$')
+    if x then a, b = tonumber(x), tonumber(y) end
+  end
+  local d = (a - now) + b
+  if d < 0 then
+    a, b, d = now, 0, 0
+  elseif d > period then
+    a, b, d = now + period, 0, period
+    store(KEYS[i + 1], string.format('%d 0', a), period)
+  end
+  ti[i], tf[i], debt[i], periods[i], intervals[i], limits[i] = a, b, d, period, interval, limit
+  avail[i] = (period - d) / interval
+  if avail[i] < 1 - tol then
+    local retry = d + interval - period
+    if worst == 0 or retry > worst_retry then worst, worst_retry = i, retry end
+  end
 end
-local available = (period - debt) / interval
-if available < 1 - tol then
-  return {1, 0, math.ceil(debt), math.ceil(debt + interval - period), used}
+if worst > 0 then
+  return {1, worst, 0, math.ceil(debt[worst]), math.ceil(worst_retry), used}
 end
+local function tightest(remaining, reset)
+  local best = 1
+  for i = 2, windows do
+    if remaining[i] < remaining[best]
+      or (remaining[i] == remaining[best] and reset[i] < reset[best]) then
+      best = i
+    end
+  end
+  return best
+end
+local remaining, reset = {}, {}
 if quota >= 0 and used >= quota then
-  return {2, math.floor(available + tol), math.ceil(debt), 0, used}
+  for i = 1, windows do
+    remaining[i], reset[i] = math.floor(avail[i] + tol), debt[i]
+  end
+  local best = tightest(remaining, reset)
+  return {2, best, remaining[best], math.ceil(reset[best]), 0, used}
 end
-tf = tf + frac
-if tf >= 1 then
-  tf = tf - 1
-  ti = ti + 1
+for i = 1, windows do
+  local period, interval, limit = periods[i], intervals[i], limits[i]
+  local whole = math.floor(period / limit)
+  local frac = (period - whole * limit) / limit
+  local a, b = ti[i], tf[i] + frac
+  if b >= 1 then
+    b = b - 1
+    a = a + 1
+  end
+  a = a + whole
+  local d = debt[i] + interval
+  store(KEYS[i + 1], string.format('%d %.17g', a, b), d)
+  remaining[i], reset[i] = math.floor(avail[i] - 1 + tol), d
 end
-ti = ti + whole
-debt = debt + interval
-store(string.format('%d %.17g', ti, tf), debt)
-if quota >= 0 then used = redis.call('INCR', KEYS[2]) end
-return {0, math.floor(available - 1 + tol), math.ceil(debt), 0, used}
+local best = tightest(remaining, reset)
+return {0, best, remaining[best], math.ceil(reset[best]), 0, count()}
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
@@ -135,8 +181,16 @@ def bucket_key(key_id: str, client_ip: str) -> str:
     return f"keyproxy:rl:{key_id}:{client_ip}"
 
 
-def quota_key(key_id: str) -> str:
-    return f"keyproxy:quota:{key_id}"
+def quota_key(key_id: str, window: QuotaWindow | None = None) -> str:
+    """A lifetime quota's counter, or the counter of one period of a refilling quota."""
+    if window is None:
+        return f"keyproxy:quota:{key_id}"
+    return f"keyproxy:quota:{key_id}:{window.label}"
+
+
+#: How long a period's counter outlives the period: replicas' clocks differ by seconds,
+#: and one still in the old period must find its counter, not a fresh one.
+QUOTA_GRACE_MS = 86_400_000
 
 
 class RedisLimiter:
@@ -178,10 +232,19 @@ class RedisLimiter:
         self._use_caller_clock = use_caller_clock
 
     async def hit(
-        self, key_id: str, client_ip: str, rate: Rate | None, quota: int | None, now: float
+        self,
+        key_id: str,
+        client_ip: str,
+        rate: Rate | tuple[Rate, ...] | None,
+        quota: int | None,
+        now: float,
+        window: QuotaWindow | None = None,
     ) -> LimitResult:
         if rate is None and quota is None:
             return UNLIMITED
+        rates: tuple[Rate, ...] = (
+            () if rate is None else rate if rate.__class__ is tuple else (rate,)  # type: ignore[assignment]
+        )
         probe = False
         if self._retry_at:
             if self._probing or time.monotonic() < self._retry_at:
@@ -189,7 +252,7 @@ class RedisLimiter:
             probe = self._probing = True
         try:
             async with asyncio.timeout(self._timeout):
-                reply = await self._call(key_id, client_ip, rate, quota, now)
+                reply = await self._call(key_id, client_ip, rates, quota, now, window)
         except (RedisError, OSError, TimeoutError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             raise StoreUnavailable(_UNAVAILABLE) from exc
@@ -197,27 +260,33 @@ class RedisLimiter:
             if probe:
                 self._probing = False
         self._retry_at = 0.0
-        return _result(reply, rate, quota)
+        return _result(reply, rates, quota, window)
 
     async def _call(
-        self, key_id: str, client_ip: str, rate: Rate | None, quota: int | None, now: float
+        self,
+        key_id: str,
+        client_ip: str,
+        rates: tuple[Rate, ...],
+        quota: int | None,
+        now: float,
+        window: QuotaWindow | None,
     ) -> list[int]:
-        args: tuple[str | int, ...] = (
-            2,
-            bucket_key(key_id, client_ip),
-            quota_key(key_id),
-            0 if rate is None else rate.limit,
-            0 if rate is None else round(rate.period * 1_000_000),
+        bucket = bucket_key(key_id, client_ip)
+        keys = [quota_key(key_id, window)]
+        keys += [bucket if i == 0 else f"{bucket}#{i + 1}" for i in range(len(rates))]
+        args: list[str | int] = [
             -1 if quota is None else quota,
             _TOLERANCE_ARG,
-        )
-        if self._use_caller_clock:
-            args += (round(now * 1_000_000),)
+            0 if window is None else round(window.reset_in * 1000) + QUOTA_GRACE_MS,
+            round(now * 1_000_000) if self._use_caller_clock else "",
+        ]
+        for rate in rates:
+            args += (rate.limit, round(rate.period * 1_000_000))
         try:
-            return await self._redis.evalsha(SCRIPT_SHA, *args)  # type: ignore[no-any-return]
+            return await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)  # type: ignore[no-any-return]
         except NoScriptError:
             # First use, or Redis restarted or was flushed: EVAL runs and caches it.
-            return await self._redis.eval(SCRIPT, *args)  # type: ignore[no-any-return]
+            return await self._redis.eval(SCRIPT, len(keys), *keys, *args)  # type: ignore[no-any-return]
 
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout (for readiness checks)."""
@@ -232,18 +301,32 @@ class RedisLimiter:
         await self._pool.aclose()
 
 
-def _result(reply: list[int], rate: Rate | None, quota: int | None) -> LimitResult:
-    status, remaining, reset_us, retry_us, used = reply
+def _result(
+    reply: list[int], rates: tuple[Rate, ...], quota: int | None, window: QuotaWindow | None
+) -> LimitResult:
+    status, position, remaining, reset_us, retry_us, used = reply
     quota_remaining = None if quota is None else max(quota - used, 0)
-    if rate is None:
+    quota_reset = None if window is None or quota is None else window.reset_in
+    if not rates:
         if status == 2:
-            return quota_exhausted(None, None, None, quota)  # type: ignore[arg-type]
-        return LimitResult(True, None, None, None, None, 0.0, quota, quota_remaining)
+            return quota_exhausted(None, None, None, quota, window)  # type: ignore[arg-type]
+        return LimitResult(True, None, None, None, None, 0.0, quota, quota_remaining, quota_reset)
+    rate = rates[position - 1]
     reset = reset_us / 1_000_000
     if status == 0:
-        return LimitResult(True, None, rate.limit, remaining, reset, 0.0, quota, quota_remaining)
+        return LimitResult(
+            True, None, rate.limit, remaining, reset, 0.0, quota, quota_remaining, quota_reset
+        )
     if status == 1:
         return LimitResult(
-            False, "rate", rate.limit, 0, reset, retry_us / 1_000_000, quota, quota_remaining
+            False,
+            "rate",
+            rate.limit,
+            0,
+            reset,
+            retry_us / 1_000_000,
+            quota,
+            quota_remaining,
+            quota_reset,
         )
-    return quota_exhausted(rate, remaining, reset, quota)  # type: ignore[arg-type]
+    return quota_exhausted(rate, remaining, reset, quota, window)  # type: ignore[arg-type]
