@@ -29,6 +29,7 @@ import httptools
 
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.checks.limits import RateLimitCheck
+from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config import Config, ConfigError
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
@@ -398,7 +399,8 @@ class ProxyServer:
         self.request_ids = RequestIds()
         self.draining = False
         config = holder.config
-        self.checks = build_checks(open_limiter(config.rate_limits))
+        self.owners = OwnershipCheck()
+        self.checks = build_checks(open_limiter(config.rate_limits), self.owners)
         self.pipeline = Pipeline(self.checks)
         #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
         self.limits: RateLimitCheck = next(
@@ -406,7 +408,14 @@ class ProxyServer:
         )
         self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
+        self._start_jwks(config)
         holder.subscribe(self._on_config)
+
+    def _start_jwks(self, config: Config) -> None:
+        """Keep the identity provider's keys fresh in the background, off the request path."""
+        users = config.users
+        if users is not None and users.jwks is not None:
+            users.jwks.start(self.loop, users.settings.jwks_refresh)
 
     @staticmethod
     def _tick_interval(config: Config) -> float:
@@ -438,6 +447,7 @@ class ProxyServer:
             self.loop.create_task(previous.aclose())
         self.serving = Serving(config, ForwardPlan(config), pool)
         self.tick_interval = self._tick_interval(config)
+        self._start_jwks(config)
 
     def start(self, conn: ClientConnection, ex: Exchange) -> None:
         """Decide, then answer or forward. Runs without suspending unless a check must wait."""
@@ -498,6 +508,7 @@ class ProxyServer:
             conn.abort()
         self.serving.pool.close()
         await self.limits.limiter.aclose()
+        await self.owners.aclose()
 
 
 def freeze_long_lived() -> None:

@@ -32,9 +32,11 @@ from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
 from keyproxy.config.rate_limits_section import read_rate_limits
+from keyproxy.config.roles_section import check_key_roles, read_permissions
 from keyproxy.config.routes_section import read_routes
 from keyproxy.config.server_section import read_server
 from keyproxy.config.upstream_section import read_upstream
+from keyproxy.config.users_section import read_users
 from keyproxy.config.yaml_reader import UNTAGGED, Reader, line_of, yaml_issue
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
@@ -77,8 +79,20 @@ def _compose(text: str) -> Node | None:
 
 # --------------------------------------------------------------------------- the file
 
-_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits"})
-_SECTIONS_NOT_YET = frozenset({"users", "roles", "system_tables", "self", "cache", "cors"})
+_SECTIONS = frozenset(
+    {
+        "server",
+        "upstream",
+        "routes",
+        "keys",
+        "rate_limits",
+        "users",
+        "roles",
+        "system_tables",
+        "self",
+    }
+)
+_SECTIONS_NOT_YET = frozenset({"cache", "cors"})
 
 
 def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.RouteTable | None:
@@ -127,6 +141,14 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     if "keys" in sections:
         key_reader.read_all(sections["keys"])
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
+    users = read_users(r, sections.get("users"), os.path.dirname(source))
+    permissions = read_permissions(
+        r,
+        sections,
+        "users" in sections,
+        any(key.roles is not None for key in key_reader.keys),
+    )
+    check_key_roles(r, key_reader.keys, permissions)
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
@@ -142,6 +164,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         source=source,
         route_table=route_table,
         keys_by_digest={key.digest: key for key in keys},
+        users=users,
+        permissions=permissions,
     )
 
 

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from keyproxy.allowlists import IpAllowlist, RefererPattern
+    from keyproxy.permissions import Permissions
     from keyproxy.routes import RouteTable
+    from keyproxy.users import TokenVerifier
 
 MiB = 1024 * 1024
 
@@ -99,6 +101,8 @@ class Upstream:
     #: Absolute path of a PEM bundle: the only CAs trusted for an https upstream
     #: (a private CA's backend). None: the system trust store.
     ca_file: str | None = None
+    #: Headers telling the backend who calls: ("key_id" | "user" | "roles", header name).
+    identity_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def origin(self) -> str:
@@ -152,6 +156,8 @@ class Key(NamedTuple):
     quota: int | None = None
     revoked: bool = False
     line: int = 0
+    scopes: frozenset[str] | None = None  # None: any table and operation
+    roles: tuple[str, ...] | None = None  # None: admin for admin keys, guest otherwise
 
     def __repr__(self) -> str:  # never print the digest in logs or tracebacks
         return f"Key(id={self.id!r}, type={self.type.value})"
@@ -173,6 +179,10 @@ class Config:
     keys: tuple[Key, ...]
     rate_limits: RateLimitSettings = RateLimitSettings()
     source: str = ""
+    #: End users' tokens (`users.jwt`); None: a Bearer token is refused.
+    users: TokenVerifier | None = field(default=None, repr=False, compare=False)
+    #: Roles, system tables and self records; None: keys alone decide.
+    permissions: Permissions | None = field(default=None, repr=False, compare=False)
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
