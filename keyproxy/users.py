@@ -8,8 +8,9 @@ headers are never read (keys come only from the configuration or its JWKS URL,
 looked up by `kid`); `exp` is required; `iss` and `aud` must match exactly when
 configured; `leeway` absorbs clock skew.
 
-A verified token is remembered by its SHA-256 digest until it expires, so the
-same browser token costs a dict probe on its next requests, not a signature check.
+A verified token is remembered by its SHA-256 digest until it expires (at most
+`cache_size` of them, the oldest dropped first), so the same browser token costs a
+dict probe on its next requests, not a signature check.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jwt
-from cachetools import LRUCache
 from jwt.exceptions import (
     DecodeError,
     InvalidAlgorithmError,
@@ -103,7 +103,9 @@ class TokenVerifier:
     def __init__(self, settings: JwtSettings, jwks: JwksCache | None = None) -> None:
         self.settings = settings
         self.jwks = jwks
-        self.cache: LRUCache[bytes, Identity] = LRUCache(maxsize=settings.cache_size)
+        # A plain dict, oldest entry dropped when full: a hit is one C-level probe, where
+        # cachetools.LRUCache's Python-level get measured ~1.5 µs on this path.
+        self.cache: dict[bytes, Identity] = {}
         self._options = {
             "require": ["exp"],
             # Times are checked against the caller's clock (explain passes its own).
@@ -218,5 +220,8 @@ class TokenVerifier:
         if len(roles) > MAX_ROLES or not all(_ROLE.fullmatch(r) for r in roles):
             return invalid(f"the {s.roles_claim!r} claim holds a role name keyproxy cannot use")
         identity = Identity(user, roles, float(exp))
-        self.cache[digest] = identity
+        cache = self.cache
+        if len(cache) >= s.cache_size:
+            del cache[next(iter(cache))]
+        cache[digest] = identity
         return identity

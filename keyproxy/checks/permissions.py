@@ -28,11 +28,19 @@ def request_table(ctx: RequestContext) -> str | None:
     if ctx.table is None:
         route, target = ctx.route, ctx.target
         assert route is not None and target is not None
-        for index, segment in enumerate(route.segments):
-            if segment == "{table}":
-                ctx.table = table_name(target.segments[index])
-                break
+        if "{table}" in route.segments:
+            segment = target.segments[route.segments.index("{table}")]
+            name = _TABLE_NAMES.get(segment)
+            if name is None:
+                if len(_TABLE_NAMES) >= 4096:
+                    _TABLE_NAMES.clear()
+                name = _TABLE_NAMES[segment] = table_name(segment)
+            ctx.table = name
     return ctx.table
+
+
+#: Path segment -> table name: a few tables are named over and over (bounded).
+_TABLE_NAMES: dict[str, str] = {}
 
 
 def check_scopes(ctx: RequestContext) -> Deny | None:
@@ -83,7 +91,7 @@ def check_roles(ctx: RequestContext) -> Deny | None:
         return None
     roles = key_roles(key.roles, admin)
     if ctx.token_roles:
-        roles = tuple(dict.fromkeys(roles + ctx.token_roles))
+        roles = roles + tuple([r for r in ctx.token_roles if r not in roles])
     ctx.roles = roles
     op = route.op
     if op is None:
