@@ -175,3 +175,14 @@ def jwks_cache(url: str) -> JwksCache:
         if cache is None:
             cache = _CACHES[url] = JwksCache(url)
         return cache
+
+
+def refresh_counts() -> dict[str, int]:
+    """Fetches by result ("ok", "error") over every JWKS this process keeps, for metrics
+    (`keyproxy_jwks_refreshes_total{result}`)."""
+    with _LOCK:
+        caches = list(_CACHES.values())
+    total: Counter[str] = Counter()
+    for cache in caches:
+        total.update(cache.refreshes)
+    return dict(total)

@@ -33,6 +33,7 @@ from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config import Config, ConfigError
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
+from keyproxy.jwks import JwksCache
 from keyproxy.observability import log_event
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, RequestContext
@@ -400,6 +401,7 @@ class ProxyServer:
         self.draining = False
         config = holder.config
         self.owners = OwnershipCheck()
+        self._jwks: JwksCache | None = None
         self.checks = build_checks(open_limiter(config.rate_limits), self.owners)
         self.pipeline = Pipeline(self.checks)
         #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
@@ -412,10 +414,17 @@ class ProxyServer:
         holder.subscribe(self._on_config)
 
     def _start_jwks(self, config: Config) -> None:
-        """Keep the identity provider's keys fresh in the background, off the request path."""
+        """Keep the identity provider's keys fresh in the background, off the request path;
+        a reload that drops or changes `jwks_url` stops fetching the old one."""
         users = config.users
-        if users is not None and users.jwks is not None:
-            users.jwks.start(self.loop, users.settings.jwks_refresh)
+        jwks = users.jwks if users is not None else None
+        previous = self._jwks
+        if previous is not None and previous is not jwks:
+            previous.stop()
+        self._jwks = jwks
+        if jwks is not None:
+            assert users is not None
+            jwks.start(self.loop, users.settings.jwks_refresh)
 
     @staticmethod
     def _tick_interval(config: Config) -> float:
@@ -509,6 +518,8 @@ class ProxyServer:
         self.serving.pool.close()
         await self.limits.limiter.aclose()
         await self.owners.aclose()
+        if self._jwks is not None:
+            self._jwks.stop()
 
 
 def freeze_long_lived() -> None:

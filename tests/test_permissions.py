@@ -14,7 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyproxy.config import ConfigError, parse_config
-from keyproxy.jwks import JwksCache
+from keyproxy.jwks import jwks_cache, refresh_counts
 from keyproxy.permissions import (
     DEFAULT_ROLES,
     DENIED,
@@ -223,9 +223,11 @@ async def test_jwks_cache_counts_refreshes_and_keeps_keys_on_failure():
     await site.start()
     port = runner.addresses[0][1]
     try:
-        cache = JwksCache(f"http://127.0.0.1:{port}/jwks.json")
+        cache = jwks_cache(f"http://127.0.0.1:{port}/jwks.json")
+        before = refresh_counts()
         await cache.refresh()
         assert cache.refreshes == {"ok": 1}
+        assert refresh_counts().get("ok", 0) == before.get("ok", 0) + 1
         assert cache.key("k1", "RS256") is not None
         assert cache.key("h", "HS256") is None  # HMAC keys from a JWKS are never used
         assert cache.key("k1", "ES256") is None  # nor a key of another type
