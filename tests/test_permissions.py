@@ -358,3 +358,37 @@ def test_a_full_users_config_loads():
     assert config.permissions is not None and config.permissions.system_tables == {"users"}
     # Without users, roles or system tables, step 7 is off.
     assert parse_config(BASE, "t.yaml", {}).permissions is None
+
+
+# --------------------------------------------------------------------------- step order
+
+
+async def test_scopes_come_before_roles_and_roles_before_the_rate_limit():
+    from keyproxy.explain import explain
+
+    key = "sk_" + "7" * 64
+    import hashlib
+
+    text = (
+        BASE.replace(
+            "op: list}\n",
+            'op: list}\n  - {match: "DELETE /v1/data/{table}/{id}", acl: delete, op: delete}\n',
+        )
+        + "keys:\n"
+        + f"  - {{id: k, hash: 'sha256:{hashlib.sha256(key.encode()).hexdigest()}', type: admin,"
+        + " scopes: ['posts:list'], roles: [guest], rate_limit: 1/hour}\n"
+        + "system_tables: [users]\n"
+    )
+    config = parse_config(text, "t.yaml", {})
+    steps = (await explain(config, "DELETE", "/v1/data/posts/1", key=key)).steps
+    assert (steps[-1].name, steps[-1].deny.code) == ("6 scopes", "SCOPE_INSUFFICIENT")
+    steps = (await explain(config, "GET", "/v1/data/posts", key=key)).steps
+    assert steps[-1].deny is None and [s.name for s in steps][-3:] == [
+        "7 roles",
+        "7 self records",
+        "8 rate limit",
+    ]
+    text = text.replace("scopes: ['posts:list']", "scopes: ['*:*']")
+    config = parse_config(text, "t.yaml", {})
+    steps = (await explain(config, "DELETE", "/v1/data/posts/1", key=key)).steps
+    assert (steps[-1].name, steps[-1].deny.code) == ("7 roles", "PERMISSION_DENIED")
