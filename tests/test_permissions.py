@@ -161,7 +161,7 @@ def test_the_cache_answers_until_exp_and_never_after():
     assert isinstance(verifier.verify(token, NOW), Identity)
     assert len(verifier.cache) == 1
     # A cached verdict is used as is: a changed secret would not be consulted again...
-    verifier.settings = JwtSettings(algorithms=("HS256",), secret="x" * 32)
+    verifier.settings = JwtSettings(algorithms=("HS256",), secret="x" * 32, leeway=0.0)
     assert isinstance(verifier.verify(token, NOW + 59), Identity)
     # ...but never past exp.
     expired = verifier.verify(token, NOW + 61)
