@@ -392,3 +392,29 @@ async def test_scopes_come_before_roles_and_roles_before_the_rate_limit():
     config = parse_config(text, "t.yaml", {})
     steps = (await explain(config, "DELETE", "/v1/data/posts/1", key=key)).steps
     assert (steps[-1].name, steps[-1].deny.code) == ("7 roles", "PERMISSION_DENIED")
+
+
+def test_public_key_file_verifies_es256_and_refuses_a_key_of_another_type(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "ec.pem").write_bytes(pem)
+    source = str(tmp_path / "t.yaml")
+    config = parse_config(
+        BASE + "users: {jwt: {algorithms: [ES256], public_key_file: ec.pem}}\n", source, {}
+    )
+    assert config.users is not None
+    token = jwt.encode({"sub": "carol", "exp": NOW + 60}, private, "ES256")
+    assert config.users.verify(token, NOW).user == "carol"
+    # an HMAC token signed with the public key's PEM is refused by the allowlist
+    forged = jwt.encode({"sub": "carol", "exp": NOW + 60}, "x" * 32, "HS256")
+    assert config.users.verify(forged, NOW).code == "INVALID_TOKEN"
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            BASE + "users: {jwt: {algorithms: [RS256], public_key_file: ec.pem}}\n", source, {}
+        )
+    assert "cannot verify RS256" in str(info.value)
