@@ -207,8 +207,11 @@ class TokenVerifier:
             or not user
             or len(user) > MAX_USER_LENGTH
             or not user.isprintable()
+            or user != user.strip()  # a header would lose the spaces: " alice" is "alice"
         ):
-            return invalid(f"the {s.user_claim!r} claim must be a non-empty printable string")
+            return invalid(
+                f"the {s.user_claim!r} claim must be a printable string without outer spaces"
+            )
         raw_roles = claims.get(s.roles_claim)
         if raw_roles is None:
             roles: tuple[str, ...] = ("user",)

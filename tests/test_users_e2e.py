@@ -175,6 +175,7 @@ def _forged_signature() -> str:
         (_forged_signature, "INVALID_TOKEN", "signature"),
         (lambda: token({"nbf": int(time.time()) + 600}), "INVALID_TOKEN", "not valid yet"),
         (lambda: token({"sub": None}), "INVALID_TOKEN", "'sub' claim"),
+        (lambda: token({"sub": " alice"}), "INVALID_TOKEN", "without outer spaces"),
         (lambda: token({"role": {"a": 1}}), "INVALID_TOKEN", "'role' claim"),
         (lambda: "not-a-jwt", "INVALID_TOKEN", "not a well-formed JWT"),
     ],
