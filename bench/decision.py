@@ -76,6 +76,70 @@ def time_decisions(
     return elapsed / iterations * 1e6, config.summary()
 
 
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
+USERS_SECTION = f"""
+users:
+  jwt: {{algorithms: [HS256], secret: {JWT_SECRET}, issuer: bench, leeway: 30s}}
+"""
+
+
+def time_token_decisions(iterations: int, n_keys: int) -> tuple[float, float]:
+    """µs per decision with `users` configured: without a token, and with the same
+    (cached after its first verification) token on every request."""
+    import jwt
+
+    policy = build_policy("http://127.0.0.1:8000", n_keys=n_keys)
+    config = parse_config(policy.yaml + USERS_SECTION, "bench", ENV)
+    token = jwt.encode(
+        {"sub": "alice", "iss": "bench", "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256"
+    )
+    best = [float("inf"), float("inf")]
+    pipeline = Pipeline(build_checks(open_limiter(config.rate_limits)))
+    rounds = 5  # interleaved, best of each: on a shared machine the difference is the point
+    for _ in range(rounds):
+        for with_token in (False, True):
+            raw = request_headers(policy.key, policy.referer)
+            if with_token:
+                raw.append((b"Authorization", b"Bearer " + token.encode()))
+            lowered = [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+            deny = None
+            # CPU time, not wall time: on a shared machine, time spent descheduled would
+            # swamp a difference of a few µs.
+            start = time.process_time()
+            for _ in range(iterations // rounds):
+                headers = Headers.from_lowered(lowered)
+                ctx = RequestContext(
+                    config, "GET", SMALL_PATH, headers, "127.0.0.1", time.time(), "bench"
+                )
+                deny = pipeline.decide(ctx)
+            elapsed = (time.process_time() - start) / (iterations // rounds) * 1e6
+            best[with_token] = min(best[with_token], elapsed)
+            assert deny is None, deny
+    return best[0], best[1]
+
+
+def time_first_seen_rs256(tokens: int = 2000) -> float:
+    """µs to verify an RS256 token never seen before (the signature check, not the cache)."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from keyproxy.users import JwtSettings, TokenVerifier
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    verifier = TokenVerifier(
+        JwtSettings(algorithms=("RS256",), public_key=private.public_key(), cache_size=tokens)
+    )
+    exp = int(time.time()) + 3600
+    signed = [jwt.encode({"sub": f"u{i}", "exp": exp}, private, "RS256") for i in range(tokens)]
+    now = time.time()
+    start = time.process_time()
+    for token in signed:
+        verifier.verify(token, now)
+    elapsed = time.process_time() - start
+    assert len(verifier.cache) == tokens
+    return elapsed / tokens * 1e6
+
+
 def time_big_load(n_keys: int) -> tuple[float, float, float]:
     """Seconds to load, registry bytes per key, and the process's peak RSS in MiB
     just after the load (before tracemalloc, whose bookkeeping would count too)."""
@@ -116,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         f"decision ({summary}), a new path each time, no route shape cache: "
         f"{per_decision:.2f} µs per request"
     )
+    without, cached = time_token_decisions(args.iterations, args.keys)
+    print(
+        f"decision with users configured: no token {without:.2f} µs, the same cached token "
+        f"{cached:.2f} µs (+{cached - without:.2f} µs per request)"
+    )
+    print(f"a first-seen RS256 (2048-bit) token: {time_first_seen_rs256():.0f} µs to verify")
     load_s, per_key, peak_mib = time_big_load(args.big_keys)
     print(
         f"load {args.big_keys} keys: {load_s:.2f} s; registry memory {per_key:.0f} B per key "

@@ -136,8 +136,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
     from keyproxy.explain import explain, render
 
-    if args.key is None and args.jwt is None and args.origin is None:
-        print("explain needs --key or --jwt (or --origin for a CORS preflight)", file=sys.stderr)
+    if args.key is None and args.key_id is None and args.origin is None:
+        print(
+            "explain needs --key or --key-id (or --origin for a CORS preflight)", file=sys.stderr
+        )
         return 2
     from keyproxy.clientip import parse_peer
 
@@ -151,12 +153,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc))
         return 2
+    if args.key_id is not None and not any(k.id == args.key_id for k in config.keys):
+        print(f"--key-id: no key with id {args.key_id!r} in {args.config}", file=sys.stderr)
+        return 2
     result = asyncio.run(
         explain(
             config,
             args.method,
             args.url,
             key=args.key,
+            key_id=args.key_id,
             jwt=args.jwt,
             ip=args.ip,
             referer=args.referer,
@@ -248,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, metavar="FILE")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--key", help="the API key the request carries")
-    who.add_argument("--jwt", help="an end-user token (Authorization: Bearer)")
+    who.add_argument(
+        "--key-id", help="explain for this key without its secret (steps after the key lookup)"
+    )
+    p.add_argument("--jwt", help="an end-user token (Authorization: Bearer) next to the key")
     p.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     p.add_argument("--referer", help="the Referer header")
     p.add_argument("--origin", help="the Origin header (a browser's cross-origin call)")

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from importlib import resources
 
 from keyproxy.config import parse_config
@@ -24,9 +25,29 @@ from keyproxy.server import install_uvloop, serve
 DEMO_KEYS = {
     "website": "pk_5f89f583e09133e1d06f543f6424af13789de09e649e0a2af706d5bd390ebcdc",
     "batch-writer": "sk_dc3283f4f8ea8d3b2b5fceb4ad2e4fa7fdc93ceb260d5c678d098bb328d210e1",
+    "app": "sk_1cff6356cd2d6d70d985fb38607be1934a3e5aecf549184f8c89235686aed041",
     "admin": "sk_a91ce2de0b0d34b3b3cd268c3b2778d61fca5039eabde514c8bb41c54333fce5",
 }
 DEMO_REFERER = "https://app.example.com/"
+#: The demo's logged-in user and how long the printed token lasts.
+DEMO_USER = "bob"
+DEMO_TOKEN_TTL = 24 * 3600
+
+
+def demo_token(config: Config, user: str = DEMO_USER, now: float | None = None) -> str:
+    """A token for `user`, signed as the example's `users.jwt` section expects (demo only)."""
+    import jwt
+
+    users = config.users
+    assert users is not None and users.settings.secret is not None
+    s = users.settings
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": user, "iat": issued, "exp": issued + DEMO_TOKEN_TTL}
+    if s.issuer is not None:
+        claims["iss"] = s.issuer
+    if s.audience is not None:
+        claims["aud"] = s.audience
+    return jwt.encode(claims, s.secret, algorithm=s.algorithms[0])
 
 
 def example_config_text() -> str:
@@ -83,8 +104,8 @@ def _example_path() -> str:
     return str(resources.files("keyproxy").joinpath("config.example.yaml"))
 
 
-def instructions(base: str) -> str:
-    read, admin = DEMO_KEYS["website"], DEMO_KEYS["admin"]
+def instructions(base: str, token: str) -> str:
+    read, admin, app = DEMO_KEYS["website"], DEMO_KEYS["admin"], DEMO_KEYS["app"]
     explain = f"UPSTREAM_SECRET=x {_self_command()} explain -c {_example_path()}"
     return f"""
 keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
@@ -98,6 +119,15 @@ keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
 
   # the admin key deletes:
   curl -si -X DELETE {base}/v1/data/posts/1 -H 'X-API-Key: {admin}'
+
+  # a logged-in user ({DEMO_USER}, with a demo token valid for 24 h) creates a post...
+  curl -s -X POST {base}/v1/data/posts -H 'X-API-Key: {app}' \\
+      -H 'Authorization: Bearer {token}' \\
+      -H 'Content-Type: application/json' -d '{{"title": "Hello from {DEMO_USER}"}}'
+
+  # ...and is refused deleting alice's post 3 (only the owner may):
+  curl -s -X DELETE {base}/v1/data/posts/3 -H 'X-API-Key: {app}' \\
+      -H 'Authorization: Bearer {token}'
 
   # and why was the first one refused? (offline, against the same file)
   {explain} --key {read} \\
@@ -119,7 +149,8 @@ async def _run(port: int | None) -> int:
     server = asyncio.create_task(serve(holder, ready=ready))
     done, _ = await asyncio.wait({server, ready}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done:
-        print(instructions(f"http://127.0.0.1:{proxy_port}"), flush=True)
+        token = demo_token(holder.config)
+        print(instructions(f"http://127.0.0.1:{proxy_port}", token), flush=True)
     try:
         return await server
     finally:

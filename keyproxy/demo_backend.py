@@ -181,9 +181,18 @@ async def read_record(request: web.Request) -> web.Response:
     return web.json_response(request.app[STORE].find(info["table"], info["id"]))
 
 
+#: Set by keyproxy (`upstream.identity_headers.user`) for a logged-in user.
+USER_HEADER = "X-Keyproxy-User"
+
+
 async def create_record(request: web.Request) -> web.Response:
+    """A logged-in user's record is theirs: the owner comes from keyproxy, never the body."""
     table = request.match_info["table"]
-    record = request.app[STORE].create(table, await _json_object(request))
+    doc = await _json_object(request)
+    users = request.headers.getall(USER_HEADER, [])
+    if len(users) == 1:
+        doc["createdBy"] = users[0]
+    record = request.app[STORE].create(table, doc)
     return web.json_response(
         record, status=201, headers={"Location": f"/v1/data/{table}/{record['id']}"}
     )

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
+from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config.model import Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.ratelimit import open_limiter
@@ -45,6 +46,7 @@ async def explain(
     url: str,
     *,
     key: str | None = None,
+    key_id: str | None = None,
     jwt: str | None = None,
     ip: str = "127.0.0.1",
     referer: str | None = None,
@@ -72,7 +74,16 @@ async def explain(
         time.time() if now is None else now,
         "explain",
     )
-    pipeline = Pipeline(build_checks(open_limiter(RateLimitSettings())))
+    if key_id is not None:
+        # The operator names the key instead of presenting it: step 1 takes it as found.
+        ctx.key = next(k for k in config.keys if k.id == key_id)
+        ctx.credential_source = "--key-id"
+    users = config.users
+    if jwt is not None and users is not None and users.jwks is not None and not users.jwks.loaded:
+        await users.jwks.refresh()  # offline, but a token needs the provider's keys
+    pipeline = Pipeline(
+        build_checks(open_limiter(RateLimitSettings()), OwnershipCheck(online=False))
+    )
     steps = await pipeline.trace(ctx)
     reply = steps[-1].reply if steps else None
     if reply is not None:

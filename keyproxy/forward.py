@@ -21,8 +21,9 @@ from urllib.parse import quote
 
 from keyproxy.checks.route import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 from keyproxy.clientip import peer_is_trusted
-from keyproxy.config.model import Config
+from keyproxy.config.model import Config, KeyType
 from keyproxy.credentials import strip_query_param
+from keyproxy.permissions import key_roles
 from keyproxy.ratelimit import LimitResult
 from keyproxy.request import Deny, Reply, RequestContext
 from keyproxy.response.cors import single_header, strip_upstream_cors
@@ -135,6 +136,9 @@ class ForwardPlan:
             injected.append(b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n")
         self.inject_block = b"".join(injected)
         self.request_drop = REQUEST_DROP | {n.lower().encode() for n, _ in up.inject_headers}
+        # Identity headers are keyproxy's word: a client's copy is dropped in any case.
+        self.identity_headers = up.identity_headers
+        self.request_drop |= {n.lower().encode() for _, n in up.identity_headers}
         self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE
         self.inject_query = "&".join(
             f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
@@ -153,6 +157,8 @@ class ForwardPlan:
         query = target.query
         if query and ctx.credential_source == "query":
             query = strip_query_param(query, self.query_param)
+        if ctx.owner_filter is not None:  # a self-only list: only the caller's records
+            query = f"{query}&{ctx.owner_filter}" if query else ctx.owner_filter
         if self.inject_query:
             for name in self.inject_query_names:
                 if query:
@@ -169,6 +175,31 @@ class ForwardPlan:
         or `/\\host/...`, which browsers read as another origin (see `OriginRewriter`).
         """
         return self.origin.rewrite_location(value)
+
+
+def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
+    """`upstream.identity_headers`: who calls, as keyproxy established it.
+
+    A user id is printable but may be non-ASCII: it is sent percent-encoded (UTF-8)
+    where needed, so a header value never carries bytes a backend could misread.
+    """
+    lines = []
+    for kind, name in names:
+        if kind == "key_id":
+            value = ctx.key.id if ctx.key is not None else ""
+        elif kind == "user":
+            value = ctx.user or ""
+            if not value.isascii() or "%" in value:
+                value = quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        else:
+            roles = ctx.roles
+            if not roles and ctx.key is not None:  # step 7 is off: the same rule, here
+                roles = key_roles(ctx.key.roles, ctx.key.type is KeyType.ADMIN)
+                roles = tuple(dict.fromkeys(roles + ctx.token_roles))
+            value = ",".join(roles)
+        if value:
+            lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode()
 
 
 def rate_limit_headers(limit: LimitResult | None) -> bytes:
@@ -468,6 +499,8 @@ class Exchange:
         if host and valid_host(host):
             append(b"X-Forwarded-Host: " + host + b"\r\n")
         append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
+        if plan.identity_headers:
+            append(identity_block(ctx, plan.identity_headers))
         append(plan.inject_block)
         if self.chunked:
             append(b"Transfer-Encoding: chunked\r\n\r\n")

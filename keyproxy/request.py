@@ -131,6 +131,12 @@ class RequestContext:
         if key is None or key.rotation is None:
             return None
         return key.rotation.label
+    user: str | None = None  # the end user a verified Bearer token names
+    token_roles: tuple[str, ...] = ()  # the roles that token grants
+    table: str | None = None  # the table the route's {table} names, as compared (steps 6-7)
+    roles: tuple[str, ...] = ()  # the key's roles plus the token's (once step 7 has run)
+    self_only: bool = False  # the roles allow this operation only on the caller's records
+    owner_filter: str | None = None  # query parameters added to a self-only list request
 
     @property
     def params(self) -> dict[str, str]:

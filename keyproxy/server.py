@@ -36,10 +36,12 @@ import httptools
 
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.checks.limits import RateLimitCheck
+from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config import Config, ConfigError
 from keyproxy.config.model import ServerSettings, Upstream
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
+from keyproxy.jwks import JwksCache
 from keyproxy.observability import log_event
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, Reply, RequestContext
@@ -601,7 +603,9 @@ class ProxyServer:
         self._default_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._on_loop_exception)
         self._warn_if_over_fd_limit(config)
-        self.checks = build_checks(open_limiter(config.rate_limits))
+        self.owners = OwnershipCheck()
+        self._jwks: JwksCache | None = None
+        self.checks = build_checks(open_limiter(config.rate_limits), self.owners)
         self.pipeline = Pipeline(self.checks)
         #: The rate-limit step; its limiter is swapped when `rate_limits` changes.
         self.limits: RateLimitCheck = next(
@@ -609,7 +613,21 @@ class ProxyServer:
         )
         self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
+        self._start_jwks(config)
         holder.subscribe(self._on_config)
+
+    def _start_jwks(self, config: Config) -> None:
+        """Keep the identity provider's keys fresh in the background, off the request path;
+        a reload that drops or changes `jwks_url` stops fetching the old one."""
+        users = config.users
+        jwks = users.jwks if users is not None else None
+        previous = self._jwks
+        if previous is not None and previous is not jwks:
+            previous.stop()
+        self._jwks = jwks
+        if jwks is not None:
+            assert users is not None
+            jwks.start(self.loop, users.settings.jwks_refresh)
 
     @staticmethod
     def _tick_interval(config: Config) -> float:
@@ -644,6 +662,7 @@ class ProxyServer:
         self.max_connections, self.max_per_ip = connection_limits(
             config.server, config.upstream, fd_soft_limit()
         )
+        self._start_jwks(config)
 
     def _warn_if_over_fd_limit(self, config: Config) -> None:
         """A `max_connections` set above what the descriptor limit allows would end in
@@ -776,6 +795,9 @@ class ProxyServer:
             conn.abort()
         self.serving.pool.close()
         await self.limits.limiter.aclose()
+        await self.owners.aclose()
+        if self._jwks is not None:
+            self._jwks.stop()
 
 
 def freeze_long_lived() -> None:

@@ -177,4 +177,4 @@ def test_example_config_holds_the_demo_keys_hashes():
 def test_example_config_checks_ok():
     result = keyproxy("check", "-c", "config.example.yaml", env={"UPSTREAM_SECRET": "s" * 32})
     assert result.returncode == 0, result.stdout
-    assert result.stdout == "OK: 3 keys, 9 routes\n"
+    assert result.stdout == "OK: 4 keys, 9 routes\n"

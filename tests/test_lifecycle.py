@@ -144,6 +144,19 @@ def test_demo_prints_working_curl_lines(tmp_path):
         assert status == 403 and json.loads(body)["error"] == "REFERER_NOT_ALLOWED"
         status, _ = call("DELETE", "/v1/data/posts/1", DEMO_KEYS["admin"])
         assert status == 204
+        # the logged-in user's lines: bob creates a post (owned by bob whatever the body
+        # says) and is refused deleting alice's post 3
+        token = re.search(r"Authorization: Bearer ([A-Za-z0-9_.-]+)'", out)
+        assert token is not None, out
+        user = {"X-API-Key": DEMO_KEYS["app"], "Authorization": f"Bearer {token.group(1)}"}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/v1/data/posts", b'{"title": "t", "createdBy": "alice"}', user)
+        resp = conn.getresponse()
+        assert resp.status == 201 and json.loads(resp.read())["createdBy"] == "bob"
+        conn.request("DELETE", "/v1/data/posts/3", headers=user)
+        resp = conn.getresponse()
+        assert resp.status == 403 and json.loads(resp.read())["error"] == "PERMISSION_DENIED"
+        conn.close()
         # the printed explain line works as pasted (with this interpreter for "python")
         line = re.search(r"UPSTREAM_SECRET=x (.+?) \\\n\s+(.+)\n", out)
         assert line is not None, out

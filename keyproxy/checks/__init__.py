@@ -25,6 +25,7 @@ from keyproxy.checks.access import check_acl, check_key_type
 from keyproxy.checks.authenticate import authenticate
 from keyproxy.checks.constraints import check_key_constraints
 from keyproxy.checks.limits import RateLimitCheck
+from keyproxy.checks.permissions import OwnershipCheck, check_roles, check_scopes
 from keyproxy.checks.route import match_route
 from keyproxy.ratelimit import Limiter
 from keyproxy.request import Deny, Reply, RequestContext
@@ -50,12 +51,13 @@ class StepOutcome:
     reply: Reply | None = None  # the step answered the request itself
 
 
-def build_checks(limiter: Limiter) -> tuple[Check, ...]:
-    """Steps 1–8 in order, after the CORS preflight. Steps 6 (scopes) and 7 (roles) arrive
-    with their sections."""
+def build_checks(limiter: Limiter, owners: OwnershipCheck | None = None) -> tuple[Check, ...]:
+    """Steps 1–8 in order, after the CORS preflight. `owners` reads records' owners from
+    the upstream; `keyproxy explain` passes one that stays offline."""
     from keyproxy.checks import describe
 
     limits = RateLimitCheck(limiter)
+    owners = owners if owners is not None else OwnershipCheck()
     return (
         Check("0 cors preflight", check_preflight, describe_preflight, reportable=False),
         Check("1 credential", authenticate, describe.credential, reportable=False),
@@ -63,6 +65,9 @@ def build_checks(limiter: Limiter) -> tuple[Check, ...]:
         Check("3 route", match_route, describe.route, reportable=False),
         Check("4 key type", check_key_type, describe.key_type),
         Check("5 acl", check_acl, describe.acl),
+        Check("6 scopes", check_scopes, describe.scopes),
+        Check("7 roles", check_roles, describe.roles),
+        Check("7 self records", owners, describe.self_records),
         Check("8 rate limit", limits, limits.describe),
     )
 

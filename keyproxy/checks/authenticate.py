@@ -1,18 +1,27 @@
-"""Step 1: who is calling (SPEC §3.1)."""
+"""Step 1: who is calling — the key, and the end user a Bearer token names (SPEC §3.1)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from keyproxy import credentials
 from keyproxy.request import Deny, RequestContext
+from keyproxy.users import Identity
 
 BEARER_NOT_ENABLED = Deny(
     401,
     "INVALID_TOKEN",
     "end-user tokens (Authorization: Bearer) are not enabled on this proxy",
 )
+BEARER_WITHOUT_KEY = Deny(
+    401,
+    "UNAUTHORIZED",
+    "missing API key: an end-user token (Authorization: Bearer) is sent next to a key "
+    "in the X-API-Key header",
+)
 
 
-def authenticate(ctx: RequestContext) -> Deny | None:
+def authenticate(ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
     server = ctx.config.server
     # The query is read even when the query source is off, so a key sent there
     # is refused by name instead of travelling to the upstream's logs.
@@ -20,15 +29,41 @@ def authenticate(ctx: RequestContext) -> Deny | None:
     presented = credentials.extract(
         ctx.headers, query, server.credential_sources, server.query_param
     )
+    # `keyproxy explain --key-id` names the key instead of presenting it.
+    named = ctx.key
     if isinstance(presented, Deny):
-        return presented
-    if presented.bearer is not None:
-        # Until `users.jwt` is supported a token can only be refused: ignoring
-        # it would forward a request the caller believes carries a user.
+        if named is None or presented.code != "UNAUTHORIZED":
+            return presented
+        return None
+    token = presented.bearer
+    if token is not None and ctx.config.users is None:
+        # Ignoring a token would forward a request the caller believes carries a user.
         return BEARER_NOT_ENABLED
-    key = credentials.lookup(presented, ctx.config.keys_by_digest, ctx.now)
-    if isinstance(key, Deny):
-        return key
-    ctx.key = key
-    ctx.credential_source = presented.source
+    if named is None:
+        if presented.source == "bearer":
+            return BEARER_WITHOUT_KEY
+        key = credentials.lookup(presented, ctx.config.keys_by_digest, ctx.now)
+        if isinstance(key, Deny):
+            return key
+        ctx.key = key
+        ctx.credential_source = presented.source
+    if token is None:
+        return None
+    users = ctx.config.users
+    assert users is not None
+    identity = users.verify(token, ctx.now)
+    if identity.__class__ is Identity:
+        ctx.user, ctx.token_roles = identity[0], identity[1]  # type: ignore[index]
+        return None
+    if identity.__class__ is Deny:
+        return identity  # type: ignore[return-value]
+    return _identity_later(ctx, identity)  # type: ignore[arg-type]
+
+
+async def _identity_later(ctx: RequestContext, pending: Awaitable[Identity | Deny]) -> Deny | None:
+    """A token signed with a key id the JWKS cache does not know yet: one bounded refresh."""
+    identity = await pending
+    if isinstance(identity, Deny):
+        return identity
+    ctx.user, ctx.token_roles = identity.user, identity.roles
     return None

@@ -17,13 +17,13 @@ URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
 METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
-_PARAM_SEPARATORS = re.compile(r"[&;]")
+PARAM_SEPARATORS = re.compile(r"[&;]")
 
 
 def _query_names(query: str) -> list[tuple[str, frozenset[str]]]:
     """(decoded name, its readings) for each parameter of the query."""
     out = []
-    for pair in _PARAM_SEPARATORS.split(query):
+    for pair in PARAM_SEPARATORS.split(query):
         raw = pair.partition("=")[0]
         if raw:
             out.append((decoded_name(raw), param_readings(raw)))
@@ -57,7 +57,7 @@ def _override_asked(ctx: RequestContext, query: str) -> _Override | None:
                 found.methods.append((name, value))
     # The common case has no spelling of it at all (an escaped letter needs a '%').
     if query and ("method" in query.lower() or "%" in query):
-        for pair in _PARAM_SEPARATORS.split(query):
+        for pair in PARAM_SEPARATORS.split(query):
             raw, _, value = pair.partition("=")
             if not raw or not (param_readings(raw) & METHOD_OVERRIDE_PARAMS):
                 continue

@@ -39,9 +39,11 @@ _KEY_FIELDS = frozenset(
         "description",
         "hashes",
         "mode",
+        "scopes",
+        "roles",
     }
 )
-_KEY_NOT_YET = frozenset({"scopes", "roles", "fields"})
+_KEY_NOT_YET = frozenset({"fields"})
 _KEY_CORE = frozenset({"id", "hash", "type", "acls"})
 _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -568,4 +570,39 @@ _KEY_OPTION_READERS: dict[str, Callable[[KeyReader, Node, str], object]] = {
     "revoked": KeyReader.revoked,
     "description": KeyReader.description,
     "mode": KeyReader.mode,
+    "scopes": lambda reader, node, where: _scopes(reader.r, node, where),
+    "roles": lambda reader, node, where: _roles(reader.r, node, where),
 }
+
+_SCOPE = re.compile(r"(\*|[a-z0-9_-]{1,64}):(\*|create|read|update|delete|list)")
+_ROLE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _scopes(r: Reader, node: Node, where: str) -> frozenset[str] | None:
+    """`table:op`, `*:op` or `table:*`: checked before roles, even for admin keys."""
+    items = r.texts(node, where, non_empty="omit scopes to allow every table and operation")
+    if items is None:
+        return None
+    ok = True
+    for position, (item, text) in enumerate(items):
+        if _SCOPE.fullmatch(text) is None:
+            ok = False
+            r.issue(
+                item,
+                f"{where}[{position}]",
+                f"{show(item)} is not a scope",
+                "write table:op, *:op or table:* (op: create, read, update, delete, list; "
+                "table names in lower case)",
+            )
+    return frozenset(text for _, text in items) if ok else None
+
+
+def _roles(r: Reader, node: Node, where: str) -> tuple[str, ...] | None:
+    items = r.texts(node, where, non_empty="omit roles for the default (admin or guest)")
+    if items is None:
+        return None
+    for position, (item, text) in enumerate(items):
+        if _ROLE_NAME.fullmatch(text) is None:
+            r.issue(item, f"{where}[{position}]", f"{show(item)} is not a role name")
+            return None
+    return tuple(text for _, text in items)

@@ -33,9 +33,11 @@ from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
 from keyproxy.config.rate_limits_section import read_rate_limits
 from keyproxy.config.response_sections import read_cors
+from keyproxy.config.roles_section import check_key_roles, read_permissions
 from keyproxy.config.routes_section import read_routes
 from keyproxy.config.server_section import read_server
 from keyproxy.config.upstream_section import read_upstream
+from keyproxy.config.users_section import read_users
 from keyproxy.config.yaml_reader import UNTAGGED, Reader, line_of, yaml_issue
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
@@ -78,8 +80,21 @@ def _compose(text: str) -> Node | None:
 
 # --------------------------------------------------------------------------- the file
 
-_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits", "cors"})
-_SECTIONS_NOT_YET = frozenset({"users", "roles", "system_tables", "self", "cache"})
+_SECTIONS = frozenset(
+    {
+        "server",
+        "upstream",
+        "routes",
+        "keys",
+        "rate_limits",
+        "users",
+        "roles",
+        "system_tables",
+        "self",
+        "cors",
+    }
+)
+_SECTIONS_NOT_YET = frozenset({"cache"})
 
 
 def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.RouteTable | None:
@@ -129,6 +144,14 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         key_reader.read_all(sections["keys"])
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
     cors = read_cors(r, sections.get("cors"), table)
+    users = read_users(r, sections.get("users"), os.path.dirname(source))
+    permissions = read_permissions(
+        r,
+        sections,
+        "users" in sections,
+        any(key.roles is not None for key in key_reader.keys),
+    )
+    check_key_roles(r, key_reader.keys, permissions)
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
@@ -145,6 +168,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         route_table=route_table,
         keys_by_digest=key_reader.index(keys),
         cors=cors,
+        users=users,
+        permissions=permissions,
     )
 
 

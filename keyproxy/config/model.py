@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from keyproxy.allowlists import IpAllowlist, RefererPattern
+    from keyproxy.permissions import Permissions
     from keyproxy.response.cors import CorsPolicy
     from keyproxy.routes import RouteTable
+    from keyproxy.users import TokenVerifier
 
 MiB = 1024 * 1024
 
@@ -107,6 +109,8 @@ class Upstream:
     #: Absolute path of a PEM bundle: the only CAs trusted for an https upstream
     #: (a private CA's backend). None: the system trust store.
     ca_file: str | None = None
+    #: Headers telling the backend who calls: ("key_id" | "user" | "roles", header name).
+    identity_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def origin(self) -> str:
@@ -190,6 +194,8 @@ class Key(NamedTuple):
     # Keys listed with `hashes:` only: which of them this Key object was found by.
     # The loader indexes one Key per hash, so the lookup needs no second search.
     rotation: KeyHash | None = None
+    scopes: frozenset[str] | None = None  # None: any table and operation
+    roles: tuple[str, ...] | None = None  # None: admin for admin keys, guest otherwise
 
     def __repr__(self) -> str:  # never print the digest in logs or tracebacks
         return f"Key(id={self.id!r}, type={self.type.value})"
@@ -214,6 +220,10 @@ class Config:
     keys: tuple[Key, ...]
     rate_limits: RateLimitSettings = RateLimitSettings()
     source: str = ""
+    #: End users' tokens (`users.jwt`); None: a Bearer token is refused.
+    users: TokenVerifier | None = field(default=None, repr=False, compare=False)
+    #: Roles, system tables and self records; None: keys alone decide.
+    permissions: Permissions | None = field(default=None, repr=False, compare=False)
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)

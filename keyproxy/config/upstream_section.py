@@ -14,8 +14,17 @@ from keyproxy.config.server_section import QUERY_NAME, normalize_host
 from keyproxy.config.yaml_reader import Reader, kind_of, line_of
 
 _UPSTREAM_FIELDS = frozenset(
-    {"url", "timeout", "connect_timeout", "max_connections", "ca_file", "inject"}
+    {
+        "url",
+        "timeout",
+        "connect_timeout",
+        "max_connections",
+        "ca_file",
+        "inject",
+        "identity_headers",
+    }
 )
+_IDENTITY_FIELDS = frozenset({"key_id", "user", "roles"})
 _INJECT_FIELDS = frozenset({"headers", "basic", "query"})
 _BASIC_FIELDS = frozenset({"username", "password"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -309,6 +318,43 @@ def _inject(r: Reader, node: Node, where: str) -> dict[str, object] | None:
     return result if len(r.issues) == before else None
 
 
+def _identity_headers(
+    r: Reader, node: Node, where: str, injected: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...] | None:
+    """Headers naming the caller for the backend; never one keyproxy injects or controls."""
+    fields = r.fields(node, where, _IDENTITY_FIELDS)
+    if fields is None:
+        return None
+    before = len(r.issues)
+    taken = {n.lower() for n, _ in injected} | {"x-api-key", "authorization", "cookie"}
+    result: list[tuple[str, str]] = []
+    for kind in ("key_id", "user", "roles"):
+        if kind not in fields:
+            continue
+        here = f"{where}.{kind}"
+        name = r.text(fields[kind], here)
+        if name is None:
+            continue
+        lowered = name.lower()
+        if _TOKEN.fullmatch(name) is None or "_" in name:
+            r.issue(
+                fields[kind], here, f"{name!r} is not a valid header name", "letters, digits, -"
+            )
+        elif lowered in _REFUSED_HEADERS or lowered.startswith(_REFUSED_HEADER_PREFIXES):
+            r.issue(fields[kind], here, f"keyproxy cannot use {name!r}: it sets that header itself")
+        elif lowered in taken:
+            r.issue(
+                fields[kind],
+                here,
+                f"{name!r} is already used for credentials or another identity header",
+                "give each identity header its own name",
+            )
+        else:
+            taken.add(lowered)
+            result.append((kind, name))
+    return tuple(result) if len(r.issues) == before else None
+
+
 def read_upstream(r: Reader, node: Node | None, root: Node, base_dir: str = "") -> Upstream | None:
     """The `upstream` section; `base_dir` anchors a relative `ca_file` (the file's directory)."""
     if node is None:
@@ -352,6 +398,13 @@ def read_upstream(r: Reader, node: Node | None, root: Node, base_dir: str = "") 
             values["ca_file"] = _ca_file(r, fields["ca_file"], "upstream.ca_file", base_dir)
     if "inject" in fields:
         values.update(_inject(r, fields["inject"], "upstream.inject") or {})
+    if "identity_headers" in fields:
+        values["identity_headers"] = _identity_headers(
+            r,
+            fields["identity_headers"],
+            "upstream.identity_headers",
+            values.get("inject_headers") or (),  # type: ignore[arg-type]
+        )
     if len(r.issues) != before:
         return None
     return Upstream(**values)  # type: ignore[arg-type]

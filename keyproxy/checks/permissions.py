@@ -1,0 +1,233 @@
+"""Steps 6 and 7: key scopes, system tables, roles and self records (SPEC §3.6–7).
+
+Each check starts with one test of whether its feature is configured, so a file
+without scopes, roles or system tables pays nothing more per request.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from keyproxy.checks.route import PARAM_SEPARATORS
+from keyproxy.config.model import Config, KeyType
+from keyproxy.paths import param_readings
+from keyproxy.permissions import DENIED, FULL, key_roles, scope_allows, table_name
+from keyproxy.request import Deny, RequestContext
+
+#: Largest record read to find its owner.
+MAX_RECORD_BYTES = 1024 * 1024
+
+
+def request_table(ctx: RequestContext) -> str | None:
+    """The table the request names (the route's `{table}`), compared in one spelling."""
+    if ctx.table is None:
+        route, target = ctx.route, ctx.target
+        assert route is not None and target is not None
+        if "{table}" in route.segments:
+            segment = target.segments[route.segments.index("{table}")]
+            name = _TABLE_NAMES.get(segment)
+            if name is None:
+                if len(_TABLE_NAMES) >= 4096:
+                    _TABLE_NAMES.clear()
+                name = _TABLE_NAMES[segment] = table_name(segment)
+            ctx.table = name
+    return ctx.table
+
+
+#: Path segment -> table name: a few tables are named over and over (bounded).
+_TABLE_NAMES: dict[str, str] = {}
+
+
+def check_scopes(ctx: RequestContext) -> Deny | None:
+    key, route = ctx.key, ctx.route
+    assert key is not None and route is not None
+    scopes = key.scopes
+    if scopes is None:
+        return None
+    op = route.op
+    if op is None:
+        return Deny(
+            403,
+            "SCOPE_INSUFFICIENT",
+            f"API key scope does not cover {route.match}: the route names no op",
+        )
+    table = request_table(ctx)
+    if scope_allows(scopes, table, op):
+        return None
+    return Deny(403, "SCOPE_INSUFFICIENT", f"API key scope does not include {table or '*'}:{op}")
+
+
+def system_table_in(ctx: RequestContext, tables: frozenset[str]) -> str | None:
+    """A system table any segment of the canonical path could name, in any spelling."""
+    assert ctx.target is not None
+    for segment in ctx.target.segments:
+        name = table_name(segment)
+        if name in tables:
+            return name
+    return None
+
+
+def check_roles(ctx: RequestContext) -> Deny | None:
+    permissions = ctx.config.permissions
+    if permissions is None:
+        return None
+    key, route = ctx.key, ctx.route
+    assert key is not None and route is not None
+    admin = key.type is KeyType.ADMIN
+    if permissions.system_tables and not admin:
+        hit = system_table_in(ctx, permissions.system_tables)
+        if hit is not None:
+            return Deny(
+                403,
+                "SYSTEM_TABLE_ACCESS",
+                f"'{hit}' is a system table: only admin keys reach it",
+            )
+    if not permissions.roles_enabled:
+        return None
+    roles = key_roles(key.roles, admin)
+    if ctx.token_roles:
+        roles = roles + tuple([r for r in ctx.token_roles if r not in roles])
+    ctx.roles = roles
+    op = route.op
+    if op is None:
+        return None  # not a table operation: the key's type and ACLs decide
+    table = request_table(ctx)
+    verdict = permissions.allows(roles, table, op)
+    if verdict is FULL:
+        return None
+    what = f"roles [{', '.join(roles)}] do not allow {op} on {table or 'this route'}"
+    if verdict is DENIED:
+        return Deny(403, "PERMISSION_DENIED", what)
+    if ctx.user is None:
+        return Deny(
+            403,
+            "PERMISSION_DENIED",
+            f"{what} except on a user's own records, and no user is logged in",
+        )
+    ctx.self_only = True
+    return None
+
+
+class OwnershipCheck:
+    """Self records: the list filter, and the owner check before a read or a write.
+
+    For a read, update or delete the record is first read from the upstream with
+    the secret (one extra upstream request), and the request goes on only if its
+    owner field names the caller: a refused write never reaches the upstream.
+    Without a `fetch_owner` session (offline `explain`), the check says what it
+    would ask and passes.
+    """
+
+    __slots__ = ("_session", "_tls", "online")
+
+    def __init__(self, online: bool = True) -> None:
+        self.online = online
+        self._session: aiohttp.ClientSession | None = None
+        self._tls: dict[str, ssl.SSLContext] = {}
+
+    def __call__(self, ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
+        if not ctx.self_only:
+            return None
+        permissions = ctx.config.permissions
+        route = ctx.route
+        assert permissions is not None and route is not None and ctx.target is not None
+        records = permissions.self_records
+        user = ctx.user
+        assert records is not None and user is not None
+        if route.op == "list":
+            if not records.list_filter:
+                return Deny(
+                    403,
+                    "PERMISSION_DENIED",
+                    "this list is allowed only over your own records, and no list_filter "
+                    "is configured to limit it",
+                )
+            names = {name.lower() for name, _ in records.list_filter}
+            query = ctx.target.query
+            for pair in PARAM_SEPARATORS.split(query) if query else ():
+                sent = next(iter(param_readings(pair.partition("=")[0]) & names), None)
+                if sent is not None:
+                    return Deny(
+                        403,
+                        "PERMISSION_DENIED",
+                        f"the query may not set '{sent}': keyproxy limits this list to your "
+                        "own records",
+                    )
+            ctx.owner_filter = records.filter_query(user)
+            return None
+        if not self.online:
+            return None
+        return self._check_owner(ctx, records.owner_field, user)
+
+    async def _check_owner(self, ctx: RequestContext, owner_field: str, user: str) -> Deny | None:
+        config = ctx.config
+        assert ctx.target is not None and ctx.route is not None
+        shown = ctx.target.path if len(ctx.target.path) <= 120 else ctx.target.path[:120] + "..."
+        try:
+            status, body = await self._read(config, ctx)
+        except TimeoutError:
+            return Deny(504, "UPSTREAM_TIMEOUT", "the upstream did not answer the owner check")
+        except (aiohttp.ClientError, OSError):
+            return Deny(502, "UPSTREAM_UNAVAILABLE", "the upstream is unavailable")
+        if status == 404:
+            return Deny(404, "NOT_FOUND", f"no record at {shown}")
+        if status != 200 or body is None:
+            return Deny(502, "UPSTREAM_UNAVAILABLE", "the record's owner could not be read")
+        try:
+            record = json.loads(body)
+        except ValueError:
+            return Deny(502, "UPSTREAM_UNAVAILABLE", "the record's owner could not be read")
+        owner = record.get(owner_field) if isinstance(record, dict) else None
+        if isinstance(owner, str) and owner == user:
+            return None
+        return Deny(
+            403,
+            "PERMISSION_DENIED",
+            f"only the record's owner may {ctx.route.op} {shown}",
+        )
+
+    async def _read(self, config: Config, ctx: RequestContext) -> tuple[int, bytes | None]:
+        up = config.upstream
+        assert ctx.target is not None
+        query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
+        url = URL(
+            up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
+            encoded=True,
+        )
+        headers = {name: value for name, value in up.inject_headers}
+        auth = aiohttp.BasicAuth(*up.inject_basic) if up.inject_basic is not None else None
+        headers["X-Request-Id"] = ctx.request_id
+        headers["Accept"] = "application/json"
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = aiohttp.ClientSession(
+                auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+            )
+        tls: ssl.SSLContext | bool = True
+        if up.ca_file is not None:
+            tls = self._tls.get(up.ca_file) or self._tls.setdefault(
+                up.ca_file, ssl.create_default_context(cafile=up.ca_file)
+            )
+        async with session.get(
+            url,
+            headers=headers,
+            auth=auth,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=up.timeout),
+            ssl=tls if up.scheme == "https" else False,
+        ) as response:
+            if response.status != 200:
+                return response.status, None
+            body = await response.content.read(MAX_RECORD_BYTES + 1)
+            return 200, body if len(body) <= MAX_RECORD_BYTES else None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

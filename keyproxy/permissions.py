@@ -1,0 +1,163 @@
+"""Who may do what to which table: key scopes, roles, system tables (pure rules).
+
+A request's table is the route's `{table}` parameter and its operation the
+route's `op:`. Everything here is plain data built once per configuration
+snapshot; the per-request work is a dict probe on a memo of verdicts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+from keyproxy.config.model import OPS
+
+#: The table every role falls back to when it does not name the request's table.
+ANY_TABLE = "*"
+
+#: Roles when the file has no `roles` section (the common admin / user / guest split).
+DEFAULT_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "admin": {ANY_TABLE: OPS},
+    "user": {ANY_TABLE: ("create", "read", "list")},
+    "guest": {ANY_TABLE: ("read", "list")},
+}
+
+#: Verdicts of `Permissions.allows`.
+FULL = "full"
+SELF = "self"  # only records the caller owns
+DENIED = "denied"
+
+_NAME_END = re.compile(r"[^a-z0-9_-]")
+#: Verdicts remembered per snapshot; table names come from client paths, so it is bounded.
+_MEMO_LIMIT = 4096
+
+
+def table_name(segment: str) -> str:
+    """The name a path segment gives a table, as the most lenient backend reads it.
+
+    Letter case, percent-escapes and anything from the first character that is not a
+    letter, digit, `_` or `-` (a `.json` format suffix, `;` parameters, `:` actions)
+    are dropped, so every spelling an upstream might map to `users` compares as `users`.
+    """
+    name = unquote(segment).lower() if "%" in segment else segment.lower()
+    cut = _NAME_END.search(name)
+    return name if cut is None else name[: cut.start()]
+
+
+class Grant(NamedTuple):
+    full: frozenset[str]  # operations allowed on any record
+    own: frozenset[str]  # operations allowed only on the caller's records (`op:self`)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """One role: a grant per table, `*` for the rest, and the tables it explicitly denies."""
+
+    tables: Mapping[str, Grant]
+    denied: frozenset[str] = frozenset()
+
+    def grant(self, table: str | None) -> Grant | None:
+        if table is not None:
+            found = self.tables.get(table)
+            if found is not None:
+                return found
+        return self.tables.get(ANY_TABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class SelfRecords:
+    """How `op:self` permissions find a record's owner."""
+
+    owner_field: str
+    #: Query parameters added to a self-only caller's list requests: (name, template),
+    #: the template's `{user}` replaced by the caller's user id.
+    list_filter: tuple[tuple[str, str], ...] = ()
+
+    def filter_query(self, user: str) -> str:
+        return "&".join(
+            f"{quote(name, safe='')}={quote(template.replace('{user}', user), safe='')}"
+            for name, template in self.list_filter
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Step 7's rules for one snapshot.
+
+    `roles_enabled` is False for a file that has neither `users`, `roles` nor any key
+    with `roles:`: then keys alone decide, as before roles existed, and step 7 costs
+    one attribute test.
+    """
+
+    roles: Mapping[str, Role]
+    roles_enabled: bool = False
+    system_tables: frozenset[str] = frozenset()
+    self_records: SelfRecords | None = None
+    _memo: dict[tuple[tuple[str, ...], str | None, str], str] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def allows(self, roles: tuple[str, ...], table: str | None, op: str) -> str:
+        """FULL, SELF or DENIED for `op` on `table` with this set of roles.
+
+        An explicit deny (`"!table": []`) in any role wins over every grant in every
+        role; otherwise the widest grant of any role counts.
+        """
+        memo_key = (roles, table, op)
+        verdict = self._memo.get(memo_key)
+        if verdict is not None:
+            return verdict
+        verdict = self._decide(roles, table, op)
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[memo_key] = verdict
+        return verdict
+
+    def _decide(self, roles: tuple[str, ...], table: str | None, op: str) -> str:
+        known = [self.roles[name] for name in roles if name in self.roles]
+        if table is not None and any(table in role.denied for role in known):
+            return DENIED
+        verdict = DENIED
+        for role in known:
+            grant = role.grant(table)
+            if grant is None:
+                continue
+            if op in grant.full:
+                return FULL
+            if op in grant.own:
+                verdict = SELF
+        return verdict
+
+
+def build_roles(spec: Mapping[str, Mapping[str, Iterable[str]]]) -> dict[str, Role]:
+    """Roles from `{role: {table or "!table" or "*": [op, "op:self", ...]}}` (already validated)."""
+    roles: dict[str, Role] = {}
+    for name, tables in spec.items():
+        grants: dict[str, Grant] = {}
+        denied: set[str] = set()
+        for table, ops in tables.items():
+            if table.startswith("!"):
+                denied.add(table[1:])
+                continue
+            ops = tuple(ops)
+            full = frozenset(op for op in ops if ":" not in op)
+            own = frozenset(op.partition(":")[0] for op in ops if op.endswith(":self"))
+            grants[table] = Grant(full, own - full)
+        roles[name] = Role(grants, frozenset(denied))
+    return roles
+
+
+def scope_allows(scopes: frozenset[str], table: str | None, op: str) -> bool:
+    """Whether a key's scopes (`table:op`, `*:op`, `table:*`, `*:*`) cover `op` on `table`."""
+    if f"*:{op}" in scopes or "*:*" in scopes:
+        return True
+    return table is not None and (f"{table}:{op}" in scopes or f"{table}:*" in scopes)
+
+
+def key_roles(key_roles: tuple[str, ...] | None, is_admin: bool) -> tuple[str, ...]:
+    if key_roles is not None:
+        return key_roles
+    return ("admin",) if is_admin else ("guest",)
