@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy import SMALL_PATH, build_policy
 
-from keyproxy import routes
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.config import load_config, parse_config
+from keyproxy.policy import routes
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Headers, RequestContext
 
@@ -123,7 +123,7 @@ def time_first_seen_rs256(tokens: int = 2000) -> float:
     import jwt
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from keyproxy.users import JwtSettings, TokenVerifier
+    from keyproxy.policy.users import JwtSettings, TokenVerifier
 
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     verifier = TokenVerifier(

@@ -1,3 +1,3 @@
-from keyproxy.cli import main
+from keyproxy.commands.cli import main
 
 raise SystemExit(main())

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from keyproxy.checks.route import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
-from keyproxy.clientip import peer_is_trusted
 from keyproxy.config.model import Config, KeyType
-from keyproxy.credentials import strip_query_param
-from keyproxy.permissions import key_roles
+from keyproxy.policy.clientip import peer_is_trusted
+from keyproxy.policy.credentials import strip_query_param
+from keyproxy.policy.permissions import key_roles
 from keyproxy.ratelimit import LimitResult
 from keyproxy.request import Deny, Reply, RequestContext
 from keyproxy.response.cors import single_header, strip_upstream_cors

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Access, Config, Key, Route
-    from keyproxy.paths import Target
+    from keyproxy.policy.paths import Target
     from keyproxy.ratelimit import LimitResult
 
 

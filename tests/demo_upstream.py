@@ -9,7 +9,7 @@ import asyncio
 import signal
 import sys
 
-from keyproxy.demo_backend import start_backend
+from keyproxy.commands.demo_backend import start_backend
 
 
 async def serve(secret: str) -> None:

@@ -8,7 +8,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from keyproxy.allowlists import IpAllowlist, RefererPattern, match_referer
+from keyproxy.policy.allowlists import IpAllowlist, RefererPattern, match_referer
 
 
 def matches(pattern: str, referer: str | None) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keyproxy.demo import DEMO_KEYS, example_config_text
+from keyproxy.commands.demo import DEMO_KEYS, example_config_text
 from tests.proxy_process import KEYS, base_config
 
 ROOT = Path(__file__).resolve().parent.parent

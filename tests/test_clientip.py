@@ -6,8 +6,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from keyproxy.allowlists import IpAllowlist
-from keyproxy.clientip import client_ip, parse_peer, peer_is_trusted
+from keyproxy.policy.allowlists import IpAllowlist
+from keyproxy.policy.clientip import client_ip, parse_peer, peer_is_trusted
 from keyproxy.request import Deny, Headers
 
 PEER = "198.51.100.9"

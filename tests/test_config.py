@@ -17,10 +17,10 @@ import pytest
 import trustme
 import yaml
 
-from keyproxy.allowlists import IpAllowlist
 from keyproxy.config import Config, ConfigError, ConfigIssue, load, load_config, parse_config
 from keyproxy.config.model import Access, HostPort, KeyType, Rate
-from keyproxy.routes import RouteTable
+from keyproxy.policy.allowlists import IpAllowlist
+from keyproxy.policy.routes import RouteTable
 
 ENV = {"UPSTREAM_SECRET": "s3cr3t-upstream-value", "TOKEN": "tok-123"}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from keyproxy.commands.explain import explain, render
 from keyproxy.config import ConfigError, parse_config
-from keyproxy.explain import explain, render
 from keyproxy.request import Headers, RequestContext
 from keyproxy.response.cors import EXPOSED, check_preflight, parse_origin_pattern
 from tests.procs import UpstreamServer

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from keyproxy.config.model import Key, KeyType
-from keyproxy.credentials import (
+from keyproxy.policy.credentials import (
     Presented,
     extract,
     generate_key,

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from keyproxy.demo_backend import STORE, create_app, start_backend
+from keyproxy.commands.demo_backend import STORE, create_app, start_backend
 
 SECRET = "demo-backend-secret"
 AUTH = {"X-API-Key": SECRET}

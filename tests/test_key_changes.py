@@ -11,9 +11,9 @@ import pytest
 
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.checks.limits import RateLimitCheck
+from keyproxy.commands.explain import explain, render
 from keyproxy.config import parse_config
 from keyproxy.config.model import Config, Rate
-from keyproxy.explain import explain, render
 from keyproxy.ratelimit import QuotaWindow, quota_window
 from keyproxy.ratelimit.memory import MemoryLimiter
 from keyproxy.request import Deny, Headers, RequestContext

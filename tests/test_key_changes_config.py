@@ -10,7 +10,7 @@ import pytest
 
 from keyproxy.config import ConfigError, ConfigIssue, parse_config
 from keyproxy.config.model import Config, KeyHash, Rate
-from keyproxy.credentials import Presented, lookup, rotation_block
+from keyproxy.policy.credentials import Presented, lookup, rotation_block
 from keyproxy.request import Deny, Headers, RequestContext
 
 BASE = """\
@@ -234,7 +234,7 @@ def test_the_request_context_names_the_hash_used_never_the_key() -> None:
 
 
 async def test_explain_names_the_hash_a_rotated_key_used() -> None:
-    from keyproxy.explain import explain, render
+    from keyproxy.commands.explain import explain, render
 
     config = parse(ROTATED)
     result = await explain(config, "GET", "/v1/data/posts", key=OLD, now=UNTIL_EPOCH - 1)

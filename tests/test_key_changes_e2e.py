@@ -118,7 +118,9 @@ def test_keygen_rotate_then_both_keys_work_until_the_old_one_is_refused(
 
     # the grace period ends (the operator shortens it to a moment in the past)
     ended = pasted.replace(until, "2026-01-01T00:00:00Z")
-    kp.config_path.write_text(ended)
+    replacement = kp.config_path.with_suffix(".new")  # replaced by a rename, as editors save
+    replacement.write_text(ended)
+    replacement.replace(kp.config_path)
     wait_for(lambda: get(kp, old_key)[0] == 401)
     status, headers, data = get(kp, old_key)
     assert (status, data["error"]) == (401, "TOKEN_EXPIRED")

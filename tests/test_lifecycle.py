@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from keyproxy.demo import DEMO_KEYS, DEMO_REFERER
+from keyproxy.commands.demo import DEMO_KEYS, DEMO_REFERER
 from tests.procs import free_port, spawn
 from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from keyproxy.paths import (
+from keyproxy.policy.paths import (
     MAX_SEGMENTS,
     MAX_TARGET_LENGTH,
     InvalidPath,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyproxy.config import ConfigError, parse_config
 from keyproxy.jwks import jwks_cache, refresh_counts
-from keyproxy.permissions import (
+from keyproxy.policy.permissions import (
     DEFAULT_ROLES,
     DENIED,
     FULL,
@@ -26,8 +26,8 @@ from keyproxy.permissions import (
     scope_allows,
     table_name,
 )
+from keyproxy.policy.users import Identity, JwtSettings, TokenVerifier
 from keyproxy.request import Deny
-from keyproxy.users import Identity, JwtSettings, TokenVerifier
 
 SECRET = "0123456789abcdef0123456789abcdef"
 NOW = 1_800_000_000.0
@@ -364,7 +364,7 @@ def test_a_full_users_config_loads():
 
 
 async def test_scopes_come_before_roles_and_roles_before_the_rate_limit():
-    from keyproxy.explain import explain
+    from keyproxy.commands.explain import explain
 
     key = "sk_" + "7" * 64
     import hashlib

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyproxy.config.model import ROUTE_METHODS, Route
-from keyproxy.paths import Target, canonicalize
-from keyproxy.routes import AmbiguousMatch, RouteTable, fold_segment, parse_pattern
+from keyproxy.policy.paths import Target, canonicalize
+from keyproxy.policy.routes import AmbiguousMatch, RouteTable, fold_segment, parse_pattern
 
 
 def table(*patterns: str) -> RouteTable:
@@ -436,9 +436,9 @@ def test_table_agrees_with_a_linear_scan(
 def test_answers_stay_right_when_the_shape_cache_is_small_or_off(
     monkeypatch: pytest.MonkeyPatch, cache_size: int
 ) -> None:
-    import keyproxy.routes
+    import keyproxy.policy.routes
 
-    monkeypatch.setattr(keyproxy.routes, "SHAPE_CACHE_SIZE", cache_size)
+    monkeypatch.setattr(keyproxy.policy.routes, "SHAPE_CACHE_SIZE", cache_size)
     t = table("GET /v1/data/audit_log", "GET /v1/data/{table}", "GET /v1/{a}/{b}/{c}", "GET /**")
     expected = {
         "/v1/data/posts": ("GET /v1/data/{table}", {"table": "posts"}),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from keyproxy import credentials
+from keyproxy.policy import credentials
+from keyproxy.policy.users import Identity
 from keyproxy.request import Deny, RequestContext
-from keyproxy.users import Identity
 
 BEARER_NOT_ENABLED = Deny(
     401,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from keyproxy.allowlists import match_referer
-from keyproxy.clientip import client_ip
+from keyproxy.policy.allowlists import match_referer
+from keyproxy.policy.clientip import client_ip
 from keyproxy.request import Deny, RequestContext
 
 

@@ -50,7 +50,7 @@ def limit_denial(result: LimitResult) -> Deny:
 
 
 #: id(address) -> (address, bucket). Client addresses come from LRUs of parsed peers
-#: and forwarded hops (keyproxy.clientip), so one client is one object; by identity,
+#: and forwarded hops (keyproxy.policy.clientip), so one client is one object; by identity,
 #: the lookup skips `ipaddress`'s hash, a Python function. The address is held in
 #: the value so its id cannot be reused.
 _BUCKETS: dict[int, tuple[IPAddress, int, int, str]] = {}

@@ -16,8 +16,8 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
-from keyproxy.paths import param_readings
-from keyproxy.permissions import DENIED, FULL, key_roles, scope_allows, table_name
+from keyproxy.policy.paths import param_readings
+from keyproxy.policy.permissions import DENIED, FULL, key_roles, scope_allows, table_name
 from keyproxy.request import Deny, RequestContext
 
 #: Largest record read to find its owner.

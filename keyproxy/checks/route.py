@@ -6,9 +6,9 @@ import re
 from urllib.parse import unquote_plus
 
 from keyproxy.config.model import READ_METHODS, ROUTE_METHODS, Access, Route
-from keyproxy.paths import InvalidPath, canonicalize, decoded_name, param_readings
+from keyproxy.policy.paths import InvalidPath, canonicalize, decoded_name, param_readings
+from keyproxy.policy.routes import AmbiguousMatch
 from keyproxy.request import Deny, RequestContext
-from keyproxy.routes import AmbiguousMatch
 
 #: Headers and query parameters that ask the upstream to treat the request as
 #: another method or URL than the one authorised here.

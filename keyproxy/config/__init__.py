@@ -2,7 +2,7 @@
 
 The loader's names are imported on first use rather than here: `routes` and
 `allowlists` import `keyproxy.config.model`, and the loader imports them, so
-an eager import would make importing `keyproxy.routes` first a cycle. It also
+an eager import would make importing `keyproxy.policy.routes` first a cycle. It also
 keeps YAML out of processes that only need the model.
 """
 

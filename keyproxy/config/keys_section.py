@@ -8,7 +8,6 @@ from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from keyproxy import allowlists
 from keyproxy.config.model import Key, KeyHash, KeyType, Rate
 from keyproxy.config.routes_section import AclIndex
 from keyproxy.config.units import parse_rate
@@ -21,6 +20,7 @@ from keyproxy.config.yaml_reader import (
     line_of,
     show,
 )
+from keyproxy.policy import allowlists
 
 _KEY_FIELDS = frozenset(
     {

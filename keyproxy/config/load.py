@@ -27,7 +27,6 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node
 
-from keyproxy import routes
 from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
@@ -39,6 +38,7 @@ from keyproxy.config.server_section import read_server
 from keyproxy.config.upstream_section import read_upstream
 from keyproxy.config.users_section import read_users
 from keyproxy.config.yaml_reader import UNTAGGED, Reader, line_of, yaml_issue
+from keyproxy.policy import routes
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from keyproxy.allowlists import IpAllowlist, RefererPattern
-    from keyproxy.permissions import Permissions
+    from keyproxy.policy.allowlists import IpAllowlist, RefererPattern
+    from keyproxy.policy.permissions import Permissions
+    from keyproxy.policy.routes import RouteTable
+    from keyproxy.policy.users import TokenVerifier
     from keyproxy.response.cors import CorsPolicy
-    from keyproxy.routes import RouteTable
-    from keyproxy.users import TokenVerifier
 
 MiB = 1024 * 1024
 

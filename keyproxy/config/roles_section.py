@@ -9,7 +9,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 from keyproxy.config.model import OPS
 from keyproxy.config.server_section import QUERY_NAME
 from keyproxy.config.yaml_reader import Reader, did_you_mean, kind_of
-from keyproxy.permissions import (
+from keyproxy.policy.permissions import (
     ANY_TABLE,
     DEFAULT_ROLES,
     Permissions,

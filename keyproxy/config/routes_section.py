@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from yaml.nodes import Node
 
-from keyproxy import routes
 from keyproxy.config.model import OPS, Access, KeyType, QueryRule, Route
 from keyproxy.config.yaml_reader import Reader, line_of, show
+from keyproxy.policy import routes
 
 _ROUTE_FIELDS = frozenset(
     {"match", "acl", "op", "access", "allow_method_override", "query", "max_concurrency"}

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from keyproxy.allowlists import IpAllowlist
 from keyproxy.config.model import CREDENTIAL_SOURCES, HostPort, ServerSettings
 from keyproxy.config.yaml_reader import Reader, did_you_mean, show
+from keyproxy.policy.allowlists import IpAllowlist
 
 _HOSTNAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from yaml.nodes import Node
 
 from keyproxy.config.yaml_reader import Reader, did_you_mean
-from keyproxy.users import (
+from keyproxy.policy.users import (
     ALGORITHMS,
     HMAC_ALGORITHMS,
     HMAC_MIN_BYTES,

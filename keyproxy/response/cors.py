@@ -9,7 +9,7 @@ app can read the rate-limit headers and why it was refused.
 
 Everything that does not depend on the request is built once per configuration
 snapshot: the header blocks are bytes ready to append. Origins are matched with
-the referer matcher (`keyproxy.allowlists`): linear time, no regular expression
+the referer matcher (`keyproxy.policy.allowlists`): linear time, no regular expression
 built from configuration text.
 """
 
@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from keyproxy.allowlists import RefererPattern, match_referer
+from keyproxy.policy.allowlists import RefererPattern, match_referer
 from keyproxy.request import Reply, RequestContext
 
 #: Headers a browser app may read on an answer from an allowed origin.

@@ -28,7 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from keyproxy.demo import run_demo
+    from keyproxy.commands.demo import run_demo
 
     return run_demo(args.port)
 
@@ -50,7 +50,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from keyproxy.config.keys_section import valid_key_id
-    from keyproxy.credentials import generate_key, yaml_entry
+    from keyproxy.policy.credentials import generate_key, yaml_entry
 
     if args.rotate is not None:
         return _rotate(args)
@@ -81,7 +81,7 @@ def _rotate(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
     from keyproxy.config.model import KeyType
     from keyproxy.config.units import UnitError, parse_duration
-    from keyproxy.credentials import generate_key, rotation_block, utc_text
+    from keyproxy.policy.credentials import generate_key, rotation_block, utc_text
 
     if args.config is None or args.id is not None:
         print("keygen --rotate ID needs -c FILE (and no --id)", file=sys.stderr)
@@ -133,15 +133,15 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from keyproxy.commands.explain import explain, render
     from keyproxy.config import ConfigError, load_config
-    from keyproxy.explain import explain, render
 
     if args.key is None and args.key_id is None and args.origin is None:
         print(
             "explain needs --key or --key-id (or --origin for a CORS preflight)", file=sys.stderr
         )
         return 2
-    from keyproxy.clientip import parse_peer
+    from keyproxy.policy.clientip import parse_peer
 
     try:
         parse_peer(args.ip)

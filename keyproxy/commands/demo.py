@@ -138,7 +138,7 @@ Press Ctrl-C to stop both.
 
 
 async def _run(port: int | None) -> int:
-    from keyproxy.demo_backend import start_backend
+    from keyproxy.commands.demo_backend import start_backend
 
     secret = secrets.token_hex(24)
     runner, backend_port = await start_backend(secret)

@@ -89,7 +89,7 @@ def invalid(why: str) -> Deny:
 
 
 def _expired(exp: float) -> Deny:
-    from keyproxy.credentials import utc_text
+    from keyproxy.policy.credentials import utc_text
 
     return Deny(401, "TOKEN_EXPIRED", f"the end-user token expired at {utc_text(exp)}")
 

@@ -2,7 +2,7 @@
 
 A pattern is `METHODS /path`: `GET /v1/data/{table}`, `GET|PUT /{index}/_settings`,
 `GET /_stream/**`, `* /health`. Path segments are literals in canonical form
-(see `keyproxy.paths`), `{name}` (one non-empty segment, captured), `*` (one
+(see `keyproxy.policy.paths`), `{name}` (one non-empty segment, captured), `*` (one
 non-empty segment) or `**` (all remaining segments, possibly none; last only).
 
 The table answers "which route comes first in the file for this method and
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from keyproxy.config.model import ROUTE_METHODS, Route
-from keyproxy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, InvalidPath, canonicalize
+from keyproxy.policy.paths import MAX_SEGMENTS, MAX_TARGET_LENGTH, InvalidPath, canonicalize
 
 
 @dataclass(frozen=True, slots=True)

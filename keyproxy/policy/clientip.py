@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from keyproxy.request import Deny, Headers, IPAddress
 
 if TYPE_CHECKING:
-    from keyproxy.allowlists import IpAllowlist
+    from keyproxy.policy.allowlists import IpAllowlist
 
 #: More hops than any real chain of proxies; a bound keeps a hostile header cheap to refuse.
 MAX_FORWARDED_ENTRIES = 64

@@ -24,7 +24,7 @@ from urllib.parse import unquote_plus
 import yaml
 
 from keyproxy.config.model import Key
-from keyproxy.paths import param_readings
+from keyproxy.policy.paths import param_readings
 from keyproxy.request import Deny, Headers
 
 MIN_KEY_LENGTH = 16

@@ -22,7 +22,7 @@ matched is either refused or rewritten into one spelling:
 Escapes of reserved characters (`%3A`, `%2C`, ...) are kept: RFC 3986 says
 they are not equivalent to the raw character and some upstreams do treat
 them differently. The route table compensates by also reading the path the
-lenient way (see `keyproxy.routes`).
+lenient way (see `keyproxy.policy.routes`).
 
 The query string is only validated, never rewritten: re-encoding it would
 change what the upstream receives without making route matching safer.

@@ -1,0 +1,1 @@
+"""The `keyproxy` command line: serve, check, keygen, explain, replay and the demo."""
