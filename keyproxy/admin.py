@@ -10,6 +10,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from keyproxy.server import ProxyServer
@@ -52,7 +53,15 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
             )
         return web.json_response({"status": "ready", **body})
 
+    registry = proxy.observer.registry()
+
+    async def metrics(request: web.Request) -> web.Response:
+        # Reading the other workers' snapshots touches files: off the loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -33,6 +33,7 @@ from keyproxy.config import Config, ConfigError
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
 from keyproxy.observability import log_event
+from keyproxy.observe import Observer
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, RequestContext
 from keyproxy.responses import (
@@ -54,6 +55,10 @@ MAX_QUEUED = 8
 INTERNAL_ERROR = Deny(500, "INTERNAL_ERROR", "keyproxy failed on this request")
 EXPECTATION_FAILED = Deny(417, "EXPECTATION_FAILED", "only 'Expect: 100-continue' is supported")
 HOST_REQUIRED = Deny(400, "BAD_REQUEST", "HTTP/1.1 requests need exactly one Host header")
+
+
+class ListenError(Exception):
+    """A listener could not be opened; the message says which setting to change."""
 
 
 class RequestIds:
@@ -406,6 +411,8 @@ class ProxyServer:
         )
         self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
+        self.observer = Observer(config, loop)
+        self.observer.metrics.reloads = holder.reloads
         holder.subscribe(self._on_config)
 
     @staticmethod
@@ -438,6 +445,7 @@ class ProxyServer:
             self.loop.create_task(previous.aclose())
         self.serving = Serving(config, ForwardPlan(config), pool)
         self.tick_interval = self._tick_interval(config)
+        self.observer.on_config(config)
 
     def start(self, conn: ClientConnection, ex: Exchange) -> None:
         """Decide, then answer or forward. Runs without suspending unless a check must wait."""
@@ -543,11 +551,22 @@ async def serve(
         backlog=2048,
     )
     bound = server.sockets[0].getsockname()
-    admin_runner = await start_admin(proxy, reuse_port=reuse_port)
+    try:
+        admin_runner = await start_admin(proxy, reuse_port=reuse_port)
+    except OSError as exc:
+        server.close()
+        raise ListenError(
+            f"cannot listen on the admin address {config.server.admin_listen}: "
+            f"{exc.strerror or exc} (another keyproxy?); set server.admin_listen "
+            f"in {config.source or 'the configuration'} to a free port, "
+            'e.g. admin_listen: "127.0.0.1:9902"'
+        ) from None
+    proxy.observer.start()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload_soon)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.observer.reopen_access_log)
     watcher = loop.create_task(holder.watch())
     log_event(
         "listening",
@@ -570,6 +589,7 @@ async def serve(
     watcher.cancel()
     await proxy.drain(config.server.drain_timeout)
     await admin_runner.cleanup()
+    proxy.observer.close()
     log_event("stopped")
     return 0
 
@@ -591,4 +611,8 @@ def run(config_path: str, host: str | None, port: int | None, workers: int = 1) 
         return 1
     install_uvloop()
     reuse = os.environ.get("KEYPROXY_REUSE_PORT") == "1"
-    return asyncio.run(serve(holder, host, port, reuse_port=reuse))
+    try:
+        return asyncio.run(serve(holder, host, port, reuse_port=reuse))
+    except ListenError as exc:
+        print(f"keyproxy: {exc}", file=sys.stderr)
+        return 1

@@ -8,22 +8,27 @@ and restarts a worker that dies unexpectedly, as nginx's master does.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 RESTART_BACKOFF = 1.0
 CRASH_LOOP_WINDOW = 5.0
 
 
-def _spawn(config_path: str, host: str | None, port: int | None) -> subprocess.Popen:
+def _spawn(
+    config_path: str, host: str | None, port: int | None, metrics_dir: str = ""
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "keyproxy", "serve", "-c", config_path]
     if host is not None:
         cmd += ["--host", host]
     if port is not None:
         cmd += ["--port", str(port)]
-    env = dict(os.environ, KEYPROXY_REUSE_PORT="1")
+    # Each worker leaves a snapshot of its counts there; any worker's /metrics sums them all.
+    env = dict(os.environ, KEYPROXY_REUSE_PORT="1", KEYPROXY_METRICS_DIR=metrics_dir)
     return subprocess.Popen(cmd, env=env)
 
 
@@ -31,7 +36,17 @@ def supervise(config_path: str, host: str | None, port: int | None, workers: int
     if port == 0:
         print("--workers needs a fixed port: workers share it", file=sys.stderr)
         return 2
-    children = [_spawn(config_path, host, port) for _ in range(workers)]
+    metrics_dir = tempfile.mkdtemp(prefix="keyproxy-metrics-")
+    try:
+        return _supervise(config_path, host, port, workers, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(
+    config_path: str, host: str | None, port: int | None, workers: int, metrics_dir: str
+) -> int:
+    children = [_spawn(config_path, host, port, metrics_dir) for _ in range(workers)]
     started = [time.monotonic()] * workers
     stopping = False
     status = 0
@@ -58,7 +73,7 @@ def supervise(config_path: str, host: str | None, port: int | None, workers: int
                 forward(signal.SIGTERM, None)
                 break
             time.sleep(RESTART_BACKOFF)
-            children[i] = _spawn(config_path, host, port)
+            children[i] = _spawn(config_path, host, port, metrics_dir)
             started[i] = time.monotonic()
         time.sleep(0.2)
     for child in children:

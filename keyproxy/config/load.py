@@ -31,6 +31,7 @@ from keyproxy import routes
 from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
+from keyproxy.config.observe_section import read_log, read_metrics
 from keyproxy.config.rate_limits_section import read_rate_limits
 from keyproxy.config.routes_section import read_routes
 from keyproxy.config.server_section import read_server
@@ -77,7 +78,7 @@ def _compose(text: str) -> Node | None:
 
 # --------------------------------------------------------------------------- the file
 
-_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits"})
+_SECTIONS = frozenset({"server", "upstream", "routes", "keys", "rate_limits", "log", "metrics"})
 _SECTIONS_NOT_YET = frozenset({"users", "roles", "system_tables", "self", "cache", "cors"})
 
 
@@ -127,11 +128,14 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     if "keys" in sections:
         key_reader.read_all(sections["keys"])
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
+    log_settings = read_log(r, sections.get("log"))
+    metrics_settings = read_metrics(r, sections.get("metrics"))
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
     # No issue means every part was built; the assert only narrows the types.
     assert server and upstream and rate_limits and route_table is not None
+    assert log_settings and metrics_settings
     keys = tuple(key_reader.keys)
     return Config(
         server=server,
@@ -140,6 +144,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         keys=keys,
         rate_limits=rate_limits,
         source=source,
+        log=log_settings,
+        metrics=metrics_settings,
         route_table=route_table,
         keys_by_digest={key.digest: key for key in keys},
     )
