@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.observe import BUCKETS, Metrics, _query_names, _referer_origin, merge
-from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
 from tests.procs import free_port, spawn
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
 
 LIMITED = "pk_" + "7" * 64
 UNKNOWN = "pk_" + "9" * 64
@@ -121,9 +121,8 @@ def test_metrics_count_a_mix_of_requests_exactly(upstream, tmp_path, make):
         for labels, v in requests.items()
     }
     assert got == dict(expected)
-    assert {dict(lb)["reason"]: v for lb, v in by_name(found, "keyproxy_denials_total").items()} == (
-        dict(denials)
-    )
+    reasons = by_name(found, "keyproxy_denials_total")
+    assert {dict(lb)["reason"]: v for lb, v in reasons.items()} == dict(denials)
     assert found[("keyproxy_rate_limited_total", ())] == 1
     assert found[("keyproxy_request_duration_seconds_count", ())] == len(plan)
     forwarded = sum(v for k, v in expected.items() if k[4] == "allow")
@@ -332,4 +331,3 @@ def test_merge_sums_workers():
     assert total["requests"] == {("k", "r", "GET", "200", "allow"): 5}
     assert total["cache"] == {"hit": 1}
     assert total["request_buckets"][0] == 1
-
