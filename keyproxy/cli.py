@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import time
 
 from keyproxy import __version__
+
+#: More processes than this only contend for the same cores.
+MAX_WORKERS = 256
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from keyproxy.server import run
 
-    if args.workers < 1:
-        print("--workers must be at least 1", file=sys.stderr)
+    workers = args.workers.strip()
+    if not workers.isdigit() or not 1 <= int(workers) <= MAX_WORKERS:
+        print(
+            f"--workers {args.workers!r}: expected a whole number from 1 to {MAX_WORKERS} "
+            f"(about one per CPU core; this machine has {os.cpu_count() or 1})",
+            file=sys.stderr,
+        )
         return 2
-    return run(args.config, args.host, args.port, args.workers)
+    return run(args.config, args.host, args.port, int(workers))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -36,14 +46,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: cannot read: {exc.strerror}")
         return 1
     print(f"OK: {config.summary()}")
+    now = time.time()
+    for key in config.keys:
+        if key.expires_at is not None and key.expires_at <= now and not key.revoked:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(key.expires_at))
+            print(
+                f"note: {args.config}:{key.line}: key {key.id!r} expired on {when}: "
+                "every request with it is refused (TOKEN_EXPIRED); extend `expires` or remove it",
+                file=sys.stderr,
+            )
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    from keyproxy.config.keys_section import KEY_ID_RULE, valid_key_id
     from keyproxy.credentials import generate_key, yaml_entry
 
-    key = generate_key(args.kind)
     key_id = args.id or ("browser" if args.kind == "publishable" else "service")
+    if not valid_key_id(key_id):
+        print(f"--id {key_id!r} is not a valid key id: use {KEY_ID_RULE}", file=sys.stderr)
+        return 2
+    key = generate_key(args.kind)
     print("Your new key (shown once; keyproxy stores only its hash):\n")
     print(f"  {key}\n")
     print("Paste this entry under `keys:` in your configuration:\n")
@@ -81,7 +104,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             referer=args.referer,
         )
     )
-    print(render(result, args.method, args.url, config))
+    if args.json:
+        import json
+
+        from keyproxy.explain import as_json
+
+        print(json.dumps(as_json(result, args.method, args.url, config), indent=2))
+    else:
+        print(render(result, args.method, args.url, config))
     return 0 if result.allowed else 1
 
 
@@ -100,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (overrides server.listen)")
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
+        default="1",
         metavar="N",
         help="processes sharing the port (SO_REUSEPORT)",
     )
@@ -143,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--jwt", help="an end-user token (Authorization: Bearer)")
     p.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     p.add_argument("--referer", help="the Referer header")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
     p.add_argument("method", metavar="METHOD")
     p.add_argument("url", metavar="URL", help="absolute URL or path, e.g. /v1/data/posts")
     p.set_defaults(func=_cmd_explain)

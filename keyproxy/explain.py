@@ -78,21 +78,101 @@ async def explain(
     return Explanation(steps, allowed, forward_to)
 
 
-def render(explanation: Explanation, method: str, url: str, config: Config) -> str:
-    lines = [f"request: {method.upper()} {url}"]
-    width = max(len(s.name) for s in explanation.steps)
+#: The decision's steps as the documentation numbers them; a step the pipeline has no
+#: check for (nothing to enforce yet) is still listed, so the numbers never jump.
+STEP_NAMES = {
+    1: "credential",
+    2: "key constraints",
+    3: "route",
+    4: "key type",
+    5: "acl",
+    6: "scopes",
+    7: "roles",
+    8: "rate limit",
+}
+OFFLINE_NOTE = "not evaluated offline: a fresh bucket, not the live counts"
+
+
+def _number(step: StepOutcome) -> int:
+    head = step.name.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def numbered_steps(explanation: Explanation) -> list[dict[str, object]]:
+    """Every step by its documented number: passed, refused, or skipped (nothing to check)."""
+    out: list[dict[str, object]] = []
+    last = 0
     for step in explanation.steps:
+        number = _number(step)
+        for missing in range(last + 1, number):
+            out.append(
+                {
+                    "step": missing,
+                    "name": STEP_NAMES.get(missing, ""),
+                    "result": "skip",
+                    "detail": "nothing to check: not configured",
+                }
+            )
+        last = max(last, number)
+        name = step.name.split(" ", 1)[1] if number else step.name
+        entry: dict[str, object] = {"step": number, "name": name}
         if step.deny is None:
-            lines.append(f"  pass  {step.name:<{width}}  {step.detail}")
+            detail = step.detail
+            if name == "rate limit":  # the remaining count of a fresh bucket says nothing live
+                detail = f"{detail.split('; ', 1)[0]} ({OFFLINE_NOTE})"
+            entry.update(result="pass", detail=detail)
         else:
             d = step.deny
-            lines.append(f"  DENY  {step.name:<{width}}  {d.status} {d.code}: {d.message}")
+            entry.update(result="deny", status=d.status, code=d.code, detail=d.message)
+        out.append(entry)
+    return out
+
+
+def injected_names(config: Config) -> list[str]:
+    """What keyproxy adds upstream, by name only."""
+    up = config.upstream
+    injected = [n for n, _ in up.inject_headers]
+    if up.inject_basic is not None:
+        injected.append("Authorization (Basic)")
+    injected += [f"?{n}=" for n, _ in up.inject_query]
+    return injected
+
+
+def as_json(explanation: Explanation, method: str, url: str, config: Config) -> dict[str, object]:
+    """`explain --json`: the same facts as `render`, for scripts. No secret appears in it."""
+    result: dict[str, object] = {
+        "request": {"method": method.upper(), "url": url},
+        "steps": numbered_steps(explanation),
+        "verdict": "allow" if explanation.allowed else "deny",
+    }
     if explanation.allowed:
-        up = config.upstream
-        injected = [n for n, _ in up.inject_headers]
-        if up.inject_basic is not None:
-            injected.append("Authorization (Basic)")
-        injected += [f"?{n}=" for n, _ in up.inject_query]
+        result["forward"] = {
+            "method": method.upper(),
+            "url": explanation.forward_to,
+            "client_credentials": "removed",
+            "injected": injected_names(config),
+        }
+    else:
+        d = next(s.deny for s in explanation.steps if s.deny is not None)
+        assert d is not None
+        result.update(status=d.status, code=d.code, message=d.message)
+    if config.rate_limits.store != "memory":
+        result["note"] = "rate limits shown for a fresh bucket; live counters are in the store"
+    return result
+
+
+def render(explanation: Explanation, method: str, url: str, config: Config) -> str:
+    lines = [f"request: {method.upper()} {url}"]
+    steps = numbered_steps(explanation)
+    width = max(len(f"{s['step']} {s['name']}") for s in steps)
+    for s in steps:
+        label = f"{s['step']} {s['name']}"
+        if s["result"] == "deny":
+            lines.append(f"  DENY  {label:<{width}}  {s['status']} {s['code']}: {s['detail']}")
+        else:
+            lines.append(f"  {s['result']:<4}  {label:<{width}}  {s['detail']}")
+    if explanation.allowed:
+        injected = injected_names(config)
         what = ", ".join(injected) if injected else "nothing"
         lines.append(f"verdict: ALLOW -> {method.upper()} {explanation.forward_to}")
         lines.append(f"         client credentials removed; injected: {what}")

@@ -68,6 +68,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from keyproxy.config.model import ROUTE_METHODS
 from keyproxy.observability import log_event
+from keyproxy.request import RequestContext
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Config
@@ -86,6 +87,11 @@ MAX_PENDING = 200_000
 FLUSH_INTERVAL = 0.5
 SNAPSHOT_INTERVAL = 1.0
 METRICS_DIR_ENV = "KEYPROXY_METRICS_DIR"
+# Fields other parts of keyproxy add to the context (end users, report mode); looked up
+# once here, since a missing attribute on a slotted object costs an exception per request.
+_HAS_USER = "user" in RequestContext.__slots__
+_HAS_ROLES = "roles" in RequestContext.__slots__
+_HAS_WOULD_DENY = "would_deny" in RequestContext.__slots__
 
 
 class Metrics:
@@ -385,7 +391,7 @@ def _line(record: tuple[Any, ...]) -> bytes:
         "request_id": request_id,
         "key": key_id,
         "user": user,
-        "client_ip": client_ip,
+        "client_ip": None if client_ip is None else str(client_ip),
         "method": method,
         "path": path,
         "route": route,
@@ -393,8 +399,8 @@ def _line(record: tuple[Any, ...]) -> bytes:
         "reason": reason,
         "status": status,
         "bytes": sent,
-        "upstream_ms": None if upstream_s is None else round(upstream_s * 1000, 3),
-        "total_ms": round(total_s * 1000, 3),
+        "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
+        "total_ms": int(total_s * 1e6) / 1000,
         "referer_origin": _referer_origin(referer),
         "credential_source": source,
         "query_names": _query_names(query),
@@ -403,8 +409,15 @@ def _line(record: tuple[Any, ...]) -> bytes:
     return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    """UTC with milliseconds; the date part is formatted once per second, not per line."""
+    whole = int(epoch)
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((epoch - whole) * 1000):03d}Z"
 
 
 class Observer:
@@ -419,10 +432,12 @@ class Observer:
             None if config.log.access == "off" else AccessLog(config.log.access)
         )
         self.metrics_dir = os.environ.get(METRICS_DIR_ENV) or None
+        self._behind_proxies = config.server.trusted_proxies > 0
         self._tasks: list[asyncio.Task[None]] = []
 
     def on_config(self, config: Config) -> None:
         self.config = config
+        self._behind_proxies = config.server.trusted_proxies > 0
         metrics.per_key = config.metrics.per_key
         target = config.log.access
         current = self.access_log
@@ -526,12 +541,14 @@ class Observer:
             else:
                 path, _, query = ex.target.partition("?")
             source = ctx.credential_source
-            client_ip = str(ctx.client_ip) if ctx.client_ip is not None else ctx.peer_ip
+            # The socket peer unless trusted proxies name another (an address object: str() at
+            # flush).
+            client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
             when = ctx.now
             referer = ctx.headers.get("referer")
-            user = getattr(ctx, "user", None)
-            roles = getattr(ctx, "roles", None)
-            would = getattr(ctx, "would_deny", None)
+            user = ctx.user if _HAS_USER else None
+            roles = ctx.roles if _HAS_ROLES else None
+            would = ctx.would_deny if _HAS_WOULD_DENY else None
             if ex.forwarding:
                 decision = "allow"
                 if would is not None:

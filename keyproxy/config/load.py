@@ -186,9 +186,16 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise ConfigError(
-            source, [ConfigIssue(None, "", f"cannot read the file: {error.strerror or error}")]
-        ) from None
+        if isinstance(error, IsADirectoryError):
+            hint = "-c/--config takes the file itself, e.g. -c /etc/keyproxy/config.yaml"
+        elif isinstance(error, FileNotFoundError):
+            hint = "check the path given with -c/--config"
+        elif isinstance(error, PermissionError):
+            hint = "let the user keyproxy runs as read it, or pass another file with -c/--config"
+        else:
+            hint = "pass a readable YAML file with -c/--config"
+        message = f"cannot read the file: {error.strerror or error}"
+        raise ConfigError(source, [ConfigIssue(None, "", message, hint)]) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
