@@ -34,6 +34,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.port)
 
 
+def _cmd_demo_backend(args: argparse.Namespace) -> int:
+    from keyproxy.demo_backend import run_backend
+
+    secret = os.environ.get("UPSTREAM_SECRET", "")
+    if not secret:
+        print("demo-backend: set UPSTREAM_SECRET, the one secret it accepts", file=sys.stderr)
+        return 2
+    return run_backend(args.host, args.port, secret)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
 
@@ -144,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="proxy port (default 8080, or a free one)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "demo-backend",
+        help="run only the sample backend (for docker-compose)",
+        description="Serve the sample REST backend that `demo` uses, accepting only the "
+        "secret in $UPSTREAM_SECRET.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=_cmd_demo_backend)
 
     p = sub.add_parser(
         "check", help="validate a configuration file", description="Validate a configuration file."
