@@ -64,24 +64,31 @@ def decided_exchange(loop: asyncio.AbstractEventLoop) -> Exchange:
     return ex, config  # type: ignore[return-value]
 
 
+#: Requests per timed batch: what one half-second flush holds at 10,000 requests/s.
+BATCH = 5000
+
+
 def time_observer(iterations: int) -> tuple[float, float]:
+    """The best batch of each, as `timeit` reports, in this thread's CPU time: on a shared
+    machine the minimum is the cost, the rest is other processes' noise."""
     loop = asyncio.new_event_loop()
     try:
         ex, config = decided_exchange(loop)  # type: ignore[misc]
         observer = Observer(config, loop)
-        observer.access_log = AccessLog("off-the-record")  # queued, never written here
+        log = observer.access_log = AccessLog("off-the-record")  # queued, never written here
         finished = observer.exchange_finished
-        start = time.perf_counter()
-        for _ in range(iterations):
-            finished(ex)
-        counted = time.perf_counter() - start
-        log = observer.access_log
-        start = time.perf_counter()
-        data = log._take_lines()
-        serialized = time.perf_counter() - start
-        assert data.count(b"\n") == iterations
-        assert sum(metrics.requests.values()) >= iterations
-        return counted / iterations * 1e6, serialized / iterations * 1e6
+        counted = serialized = float("inf")
+        for _ in range(max(1, iterations // BATCH)):
+            start = time.thread_time()
+            for _ in range(BATCH):
+                finished(ex)
+            counted = min(counted, time.thread_time() - start)
+            start = time.thread_time()
+            data = log._take_lines()
+            serialized = min(serialized, time.thread_time() - start)
+            assert data.count(b"\n") == BATCH
+        assert sum(metrics.requests.values()) >= BATCH
+        return counted / BATCH * 1e6, serialized / BATCH * 1e6
     finally:
         loop.close()
 
@@ -94,12 +101,15 @@ n = int(sys.argv[1])
 requests = Counter("r", "", ["key", "route", "method", "status", "decision"])
 request_s = Histogram("d", "", buckets=BUCKETS)
 upstream_s = Histogram("u", "", buckets=BUCKETS)
-start = time.perf_counter()
-for _ in range(n):
-    requests.labels("k1", "GET /v1/data/{table}", "GET", "200", "allow").inc()
-    request_s.observe(0.0012)
-    upstream_s.observe(0.0009)
-print((time.perf_counter() - start) / n * 1e6)
+best = float("inf")
+for _ in range(max(1, n // 5000)):
+    start = time.thread_time()
+    for _ in range(5000):
+        requests.labels("k1", "GET /v1/data/{table}", "GET", "200", "allow").inc()
+        request_s.observe(0.0012)
+        upstream_s.observe(0.0009)
+    best = min(best, time.thread_time() - start)
+print(best / 5000 * 1e6)
 """
 
 
@@ -126,7 +136,7 @@ def main() -> None:
     objects = time_prometheus_objects(args.iterations, multiprocess=False)
     mmap = time_prometheus_objects(args.iterations, multiprocess=True)
     print(f"exchange_finished (counts + histograms + queued log line): {counted:.2f} µs/request")
-    print(f"access-log JSON serialisation at flush (orjson):           {serialized:.2f} µs/request")
+    print(f"access-log JSON serialisation (writer thread, orjson):    {serialized:.2f} µs/request")
     print(f"together:                                                  {counted + serialized:.2f}")
     print(f"prometheus_client objects, in-process (counts only):       {objects:.2f} µs/request")
     print(f"prometheus_client objects, multiprocess mmap (counts only): {mmap:.2f} µs/request")

@@ -294,9 +294,10 @@ class MetricsCollector(Collector):
 class AccessLog:
     """JSON lines, queued on the loop and written by one thread.
 
-    `add` is all a request pays: appending a tuple. Every `FLUSH_INTERVAL` the
-    queue is turned into JSON (orjson) and handed to a single writer thread, so
-    a slow pipe or disk never stalls the event loop and lines keep their order.
+    `add` is all a request pays on the loop: appending a tuple. Every
+    `FLUSH_INTERVAL` the queue is handed to a single writer thread that turns it
+    into JSON (orjson) and writes it, so neither a large batch nor a slow pipe
+    or disk stalls the event loop, and lines keep their order.
     """
 
     def __init__(self, target: str) -> None:
@@ -317,7 +318,7 @@ class AccessLog:
 
     def _take_lines(self) -> bytes:
         records, self.pending = self.pending, []
-        return b"".join(map(_line, records))
+        return lines(records)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -347,7 +348,12 @@ class AccessLog:
                 del self.pending[:excess]
                 self.dropped += excess
             return
-        self._in_flight = loop.run_in_executor(self._writer, self._write, self._take_lines())
+        records, self.pending = self.pending, []
+        # Serialised on the writer thread too: a flush never holds the loop for the batch.
+        self._in_flight = loop.run_in_executor(self._writer, self._write_records, records)
+
+    def _write_records(self, records: list[tuple[Any, ...]]) -> None:
+        self._write(lines(records))
 
     async def run(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -381,43 +387,59 @@ def _query_names(query: str | None) -> list[str] | None:
     return [part.split("=", 1)[0] for part in query.split("&") if part]
 
 
-def _line(record: tuple[Any, ...]) -> bytes:
-    (
+#: Referer -> origin, remembered: a site's pages send a handful of distinct referers.
+_origins: dict[str, str | None] = {}
+_ORIGINS_MAX = 4096
+
+
+def lines(records: list[tuple[Any, ...]]) -> bytes:
+    """The queued records as JSON lines, in one loop (this runs once per flush, on the loop)."""
+    dumps, option = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    origins = _origins
+    out = []
+    second, stamp = -1, ""
+    for (
         when, request_id, key_id, user, client_ip, method, path, route, decision, reason,
         status, sent, upstream_s, total_s, referer, source, query, roles,
-    ) = record  # fmt: skip
-    fields = {
-        "time": _iso(when),
-        "request_id": request_id,
-        "key": key_id,
-        "user": user,
-        "client_ip": None if client_ip is None else str(client_ip),
-        "method": method,
-        "path": path,
-        "route": route,
-        "decision": decision,
-        "reason": reason,
-        "status": status,
-        "bytes": sent,
-        "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
-        "total_ms": int(total_s * 1e6) / 1000,
-        "referer_origin": _referer_origin(referer),
-        "credential_source": source,
-        "query_names": _query_names(query),
-        "roles": list(roles) if roles is not None else None,
-    }
-    return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
-
-
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
-def _iso(epoch: float) -> str:
-    """UTC with milliseconds; the date part is formatted once per second, not per line."""
-    whole = int(epoch)
-    if _second[0] != whole:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((epoch - whole) * 1000):03d}Z"
+    ) in records:  # fmt: skip
+        whole = int(when)
+        if whole != second:
+            second, stamp = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        origin = None
+        if referer:
+            origin = origins.get(referer, "")
+            if origin == "":
+                if len(origins) >= _ORIGINS_MAX:
+                    origins.clear()
+                origin = origins[referer] = _referer_origin(referer)
+        out.append(
+            dumps(
+                {
+                    "time": f"{stamp}.{int((when - whole) * 1000):03d}Z",
+                    "request_id": request_id,
+                    "key": key_id,
+                    "user": user,
+                    "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
+                    "method": method,
+                    "path": path,
+                    "route": route,
+                    "decision": decision,
+                    "reason": reason,
+                    "status": status,
+                    "bytes": sent,
+                    "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
+                    "total_ms": int(total_s * 1e6) / 1000,
+                    "referer_origin": origin,
+                    "credential_source": source,
+                    "query_names": [p.split("=", 1)[0] for p in query.split("&") if p]
+                    if query
+                    else None,
+                    "roles": None if roles is None else list(roles),
+                },
+                option=option,
+            )
+        )
+    return b"".join(out)
 
 
 class Observer:
