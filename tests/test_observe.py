@@ -248,6 +248,10 @@ def test_access_log_defaults_to_stdout_and_reopens_on_sigusr1(upstream, tmp_path
 def test_two_workers_are_summed_in_one_scrape(upstream, tmp_path, make):
     config = config_for(upstream, tmp_path)
     kp = make(config, extra_args=["--workers", "2"])
+    deadline = time.monotonic() + 10
+    while kp.process.stderr.count('"event":"listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first worker's line made `make` return; wait for the second
+    assert kp.process.stderr.count('"event":"listening"') == 2, kp.process.describe()
     prefixes = set()
     for _ in range(40):  # a new connection each: the kernel spreads them over both workers
         status, headers, _ = answer(kp, "GET", "/echo/w", KEYS["reader"])
