@@ -53,9 +53,8 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
             )
         return web.json_response({"status": "ready", **body})
 
-    registry = proxy.observer.registry()
-
     async def metrics(request: web.Request) -> web.Response:
+        registry = proxy.observer.registry()  # this process's counts, copied on the loop
         # Reading the other workers' snapshots touches files: off the loop.
         body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -228,12 +228,13 @@ def key_states(config: Config, now: float) -> dict[str, int]:
 class MetricsCollector(Collector):
     """Turns the plain counts into Prometheus families when `/metrics` is scraped."""
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Observer, own: dict[str, Any]) -> None:
         self.observer = observer
+        self.own = own  # this process's counts, taken on the loop (the dicts change there)
 
     def collect(self) -> Iterator[Metric]:
         observer = self.observer
-        data = merge(observer.all_snapshots())
+        data = merge([self.own, *observer.other_snapshots()])
         requests = CounterMetricFamily(
             "keyproxy_requests",
             "Requests answered, by key id, route pattern, method, status and decision.",
@@ -355,11 +356,6 @@ class AccessLog:
     def _write_records(self, records: list[tuple[Any, ...]]) -> None:
         self._write(lines(records))
 
-    async def run(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self.flush(loop)
-
     def close(self) -> None:
         """At shutdown: write everything still queued, then stop the writer."""
         self._writer.shutdown(wait=True)
@@ -467,6 +463,7 @@ class Observer:
             return
         if current is not None:
             current.flush(self.loop)
+            self.loop.run_in_executor(None, current.close)  # after its last lines
         self.access_log = None if target == "off" else AccessLog(target)
 
     def reopen_access_log(self) -> None:
@@ -505,9 +502,9 @@ class Observer:
         except OSError as exc:
             log_event("metrics_snapshot_error", error=str(exc))
 
-    def all_snapshots(self) -> list[dict[str, Any]]:
-        """This process's live counts, plus every other worker's latest snapshot."""
-        snaps = [metrics.snapshot()]
+    def other_snapshots(self) -> list[dict[str, Any]]:
+        """Every other worker's latest snapshot (none without --workers)."""
+        snaps: list[dict[str, Any]] = []
         if self.metrics_dir is None:
             return snaps
         own = f"{os.getpid()}.json"
@@ -526,8 +523,10 @@ class Observer:
         return snaps
 
     def registry(self) -> CollectorRegistry:
+        """A registry for one scrape. Call on the loop: it copies this process's counts;
+        rendering it (reading other workers' files) may then run on a thread."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(MetricsCollector(self))
+        registry.register(MetricsCollector(self, metrics.snapshot()))
         return registry
 
     def close(self) -> None:
