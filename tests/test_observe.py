@@ -245,6 +245,17 @@ def test_access_log_defaults_to_stdout_and_reopens_on_sigusr1(upstream, tmp_path
     assert [line["path"] for line in read_log(rotated, 1)] == ["/echo/1"]
 
 
+def test_access_log_lines_still_queued_are_written_at_shutdown(upstream, tmp_path):
+    kp = start_keyproxy(tmp_path, config_for(upstream, tmp_path))
+    try:
+        for i in range(20):
+            assert answer(kp, "GET", f"/echo/{i}", KEYS["reader"])[0] == 200
+    finally:
+        assert kp.stop() == 0  # at once: well within the half-second flush interval
+    lines = read_log(tmp_path / "access.log", 20, timeout=0)
+    assert [line["path"] for line in lines] == [f"/echo/{i}" for i in range(20)]
+
+
 def test_two_workers_are_summed_in_one_scrape(upstream, tmp_path, make):
     config = config_for(upstream, tmp_path)
     kp = make(config, extra_args=["--workers", "2"])
