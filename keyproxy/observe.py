@@ -81,6 +81,7 @@ BUCKETS = (
 KNOWN_METHODS = frozenset(ROUTE_METHODS)
 NO_KEY = "-"
 OTHER_KEYS = "_other"
+RATE_LIMIT_CODES = frozenset({"RATE_LIMITED", "QUOTA_EXCEEDED"})
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 #: Access-log records kept while the writer is behind; beyond it lines are dropped and counted.
 MAX_PENDING = 200_000
@@ -588,7 +589,7 @@ class Observer:
         requests[labels] = requests.get(labels, 0) + 1
         if decision == "deny" and reason is not None:
             m.denials[reason] = m.denials.get(reason, 0) + 1
-            if reason == "RATE_LIMITED":
+            if reason in RATE_LIMIT_CODES:
                 m.rate_limited += 1
         m.request_buckets[bisect.bisect_left(BUCKETS, total)] += 1
         m.request_sum += total

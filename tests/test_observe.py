@@ -99,6 +99,7 @@ def test_metrics_count_a_mix_of_requests_exactly(upstream, tmp_path, make):
         ("reader", KEYS["reader"], "DELETE", "/v1/data/posts/7", "DELETE /v1/data/{table}/{id}"),
         ("-", UNKNOWN, "GET", "/v1/data/posts", "-"),
         ("-", None, "GET", "/v1/data/posts", "-"),
+        ("-", UNKNOWN, "PURGE", "/v1/data/posts", "-"),  # a method no route may name
         ("-", KEYS["revoked"], "GET", "/v1/data/posts", None),  # refused at step 1, no key id
         ("limited", LIMITED, "GET", "/echo/a", "GET|HEAD|OPTIONS /echo/**"),
         ("limited", LIMITED, "GET", "/echo/a", "GET|HEAD|OPTIONS /echo/**"),
@@ -110,7 +111,8 @@ def test_metrics_count_a_mix_of_requests_exactly(upstream, tmp_path, make):
         if route is None:  # refused before routing, by a known key
             route = "-"
             assert error is not None
-        expected[(label, route, method, str(status), decision)] += 1
+        labelled = method if method in ("GET", "DELETE") else "OTHER"
+        expected[(label, route, labelled, str(status), decision)] += 1
         if error:
             denials[error] += 1
     assert denials["RATE_LIMITED"] == 1, denials  # the third request of a 2/minute key
