@@ -258,6 +258,19 @@ def test_access_log_lines_still_queued_are_written_at_shutdown(upstream, tmp_pat
     assert [line["path"] for line in lines] == [f"/echo/{i}" for i in range(20)]
 
 
+def test_a_reload_moves_the_access_log(upstream, tmp_path, make):
+    kp = make(config_for(upstream, tmp_path))
+    answer(kp, "GET", "/echo/before", KEYS["reader"])
+    moved = tmp_path / "moved.log"
+    kp.rewrite_config(dict(kp.config, log={"access": str(moved)}))
+    deadline = time.monotonic() + 8
+    while '"result":"success"' not in kp.process.stderr and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answer(kp, "GET", "/echo/after", KEYS["reader"])
+    assert [line["path"] for line in read_log(moved, 1)] == ["/echo/after"]
+    assert [line["path"] for line in read_log(tmp_path / "access.log", 1)] == ["/echo/before"]
+
+
 def test_two_workers_are_summed_in_one_scrape(upstream, tmp_path, make):
     config = config_for(upstream, tmp_path)
     kp = make(config, extra_args=["--workers", "2"])
