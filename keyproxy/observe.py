@@ -540,6 +540,13 @@ class Observer:
 
     # -- the hot path: once per exchange ----------------------------------------
     def exchange_finished(self, ex: Exchange) -> None:
+        """Count `ex` and queue its log line; a fault here must never cost the connection."""
+        try:
+            self._record(ex)
+        except Exception as exc:
+            log_event("observe_error", request_id=ex.request_id, error=type(exc).__name__)
+
+    def _record(self, ex: Exchange) -> None:
         now = self.loop.time()
         total = now - ex.started
         m = metrics
