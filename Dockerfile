@@ -10,9 +10,15 @@ RUN useradd --system --no-create-home --uid 10001 keyproxy
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001
-# The public port. The admin listener (/healthz, /readyz) binds server.admin_listen:
+# The public port. The admin listener (/metrics, /healthz, /readyz) binds server.admin_listen:
 # set it to 0.0.0.0:9901 in the mounted config to probe it from outside the container.
 EXPOSE 8080 9901
 STOPSIGNAL SIGTERM
+# Ready = the configuration is loaded and the upstream answers (503 while draining).
+# Python, not curl: slim images have no curl. KEYPROXY_ADMIN names server.admin_listen
+# when it is not the default (a 0.0.0.0 admin listener is reached on 127.0.0.1).
+ENV KEYPROXY_ADMIN=127.0.0.1:9901
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import os, sys, urllib.request as r\ntry: sys.exit(r.urlopen('http://%s/readyz' % os.environ['KEYPROXY_ADMIN'], timeout=2).status != 200)\nexcept Exception: sys.exit(1)"]
 ENTRYPOINT ["keyproxy"]
 CMD ["serve", "-c", "/etc/keyproxy/config.yaml"]

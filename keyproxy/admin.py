@@ -11,6 +11,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from keyproxy.server import ProxyServer
@@ -53,7 +54,14 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
             )
         return web.json_response({"status": "ready", **body})
 
+    async def metrics(request: web.Request) -> web.Response:
+        registry = proxy.observer.registry()  # this process's counts, copied on the loop
+        # Reading the other workers' snapshots touches files: off the loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -254,15 +254,20 @@ class Exchange:
         "plan",
         "pool",
         "raw_headers",
+        "reason",
         "request_head",
         "request_id",
         "retried",
         "reused",
         "route_slot",
+        "sent",
+        "started",
+        "status",
         "target",
         "too_large",
         "up_pending",
         "upstream",
+        "upstream_started",
     )
 
     def __init__(
@@ -312,6 +317,12 @@ class Exchange:
         self.body_wait = False  # decided, waiting for a small body to complete
         self.up_pending: list[bytes] = []  # request body read this turn, for one upstream write
         self.route_slot: str | None = None  # counted against its route's max_concurrency
+        # For the access log and the metrics (keyproxy.observe), reported once by `_finish`.
+        self.started = conn.loop.time()
+        self.status = 0  # the status answered; 0 until a head is produced
+        self.reason: str | None = None  # the code of an answer keyproxy gave itself
+        self.sent = 0  # bytes written to the client
+        self.upstream_started = 0.0
 
     @property
     def has_body(self) -> bool:
@@ -449,7 +460,7 @@ class Exchange:
     def _send(self, upstream: UpstreamConnection) -> None:
         self.upstream = upstream
         self.reused = upstream.uses > 0
-        self.last_activity = self.conn.loop.time()
+        self.last_activity = self.upstream_started = self.conn.loop.time()
         upstream.begin(self)
         parts = [self.request_head]
         if self.body_chunks:
@@ -542,6 +553,7 @@ class Exchange:
             self.keep_alive = False  # the upstream answered before the client finished sending
         self.mode = mode
         self.head_sent = True
+        self.status = status
         self.out.append(
             b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
             + block
@@ -569,11 +581,15 @@ class Exchange:
             # A small response is joined (copying a few hundred bytes is cheaper than
             # a scatter write); a large one goes out as it is.
             if len(out) == 1:
+                self.sent += len(out[0])
                 self.conn.write(out[0])
-            elif len(out) <= 4 and sum(map(len, out)) <= 16384:
-                self.conn.write(b"".join(out))
             else:
-                self.conn.writelines(out)
+                size = sum(map(len, out))
+                self.sent += size
+                if len(out) <= 4 and size <= 16384:
+                    self.conn.write(b"".join(out))
+                else:
+                    self.conn.writelines(out)
             self.out = []
             self.head_written = self.head_sent
             self.last_activity = self.conn.loop.time()
@@ -648,14 +664,16 @@ class Exchange:
         if cors is not None:
             extra += cors.response_headers(single_header(self.headers, "origin"))
         self.head_sent = True
-        self.conn.write(
-            error_response(
-                deny,
-                self.request_id,
-                extra + self.conn.connection_header(self),
-                head_only=self.method == "HEAD",
-            )
+        self.status = deny.status
+        self.reason = deny.code
+        answer = error_response(
+            deny,
+            self.request_id,
+            extra + self.conn.connection_header(self),
+            head_only=self.method == "HEAD",
         )
+        self.sent += len(answer)
+        self.conn.write(answer)
         self._finish(self.keep_alive)
 
     def send_reply(self, reply: Reply) -> None:
@@ -665,7 +683,8 @@ class Exchange:
         if not self.body_complete:
             self.keep_alive = False
         self.head_sent = True
-        self.conn.write(
+        self.status = reply.status
+        answer = (
             b"HTTP/1.1 %d %s\r\n" % (reply.status, reason(reply.status))
             + reply.headers
             + b"X-Request-Id: "
@@ -674,6 +693,8 @@ class Exchange:
             + self.conn.connection_header(self)
             + b"\r\n"
         )
+        self.sent += len(answer)
+        self.conn.write(answer)
         self._finish(self.keep_alive)
 
     def _drop_upstream(self) -> None:
@@ -713,3 +734,4 @@ class Exchange:
         self.flush()  # before the connection may close or start the next exchange
         self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
         self.conn.exchange_done(self, keep_alive)
+        self.conn.proxy.observer.exchange_finished(self)  # the one place a request is counted

@@ -131,6 +131,7 @@ class RequestContext:
         if key is None or key.rotation is None:
             return None
         return key.rotation.label
+
     user: str | None = None  # the end user a verified Bearer token names
     token_roles: tuple[str, ...] = ()  # the roles that token grants
     table: str | None = None  # the table the route's {table} names, as compared (steps 6-7)

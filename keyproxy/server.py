@@ -43,6 +43,7 @@ from keyproxy.config.reload import ConfigHolder
 from keyproxy.forward import Exchange, ForwardPlan
 from keyproxy.jwks import JwksCache
 from keyproxy.observability import log_event
+from keyproxy.observe import Observer
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, Reply, RequestContext
 from keyproxy.responses import (
@@ -614,6 +615,8 @@ class ProxyServer:
         self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
         self._start_jwks(config)
+        self.observer = Observer(config, loop)
+        self.observer.metrics.reloads = holder.reloads
         holder.subscribe(self._on_config)
 
     def _start_jwks(self, config: Config) -> None:
@@ -663,6 +666,7 @@ class ProxyServer:
             config.server, config.upstream, fd_soft_limit()
         )
         self._start_jwks(config)
+        self.observer.on_config(config)
 
     def _warn_if_over_fd_limit(self, config: Config) -> None:
         """A `max_connections` set above what the descriptor limit allows would end in
@@ -866,10 +870,12 @@ async def serve(
     bound = sockets[0].getsockname()
     admin_bound = admin_sockets[0].getsockname()
     admin_runner = await start_admin(proxy, admin_sockets)
+    proxy.observer.start()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload_soon)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.observer.reopen_access_log)
     watcher = loop.create_task(holder.watch())
     log_event(
         "listening",
@@ -902,6 +908,7 @@ async def serve(
         orphan_watch.cancel()
     await proxy.drain(config.server.drain_timeout)
     await admin_runner.cleanup()
+    proxy.observer.close()
     log_event("stopped")
     return 0
 
@@ -951,7 +958,12 @@ def run(
             )
             sockets = bind(listen, "port", "server.listen or --port")
             try:
-                admin_sockets = bind(server.admin_listen, "admin port", "server.admin_listen")
+                admin_sockets = bind(
+                    server.admin_listen,
+                    "admin port",
+                    f"server.admin_listen in {config_path} to a free port "
+                    '(e.g. admin_listen: "127.0.0.1:9902")',
+                )
             except ListenError:
                 for sock in sockets:
                     sock.close()

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -78,6 +80,8 @@ class Supervisor:
         self.listen_fds = [s.fileno() for s in sockets]
         self.admin_fds = [s.fileno() for s in admin_sockets]
         self.slots = [Slot(i) for i in range(workers)]
+        #: Each worker leaves a snapshot of its counts here; any worker's /metrics sums them.
+        self.metrics_dir = ""
         self.drain_timeout = drain_timeout
         self.stopping = False
         self.status = 0
@@ -102,7 +106,9 @@ class Supervisor:
         ]
         try:
             slot.process = subprocess.Popen(
-                cmd, pass_fds=(*self.listen_fds, *self.admin_fds, write_end)
+                cmd,
+                pass_fds=(*self.listen_fds, *self.admin_fds, write_end),
+                env=dict(os.environ, KEYPROXY_METRICS_DIR=self.metrics_dir),
             )
         finally:
             os.close(write_end)
@@ -236,4 +242,9 @@ def supervise(
 ) -> int:
     bound = sockets[0].getsockname()
     log_event("supervising", workers=workers, port=bound[1], supervisor_pid=os.getpid())
-    return Supervisor(config_path, sockets, admin_sockets, workers, drain_timeout).run()
+    supervisor = Supervisor(config_path, sockets, admin_sockets, workers, drain_timeout)
+    supervisor.metrics_dir = tempfile.mkdtemp(prefix="keyproxy-metrics-")
+    try:
+        return supervisor.run()
+    finally:
+        shutil.rmtree(supervisor.metrics_dir, ignore_errors=True)

@@ -510,6 +510,7 @@ def test_later_key_fields_are_not_supported_yet(field: str) -> None:
         ("'[::1]:0'", HostPort("::1", 0)),
         ("localhost:80", HostPort("localhost", 80)),
         ("Proxy.Internal:8080", HostPort("proxy.internal", 8080)),
+        (":8080", HostPort("0.0.0.0", 8080)),  # no host: every interface, as Go writes it
     ],
 )
 def test_listen_forms(value: str, expected: HostPort) -> None:
@@ -521,7 +522,7 @@ def test_listen_forms(value: str, expected: HostPort) -> None:
     [
         ("8080", "expected host:port"),
         ("[a]", "found a list"),
-        (":8080", "expected host:port"),
+        ("':'", "not a port number"),
         ("::1:8080", "must be written in brackets"),
         ("'[::1]8080'", "expected [address]:port"),
         ("'[nope]:80'", "not an IPv6 address"),

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import time
 
 from keyproxy import __version__
+
+#: More processes than this only contend for the same cores.
+MAX_WORKERS = 256
 
 
 def _fds(text: str) -> list[int]:
@@ -16,21 +21,36 @@ def _fds(text: str) -> list[int]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from keyproxy.server import WorkerLink, run
 
-    if args.workers < 1:
-        print("--workers must be at least 1", file=sys.stderr)
+    workers = args.workers.strip()
+    if not workers.isdigit() or not 1 <= int(workers) <= MAX_WORKERS:
+        print(
+            f"--workers {args.workers!r}: expected a whole number from 1 to {MAX_WORKERS} "
+            f"(about one per CPU core; this machine has {os.cpu_count() or 1})",
+            file=sys.stderr,
+        )
         return 2
     link = None
     if args.listen_fds is not None:  # started by a `--workers` supervisor
         link = WorkerLink(
             _fds(args.listen_fds), _fds(args.admin_fds or ""), args.ready_fd, args.supervisor_pid
         )
-    return run(args.config, args.host, args.port, args.workers, link)
+    return run(args.config, args.host, args.port, int(workers), link)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from keyproxy.commands.demo import run_demo
 
     return run_demo(args.port)
+
+
+def _cmd_demo_backend(args: argparse.Namespace) -> int:
+    from keyproxy.commands.demo_backend import run_backend
+
+    secret = os.environ.get("UPSTREAM_SECRET", "")
+    if not secret:
+        print("demo-backend: set UPSTREAM_SECRET, the one secret it accepts", file=sys.stderr)
+        return 2
+    return run_backend(args.host, args.port, secret)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -45,11 +65,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: cannot read: {exc.strerror}")
         return 1
     print(f"OK: {config.summary()}")
+    now = time.time()
+    for key in config.keys:
+        if key.expires_at is not None and key.expires_at <= now and not key.revoked:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(key.expires_at))
+            print(
+                f"note: {args.config}:{key.line}: key {key.id!r} expired on {when}: "
+                "every request with it is refused (TOKEN_EXPIRED); extend `expires` or remove it",
+                file=sys.stderr,
+            )
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from keyproxy.config.keys_section import valid_key_id
+    from keyproxy.config.keys_section import KEY_ID_RULE, valid_key_id
     from keyproxy.policy.credentials import generate_key, yaml_entry
 
     if args.rotate is not None:
@@ -59,14 +88,13 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         return 2
     if args.id is not None and not valid_key_id(args.id):
         print(
-            f"keygen: --id {args.id!r} is not a valid key id: "
-            "use 1 to 64 letters, digits, '.', '_' or '-'",
+            f"keygen: --id {args.id!r} is not a valid key id: use {KEY_ID_RULE}",
             file=sys.stderr,
         )
         return 2
     args.kind = args.kind or "publishable"
-    key = generate_key(args.kind)
     key_id = args.id or ("browser" if args.kind == "publishable" else "service")
+    key = generate_key(args.kind)
     print("Your new key (shown once; keyproxy stores only its hash):\n")
     print(f"  {key}\n")
     print("Paste this entry under `keys:` in your configuration:\n")
@@ -137,9 +165,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
 
     if args.key is None and args.key_id is None and args.origin is None:
-        print(
-            "explain needs --key or --key-id (or --origin for a CORS preflight)", file=sys.stderr
-        )
+        print("explain needs --key or --key-id (or --origin for a CORS preflight)", file=sys.stderr)
         return 2
     from keyproxy.policy.clientip import parse_peer
 
@@ -170,7 +196,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             extra_headers=tuple(_header_pair(h) for h in args.header),
         )
     )
-    print(render(result, args.method, args.url, config))
+    if args.json:
+        import json
+
+        from keyproxy.commands.explain import as_json
+
+        print(json.dumps(as_json(result, args.method, args.url, config), indent=2))
+    else:
+        print(render(result, args.method, args.url, config))
     return 0 if result.allowed or result.reply is not None else 1
 
 
@@ -194,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (overrides server.listen)")
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
+        default="1",
         metavar="N",
         help="worker processes accepting on the one listening socket",
     )
@@ -214,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="proxy port (default 8080, or a free one)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "demo-backend",
+        help="run only the sample backend (for docker-compose)",
+        description="Serve the sample REST backend that `demo` uses, accepting only the "
+        "secret in $UPSTREAM_SECRET.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=_cmd_demo_backend)
 
     p = sub.add_parser(
         "check", help="validate a configuration file", description="Validate a configuration file."
@@ -268,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="another request header, e.g. 'Access-Control-Request-Method: GET' (repeatable)",
     )
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
     p.add_argument("method", metavar="METHOD")
     p.add_argument("url", metavar="URL", help="absolute URL or path, e.g. /v1/data/posts")
     p.set_defaults(func=_cmd_explain)

@@ -322,3 +322,32 @@ async def start_backend(
         await runner.cleanup()
         raise
     return runner, runner.addresses[0][1]
+
+
+def run_backend(host: str, port: int, secret: str) -> int:
+    """`keyproxy demo-backend`: the sample backend on its own, for docker-compose.
+
+    The secret comes from the environment (`UPSTREAM_SECRET`), the same variable
+    keyproxy's configuration injects, so the two containers share it.
+    """
+    import asyncio
+    import signal
+
+    from keyproxy.observability import log_event
+
+    async def main() -> int:
+        runner, bound = await start_backend(secret, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log_event("listening", url=f"http://{host}:{bound}", service="demo-backend")
+        await stop.wait()
+        await runner.cleanup()
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except OSError as exc:
+        print(f"demo-backend: cannot listen on {host}:{port}: {exc.strerror}; use --port")
+        return 1

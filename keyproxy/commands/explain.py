@@ -16,7 +16,7 @@ from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config.model import Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.ratelimit import open_limiter
-from keyproxy.request import Headers, Reply, RequestContext
+from keyproxy.request import Deny, Headers, Reply, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,41 +98,147 @@ async def explain(
     return Explanation(steps, allowed, forward_to)
 
 
-def render(explanation: Explanation, method: str, url: str, config: Config) -> str:
-    lines = [f"request: {method.upper()} {url}"]
-    width = max(len(s.name) for s in explanation.steps)
+#: The decision's steps as the documentation numbers them; a step the pipeline has no
+#: check for (nothing to enforce yet) is still listed, so the numbers never jump.
+STEP_NAMES = {
+    0: "cors preflight",
+    1: "credential",
+    2: "key constraints",
+    3: "route",
+    4: "key type",
+    5: "acl",
+    6: "scopes",
+    7: "roles",
+    8: "rate limit",
+}
+OFFLINE_NOTE = "not evaluated offline: a fresh bucket, not the live counts"
+
+
+def _number(step: StepOutcome) -> int:
+    head = step.name.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def numbered_steps(explanation: Explanation) -> list[dict[str, object]]:
+    """Every step by its documented number: passed, refused, or skipped (nothing to check).
+
+    The CORS preflight step shows only when it answered; the checks that share a number
+    (7: roles, then own records) are one entry, refused by whichever refused.
+    """
+    out: list[dict[str, object]] = []
+    last = 0
     for step in explanation.steps:
-        if step.reply is not None:
-            lines.append(f"  REPLY {step.name:<{width}}  {step.detail}")
-        elif step.deny is None:
-            lines.append(f"  pass  {step.name:<{width}}  {step.detail}")
-        elif step.detail == REPORTED:
-            d = step.deny
-            lines.append(
-                f"  WOULD {step.name:<{width}}  {d.status} {d.code}: {d.message} -- {REPORTED}"
+        number = _number(step)
+        if number == 0 and step.reply is None:
+            continue  # not a preflight: nothing to say about this request
+        if number == last and out and out[-1]["result"] == "pass" and step.deny is None:
+            out[-1]["detail"] = f"{out[-1]['detail']}; {step.detail}"
+            continue
+        for missing in range(last + 1, number):
+            out.append(
+                {
+                    "step": missing,
+                    "name": STEP_NAMES.get(missing, ""),
+                    "result": "skip",
+                    "detail": "nothing to check: not configured",
+                }
             )
+        if number == last and out:
+            out.pop()  # a later check of the same step refused: it speaks for the step
+        last = max(last, number)
+        name = STEP_NAMES.get(number, step.name.split(" ", 1)[-1])
+        entry: dict[str, object] = {"step": number, "name": name}
+        if step.reply is not None:
+            entry.update(result="reply", status=step.reply.status, detail=step.detail)
+        elif step.deny is None:
+            detail = step.detail
+            if name == "rate limit":  # the remaining count of a fresh bucket says nothing live
+                detail = f"{detail.split('; ', 1)[0]} ({OFFLINE_NOTE})"
+            entry.update(result="pass", detail=detail)
         else:
             d = step.deny
-            lines.append(f"  DENY  {step.name:<{width}}  {d.status} {d.code}: {d.message}")
+            result = "would deny" if step.detail == REPORTED else "deny"
+            entry.update(result=result, status=d.status, code=d.code, detail=d.message)
+        out.append(entry)
+    return out
+
+
+def injected_names(config: Config) -> list[str]:
+    """What keyproxy adds upstream, by name only."""
+    up = config.upstream
+    injected = [n for n, _ in up.inject_headers]
+    if up.inject_basic is not None:
+        injected.append("Authorization (Basic)")
+    injected += [f"?{n}=" for n, _ in up.inject_query]
+    return injected
+
+
+def _enforced_denial(explanation: Explanation) -> Deny:
+    d = next(s.deny for s in explanation.steps if s.deny is not None and s.detail != REPORTED)
+    assert d is not None
+    return d
+
+
+def _reported(explanation: Explanation) -> Deny | None:
+    return next((s.deny for s in explanation.steps if s.detail == REPORTED), None)
+
+
+def as_json(explanation: Explanation, method: str, url: str, config: Config) -> dict[str, object]:
+    """`explain --json`: the same facts as `render`, for scripts. No secret appears in it."""
+    result: dict[str, object] = {
+        "request": {"method": method.upper(), "url": url},
+        "steps": numbered_steps(explanation),
+    }
+    if explanation.reply is not None:
+        result.update(verdict="reply", status=explanation.reply.status)
+    elif explanation.allowed:
+        result["verdict"] = "allow"
+        result["forward"] = {
+            "method": method.upper(),
+            "url": explanation.forward_to,
+            "client_credentials": "removed",
+            "injected": injected_names(config),
+        }
+        reported = _reported(explanation)
+        if reported is not None:
+            result["would_deny"] = {"status": reported.status, "code": reported.code}
+    else:
+        d = _enforced_denial(explanation)
+        result.update(verdict="deny", status=d.status, code=d.code, message=d.message)
+    if config.rate_limits.store != "memory":
+        result["note"] = "rate limits shown for a fresh bucket; live counters are in the store"
+    return result
+
+
+def render(explanation: Explanation, method: str, url: str, config: Config) -> str:
+    lines = [f"request: {method.upper()} {url}"]
+    steps = numbered_steps(explanation)
+    width = max(len(f"{s['step']} {s['name']}") for s in steps)
+    for s in steps:
+        label = f"{s['step']} {s['name']}"
+        if s["result"] == "deny":
+            lines.append(f"  DENY  {label:<{width}}  {s['status']} {s['code']}: {s['detail']}")
+        elif s["result"] == "would deny":
+            lines.append(
+                f"  WOULD {label:<{width}}  {s['status']} {s['code']}: {s['detail']} -- {REPORTED}"
+            )
+        elif s["result"] == "reply":
+            lines.append(f"  REPLY {label:<{width}}  {s['detail']}")
+        else:
+            lines.append(f"  {s['result']:<4}  {label:<{width}}  {s['detail']}")
     if explanation.reply is not None:
         status = explanation.reply.status
         lines.append(f"verdict: REPLY {status} from keyproxy itself (no key, no upstream)")
     elif explanation.allowed:
-        up = config.upstream
-        injected = [n for n, _ in up.inject_headers]
-        if up.inject_basic is not None:
-            injected.append("Authorization (Basic)")
-        injected += [f"?{n}=" for n, _ in up.inject_query]
+        injected = injected_names(config)
         what = ", ".join(injected) if injected else "nothing"
         lines.append(f"verdict: ALLOW -> {method.upper()} {explanation.forward_to}")
         lines.append(f"         client credentials removed; injected: {what}")
-        reported = [s.deny for s in explanation.steps if s.deny is not None]
-        if reported:
-            d = reported[0]
-            lines.append(f"         would deny (report mode): {d.status} {d.code}")
+        reported = _reported(explanation)
+        if reported is not None:
+            lines.append(f"         would deny (report mode): {reported.status} {reported.code}")
     else:
-        d = next(s.deny for s in explanation.steps if s.deny is not None and s.detail != REPORTED)
-        assert d is not None
+        d = _enforced_denial(explanation)
         lines.append(f"verdict: DENY {d.status} {d.code}")
     if config.rate_limits.store != "memory":
         lines.append("note: rate limits shown for a fresh bucket; live counters are in the store")

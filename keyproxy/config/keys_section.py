@@ -47,6 +47,7 @@ _KEY_NOT_YET = frozenset({"fields"})
 _KEY_CORE = frozenset({"id", "hash", "type", "acls"})
 _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+KEY_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _KEY_TYPES = {t.value: t for t in KeyType}
 _QUOTA_PERIODS = ("day", "week", "month")
@@ -281,7 +282,7 @@ class KeyReader:
                 node,
                 where + ".id",
                 f"{show(node)} is not a valid key id",
-                "use 1 to 64 letters, digits, '.', '_' or '-'",
+                f"use {KEY_ID_RULE}",
             )
             return None
         first = self.ids.setdefault(key_id, index)

@@ -30,6 +30,7 @@ from yaml.nodes import MappingNode, Node
 from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
+from keyproxy.config.observe_section import read_log, read_metrics
 from keyproxy.config.rate_limits_section import read_rate_limits
 from keyproxy.config.response_sections import read_cors
 from keyproxy.config.roles_section import check_key_roles, read_permissions
@@ -92,6 +93,8 @@ _SECTIONS = frozenset(
         "system_tables",
         "self",
         "cors",
+        "log",
+        "metrics",
     }
 )
 _SECTIONS_NOT_YET = frozenset({"cache"})
@@ -152,11 +155,14 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         any(key.roles is not None for key in key_reader.keys),
     )
     check_key_roles(r, key_reader.keys, permissions)
+    log_settings = read_log(r, sections.get("log"))
+    metrics_settings = read_metrics(r, sections.get("metrics"))
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
         raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
     # No issue means every part was built; the assert only narrows the types.
     assert server and upstream and rate_limits and route_table is not None
+    assert log_settings and metrics_settings
     keys = tuple(key_reader.keys)
     return Config(
         server=server,
@@ -165,6 +171,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         keys=keys,
         rate_limits=rate_limits,
         source=source,
+        log=log_settings,
+        metrics=metrics_settings,
         route_table=route_table,
         keys_by_digest=key_reader.index(keys),
         cors=cors,
@@ -208,9 +216,16 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise ConfigError(
-            source, [ConfigIssue(None, "", f"cannot read the file: {error.strerror or error}")]
-        ) from None
+        if isinstance(error, IsADirectoryError):
+            hint = "-c/--config takes the file itself, e.g. -c /etc/keyproxy/config.yaml"
+        elif isinstance(error, FileNotFoundError):
+            hint = "check the path given with -c/--config"
+        elif isinstance(error, PermissionError):
+            hint = "let the user keyproxy runs as read it, or pass another file with -c/--config"
+        else:
+            hint = "pass a readable YAML file with -c/--config"
+        message = f"cannot read the file: {error.strerror or error}"
+        raise ConfigError(source, [ConfigIssue(None, "", message, hint)]) from None
     return config_from_bytes(data, source, env)
 
 

@@ -213,6 +213,17 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    access: str = "stdout"  # stdout | stderr | off | a file path (reopened on SIGUSR1)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    #: The first `per_key` key ids seen label their own series; later ones count as "_other".
+    per_key: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings
     upstream: Upstream
@@ -224,6 +235,8 @@ class Config:
     users: TokenVerifier | None = field(default=None, repr=False, compare=False)
     #: Roles, system tables and self records; None: keys alone decide.
     permissions: Permissions | None = field(default=None, repr=False, compare=False)
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
@@ -231,4 +244,6 @@ class Config:
     cors: CorsPolicy | None = field(default=None, compare=False)
 
     def summary(self) -> str:
-        return f"{len(self.keys)} keys, {len(self.routes)} routes"
+        keys = "1 key" if len(self.keys) == 1 else f"{len(self.keys)} keys"
+        routes = "1 route" if len(self.routes) == 1 else f"{len(self.routes)} routes"
+        return f"{keys}, {routes}"

@@ -66,6 +66,7 @@ class ConfigHolder:
         self.reloads = {"success": 0, "error": 0}
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
+        self._missing = False  # the file was found gone (logged once until it is back)
 
     @classmethod
     def load(cls, path: str) -> ConfigHolder:
@@ -121,7 +122,8 @@ class ConfigHolder:
             self.reloads["error"] += 1
             if isinstance(outcome, ConfigError):
                 self.last_error = str(outcome)
-                errors = [str(i) for i in outcome.issues]
+                # `check`'s own lines (file:line: where: message (hint)), never a repr.
+                errors = [issue.format(outcome.source) for issue in outcome.issues]
             else:
                 self.last_error = outcome
                 errors = [outcome]
@@ -160,6 +162,17 @@ class ConfigHolder:
         """
         assert self.path is not None
         seen = _fingerprint(self.path)
+        if seen is None and not self._missing:
+            self._missing = True
+            log_event(
+                "config_missing",
+                path=self.path,
+                message="the configuration file is gone; serving the last loaded "
+                "configuration until it is back",
+            )
+        elif seen is not None and self._missing:
+            self._missing = False
+            log_event("config_back", path=self.path)
         if seen is None or seen == self._seen:
             self._changing = None
             return False

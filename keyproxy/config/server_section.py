@@ -44,7 +44,9 @@ def _parse_host_port(text: str) -> tuple[HostPort | None, str]:
             return None, f"{host!r} is not an IPv6 address"
     else:
         host, sep, port = text.rpartition(":")
-        if not sep or not host:
+        if sep and not host:
+            host = "0.0.0.0"  # `:8080`, as Go and Caddy write it: every IPv4 interface
+        if not sep:
             return None, "expected host:port"
         if ":" in host:
             return None, "IPv6 addresses must be written in brackets, like [::1]:8080"

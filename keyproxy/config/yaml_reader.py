@@ -58,7 +58,47 @@ def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
         hint = "indent with spaces, not tabs"
     elif re.search(r":\s+[\[{]", line) and "flow" in (error.context or ""):
         hint = 'a value starting with [ or { is a YAML list or mapping: quote text like "[::]:8080"'
+    elif problem.startswith(_INDENTATION_PROBLEMS) and _misindented(lines, mark.line):
+        message = f"this line's indentation does not fit the lines above it (YAML: {problem})"
+        column = len(line) - len(line.lstrip(" "))
+        hint = (
+            f"it starts in column {column + 1}: fields of one mapping start in the same "
+            "column, a nested field further right than its parent (spaces only)"
+        )
+    elif problem.startswith("mapping values are not allowed"):
+        hint = 'quote a value that holds ": ", like "a: b"'
     return ConfigIssue(mark.line + 1, "", message, hint)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _misindented(lines: list[str], index: int) -> bool:
+    """The line starts in another column than the line above, which opened no nested block."""
+    if index >= len(lines):
+        return False
+    above = next(
+        (
+            text
+            for text in reversed(lines[:index])
+            if text.strip() and not text.lstrip().startswith("#")
+        ),
+        None,
+    )
+    if above is None:
+        return False
+    opens_block = above.rstrip().endswith((":", "-"))
+    return _indent(lines[index]) != _indent(above) and not opens_block
+
+
+#: What PyYAML says when a line is indented more or less than its neighbours allow.
+_INDENTATION_PROBLEMS = (
+    "did not find expected key",
+    "mapping values are not allowed",
+    "expected <block end>",
+    "did not find expected '-' indicator",
+)
 
 
 def line_of(node: Node | None) -> int | None:
@@ -357,10 +397,16 @@ class Reader:
                 return ""
             value = self.env.get(name)
             if value is None:
+                # Names only, never values: the environment holds other secrets too.
+                close = difflib.get_close_matches(
+                    name, [n for n in self.env if n.upper() == n], n=1, cutoff=0.8
+                )
                 problems.append(
                     (
                         f"environment variable {name} is not set",
-                        f"set {name}, or write $${{ for a literal ${{",
+                        f"did you mean ${{{close[0]}}}? ({close[0]} is set)"
+                        if close
+                        else f"set {name}, or write $${{ for a literal ${{",
                     )
                 )
                 return ""

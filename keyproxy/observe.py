@@ -1,0 +1,618 @@
+"""Seeing it run: the per-request metrics and the JSON access log, fed from one call.
+
+Every exchange ends in `Observer.exchange_finished`, whether keyproxy answered it
+itself (a refusal, an upstream error) or forwarded it and the answer completed or
+was cut off. That one call counts it and queues its access-log line, so the
+metrics and the log can never disagree about a request.
+
+Why plain dicts and not `prometheus_client`'s `labels().inc()`: a labelled
+`inc()` takes a lock and looks the child up through the label tuple on every
+call (about 1 µs each, and a request touches three families), whereas a dict
+increment keyed by the label tuple costs a tenth of that. The counts become
+Prometheus families only when `/metrics` is scraped, through a custom collector
+(`MetricsCollector`) and `prometheus_client.generate_latest`. Histograms are
+arrays of bucket counts, made cumulative at scrape time.
+
+Cardinality is bounded by construction:
+- `key` is a configured key id, never a presented key: a request whose key was
+  not recognised is labelled `-`. Only the first `metrics.per_key` distinct key
+  ids seen by a process get their own label; every later one counts as `_other`.
+- `route` is the matched route's pattern as written in the file (`-` if none).
+- `method` is one of the HTTP methods a route may name, else `OTHER`.
+- `status` is the status code answered (499 when the client left first).
+
+The API for other parts of keyproxy (cheap, never blocking, callable anywhere
+in the process; all through the module-level `metrics` object)::
+
+    from keyproxy.observe import metrics
+    metrics.jwks_refresh("success")       # or "error": keyproxy_jwks_refreshes_total{result}
+    metrics.cache("hit")                  # hit | miss | bypass: keyproxy_cache_requests_total
+    metrics.would_deny(key_id, "ACL")     # report mode: keyproxy_would_deny_total{key,reason}
+
+A request decided in report mode is logged with `decision: would_deny` when its
+`RequestContext` carries a `would_deny` attribute holding the `Deny` that
+enforce mode would have answered (its `code` becomes the log line's `reason`);
+`user` and `roles` are taken from the context the same way when present.
+
+With `serve --workers N` every worker writes a snapshot of its counts to the
+directory named by `KEYPROXY_METRICS_DIR` (set by the supervisor) once a second;
+the worker that answers a scrape adds the other workers' snapshots to its own
+live counts, so one scrape shows every worker (a snapshot is at most a second
+old; the counts of a worker that died stay in the sum, as counters must).
+
+The access log never holds a key, a JWT, a query value, a Basic password or the
+upstream secret: it records the query's parameter *names*, the Referer's
+*origin*, the credential's *source* and the key's *id*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import io
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from keyproxy.config.model import ROUTE_METHODS
+from keyproxy.observability import log_event
+
+if TYPE_CHECKING:
+    from keyproxy.config.model import Config
+    from keyproxy.forward import Exchange
+
+#: Bucket bounds in seconds: fine below 10 ms, where a proxy's own latency lives.
+BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+KNOWN_METHODS = frozenset(ROUTE_METHODS)
+NO_KEY = "-"
+OTHER_KEYS = "_other"
+RATE_LIMIT_CODES = frozenset({"RATE_LIMITED", "QUOTA_EXCEEDED"})
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+#: Access-log records kept while the writer is behind; beyond it lines are dropped and counted.
+MAX_PENDING = 200_000
+FLUSH_INTERVAL = 0.5
+SNAPSHOT_INTERVAL = 1.0
+METRICS_DIR_ENV = "KEYPROXY_METRICS_DIR"
+# Fields other parts of keyproxy add to the context (end users, report mode); looked up
+# once here, since a missing attribute on a slotted object costs an exception per request.
+
+
+class Metrics:
+    """This process's counts, as plain dicts and ints (see the module docstring)."""
+
+    def __init__(self, per_key: int = 100) -> None:
+        self.per_key = per_key
+        self._key_labels: dict[str, str] = {}
+        self._own_labels = 0
+        self.requests: dict[tuple[str, str, str, int, str], int] = {}
+        self.denials: dict[str, int] = {}
+        self.would_denies: dict[tuple[str, str], int] = {}
+        self.cache_results: dict[str, int] = {}
+        self.jwks_refreshes: dict[str, int] = {}
+        self.rate_limited = 0
+        self.access_log_dropped = 0
+        self.request_buckets = [0] * (len(BUCKETS) + 1)
+        self.request_sum = 0.0
+        self.upstream_buckets = [0] * (len(BUCKETS) + 1)
+        self.upstream_sum = 0.0
+        self.reloads: dict[str, int] = {}
+
+    def key_label(self, key_id: str | None) -> str:
+        """The label for a configured key id: its own for the first `per_key` seen."""
+        if key_id is None:
+            return NO_KEY
+        label = self._key_labels.get(key_id)
+        if label is None:
+            if self._own_labels < self.per_key:
+                label = key_id
+                self._own_labels += 1
+            else:
+                label = OTHER_KEYS
+            # Only configured key ids get here, so this map is bounded by the key list.
+            self._key_labels[key_id] = label
+        return label
+
+    # -- the API for other parts of keyproxy -----------------------------------
+    def jwks_refresh(self, result: str) -> None:
+        self.jwks_refreshes[result] = self.jwks_refreshes.get(result, 0) + 1
+
+    def cache(self, result: str) -> None:
+        self.cache_results[result] = self.cache_results.get(result, 0) + 1
+
+    def would_deny(self, key_id: str | None, reason: str) -> None:
+        labels = (self.key_label(key_id), reason)
+        self.would_denies[labels] = self.would_denies.get(labels, 0) + 1
+
+    # -- snapshots, for --workers ----------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as JSON-ready data (summed across workers by `merge`)."""
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "denials": dict(self.denials),
+            "would_deny": [[*k, v] for k, v in self.would_denies.items()],
+            "cache": dict(self.cache_results),
+            "jwks": dict(self.jwks_refreshes),
+            "reloads": dict(self.reloads),
+            "rate_limited": self.rate_limited,
+            "access_log_dropped": self.access_log_dropped,
+            "request_buckets": list(self.request_buckets),
+            "request_sum": self.request_sum,
+            "upstream_buckets": list(self.upstream_buckets),
+            "upstream_sum": self.upstream_sum,
+        }
+
+
+def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum snapshots of several processes into one of the same shape."""
+    total: dict[str, Any] = {
+        "requests": {},
+        "denials": {},
+        "would_deny": {},
+        "cache": {},
+        "jwks": {},
+        "reloads": {},
+        "rate_limited": 0,
+        "access_log_dropped": 0,
+        "request_buckets": [0] * (len(BUCKETS) + 1),
+        "request_sum": 0.0,
+        "upstream_buckets": [0] * (len(BUCKETS) + 1),
+        "upstream_sum": 0.0,
+    }
+    for snap in snapshots:
+        for name in ("requests", "would_deny"):
+            into = total[name]
+            for *labels, value in snap.get(name, ()):
+                key = tuple(str(v) for v in labels)
+                into[key] = into.get(key, 0) + value
+        for name in ("denials", "cache", "jwks", "reloads"):
+            into = total[name]
+            for label, value in snap.get(name, {}).items():
+                into[label] = into.get(label, 0) + value
+        for name in ("rate_limited", "access_log_dropped", "request_sum", "upstream_sum"):
+            total[name] += snap.get(name, 0)
+        for name in ("request_buckets", "upstream_buckets"):
+            counts = snap.get(name) or []
+            if len(counts) == len(BUCKETS) + 1:
+                total[name] = [a + b for a, b in zip(total[name], counts, strict=True)]
+    return total
+
+
+def _histogram(name: str, doc: str, counts: list[int], total: float) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], buckets, total)
+    return family
+
+
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in sorted(values.items()):
+        family.add_metric([value], count)
+    return family
+
+
+def key_states(config: Config, now: float) -> dict[str, int]:
+    states = {"active": 0, "expired": 0, "revoked": 0, "report": 0}
+    for key in config.keys:
+        if key.revoked:
+            states["revoked"] += 1
+        elif key.expires_at is not None and key.expires_at <= now:
+            states["expired"] += 1
+        else:
+            states["active"] += 1
+        if getattr(key, "mode", None) == "report":
+            states["report"] += 1
+    return states
+
+
+class MetricsCollector(Collector):
+    """Turns the plain counts into Prometheus families when `/metrics` is scraped."""
+
+    def __init__(self, observer: Observer, own: dict[str, Any]) -> None:
+        self.observer = observer
+        self.own = own  # this process's counts, taken on the loop (the dicts change there)
+
+    def collect(self) -> Iterator[Metric]:
+        observer = self.observer
+        data = merge([self.own, *observer.other_snapshots()])
+        requests = CounterMetricFamily(
+            "keyproxy_requests",
+            "Requests answered, by key id, route pattern, method, status and decision.",
+            labels=["key", "route", "method", "status", "decision"],
+        )
+        for (key, route, method, status, decision), count in sorted(data["requests"].items()):
+            requests.add_metric([key, route, method, str(status), decision], count)
+        yield requests
+        yield _counter(
+            "keyproxy_denials", "Requests refused, by reason code.", "reason", data["denials"]
+        )
+        yield _histogram(
+            "keyproxy_request_duration_seconds",
+            "Time from a request's head to the end of its answer.",
+            data["request_buckets"],
+            data["request_sum"],
+        )
+        yield _histogram(
+            "keyproxy_upstream_duration_seconds",
+            "Time from sending a request upstream to the end of the upstream's answer.",
+            data["upstream_buckets"],
+            data["upstream_sum"],
+        )
+        yield CounterMetricFamily(
+            "keyproxy_rate_limited",
+            "Requests refused by a rate limit or a quota.",
+            value=data["rate_limited"],
+        )
+        yield _counter(
+            "keyproxy_cache_requests", "Response cache lookups, by result.", "result", data["cache"]
+        )
+        reloads = {"success": 0, "error": 0, **data["reloads"]}
+        yield _counter(
+            "keyproxy_config_reloads", "Configuration reloads, by result.", "result", reloads
+        )
+        keys = GaugeMetricFamily("keyproxy_keys", "Configured keys, by state.", labels=["state"])
+        for state, count in key_states(observer.config, time.time()).items():
+            keys.add_metric([state], count)
+        yield keys
+        would = CounterMetricFamily(
+            "keyproxy_would_deny",
+            "Report-mode requests enforce mode would have refused, by key id and reason.",
+            labels=["key", "reason"],
+        )
+        for (key, reason), count in sorted(data["would_deny"].items()):
+            would.add_metric([key, reason], count)
+        yield would
+        yield _counter(
+            "keyproxy_jwks_refreshes", "JWKS fetches, by result.", "result", data["jwks"]
+        )
+        yield CounterMetricFamily(
+            "keyproxy_access_log_dropped",
+            "Access-log lines dropped because the log could not be written fast enough.",
+            value=data["access_log_dropped"],
+        )
+
+
+class AccessLog:
+    """JSON lines, queued on the loop and written by one thread.
+
+    `add` is all a request pays on the loop: appending a tuple. Every
+    `FLUSH_INTERVAL` the queue is handed to a single writer thread that turns it
+    into JSON (orjson) and writes it, so neither a large batch nor a slow pipe
+    or disk stalls the event loop, and lines keep their order.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.pending: list[tuple[Any, ...]] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log")
+        self._in_flight: asyncio.Future[None] | None = None
+        self._file: IO[bytes] | None = None
+        self._reopen = False
+        self.dropped = 0
+
+    def add(self, record: tuple[Any, ...]) -> None:
+        self.pending.append(record)
+
+    def reopen(self) -> None:
+        """SIGUSR1: the file was rotated; the next write opens the path afresh."""
+        self._reopen = True
+
+    def _take_lines(self) -> bytes:
+        records, self.pending = self.pending, []
+        return lines(records)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            if self.target == "stdout":
+                out = sys.stdout.buffer
+            elif self.target == "stderr":
+                out = sys.stderr.buffer
+            else:
+                if self._reopen or self._file is None:
+                    self._reopen = False
+                    if self._file is not None:
+                        self._file.close()
+                    self._file = open(self.target, "ab")  # noqa: SIM115 (kept open)
+                out = self._file
+            out.write(data)
+            out.flush()
+        except (OSError, ValueError) as exc:
+            log_event("access_log_error", target=self.target, error=str(exc))
+
+    def flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.pending:
+            return
+        if self._in_flight is not None and not self._in_flight.done():
+            # The writer is behind: keep queuing, within a bound.
+            excess = len(self.pending) - MAX_PENDING
+            if excess > 0:
+                del self.pending[:excess]
+                self.dropped += excess
+            return
+        records, self.pending = self.pending, []
+        # Serialised on the writer thread too: a flush never holds the loop for the batch.
+        self._in_flight = loop.run_in_executor(self._writer, self._write_records, records)
+
+    def _write_records(self, records: list[tuple[Any, ...]]) -> None:
+        self._write(lines(records))
+
+    def close(self) -> None:
+        """At shutdown: write everything still queued, then stop the writer."""
+        self._writer.shutdown(wait=True)
+        if self.pending:
+            self._write(self._take_lines())
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+
+def _referer_origin(referer: str | None) -> str | None:
+    if not referer:
+        return None
+    scheme, sep, rest = referer.partition("://")
+    if not sep:
+        return None
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    host = host.rpartition("@")[2]  # never userinfo (it may hold a password)
+    return f"{scheme.lower()}://{host.lower()}"
+
+
+def _query_names(query: str | None) -> list[str] | None:
+    if not query:
+        return None
+    return [part.split("=", 1)[0] for part in query.split("&") if part]
+
+
+#: Referer -> origin, remembered: a site's pages send a handful of distinct referers.
+_origins: dict[str, str | None] = {}
+_ORIGINS_MAX = 4096
+
+
+def lines(records: list[tuple[Any, ...]]) -> bytes:
+    """The queued records as JSON lines, in one loop (this runs once per flush, on the loop)."""
+    dumps, option = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    origins = _origins
+    # Each line is written into one buffer and dropped at once: keeping thousands of
+    # small bytes objects alive until a join costs more than serialising them.
+    buffer = io.BytesIO()
+    write = buffer.write
+    second, stamp = -1, ""
+    for (
+        when, request_id, key_id, user, client_ip, method, path, route, decision, reason,
+        status, sent, upstream_s, total_s, referer, source, query, roles,
+    ) in records:  # fmt: skip
+        whole = int(when)
+        if whole != second:
+            second, stamp = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        origin = None
+        if referer:
+            origin = origins.get(referer, "")
+            if origin == "":
+                if len(origins) >= _ORIGINS_MAX:
+                    origins.clear()
+                origin = origins[referer] = _referer_origin(referer)
+        write(
+            dumps(
+                {
+                    "time": f"{stamp}.{int((when - whole) * 1000):03d}Z",
+                    "request_id": request_id,
+                    "key": key_id,
+                    "user": user,
+                    "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
+                    "method": method,
+                    "path": path,
+                    "route": route,
+                    "decision": decision,
+                    "reason": reason,
+                    "status": status,
+                    "bytes": sent,
+                    "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
+                    "total_ms": int(total_s * 1e6) / 1000,
+                    "referer_origin": origin,
+                    "credential_source": source,
+                    "query_names": [p.split("=", 1)[0] for p in query.split("&") if p]
+                    if query
+                    else None,
+                    "roles": None if roles is None else list(roles),
+                },
+                option=option,
+            )
+        )
+    return buffer.getvalue()
+
+
+class Observer:
+    """One per process: what `Exchange._finish` reports to, and what `/metrics` reads."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.config = config
+        self.metrics = metrics
+        metrics.per_key = config.metrics.per_key
+        self.access_log: AccessLog | None = (
+            None if config.log.access == "off" else AccessLog(config.log.access)
+        )
+        self.metrics_dir = os.environ.get(METRICS_DIR_ENV) or None
+        self._behind_proxies = config.server.trusted_proxies is not None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_config(self, config: Config) -> None:
+        self.config = config
+        self._behind_proxies = config.server.trusted_proxies is not None
+        metrics.per_key = config.metrics.per_key
+        target = config.log.access
+        current = self.access_log
+        if current is not None and current.target == target:
+            return
+        if current is not None:
+            current.flush(self.loop)
+            self.loop.run_in_executor(None, current.close)  # after its last lines
+        self.access_log = None if target == "off" else AccessLog(target)
+
+    def reopen_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def start(self) -> None:
+        self._tasks.append(self.loop.create_task(self._flush_forever()))
+        if self.metrics_dir is not None:
+            self._tasks.append(self.loop.create_task(self._snapshot_forever()))
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            log = self.access_log
+            if log is not None:
+                log.flush(self.loop)
+                metrics.access_log_dropped = log.dropped
+
+    async def _snapshot_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+            data = orjson.dumps(metrics.snapshot())
+            await self.loop.run_in_executor(None, self._write_snapshot, data)
+
+    def _snapshot_path(self, pid: int) -> str:
+        assert self.metrics_dir is not None
+        return os.path.join(self.metrics_dir, f"{pid}.json")
+
+    def _write_snapshot(self, data: bytes) -> None:
+        path = self._snapshot_path(os.getpid())
+        try:
+            with open(path + ".tmp", "wb") as out:
+                out.write(data)
+            os.replace(path + ".tmp", path)  # readers never see half a snapshot
+        except OSError as exc:
+            log_event("metrics_snapshot_error", error=str(exc))
+
+    def other_snapshots(self) -> list[dict[str, Any]]:
+        """Every other worker's latest snapshot (none without --workers)."""
+        snaps: list[dict[str, Any]] = []
+        if self.metrics_dir is None:
+            return snaps
+        own = f"{os.getpid()}.json"
+        try:
+            names = os.listdir(self.metrics_dir)
+        except OSError:
+            return snaps
+        for name in names:
+            if name == own or not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.metrics_dir, name), "rb") as f:
+                    snaps.append(orjson.loads(f.read()))
+            except (OSError, orjson.JSONDecodeError):
+                continue
+        return snaps
+
+    def registry(self) -> CollectorRegistry:
+        """A registry for one scrape. Call on the loop: it copies this process's counts;
+        rendering it (reading other workers' files) may then run on a thread."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MetricsCollector(self, metrics.snapshot()))
+        return registry
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.metrics_dir is not None:
+            self._write_snapshot(orjson.dumps(metrics.snapshot()))
+
+    # -- the hot path: once per exchange ----------------------------------------
+    def exchange_finished(self, ex: Exchange) -> None:
+        """Count `ex` and queue its log line; a fault here must never cost the connection."""
+        try:
+            self._record(ex)
+        except Exception as exc:
+            log_event("observe_error", request_id=ex.request_id, error=type(exc).__name__)
+
+    def _record(self, ex: Exchange) -> None:
+        now = self.loop.time()
+        total = now - ex.started
+        m = metrics
+        ctx = ex.ctx
+        status = ex.status or CLIENT_CLOSED
+        reason = ex.reason
+        method = ex.method
+        if ctx is None:
+            key_id = route = source = query = referer = user = roles = None
+            path, _, query = ex.target.partition("?")
+            client_ip = ex.conn.peer_ip
+            when = time.time()
+            decision = "deny"
+        else:
+            key = ctx.key
+            key_id = key.id if key is not None else None
+            route = ctx.route.match if ctx.route is not None else None
+            target = ctx.target
+            if target is not None:
+                path, query = target.path, target.query
+            else:
+                path, _, query = ex.target.partition("?")
+            source = ctx.credential_source
+            # The socket peer unless trusted proxies name another (an address object: str() at
+            # flush).
+            client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
+            when = ctx.now
+            referer = ctx.headers.get("referer")
+            user = ctx.user
+            roles = ctx.roles
+            would = ctx.would_deny
+            if ex.forwarding:
+                decision = "allow"
+                if would is not None:
+                    decision = "would_deny"
+                    reason = getattr(would, "code", str(would))
+            else:
+                decision = "deny"
+        labels = (
+            m.key_label(key_id),
+            route or "-",
+            method if method in KNOWN_METHODS else "OTHER",
+            status,
+            decision,
+        )
+        requests = m.requests
+        requests[labels] = requests.get(labels, 0) + 1
+        if decision == "deny" and reason is not None:
+            m.denials[reason] = m.denials.get(reason, 0) + 1
+            if reason in RATE_LIMIT_CODES:
+                m.rate_limited += 1
+        m.request_buckets[bisect.bisect_left(BUCKETS, total)] += 1
+        m.request_sum += total
+        upstream = None
+        if ex.upstream_started:
+            upstream = now - ex.upstream_started
+            m.upstream_buckets[bisect.bisect_left(BUCKETS, upstream)] += 1
+            m.upstream_sum += upstream
+        log = self.access_log
+        if log is not None:
+            record = (
+                when, ex.request_id, key_id, user, client_ip, method, path, route, decision,
+                reason, status, ex.sent, upstream, total, referer, source, query, roles,
+            )  # fmt: skip
+            log.pending.append(record)
+
+
+#: The process's counts: see the module docstring for the calls other parts may make.
+metrics = Metrics()

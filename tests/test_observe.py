@@ -1,0 +1,363 @@
+"""Seeing it run: /metrics and the access log, through real keyproxy processes."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from keyproxy.observe import BUCKETS, Metrics, _query_names, _referer_origin, merge
+from tests.procs import free_port, spawn
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
+
+LIMITED = "pk_" + "7" * 64
+UNKNOWN = "pk_" + "9" * 64
+
+
+def scrape(kp: Keyproxy) -> str:
+    conn = http.client.HTTPConnection(kp.admin_host, kp.admin_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("content-type", "").startswith("text/plain")
+        return resp.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample, by name and sorted labels, read with prometheus_client's own parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def by_name(found: dict, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: v for (n, labels), v in found.items() if n == name}
+
+
+def answer(kp: Keyproxy, method: str, path: str, key: str | None = None, **headers: str):
+    status, h, body, _ = kp.request(method, path, headers=headers or None, key=key)
+    error = json.loads(body)["error"] if status >= 400 and body else None
+    return status, h, error
+
+
+def read_log(path: Path, count: int, timeout: float = 5.0) -> list[dict]:
+    """Wait (bounded) until `count` lines have been flushed, then parse them all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def make(tmp_path):
+    started: list[Keyproxy] = []
+
+    def _make(config: dict, extra_args: list[str] | None = None) -> Keyproxy:
+        kp = start_keyproxy(tmp_path, config, extra_args=extra_args)
+        started.append(kp)
+        return kp
+
+    yield _make
+    for kp in started:
+        kp.stop()
+
+
+def config_for(upstream, tmp_path: Path, **extra) -> dict:
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"].append(
+        {"id": "limited", "hash": digest(LIMITED), "type": "read", "rate_limit": "2/minute"}
+    )
+    config["server"]["credential_sources"] = ["header", "basic", "query"]
+    config["log"] = {"access": str(tmp_path / "access.log")}
+    config.update(extra)
+    return config
+
+
+def test_metrics_count_a_mix_of_requests_exactly(upstream, tmp_path, make):
+    kp = make(config_for(upstream, tmp_path))
+    expected: Counter = Counter()
+    denials: Counter = Counter()
+    plan = [
+        ("reader", KEYS["reader"], "GET", "/v1/data/posts", "GET /v1/data/{table}"),
+        ("reader", KEYS["reader"], "GET", "/v1/data/posts", "GET /v1/data/{table}"),
+        ("reader", KEYS["reader"], "GET", "/v1/data/posts/7", "GET /v1/data/{table}/{id}"),
+        ("reader", KEYS["reader"], "DELETE", "/v1/data/posts/7", "DELETE /v1/data/{table}/{id}"),
+        ("-", UNKNOWN, "GET", "/v1/data/posts", "-"),
+        ("-", None, "GET", "/v1/data/posts", "-"),
+        ("-", UNKNOWN, "PURGE", "/v1/data/posts", "-"),  # a method no route may name
+        ("-", KEYS["revoked"], "GET", "/v1/data/posts", None),  # refused at step 1, no key id
+        ("limited", LIMITED, "GET", "/echo/a", "GET|HEAD|OPTIONS /echo/**"),
+        ("limited", LIMITED, "GET", "/echo/a", "GET|HEAD|OPTIONS /echo/**"),
+        ("limited", LIMITED, "GET", "/echo/a", "GET|HEAD|OPTIONS /echo/**"),
+    ]
+    for label, key, method, path, route in plan:
+        status, _, error = answer(kp, method, path, key)
+        decision = "deny" if error else "allow"
+        if route is None:  # refused before routing, by a known key
+            route = "-"
+            assert error is not None
+        labelled = method if method in ("GET", "DELETE") else "OTHER"
+        expected[(label, route, labelled, str(status), decision)] += 1
+        if error:
+            denials[error] += 1
+    assert denials["RATE_LIMITED"] == 1, denials  # the third request of a 2/minute key
+    found = samples(scrape(kp))
+    requests = by_name(found, "keyproxy_requests_total")
+    got = {
+        tuple(dict(labels)[n] for n in ("key", "route", "method", "status", "decision")): v
+        for labels, v in requests.items()
+    }
+    assert got == dict(expected)
+    reasons = by_name(found, "keyproxy_denials_total")
+    assert {dict(lb)["reason"]: v for lb, v in reasons.items()} == dict(denials)
+    assert found[("keyproxy_rate_limited_total", ())] == 1
+    assert found[("keyproxy_request_duration_seconds_count", ())] == len(plan)
+    forwarded = sum(v for k, v in expected.items() if k[4] == "allow")
+    assert forwarded == 5  # three reads by `reader`, two by `limited`
+    assert found[("keyproxy_upstream_duration_seconds_count", ())] == forwarded
+    buckets = by_name(found, "keyproxy_request_duration_seconds_bucket")
+    assert {dict(lb)["le"] for lb in buckets} == {*(repr(b) for b in BUCKETS), "+Inf"}
+    keys = {dict(lb)["state"]: v for lb, v in by_name(found, "keyproxy_keys").items()}
+    assert keys == {"active": 5, "expired": 1, "revoked": 1, "report": 0}
+    reloads = by_name(found, "keyproxy_config_reloads_total")
+    assert {dict(lb)["result"]: v for lb, v in reloads.items()} == {"success": 0, "error": 0}
+    # The other families are exposed before anything feeds them.
+    names = {family.name for family in text_string_to_metric_families(scrape(kp))}
+    assert {
+        "keyproxy_cache_requests",
+        "keyproxy_would_deny",
+        "keyproxy_jwks_refreshes",
+    } <= names
+
+
+def test_a_thousand_unknown_keys_add_no_series_and_per_key_bounds_labels(upstream, tmp_path, make):
+    config = config_for(upstream, tmp_path, metrics={"per_key": 1})
+    kp = make(config)
+    assert answer(kp, "GET", "/v1/data/posts", "pk_" + "a" * 64)[0] == 401
+    assert answer(kp, "GET", "/v1/data/posts", KEYS["reader"])[0] == 200
+    assert answer(kp, "GET", "/v1/data/posts", KEYS["admin"])[0] == 200  # second id: "_other"
+    before = samples(scrape(kp))
+    conn = http.client.HTTPConnection(kp.host, kp.port, timeout=10)
+    try:
+        for i in range(1000):
+            conn.request("GET", "/v1/data/posts", headers={"X-API-Key": f"pk_{i:064x}"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 401
+    finally:
+        conn.close()
+    after = samples(scrape(kp))
+    assert set(after) == set(before)
+    requests = by_name(after, "keyproxy_requests_total")
+    assert {dict(lb)["key"] for lb in requests} == {"-", "reader", "_other"}
+    unknown = [v for lb, v in requests.items() if dict(lb)["key"] == "-"]
+    assert unknown == [1001]
+    text = scrape(kp)
+    assert "pk_" not in text and "sk_" not in text
+
+
+def test_access_log_has_every_field_and_no_secret_from_any_credential_source(
+    upstream, tmp_path, make
+):
+    kp = make(config_for(upstream, tmp_path))
+    basic = base64.b64encode(f"reader:{KEYS['reader']}".encode()).decode()
+    statuses = [
+        answer(kp, "GET", "/echo/h?q=hidden-value&x=other-value", KEYS["reader"])[0],
+        kp.request("GET", "/echo/b?token=v4lue", {"Authorization": f"Basic {basic}"})[0],
+        kp.request("GET", f"/echo/q?api_key={KEYS['reader']}&page=2")[0],
+        answer(
+            kp,
+            "GET",
+            "/v1/data/posts",
+            KEYS["admin"],
+            Referer="https://user:pw@app.example.com/page?session=s3cret",
+        )[0],
+        answer(kp, "DELETE", "/v1/data/posts/1", KEYS["reader"])[0],
+        answer(kp, "GET", "/v1/data/x", UNKNOWN)[0],
+    ]
+    assert statuses == [200, 200, 200, 200, 403, 401]
+    log_path = tmp_path / "access.log"
+    lines = read_log(log_path, len(statuses))
+    assert len(lines) == len(statuses)
+    fields = {
+        "time", "request_id", "key", "user", "client_ip", "method", "path", "route",
+        "decision", "reason", "status", "bytes", "upstream_ms", "total_ms",
+        "referer_origin", "credential_source", "query_names", "roles",
+    }  # fmt: skip
+    for line in lines:
+        assert set(line) == fields
+        assert line["client_ip"] == "127.0.0.1"
+        assert line["bytes"] > 0 and line["total_ms"] >= 0
+        assert line["time"].endswith("Z")
+    header, basic_line, query, referer, refused, unknown = lines
+    assert (header["key"], header["credential_source"], header["decision"]) == (
+        "reader",
+        "header",
+        "allow",
+    )
+    assert header["query_names"] == ["q", "x"] and header["path"] == "/echo/h"
+    assert header["route"] == "GET|HEAD|OPTIONS /echo/**" and header["upstream_ms"] > 0
+    assert basic_line["credential_source"] == "basic" and basic_line["key"] == "reader"
+    assert query["credential_source"] == "query" and query["query_names"] == ["api_key", "page"]
+    assert referer["referer_origin"] == "https://app.example.com" and referer["key"] == "admin"
+    assert (refused["decision"], refused["status"], refused["upstream_ms"]) == ("deny", 403, None)
+    assert refused["reason"] and refused["key"] == "reader"
+    assert (unknown["key"], unknown["reason"], unknown["status"]) == (None, "INVALID_TOKEN", 401)
+    assert len({line["request_id"] for line in lines}) == len(lines)
+    raw = log_path.read_text()
+    secrets = [*KEYS.values(), UNKNOWN, basic, "hidden-value", "other-value", "v4lue", "s3cret"]
+    for secret in [*secrets, *upstream.secrets, "pw@", "user:"]:
+        assert secret not in raw, secret
+
+
+def test_access_log_defaults_to_stdout_and_reopens_on_sigusr1(upstream, tmp_path, make):
+    config = config_for(upstream, tmp_path)
+    del config["log"]
+    kp = make(config)
+    answer(kp, "GET", "/echo/a", KEYS["reader"])
+    kp.process.wait_for_line(r'"request_id"', stream="stdout")
+    line = json.loads(kp.process.stdout.splitlines()[-1])
+    assert line["key"] == "reader"
+
+    kp2 = make(config_for(upstream, tmp_path))
+    log_path = tmp_path / "access.log"
+    answer(kp2, "GET", "/echo/1", KEYS["reader"])
+    assert len(read_log(log_path, 1)) == 1
+    rotated = tmp_path / "access.log.1"
+    log_path.rename(rotated)  # what logrotate does, then it signals
+    kp2.process.send_signal(signal.SIGUSR1)
+    time.sleep(0.2)
+    answer(kp2, "GET", "/echo/2", KEYS["reader"])
+    assert [line["path"] for line in read_log(log_path, 1)] == ["/echo/2"]
+    assert [line["path"] for line in read_log(rotated, 1)] == ["/echo/1"]
+
+
+def test_access_log_lines_still_queued_are_written_at_shutdown(upstream, tmp_path):
+    kp = start_keyproxy(tmp_path, config_for(upstream, tmp_path))
+    try:
+        for i in range(20):
+            assert answer(kp, "GET", f"/echo/{i}", KEYS["reader"])[0] == 200
+    finally:
+        assert kp.stop() == 0  # at once: well within the half-second flush interval
+    lines = read_log(tmp_path / "access.log", 20, timeout=0)
+    assert [line["path"] for line in lines] == [f"/echo/{i}" for i in range(20)]
+
+
+def test_a_reload_moves_the_access_log(upstream, tmp_path, make):
+    kp = make(config_for(upstream, tmp_path))
+    answer(kp, "GET", "/echo/before", KEYS["reader"])
+    moved = tmp_path / "moved.log"
+    kp.rewrite_config(dict(kp.config, log={"access": str(moved)}))
+    deadline = time.monotonic() + 8
+    while '"result":"success"' not in kp.process.stderr and time.monotonic() < deadline:
+        time.sleep(0.1)
+    answer(kp, "GET", "/echo/after", KEYS["reader"])
+    assert [line["path"] for line in read_log(moved, 1)] == ["/echo/after"]
+    assert [line["path"] for line in read_log(tmp_path / "access.log", 1)] == ["/echo/before"]
+
+
+def test_two_workers_are_summed_in_one_scrape(upstream, tmp_path, make):
+    config = config_for(upstream, tmp_path)
+    kp = make(config, extra_args=["--workers", "2"])
+    deadline = time.monotonic() + 10
+    while kp.process.stderr.count('"event":"listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first worker's line made `make` return; wait for the second
+    assert kp.process.stderr.count('"event":"listening"') == 2, kp.process.describe()
+    prefixes = set()
+    for _ in range(40):  # a new connection each: the kernel spreads them over both workers
+        status, headers, _ = answer(kp, "GET", "/echo/w", KEYS["reader"])
+        assert status == 200
+        prefixes.add(headers["x-request-id"][:12])  # each process has its own id prefix
+    assert len(prefixes) == 2, "both workers answered"
+    deadline = time.monotonic() + 5
+    while True:  # a worker's snapshot is at most a second old
+        total = sum(by_name(samples(scrape(kp)), "keyproxy_requests_total").values())
+        if total == 40 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert total == 40
+
+
+def test_real_prometheus_scrapes_the_admin_listener(upstream, tmp_path, make):
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "Debian's prometheus is needed (.ci/run installs it)"
+    kp = make(config_for(upstream, tmp_path))
+    answer(kp, "GET", "/echo/p", KEYS["reader"])
+    web = free_port()
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: keyproxy\n"
+        f"    static_configs: [{{targets: ['{kp.admin_host}:{kp.admin_port}']}}]\n"
+    )
+    argv = [
+        prometheus,
+        f"--config.file={conf}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{web}",
+    ]
+    process, _ = spawn(argv, ready="Server is ready", ready_stream="stderr", name="prometheus")
+    try:
+
+        def query(expr: str) -> list:
+            conn = http.client.HTTPConnection("127.0.0.1", web, timeout=5)
+            try:
+                conn.request("GET", "/api/v1/query?query=" + expr)
+                return json.loads(conn.getresponse().read())["data"]["result"]
+            finally:
+                conn.close()
+
+        deadline = time.monotonic() + 20
+        up = requests = []
+        while time.monotonic() < deadline:
+            up = query("up")
+            requests = query("keyproxy_requests_total")
+            if up and up[0]["value"][1] == "1" and requests:
+                break
+            time.sleep(0.5)
+        assert up and up[0]["value"][1] == "1", process.describe()
+        assert requests and requests[0]["metric"]["key"] == "reader"
+    finally:
+        process.stop()
+
+
+# -- the pure parts -------------------------------------------------------------
+
+
+def test_key_labels_first_n_then_other():
+    m = Metrics(per_key=2)
+    assert [m.key_label(k) for k in ("a", "b", "c", "a", None)] == ["a", "b", "_other", "a", "-"]
+
+
+def test_referer_origin_and_query_names_hold_no_values():
+    assert _referer_origin("https://u:p@Site.example:8443/x?k=v#f") == "https://site.example:8443"
+    assert _referer_origin("not a url") is None
+    assert _query_names("a=1&b&&api_key=sk_x") == ["a", "b", "api_key"]
+
+
+def test_merge_sums_workers():
+    a, b = Metrics(), Metrics()
+    a.requests[("k", "r", "GET", 200, "allow")] = 2
+    b.requests[("k", "r", "GET", 200, "allow")] = 3
+    b.cache("hit")
+    a.request_buckets[0] = 1
+    total = merge([a.snapshot(), json.loads(json.dumps(b.snapshot()))])
+    assert total["requests"] == {("k", "r", "GET", "200", "allow"): 5}
+    assert total["cache"] == {"hit": 1}
+    assert total["request_buckets"][0] == 1
