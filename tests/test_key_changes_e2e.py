@@ -110,7 +110,7 @@ def test_keygen_rotate_then_both_keys_work_until_the_old_one_is_refused(
 
     pasted = path.read_text().replace(f"    hash: {digest(old_key)}\n", block)
     path.write_text(pasted)
-    assert cli("check", "-c", str(path)).stdout.startswith("OK: 1 keys")
+    assert cli("check", "-c", str(path)).stdout.startswith("OK: 1 key,")
 
     kp = make(yaml.safe_load(pasted))
     for key in (new_key, old_key):
