@@ -18,8 +18,9 @@ spelling can match), which the next chunk completes. `end` releases the rest.
 A match that starts before the held tail always lies wholly within the bytes
 seen, so the regular expression decides it on complete data.
 
-The body changes length when something is redacted: the caller sends it
-chunked (or buffers it to recompute `Content-Length`). Compressed bodies must
+With `same_length` each occurrence becomes a mask of its own byte length, so
+the body keeps its length and its framing (the data path uses this); otherwise
+the body changes length and the caller sends it chunked or buffers it. Compressed bodies must
 be decoded first (`keyproxy.response.codings`): the scrubber reads bytes as
 the client will read them.
 """
@@ -33,12 +34,25 @@ from keyproxy.responses import secret_spellings
 REDACTED = b"[REDACTED]"
 
 
+def same_length_mask(size: int) -> bytes:
+    """A redaction exactly as long as what it replaces, so `Content-Length` stays true
+    and the body keeps streaming in its own framing: `[REDACTED]` padded with `*`
+    (or cut, for a spelling shorter than ten bytes)."""
+    return (REDACTED + b"*" * (size - len(REDACTED)))[:size]
+
+
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
-    __slots__ = ("anchors", "hold", "pattern")
+    __slots__ = ("anchors", "hold", "pattern", "same_length")
 
-    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        secrets: tuple[str, ...],
+        basic: tuple[str, str] | None = None,
+        same_length: bool = False,
+    ) -> None:
+        self.same_length = same_length
         spellings = secret_spellings(secrets, basic)
         self.anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
         if spellings:
@@ -54,21 +68,28 @@ class BodyScrubber:
 
     def stream(self) -> ScrubStream:
         assert self.pattern is not None
-        return ScrubStream(self.pattern, self.hold, self.anchors)
+        return ScrubStream(self.pattern, self.hold, self.anchors, self.same_length)
 
     def scrub(self, body: bytes) -> bytes:
         """A whole body at once (a buffered or cached one)."""
         if self.pattern is None:
             return body
-        return _redact(self.pattern, body)[0]
+        return _redact(self.pattern, body, self.same_length)[0]
 
 
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = ("anchors", "found", "held", "hold", "pattern")
+    __slots__ = ("anchors", "found", "held", "hold", "pattern", "same_length")
 
-    def __init__(self, pattern: re.Pattern[bytes], hold: int, anchors: tuple[bytes, ...]) -> None:
+    def __init__(
+        self,
+        pattern: re.Pattern[bytes],
+        hold: int,
+        anchors: tuple[bytes, ...],
+        same_length: bool = False,
+    ) -> None:
+        self.same_length = same_length
         self.pattern = pattern
         self.hold = hold
         self.anchors = anchors
@@ -114,7 +135,9 @@ class ScrubStream:
             if match.start() >= cut:
                 break
             out.append(data[position : match.start()])
-            out.append(REDACTED)
+            out.append(
+                same_length_mask(match.end() - match.start()) if self.same_length else REDACTED
+            )
             self.found += 1
             position = match.end()
         keep_from = max(position, cut)
@@ -126,17 +149,20 @@ class ScrubStream:
         rest, self.held = self.held, b""
         if not rest:
             return b""
-        clean, count = _redact(self.pattern, rest)
+        clean, count = _redact(self.pattern, rest, self.same_length)
         self.found += count
         return clean
 
 
-def _redact(pattern: re.Pattern[bytes], data: bytes) -> tuple[bytes, int]:
+def _redact(
+    pattern: re.Pattern[bytes], data: bytes, same_length: bool = False
+) -> tuple[bytes, int]:
     """`data` with every match of `pattern` in its lower-cased text redacted, and the count."""
     out: list[bytes] = []
     last = 0
     for match in pattern.finditer(data.lower()):
-        out += (data[last : match.start()], REDACTED)
+        mask = same_length_mask(match.end() - match.start()) if same_length else REDACTED
+        out += (data[last : match.start()], mask)
         last = match.end()
     if not out:
         return data, 0
