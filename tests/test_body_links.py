@@ -26,7 +26,7 @@ from keyproxy.response.fields import (
     compile_fields,
     parse_document_path,
 )
-from keyproxy.response.links import (
+from keyproxy.response.body_links import (
     BODY_NOT_SCANNED,
     BodyScrubFactory,
     FieldsFactory,
