@@ -8,6 +8,7 @@ the links after it before their own `on_end`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import zlib
 
@@ -17,6 +18,13 @@ import pytest
 
 from keyproxy.config.model import Key, KeyType, Route
 from keyproxy.request import Deny, Headers, RequestContext
+from keyproxy.response.body_links import (
+    BODY_NOT_SCANNED,
+    BodyScrubFactory,
+    FieldsFactory,
+    ResponseCache,
+    request_edits,
+)
 from keyproxy.response.body_scrub import BodyScrubber
 from keyproxy.response.cache import MemoryStore, cache_key
 from keyproxy.response.chain import ResponseHead
@@ -25,13 +33,6 @@ from keyproxy.response.fields import (
     FilterLimits,
     compile_fields,
     parse_document_path,
-)
-from keyproxy.response.body_links import (
-    BODY_NOT_SCANNED,
-    BodyScrubFactory,
-    FieldsFactory,
-    ResponseCache,
-    request_edits,
 )
 
 SECRET = "upstream-secret-0123456789"
@@ -176,8 +177,10 @@ def test_each_shape_in_each_coding_is_filtered(shape: str, coding: str) -> None:
     if name:
         lines.append(b"Content-Encoding: " + name)
     head = head_of(*lines, length=len(data))
-    at = (parse_document_path("data[*]"),) if shape == "envelope" else ()
-    link = FieldsFactory(at, FilterLimits())(ctx_for(EXCLUDE, accept="gzip, br"))
+    ctx = ctx_for(EXCLUDE, accept="gzip, br")
+    if shape == "envelope":
+        ctx.route = dataclasses.replace(ctx.route, fields_at=(parse_document_path("data[*]"),))
+    link = FieldsFactory(FilterLimits())(ctx)
     out = run([link], head, [data[:7], data[7:]])
     assert isinstance(out, bytes) and head.hold
     sent = head.get(b"content-encoding")
@@ -189,11 +192,11 @@ def test_each_shape_in_each_coding_is_filtered(shape: str, coding: str) -> None:
 def test_duplicate_keys_cannot_smuggle_a_hidden_field() -> None:
     body = b'{"email":"hidden","id":1,"email":"also hidden","author":{"phone":1,"phone":2}}'
     head = head_of(b"Content-Type: application/json")
-    out = run([FieldsFactory((), FilterLimits())(ctx_for(EXCLUDE))], head, [body])
+    out = run([FieldsFactory(FilterLimits())(ctx_for(EXCLUDE))], head, [body])
     assert isinstance(out, bytes) and b"hidden" not in out and b"phone" not in out
     include = compile_fields("include", ["id"])
     out = run(
-        [FieldsFactory((), FilterLimits())(ctx_for(include))],
+        [FieldsFactory(FilterLimits())(ctx_for(include))],
         head_of(b"Content-Type: application/json"),
         [b'{"id":1,"id":{"email":"x"}}'],
     )
@@ -223,25 +226,23 @@ def test_duplicate_keys_cannot_smuggle_a_hidden_field() -> None:
 )
 def test_fail_closed(lines: list[bytes], chunks: list[bytes], limits: FilterLimits) -> None:
     head = head_of(*lines)
-    out = run([FieldsFactory((), limits)(ctx_for(EXCLUDE))], head, chunks)
+    out = run([FieldsFactory(limits)(ctx_for(EXCLUDE))], head, chunks)
     assert out is FILTER_FAILED
 
 
 def test_partial_content_is_refused_and_head_is_consistent_with_get() -> None:
-    link = FieldsFactory((), FilterLimits())(ctx_for(EXCLUDE))
+    link = FieldsFactory(FilterLimits())(ctx_for(EXCLUDE))
     assert (
         run([link], head_of(b"Content-Type: application/json", status=206), [b"{}"])
         is FILTER_FAILED
     )
     head = head_of(b"Content-Type: application/json", b'ETag: "v"', length=99, method="HEAD")
-    assert (
-        run([FieldsFactory((), FilterLimits())(ctx_for(EXCLUDE, method="HEAD"))], head, []) == b""
-    )
+    assert run([FieldsFactory(FilterLimits())(ctx_for(EXCLUDE, method="HEAD"))], head, []) == b""
     assert head.length is None and head.get(b"etag") is None and not head.hold
 
 
 def test_a_key_without_fields_gets_no_link_and_requests_are_edited_only_for_body_work() -> None:
-    assert FieldsFactory((), FilterLimits())(ctx_for(None)) is None
+    assert FieldsFactory(FilterLimits())(ctx_for(None)) is None
     assert BodyScrubFactory(SCRUBBER, 1)(ctx_for(method="HEAD")) is None
 
 
@@ -257,7 +258,7 @@ def test_cache_tee_stores_and_a_write_evicts() -> None:
         )
         ctx = ctx_for(match="GET /x")
         assert await cache.lookup(ctx) is None and counts == ["miss"]
-        tee = cache.tee(ctx)
+        tee = cache(ctx)
         head = head_of(b"Content-Type: application/json", length=2)
         assert run([tee], head, [b"{}"]) == b"{}"
         await asyncio.sleep(0)
@@ -268,13 +269,13 @@ def test_cache_tee_stores_and_a_write_evicts() -> None:
         # no-store is not stored
         ctx2 = ctx_for(match="GET /x", accept="br")
         await cache.lookup(ctx2)
-        run([cache.tee(ctx2)], head_of(b"Cache-Control: no-store"), [b"{}"])
+        run([cache(ctx2)], head_of(b"Cache-Control: no-store"), [b"{}"])
         await asyncio.sleep(0)
         assert counts[-1] == "bypass" and await store.get(ctx2.cache_key) is None
         # a write to the resource evicts it
         write = ctx_for(method="POST")
-        evict = cache.evicter(write)
-        assert evict is not None and cache.evicter(ctx_for()) is None
+        evict = cache(write)
+        assert evict is not None and cache(ctx_for()) is None
         run([evict], head_of(status=201), [])
         await asyncio.sleep(0)
         assert await store.get(cache_key("GET", "/api/x", [])) is None
@@ -306,3 +307,10 @@ def test_request_edits_ask_for_identity_and_whole_bodies() -> None:
     assert request_edits(ctx)[0] == {b"accept-encoding"}
     Up.secrets = ()
     assert request_edits(ctx) == (frozenset(), b"")
+
+
+def test_a_route_may_opt_out_of_body_scrubbing() -> None:
+    ctx = ctx_for()
+    ctx.route = dataclasses.replace(ctx.route, scrub_body=False)
+    assert BodyScrubFactory(SCRUBBER, 1)(ctx) is None
+    assert BodyScrubFactory(SCRUBBER, 1)(ctx_for()) is not None

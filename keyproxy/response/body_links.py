@@ -35,7 +35,7 @@ from keyproxy.response.cache import (
     eviction_paths,
     storable,
 )
-from keyproxy.response.chain import ResponseHead
+from keyproxy.response.chain import LinkFactory, ResponseHead
 from keyproxy.response.codings import DecodeFailed, Decoder
 from keyproxy.response.fields import (
     FILTER_FAILED,
@@ -47,6 +47,7 @@ from keyproxy.response.fields import (
 )
 
 if TYPE_CHECKING:
+    from keyproxy.config.model import Config
     from keyproxy.config.response_sections import CacheSettings
 
 BODY_NOT_SCANNED = Deny(
@@ -100,7 +101,8 @@ class BodyScrubFactory:
         self.limit = limit  # decoded bytes a compressed body may hold
 
     def __call__(self, ctx: RequestContext) -> ScrubLink | None:
-        if ctx.method == "HEAD":
+        route = ctx.route
+        if ctx.method == "HEAD" or (route is not None and not route.scrub_body):
             return None
         return ScrubLink(self.scrubber, self.limit, accept_encoding(ctx))
 
@@ -162,19 +164,20 @@ class ScrubLink:
 
 
 class FieldsFactory:
-    """Field filtering for one route: where its documents sit, and the caps."""
+    """Field filtering: the key says which fields, its route where documents sit."""
 
-    __slots__ = ("at", "limits")
+    __slots__ = ("limits",)
 
-    def __init__(self, at: tuple[DocumentPath, ...], limits: FilterLimits) -> None:
-        self.at = at
+    def __init__(self, limits: FilterLimits) -> None:
         self.limits = limits
 
     def __call__(self, ctx: RequestContext) -> FieldsLink | None:
         key = ctx.key
         if key is None or key.fields is None:
             return None
-        return FieldsLink(key.fields, self.at, self.limits, accept_encoding(ctx))
+        route = ctx.route
+        at = route.fields_at if route is not None else ()
+        return FieldsLink(key.fields, at, self.limits, accept_encoding(ctx))
 
 
 class FieldsLink:
@@ -350,13 +353,10 @@ class ResponseCache:
         paths = eviction_paths(self.upstream_target(ctx))
         self._spawn(self.store.evict(paths))
 
-    def tee(self, ctx: RequestContext) -> CacheTee | None:
-        key = ctx.cache_key
-        if key is None:
-            return None
-        return CacheTee(self, key)
-
-    def evicter(self, ctx: RequestContext) -> Evict | None:
+    def __call__(self, ctx: RequestContext) -> CacheTee | Evict | None:
+        """The chain's cache link: the tee for a looked-up miss, eviction for a write."""
+        if ctx.cache_key is not None:
+            return CacheTee(self, ctx.cache_key)
         if ctx.method in ("GET", "HEAD", "OPTIONS"):
             return None
         return Evict(self, ctx)
@@ -425,3 +425,26 @@ class Evict:
 
     def on_end(self) -> bytes | Deny:
         return b""
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def body_factories(
+    config: Config, cache: ResponseCache | None
+) -> tuple[list[LinkFactory], int | None]:
+    """The body links of a snapshot, in chain order (scrub → cache → fields), and the
+    index of the cache link among them (a hit enters the chain after it)."""
+    factories: list[LinkFactory] = []
+    up = config.upstream
+    limits = FilterLimits(config.server.filter_max_body, config.server.filter_max_depth)
+    scrubber = BodyScrubber(up.secrets, up.inject_basic, same_length=True)
+    if scrubber and any(route.scrub_body for route in config.routes):
+        factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
+    cache_at = None
+    if cache is not None:
+        cache_at = len(factories)
+        factories.append(cache)
+    if any(key.fields is not None for key in config.keys):
+        factories.append(FieldsFactory(limits))
+    return factories, cache_at
