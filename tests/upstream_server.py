@@ -453,6 +453,14 @@ async def echo_page(request: web.Request) -> web.StreamResponse:
     return await _send(request, response, [data[:cut], data[cut:]], delay_ms=20)
 
 
+async def literal_body(request: web.Request) -> web.Response:
+    """`/body?type=...&text=...`: exactly that body with that Content-Type."""
+    return web.Response(
+        body=request.query.get("text", "").encode(),
+        headers={"Content-Type": request.query.get("type", "application/json")},
+    )
+
+
 async def express_redirect(request: web.Request) -> web.Response:
     """Express's `res.redirect(url)` body, with the secret in the URL."""
     config = request.app[CONFIG]
@@ -504,6 +512,7 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/shaped/{shape}", shaped),
         ("/echo-page", echo_page),
         ("/express-redirect", express_redirect),
+        ("/body", literal_body),
     ]:
         app.router.add_route("*", path, handler)
     app.router.add_post("/upload", upload)

@@ -21,6 +21,7 @@ when a request has nothing for it to do, so that work costs one call.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -295,7 +296,9 @@ class ResponseCache:
         upstream_target: Callable[[RequestContext], str],
         count: Callable[[str], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        identity: Callable[[RequestContext], bytes] | None = None,
     ) -> None:
+        self.identity = identity  # the identity headers sent upstream, when configured
         self.settings = settings
         self.store = store
         self.routes = frozenset(route.match for route in settings.routes)
@@ -312,7 +315,13 @@ class ResponseCache:
     def key_for(self, ctx: RequestContext) -> CacheKey:
         """The forwarded request: method, upstream target (filters included) and the
         request headers an answer may vary on; never a credential."""
-        return cache_key(ctx.method, self.upstream_target(ctx), ctx.headers)
+        key = cache_key(ctx.method, self.upstream_target(ctx), ctx.headers)
+        identity = self.identity(ctx) if self.identity is not None else b""
+        if identity:
+            # Who calls is part of the forwarded request: the backend may answer by it.
+            digest = hashlib.sha256(key.variant.encode() + b"\0" + identity).hexdigest()
+            key = CacheKey(key.path, digest)
+        return key
 
     async def lookup(self, ctx: RequestContext) -> CachedResponse | None:
         """After the decision: the stored answer, or None (the request goes upstream and the
