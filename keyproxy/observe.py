@@ -72,7 +72,7 @@ from keyproxy.observability import log_event
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Config
-    from keyproxy.forward import Exchange
+    from keyproxy.wire.exchange import Exchange
 
 #: Bucket bounds in seconds: fine below 10 ms, where a proxy's own latency lives.
 BUCKETS = (

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from keyproxy.response.body_scrub import REDACTED, BodyScrubber
 from keyproxy.response.codings import Decoder
-from keyproxy.responses import secret_spellings
+from keyproxy.response.headers import secret_spellings
 
 SECRET = "s3cr3t/key with space+plus"
 BASIC = ("svc", "basic-pass-123")

@@ -22,7 +22,7 @@ from importlib import resources
 from keyproxy.config import parse_config
 from keyproxy.config.model import Config, HostPort
 from keyproxy.config.reload import ConfigHolder
-from keyproxy.server import install_uvloop, serve
+from keyproxy.lifecycle import install_uvloop, serve
 
 #: Public sample keys matching the hashes in config.example.yaml. Demo only.
 DEMO_KEYS = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
 from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config.model import Config, RateLimitSettings
-from keyproxy.forward import ForwardPlan
+from keyproxy.forward.plan import ForwardPlan
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, Reply, RequestContext
 

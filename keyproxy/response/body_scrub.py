@@ -3,7 +3,7 @@
 An Express redirect body ("Found. Redirecting to /posts?apikey=<secret>"), a
 debug page or an endpoint echoing request headers would hand the upstream's
 secret to any client. Every body is scanned for every spelling the header
-scrubber knows (`keyproxy.responses.secret_spellings`), and each occurrence is
+scrubber knows (`keyproxy.response.headers.secret_spellings`), and each occurrence is
 replaced by a fixed redaction.
 
 Cheap when clean: every spelling declares anchors (a `%`, or a literal such
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 
-from keyproxy.responses import secret_spellings
+from keyproxy.response.headers import secret_spellings
 
 REDACTED = b"[REDACTED]"
 
