@@ -27,6 +27,8 @@ from keyproxy.forward.plan import ForwardPlan
 from keyproxy.observability import log_event
 from keyproxy.policy.refusals import ROUTE_BUSY
 from keyproxy.request import Deny, Headers, Reply, RequestContext
+from keyproxy.response.body_links import join_lines
+from keyproxy.response.cache import CachedResponse
 from keyproxy.services import Services
 from keyproxy.wire.client import ClientConnection
 from keyproxy.wire.exchange import Exchange
@@ -89,8 +91,6 @@ class Serving:
     pool: UpstreamPool
 
 
-
-
 class ProxyServer:
     """State shared by every connection of one process."""
 
@@ -119,7 +119,7 @@ class ProxyServer:
         self.pipeline = Pipeline(self.checks)
         #: Metrics and the access log (the services' own object, never replaced).
         self.observer = self.services.observer
-        self.serving = Serving(config, ForwardPlan(config), UpstreamPool(config.upstream, loop))
+        self.serving = Serving(config, self._plan(config), UpstreamPool(config.upstream, loop))
         self.tick_interval = self._tick_interval(config)
         holder.subscribe(self._on_config)
 
@@ -142,12 +142,15 @@ class ProxyServer:
         ):
             pool.close()
             pool = UpstreamPool(up, self.loop)
-        self.serving = Serving(config, ForwardPlan(config), pool)
+        self.services.on_config(config, old.config)  # first: the plan takes its cache store
+        self.serving = Serving(config, self._plan(config), pool)
         self.tick_interval = self._tick_interval(config)
         self.max_connections, self.max_per_ip = connection_limits(
             config.server, config.upstream, fd_soft_limit()
         )
-        self.services.on_config(config, old.config)
+
+    def _plan(self, config: Config) -> ForwardPlan:
+        return ForwardPlan(config, self.services.cache_store, self.observer.metrics.cache)
 
     def _warn_if_over_fd_limit(self, config: Config) -> None:
         """A `max_connections` set above what the descriptor limit allows would end in
@@ -241,7 +244,47 @@ class ProxyServer:
             self.loop.create_task(self._decide_later(conn, ex, serving, pending))
 
     def _allow(self, ex: Exchange, ctx: RequestContext, serving: Serving) -> None:
-        """The decision said yes: the route's concurrency slot, then forward."""
+        """The decision said yes: a cache hit is served here, anything else forwarded."""
+        route = ctx.route
+        plan = serving.plan
+        ex.chain = plan.chain_for(route)
+        cache = plan.cache
+        if cache is not None and cache.applies(ctx):
+            found = cache.find(ctx)
+            if found.__class__ is not CachedResponse and found is not None:
+                # A store that answers over the network (Redis): look up in a task.
+                self.loop.create_task(self._after_lookup(ex, ctx, serving, found))  # type: ignore[arg-type]
+                return
+            if found is not None:
+                self._serve_hit(ex, plan, found)  # type: ignore[arg-type]
+                return
+        self._forward(ex, ctx, serving)
+
+    def _serve_hit(self, ex: Exchange, plan: ForwardPlan, entry: CachedResponse) -> None:
+        """A cache hit: through the links after the cache (fields, limit headers, CORS),
+        never touching the upstream or its pool."""
+        ex.serve_stored(entry.status, join_lines(entry.headers), entry.body, plan.cache_start)
+
+    async def _after_lookup(
+        self,
+        ex: Exchange,
+        ctx: RequestContext,
+        serving: Serving,
+        pending: Awaitable[CachedResponse | None],
+    ) -> None:
+        try:
+            entry = await pending
+            if ex.done:
+                return
+            if entry is not None:
+                self._serve_hit(ex, serving.plan, entry)
+            else:
+                self._forward(ex, ctx, serving)
+        except Exception as exc:
+            ex.fail_internally(exc)
+
+    def _forward(self, ex: Exchange, ctx: RequestContext, serving: Serving) -> None:
+        """Forward upstream, within the route's concurrency slots."""
         route = ctx.route
         if route is not None and route.max_concurrency is not None:
             slots = self.services.route_slots
@@ -250,9 +293,7 @@ class ProxyServer:
                 ex.send_error(ROUTE_BUSY)
                 return
             ex.route_slot, ex.route_slots = route.match, slots
-        plan = serving.plan
-        ex.chain = plan.chain_for(route)
-        ex.forward(ctx, plan, serving.pool)
+        ex.forward(ctx, serving.plan, serving.pool)
 
     async def _decide_later(
         self,

@@ -192,4 +192,3 @@ def run(
         return supervise(config_path, sockets, admin_sockets, workers, drain_timeout)
     install_uvloop()
     return asyncio.run(serve(holder, sockets=sockets, admin_sockets=admin_sockets, link=link))
-

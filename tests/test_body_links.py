@@ -23,7 +23,6 @@ from keyproxy.response.body_links import (
     BodyScrubFactory,
     FieldsFactory,
     ResponseCache,
-    request_edits,
 )
 from keyproxy.response.body_scrub import BodyScrubber
 from keyproxy.response.cache import MemoryStore, cache_key
@@ -257,18 +256,18 @@ def test_cache_tee_stores_and_a_write_evicts() -> None:
             _settings(), store, lambda ctx: "/api" + ctx.raw_target, counts.append
         )
         ctx = ctx_for(match="GET /x")
-        assert await cache.lookup(ctx) is None and counts == ["miss"]
+        assert cache.find(ctx) is None and counts == ["miss"]
         tee = cache(ctx)
         head = head_of(b"Content-Type: application/json", length=2)
         assert run([tee], head, [b"{}"]) == b"{}"
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert counts == ["miss", "store"]
-        entry = await cache.lookup(ctx_for(match="GET /x"))
+        entry = cache.find(ctx_for(match="GET /x"))
         assert entry is not None and entry.body == b"{}" and counts[-1] == "hit"
         # no-store is not stored
         ctx2 = ctx_for(match="GET /x", accept="br")
-        await cache.lookup(ctx2)
+        cache.find(ctx2)
         run([cache(ctx2)], head_of(b"Cache-Control: no-store"), [b"{}"])
         await asyncio.sleep(0)
         assert counts[-1] == "bypass" and await store.get(ctx2.cache_key) is None
@@ -288,25 +287,6 @@ def _settings():  # type: ignore[no-untyped-def]
 
     route = Route(0, "GET /x", frozenset({"GET", "HEAD"}), ("x",), "a")
     return CacheSettings("memory", 60.0, (route,))
-
-
-def test_request_edits_ask_for_identity_and_whole_bodies() -> None:
-    class Up:
-        secrets = ("s",)
-
-    class Conf:
-        upstream = Up()
-
-    ctx = ctx_for(EXCLUDE)
-    ctx.config = Conf()  # type: ignore[assignment]
-    drop, add = request_edits(ctx)
-    assert drop == {b"accept-encoding", b"range", b"if-range"}
-    assert add == b"Accept-Encoding: identity\r\n"
-    ctx = ctx_for(None)
-    ctx.config = Conf()  # type: ignore[assignment]
-    assert request_edits(ctx)[0] == {b"accept-encoding"}
-    Up.secrets = ()
-    assert request_edits(ctx) == (frozenset(), b"")
 
 
 def test_a_route_may_opt_out_of_body_scrubbing() -> None:

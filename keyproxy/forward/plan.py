@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
@@ -19,9 +20,22 @@ from keyproxy.policy.credentials import strip_query_param
 from keyproxy.policy.headers import FORWARDED_PREFIX, METHOD_OVERRIDE, REQUEST_DROP
 from keyproxy.policy.permissions import key_roles
 from keyproxy.request import RequestContext
+from keyproxy.response.body_links import (
+    BodyScrubFactory,
+    ResponseCache,
+    Store,
+    body_factories,
+)
 from keyproxy.response.chain import Chain
 from keyproxy.response.headers import OriginRewriter, SecretScrubber
 from keyproxy.response.links import build_chain
+
+#: Request headers dropped when the answer's body will be scanned or filtered: the
+#: upstream is asked for identity (`Accept-Encoding: identity` is sent instead), and a
+#: filtered answer is filtered whole, so it is never asked for a range of bytes.
+SCAN_DROP = frozenset({b"accept-encoding"})
+FILTER_DROP = frozenset({b"accept-encoding", b"range", b"if-range"})
+IDENTITY_LINE = b"Accept-Encoding: identity\r\n"
 
 
 class ClientRequest(Protocol):
@@ -68,7 +82,12 @@ def valid_host(value: bytes) -> bool:
 class ForwardPlan:
     """Everything about forwarding that depends only on the configuration."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        cache_store: Store | None = None,
+        count: Callable[[str], None] | None = None,
+    ) -> None:
         up = config.upstream
         self.base_path = up.base_path
         self.max_body = config.server.max_body
@@ -94,7 +113,32 @@ class ForwardPlan:
         self.inject_query_names = tuple(n for n, _ in up.inject_query)
         self.origin = OriginRewriter(up.scheme, up.host, up.port, up.base_path)
         self.scrubber = SecretScrubber(up.secrets, up.inject_basic, self.origin)
-        self.chain: Chain = build_chain(config, self.scrubber)
+        #: The response cache of this snapshot (its store outlives reloads); None: off.
+        self.cache: ResponseCache | None = None
+        if config.cache is not None and cache_store is not None:
+            names = up.identity_headers
+            self.cache = ResponseCache(
+                config.cache,
+                cache_store,
+                self.upstream_target,
+                count or (lambda result: None),
+                identity=(lambda ctx: identity_block(ctx, names)) if names else None,
+            )
+        body = body_factories(config, self.cache)
+        #: Whether answers are scanned for the secret (some route keeps scrub_body on).
+        self.scans_bodies = any(isinstance(f, BodyScrubFactory) for f in body)
+        #: Request headers dropped, by (method override allowed, body work): see SCAN_DROP.
+        self.drops = {
+            (override, work): base | extra
+            for override, base in (
+                (True, self.request_drop),
+                (False, self.request_drop_no_override),
+            )
+            for work, extra in (("scan", SCAN_DROP), ("filter", FILTER_DROP))
+        }
+        self.chain: Chain = build_chain(config, self.scrubber, body)
+        #: Where a cache hit enters the chain: the link after the cache's.
+        self.cache_start = self.chain.index(self.cache) + 1 if self.cache is not None else 0
         #: Routes whose response chain differs from `chain`, by route text.
         self.route_chains: dict[str, Chain] = {}
 
@@ -144,6 +188,16 @@ class ForwardPlan:
             if route is not None and route.allow_method_override
             else plan.request_drop_no_override
         )
+        key = ctx.key
+        work = (
+            "filter"
+            if key is not None and key.fields is not None
+            else "scan"
+            if self.scans_bodies and route is not None and route.scrub_body
+            else None
+        )
+        if work is not None:
+            drop = self.drops[drop is plan.request_drop, work]
         tokens = request.connection_tokens
         parts = [f"{ctx.method} {plan.upstream_target(ctx)} HTTP/1.1\r\n".encode(), plan.host_line]
         append = parts.append
@@ -172,6 +226,8 @@ class ForwardPlan:
         if plan.identity_headers:
             append(identity_block(ctx, plan.identity_headers))
         append(plan.inject_block)
+        if work is not None:
+            append(IDENTITY_LINE)
         if request.chunked:
             append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif request.content_length is not None:
@@ -204,4 +260,3 @@ def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> b
         if value:
             lines.append(f"{name}: {value}\r\n")
     return "".join(lines).encode()
-

@@ -7,9 +7,10 @@ when a request has nothing for it to do, so that work costs one call.
 - `BodyScrubFactory`: every body is scanned for the upstream's secret and each
   occurrence replaced by a mask of the same byte length, so `Content-Length`
   stays true and the body streams in its own framing. The upstream is asked for
-  identity (see `request_edits`); a body it compresses anyway is held, decoded
+  identity; a body it compresses anyway is held, decoded
   under a cap, scanned and sent identity, and one that cannot be decoded is
-  refused (502 BODY_NOT_SCANNED) rather than passed unscanned.
+  refused (502 BODY_NOT_SCANNED) rather than passed unscanned. The request side
+  (Accept-Encoding: identity, no Range on a filtered answer) is `ForwardPlan`'s.
 - `CacheTeeFactory`: copies a storable 200 answer (already secret-free, not yet
   filtered for any key) into the cache store.
 - `EvictFactory`: a successful write evicts the cached reads of its resource and
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
 from keyproxy.request import Deny, RequestContext
@@ -62,30 +63,6 @@ def accept_encoding(ctx: RequestContext) -> str | None:
     """The client's Accept-Encoding, every copy of it (a list may be split over lines)."""
     values = ctx.headers.getall("accept-encoding")
     return ", ".join(values) if values else None
-
-
-# --------------------------------------------------------------------------- request side
-
-
-def request_edits(ctx: RequestContext) -> tuple[frozenset[bytes], bytes]:
-    """Request headers to drop and to add before forwarding, for the body work ahead.
-
-    Body work (scrubbing, filtering) reads bodies as the client will: the upstream
-    is asked for identity, so nothing has to be decompressed on the way back. A
-    filtered answer is filtered whole, so a `Range` request asks for all of it.
-    """
-    route = ctx.route
-    if route is None:
-        return frozenset(), b""
-    key = ctx.key
-    filtered = key is not None and key.fields is not None
-    scrubbed = route.scrub_body and bool(ctx.config.upstream.secrets)
-    if not (filtered or scrubbed):
-        return frozenset(), b""
-    drop = {b"accept-encoding"}
-    if filtered:
-        drop |= {b"range", b"if-range"}
-    return frozenset(drop), b"Accept-Encoding: identity\r\n"
 
 
 # --------------------------------------------------------------------------- body scrub
@@ -323,18 +300,30 @@ class ResponseCache:
             key = CacheKey(key.path, digest)
         return key
 
-    async def lookup(self, ctx: RequestContext) -> CachedResponse | None:
-        """After the decision: the stored answer, or None (the request goes upstream and the
-        tee may store its answer). A store that fails is a miss, never an error."""
-        if not self.applies(ctx):
-            return None
+    def find(
+        self, ctx: RequestContext
+    ) -> CachedResponse | Coroutine[object, object, CachedResponse | None] | None:
+        """After the decision: the stored answer, None (a miss: the request goes upstream
+        and the tee may store its answer), or, for a store across the network, a
+        coroutine that resolves to one of those. A store that fails is a miss."""
         key = self.key_for(ctx)
+        store = self.store
+        if isinstance(store, MemoryStore):
+            return self._result(ctx, key, store.lookup(key))
+        return self._remote(ctx, key)
+
+    async def _remote(self, ctx: RequestContext, key: CacheKey) -> CachedResponse | None:
         try:
             entry = await self.store.get(key)
         except Exception:  # a Redis fault: go to the upstream
             entry = None
+        return self._result(ctx, key, entry)
+
+    def _result(
+        self, ctx: RequestContext, key: CacheKey, entry: CachedResponse | None
+    ) -> CachedResponse | None:
         if entry is None:
-            ctx.cache_key = key
+            ctx.cache_key = key  # the tee stores the upstream's answer under it
             self.count("miss")
             return None
         self.count("hit")
@@ -439,21 +428,20 @@ class Evict:
 # --------------------------------------------------------------------------- the chain
 
 
-def body_factories(
-    config: Config, cache: ResponseCache | None
-) -> tuple[list[LinkFactory], int | None]:
-    """The body links of a snapshot, in chain order (scrub → cache → fields), and the
-    index of the cache link among them (a hit enters the chain after it)."""
+def body_factories(config: Config, cache: ResponseCache | None) -> list[LinkFactory]:
+    """The body links of a snapshot, in chain order: scrub → cache → fields.
+
+    The cache sits after the scrub (no secret is ever stored) and before the
+    fields filter (an entry is shared by keys and filtered for each on the way out).
+    """
     factories: list[LinkFactory] = []
     up = config.upstream
     limits = FilterLimits(config.server.filter_max_body, config.server.filter_max_depth)
     scrubber = BodyScrubber(up.secrets, up.inject_basic, same_length=True)
     if scrubber and any(route.scrub_body for route in config.routes):
         factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
-    cache_at = None
     if cache is not None:
-        cache_at = len(factories)
         factories.append(cache)
     if any(key.fields is not None for key in config.keys):
         factories.append(FieldsFactory(limits))
-    return factories, cache_at
+    return factories

@@ -172,6 +172,10 @@ class MemoryStore:
         )
 
     async def get(self, key: CacheKey) -> CachedResponse | None:
+        return self.lookup(key)
+
+    def lookup(self, key: CacheKey) -> CachedResponse | None:
+        """`get` without a suspension: the data path looks up in memory synchronously."""
         group = self.paths.get(key.path)
         entry = group.get(key.variant) if group is not None else None
         if entry is None or self.clock() - entry.stored_at >= self.ttl:

@@ -51,4 +51,3 @@ def error_response(
         + b"\r\n"
         + (b"" if head_only else body)
     )
-

@@ -12,6 +12,7 @@ never reach a link: the upstream parser leaves them out as it reads them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from keyproxy.request import Deny, RequestContext
@@ -145,11 +146,15 @@ class CorsFactory:
         return CorsHeaders(self.cors.response_headers(origin))
 
 
-def build_chain(config: Config, scrubber: SecretScrubber) -> Chain:
-    """The snapshot's response chain, in order; links that have nothing to do are left out."""
+def build_chain(
+    config: Config, scrubber: SecretScrubber, body: Sequence[LinkFactory] = ()
+) -> Chain:
+    """The snapshot's response chain, in order; links that have nothing to do are left out.
+    `body`: the body links (scrub, cache, fields; `keyproxy.response.body_links`)."""
     links: list[LinkFactory] = []
     if scrubber:
         links.append(HeaderHygiene(scrubber))
+    links.extend(body)
     links.append(limit_headers)
     if config.cors is not None:
         links.append(CorsFactory(config.cors))

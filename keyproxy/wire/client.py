@@ -510,4 +510,3 @@ class _HeadRefused(Exception):
 
     def __init__(self, deny: Deny) -> None:
         self.deny = deny
-
