@@ -180,7 +180,8 @@ def test_what_cannot_be_filtered_is_refused_whole(kp: Keyproxy, target: str) -> 
     status, _, body, _ = kp.request("GET", target, key=FILTERED_KEY)
     assert status == 502, body
     answer = json.loads(body)
-    assert answer["error"] == "FILTER_FAILED"
+    # A bomb is already stopped by the secret scan, which decodes under the same cap.
+    assert answer["error"] == ("BODY_NOT_SCANNED" if "gzip" in target else "FILTER_FAILED")
     assert set(answer) == {"statusCode", "error", "message", "requestId"}
     assert b"chunk 0" not in body and b"email" not in body
 

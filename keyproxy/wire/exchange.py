@@ -526,8 +526,11 @@ class Exchange:
                 self.conn.abort()
                 self._finish(False)
                 return
-            if rest:
-                self.on_response_body(rest)  # type: ignore[arg-type]
+            if rest:  # already through every link: framed as it is
+                if self.mode == CHUNKED:
+                    self.out += (b"%x\r\n" % len(rest), rest, b"\r\n")  # type: ignore[arg-type]
+                elif self.mode == RAW:
+                    self.out.append(rest)  # type: ignore[arg-type]
         if self.mode == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._finish(self.keep_alive)
