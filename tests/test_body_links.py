@@ -110,6 +110,15 @@ def test_a_compressed_body_is_decoded_scrubbed_and_sent_identity(coding: tuple) 
     assert head.hold and head.get(b"content-encoding") is None and head.get(b"etag") is None
 
 
+def test_a_compressed_body_is_encoded_again_for_a_client_that_accepts_it() -> None:
+    body = b"<p>" + SECRET.encode() + b"</p>"
+    head = head_of(b"Content-Encoding: br")
+    link = BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for(accept="gzip;q=0.5, br;q=0"))
+    out = run([link], head, [brotli.compress(body)])
+    assert head.get(b"content-encoding") == b"gzip"
+    assert isinstance(out, bytes) and gzip.decompress(out) == b"<p>[REDACTED]****************</p>"
+
+
 @pytest.mark.parametrize(
     ("encoding", "data"),
     [

@@ -8,7 +8,7 @@ when a request has nothing for it to do, so that work costs one call.
   occurrence replaced by a mask of the same byte length, so `Content-Length`
   stays true and the body streams in its own framing. The upstream is asked for
   identity; a body it compresses anyway is held, decoded
-  under a cap, scanned and sent identity, and one that cannot be decoded is
+  under a cap, scanned and sent as the client accepts, and one that cannot be decoded is
   refused (502 BODY_NOT_SCANNED) rather than passed unscanned. The request side
   (Accept-Encoding: identity, no Range on a filtered answer) is `ForwardPlan`'s.
 - `CacheTeeFactory`: copies a storable 200 answer (already secret-free, not yet
@@ -38,7 +38,7 @@ from keyproxy.response.cache import (
     storable,
 )
 from keyproxy.response.chain import LinkFactory, ResponseHead
-from keyproxy.response.codings import DecodeFailed, Decoder
+from keyproxy.response.codings import DecodeFailed, Decoder, choose_encoding, encode
 from keyproxy.response.fields import (
     FILTER_FAILED,
     DocumentPath,
@@ -86,7 +86,7 @@ class BodyScrubFactory:
 
 
 class ScrubLink:
-    __slots__ = ("accept", "decoder", "failed", "limit", "parts", "scrubber", "stream")
+    __slots__ = ("accept", "coding", "decoder", "failed", "limit", "parts", "scrubber", "stream")
 
     def __init__(self, scrubber: BodyScrubber, limit: int, accept: str | None) -> None:
         self.scrubber = scrubber
@@ -96,6 +96,7 @@ class ScrubLink:
         self.decoder: Decoder | None = None
         self.parts: list[bytes] = []
         self.failed = False
+        self.coding: str | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
         coding = head.get(b"content-encoding")
@@ -105,10 +106,14 @@ class ScrubLink:
             self.decoder = Decoder(coding.decode("latin-1"), self.limit)
         except DecodeFailed:
             return BODY_NOT_SCANNED
-        # Compressed despite being asked for identity: decoded whole, sent identity.
+        # Compressed despite being asked for identity: decoded whole, scanned, then
+        # encoded again as the client accepts (identity when it names no coding).
         head.hold = True
         head.remove(b"content-encoding")
         head.remove(b"etag")
+        self.coding = choose_encoding(self.accept)
+        if self.coding is not None:
+            head.set(b"content-encoding", self.coding.encode())
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
@@ -135,7 +140,7 @@ class ScrubLink:
         if self.failed:
             return BODY_NOT_SCANNED
         body, self.parts = b"".join(self.parts), []
-        return self.scrubber.scrub(body)
+        return encode(self.scrubber.scrub(body), self.coding)
 
 
 # --------------------------------------------------------------------------- fields
