@@ -498,6 +498,8 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/echo{tail:(/.*)?}", echo),
         ("/json/{nbytes}", json_sized),
         ("/big/{nbytes}", big),
+        ("/raw/big/{nbytes}", big),  # the same bytes on another path (benchmarks)
+        ("/cached/json/{nbytes}", json_sized),
         ("/chunked/{n}", chunked),
         ("/ndjson/{n}", ndjson),
         ("/slow/{ms}", slow),
