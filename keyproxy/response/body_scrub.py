@@ -28,8 +28,9 @@ the client will read them.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
-from keyproxy.response.headers import secret_spellings
+from keyproxy.response.headers import secret_forms, secret_spellings
 
 REDACTED = b"[REDACTED]"
 
@@ -44,7 +45,7 @@ def same_length_mask(size: int) -> bytes:
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
-    __slots__ = ("anchors", "hold", "pattern", "same_length")
+    __slots__ = ("anchors", "hold", "pattern", "plain", "same_length", "without_percent")
 
     def __init__(
         self,
@@ -57,6 +58,20 @@ class BodyScrubber:
         anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
         # An anchor holding another is found wherever that one is: one search less per chunk.
         self.anchors = tuple(a for a in anchors if not any(b != a and b in a for b in anchors))
+        # Escaped spellings decode to a raw form: a chunk full of `%` (binary data,
+        # URL-encoded text) is checked by decoding it once and searching the raw forms,
+        # instead of running the per-character pattern around every `%`. A `%` and one hex
+        # digit just before a spelling can swallow its first character when decoded, so
+        # each form is searched without its first character too. Not for a secret holding
+        # `%` (its raw `%` would decode) or both `+` and a space (only the pattern tells
+        # those spellings apart).
+        forms = sorted(secret_forms(secrets, basic), key=len, reverse=True)
+        self.plain: re.Pattern[bytes] | None = None
+        self.without_percent = self.anchors
+        if forms and not any("%" in x or ("+" in x and " " in x) for x in secrets):
+            heads_cut = [form[1:] for form in forms if len(form) > 1]
+            self.plain = re.compile(b"|".join(map(re.escape, forms + heads_cut)))
+            self.without_percent = tuple(a for a in self.anchors if a != b"%")
         if spellings:
             patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
@@ -70,7 +85,10 @@ class BodyScrubber:
 
     def stream(self) -> ScrubStream:
         assert self.pattern is not None
-        return ScrubStream(self.pattern, self.hold, self.anchors, self.same_length)
+        stream = ScrubStream(self.pattern, self.hold, self.anchors, self.same_length)
+        stream.plain = self.plain
+        stream.without_percent = self.without_percent
+        return stream
 
     def scrub(self, body: bytes) -> bytes:
         """A whole body at once (a buffered or cached one)."""
@@ -82,7 +100,16 @@ class BodyScrubber:
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = ("anchors", "found", "held", "hold", "pattern", "same_length")
+    __slots__ = (
+        "anchors",
+        "found",
+        "held",
+        "hold",
+        "pattern",
+        "plain",
+        "same_length",
+        "without_percent",
+    )
 
     def __init__(
         self,
@@ -97,6 +124,8 @@ class ScrubStream:
         self.anchors = anchors
         self.held = b""
         self.found = 0  # occurrences redacted so far (for a log line or a metric)
+        self.plain: re.Pattern[bytes] | None = None  # the raw forms (see BodyScrubber)
+        self.without_percent = anchors
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.held + chunk if self.held else chunk
@@ -109,6 +138,15 @@ class ScrubStream:
         anchors = self.anchors
         low = data.lower()  # the spellings are lower-cased; bytes.lower keeps every offset
         find = low.find
+        plain = self.plain
+        if plain is not None and find(b"%") >= 0:
+            decoded = unquote_to_bytes(low).lower()
+            if plain.search(decoded) is None and (
+                b"+" not in decoded or plain.search(decoded.replace(b"+", b" ")) is None
+            ):
+                # No escaped spelling lies wholly in `data`: `%` cannot start a match that
+                # must be decided now (one reaching past `data` starts in the held tail).
+                anchors = self.without_percent
         upcoming = [find(anchor) for anchor in anchors]
         pattern = self.pattern
         out: list[bytes] = []
