@@ -9,6 +9,7 @@ is seen as a request the upstream never got).
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import zlib
 from collections.abc import Iterator
@@ -76,6 +77,15 @@ def kp(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> It
     proxy = start_keyproxy(tmp_path_factory.mktemp("body-work"), config)
     yield proxy
     proxy.stop()
+
+
+def admin_text(kp: Keyproxy, path: str) -> str:
+    conn = http.client.HTTPConnection(kp.admin_host, kp.admin_port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
 
 
 def records_for(upstream: UpstreamServer, prefix: str) -> list[dict[str, Any]]:
@@ -238,6 +248,9 @@ def test_the_cache_never_serves_an_admin_fetch_unfiltered(
     status, _, again, _ = kp.request("GET", "/json/3000", key=KEYS["admin"])
     assert again == admin_body
     assert len(records_for(upstream, "/json/3000")) == 1  # three hits, one upstream read
+    metrics = admin_text(kp, "/metrics")
+    for result in ("hit", "miss", "store"):
+        assert f'keyproxy_cache_requests_total{{result="{result}"}}' in metrics
 
 
 def test_a_write_evicts_the_resource_and_its_collection(
