@@ -464,6 +464,12 @@ class Exchange:
         elif self.mode == RAW:
             self.out.append(data)
 
+    def _frame(self, data: bytes) -> None:
+        if self.mode == CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.mode == RAW:
+            self.out.append(data)
+
     def _end_links(self) -> bytes | Deny:
         """The links' last bytes: each link's rest passes through the links after it."""
         rest = b""
@@ -527,7 +533,7 @@ class Exchange:
                 self._finish(False)
                 return
             if rest:
-                self.on_response_body(rest)  # type: ignore[arg-type]
+                self._frame(rest)  # type: ignore[arg-type]  # bytes: the Deny case returned
         if self.mode == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._finish(self.keep_alive)
