@@ -50,6 +50,7 @@ class ClientSide(Protocol):
 
     loop: asyncio.AbstractEventLoop
     closed: bool
+    peer_ip: str  # for the access log
     max_body: int
     to_flush: Exchange | None
 
