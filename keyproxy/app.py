@@ -236,9 +236,9 @@ class ProxyServer:
         if outcome is None:
             self._allow(ex, ctx, serving)
         elif outcome.__class__ is Deny:
-            ex.send_error(outcome)  # type: ignore[arg-type]  # narrowed by the class test
+            ex.send_error(outcome)
         elif outcome.__class__ is Reply:
-            ex.send_reply(outcome)  # type: ignore[arg-type]  # narrowed by the class test
+            ex.send_reply(outcome)
         else:  # a check must wait (Redis, the owner lookup): decide in a task
             pending: Awaitable[Deny | None] = outcome  # type: ignore[assignment]  # the rest
             self.loop.create_task(self._decide_later(conn, ex, serving, pending))

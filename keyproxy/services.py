@@ -50,7 +50,12 @@ class RouteSlots:
 class Services:
     """The process's long-lived services, kept across reloads."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, reloads: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        reloads: dict[str, int] | None = None,
+    ) -> None:
         self.loop = loop
         #: The rate-limit step; its limiter is replaced when `rate_limits` names a new store.
         self.limits = RateLimitCheck(open_limiter(config.rate_limits))
@@ -58,7 +63,8 @@ class Services:
         self.jwks: JwksCache | None = None
         self.route_slots = RouteSlots()
         self.observer = Observer(config, loop)
-        self.observer.metrics.reloads = reloads
+        if reloads is not None:
+            self.observer.metrics.reloads = reloads
         self._start_jwks(config)
         #: The response cache's store and the settings it was opened with; None: no cache.
         self.cache_store: Store | None = None

@@ -248,7 +248,8 @@ class RedisStore:
         data = await self.client.hget(self._name(key.path), key.variant)
         if data is None:
             return None
-        entry = decode_entry(data)
+        # decode_responses is off (the default): the client returns bytes, never str.
+        entry = decode_entry(data)  # type: ignore[arg-type]  # redis types hget as bytes | str
         if entry is None or self.clock() - entry.stored_at >= self.ttl:
             return None
         return entry

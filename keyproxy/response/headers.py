@@ -179,7 +179,8 @@ class SecretScrubber:
         spans = [m.span() for m in self._escaped.finditer(low)]
         if not spans:
             return value
-        out, last = [], 0
+        out: list[bytes] = []
+        last = 0
         for start, end in spans:
             out += (value[last:start], self.REDACTED)
             last = end
@@ -237,7 +238,8 @@ class OriginRewriter:
         low = data.lower()
         if self.hint not in low:
             return data
-        out, last = [], 0
+        out: list[bytes] = []
+        last = 0
         for match in self._pattern.finditer(low):
             scheme, port = match.group(1), match.group(2)
             if not self._same_origin(scheme, port):

@@ -73,7 +73,7 @@ class HeaderHygiene(HeaderLink):
 
 def rate_limit_lines(limit: LimitResult) -> list[bytes]:
     """X-RateLimit-* and X-Quota-* lines for the caller's own limits."""
-    lines = []
+    lines: list[bytes] = []
     if limit.limit is not None:
         lines += (
             b"X-RateLimit-Limit: %d\r\n" % limit.limit,

@@ -498,11 +498,28 @@ class ClientConnection(asyncio.Protocol):
         """A request that cannot even be parsed: answer if nothing else is under way, then close."""
         if self.active is None and not self.closed:
             rid = self.proxy.request_ids.next()
-            self.write(error_response(deny, rid, b"Connection: close\r\n"))
+            answer = error_response(deny, rid, b"Connection: close\r\n")
+            self.write(answer)
+            self._count_refusal(deny, rid, len(answer))
         self.queue.clear()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+    def _count_refusal(self, deny: Deny, request_id: str, sent: int) -> None:
+        """A request refused before it could be parsed is still a request: it is counted
+        in the metrics and the access log like any other refusal."""
+        method = target = "-"
+        if self.in_head and self.head_begun and self.url_parts:  # the method and URL were read
+            method = self.parser.get_method().decode("ascii", "replace")
+            target = b"".join(self.url_parts).decode("latin-1")
+        ex = Exchange(self, method, target, [], False, False, request_id)
+        if self.head_begun or self.head_bytes:
+            ex.started = self.head_started
+        ex.status, ex.reason, ex.sent = deny.status, deny.code, sent
+        ex.done = True
+        self.proxy.observer.exchange_finished(ex)
 
 
 class _HeadRefused(Exception):

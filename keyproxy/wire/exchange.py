@@ -16,7 +16,7 @@ and imports neither the client connection nor the forwarding plan.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from keyproxy.observability import log_event
 from keyproxy.policy.refusals import (
@@ -50,6 +50,7 @@ class ClientSide(Protocol):
 
     loop: asyncio.AbstractEventLoop
     closed: bool
+    peer_ip: str  # for the access log
     max_body: int
     to_flush: Exchange | None
 
@@ -78,12 +79,15 @@ class UpstreamSide(Protocol):
     def abort(self) -> None: ...
 
 
-class Pool(Protocol):
+U = TypeVar("U", bound=UpstreamSide)
+
+
+class Pool(Protocol[U]):
     """Where upstream connections come from and go back to."""
 
-    def take_idle(self) -> UpstreamSide | None: ...
-    async def acquire(self) -> UpstreamSide: ...
-    def release(self, conn: UpstreamSide, reusable: bool) -> None: ...
+    def take_idle(self) -> U | None: ...
+    async def acquire(self) -> U: ...
+    def release(self, conn: U, reusable: bool) -> None: ...
 
 
 class Plan(Protocol):
@@ -188,7 +192,7 @@ class Exchange:
         #: writev when that read is done: head and body of a small response cost one syscall.
         self.out: list[bytes] = []
         self.upstream: UpstreamSide | None = None
-        self.pool: Pool | None = None
+        self.pool: Pool[Any] | None = None
         self.plan: Plan | None = None
         self.ctx: RequestContext | None = None
         self.request_head = b""
@@ -284,7 +288,7 @@ class Exchange:
                 self.send_error(payload_too_large(max_body))
 
     # -- the decision said yes: go upstream ----------------------------------
-    def forward(self, ctx: RequestContext, plan: Plan, pool: Pool) -> None:
+    def forward(self, ctx: RequestContext, plan: Plan, pool: Pool[Any]) -> None:
         """Send the request upstream; the answer arrives through the listener callbacks.
 
         With an idle pooled connection at hand this runs to the write without
@@ -464,6 +468,12 @@ class Exchange:
         elif self.mode == RAW:
             self.out.append(data)
 
+    def _frame(self, data: bytes) -> None:
+        if self.mode == CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.mode == RAW:
+            self.out.append(data)
+
     def _end_links(self) -> bytes | Deny:
         """The links' last bytes: each link's rest passes through the links after it."""
         rest = b""
@@ -475,7 +485,7 @@ class Exchange:
                 rest = link.on_body(rest)
             end = link.on_end()
             if end.__class__ is Deny:
-                return end  # type: ignore[return-value]  # narrowed by the class test above
+                return end
             rest += end  # type: ignore[operator]
         return rest
 
@@ -516,7 +526,7 @@ class Exchange:
                 held = self.held
                 self.held_head = self.held = None
                 if rest.__class__ is Deny:
-                    self.send_error(rest)  # type: ignore[arg-type]  # narrowed above
+                    self.send_error(rest)
                     return
                 assert held is not None
                 held.append(rest)  # type: ignore[arg-type]
@@ -526,11 +536,8 @@ class Exchange:
                 self.conn.abort()
                 self._finish(False)
                 return
-            if rest:  # already through every link: framed as it is
-                if self.mode == CHUNKED:
-                    self.out += (b"%x\r\n" % len(rest), rest, b"\r\n")  # type: ignore[arg-type]
-                elif self.mode == RAW:
-                    self.out.append(rest)  # type: ignore[arg-type]
+            if rest:
+                self._frame(rest)  # type: ignore[arg-type]  # bytes: the Deny case returned
         if self.mode == CHUNKED:
             self.out.append(b"0\r\n\r\n")
         self._finish(self.keep_alive)
@@ -563,7 +570,7 @@ class Exchange:
                             break
                 rest = self._end_links()
                 if rest.__class__ is Deny:
-                    self.send_error(rest)  # type: ignore[arg-type]  # narrowed above
+                    self.send_error(rest)
                     return
                 body += rest  # type: ignore[operator]
         except Exception as exc:

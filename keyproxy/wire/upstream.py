@@ -395,7 +395,7 @@ class UpstreamPool:
                 # Clients only see 502; the operator needs to know it is the certificate.
                 self._log_tls_error(getattr(exc, "verify_message", None) or exc.reason or str(exc))
             raise UpstreamUnavailable(type(exc).__name__) from exc
-        return conn  # type: ignore[return-value]
+        return conn
 
     def _log_tls_error(self, error: str) -> None:
         now = self._loop.time()
