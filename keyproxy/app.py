@@ -27,7 +27,7 @@ from keyproxy.forward.plan import ForwardPlan
 from keyproxy.observability import log_event
 from keyproxy.policy.refusals import ROUTE_BUSY
 from keyproxy.request import Deny, Headers, Reply, RequestContext
-from keyproxy.response.body_links import join_lines
+from keyproxy.response.body_links import CacheStoreHolder, join_lines
 from keyproxy.response.cache import CachedResponse
 from keyproxy.services import Services
 from keyproxy.wire.client import ClientConnection
@@ -113,6 +113,7 @@ class ProxyServer:
         loop.set_exception_handler(self._on_loop_exception)
         self._warn_if_over_fd_limit(config)
         self.services = Services(config, loop, holder.reloads)
+        self.cache_stores = CacheStoreHolder(loop)  # the response cache's store, across reloads
         self.checks = build_checks(
             self.services.limits.limiter, self.services.owners, self.services.limits
         )
@@ -142,7 +143,7 @@ class ProxyServer:
         ):
             pool.close()
             pool = UpstreamPool(up, self.loop)
-        self.services.on_config(config, old.config)  # first: the plan takes its cache store
+        self.services.on_config(config, old.config)
         self.serving = Serving(config, self._plan(config), pool)
         self.tick_interval = self._tick_interval(config)
         self.max_connections, self.max_per_ip = connection_limits(
@@ -150,7 +151,9 @@ class ProxyServer:
         )
 
     def _plan(self, config: Config) -> ForwardPlan:
-        return ForwardPlan(config, self.services.cache_store, self.observer.metrics.cache)
+        """The snapshot's plan, with the response cache's store (opened, kept or replaced)."""
+        store = self.cache_stores.update(config)
+        return ForwardPlan(config, store, self.observer.metrics.cache)
 
     def _warn_if_over_fd_limit(self, config: Config) -> None:
         """A `max_connections` set above what the descriptor limit allows would end in
@@ -251,12 +254,12 @@ class ProxyServer:
         cache = plan.cache
         if cache is not None and cache.applies(ctx):
             found = cache.find(ctx)
-            if found.__class__ is not CachedResponse and found is not None:
-                # A store that answers over the network (Redis): look up in a task.
-                self.loop.create_task(self._after_lookup(ex, ctx, serving, found))  # type: ignore[arg-type]
+            if isinstance(found, CachedResponse):
+                self._serve_hit(ex, plan, found)
                 return
             if found is not None:
-                self._serve_hit(ex, plan, found)  # type: ignore[arg-type]
+                # A store that answers over the network (Redis): look up in a task.
+                self.loop.create_task(self._after_lookup(ex, ctx, serving, found))
                 return
         self._forward(ex, ctx, serving)
 
@@ -336,6 +339,7 @@ class ProxyServer:
             conn.abort()
         self.serving.pool.close()
         await self.services.aclose()
+        await self.cache_stores.aclose()
 
 
 def freeze_long_lived() -> None:

@@ -17,8 +17,6 @@ from keyproxy.config import Config
 from keyproxy.jwks import JwksCache
 from keyproxy.observe import Observer
 from keyproxy.ratelimit import open_limiter
-from keyproxy.response.body_links import Store
-from keyproxy.response.cache import open_store
 
 
 class RouteSlots:
@@ -66,42 +64,6 @@ class Services:
         if reloads is not None:
             self.observer.metrics.reloads = reloads
         self._start_jwks(config)
-        #: The response cache's store and the settings it was opened with; None: no cache.
-        self.cache_store: Store | None = None
-        self._cache_opened: tuple[object, ...] | None = None
-        self._open_cache(config)
-
-    def _open_cache(self, config: Config) -> None:
-        """The store `cache:` names; kept across reloads that leave its settings alone."""
-        settings = config.cache
-        wanted = (
-            None
-            if settings is None
-            else (
-                settings.backend,
-                settings.ttl,
-                settings.max_entries,
-                settings.max_bytes,
-                settings.max_entry_bytes,
-            )
-        )
-        if wanted == self._cache_opened:
-            return
-        previous = self.cache_store
-        self.cache_store = (
-            None
-            if settings is None
-            else open_store(
-                settings.backend,
-                settings.ttl,
-                settings.max_entries,
-                settings.max_bytes,
-                settings.max_entry_bytes,
-            )
-        )
-        self._cache_opened = wanted
-        if previous is not None:
-            self.loop.create_task(previous.aclose())
 
     def _start_jwks(self, config: Config) -> None:
         """Keep the identity provider's keys fresh in the background, off the request path;
@@ -128,13 +90,10 @@ class Services:
             self.limits.limiter = open_limiter(config.rate_limits)
             self.loop.create_task(previous.aclose())
         self._start_jwks(config)
-        self._open_cache(config)
         self.observer.on_config(config)
 
     async def aclose(self) -> None:
         await self.limits.limiter.aclose()
-        if self.cache_store is not None:
-            await self.cache_store.aclose()
         await self.owners.aclose()
         if self.jwks is not None:
             self.jwks.stop()

@@ -35,6 +35,7 @@ from keyproxy.response.cache import (
     RedisStore,
     cache_key,
     eviction_paths,
+    open_store,
     storable,
 )
 from keyproxy.response.chain import LinkFactory, ResponseHead
@@ -334,9 +335,9 @@ class ResponseCache:
         self.count("hit")
         return entry
 
-    def _spawn(self, work: object) -> None:
+    def _spawn(self, work: Coroutine[object, object, object]) -> None:
         loop = self.loop or asyncio.get_running_loop()
-        task = loop.create_task(work)  # type: ignore[arg-type]
+        task: asyncio.Task[object] = loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -363,6 +364,50 @@ class ResponseCache:
         if ctx.method in ("GET", "HEAD", "OPTIONS"):
             return None
         return Evict(self, ctx)
+
+
+class CacheStoreHolder:
+    """The store `cache:` names, kept across reloads that leave its settings alone (so a
+    reload does not empty the cache), replaced when they change, closed at shutdown."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.store: Store | None = None
+        self._opened: tuple[object, ...] | None = None
+
+    def update(self, config: Config) -> Store | None:
+        settings = config.cache
+        wanted = (
+            None
+            if settings is None
+            else (
+                settings.backend,
+                settings.ttl,
+                settings.max_entries,
+                settings.max_bytes,
+                settings.max_entry_bytes,
+            )
+        )
+        if wanted != self._opened:
+            previous = self.store
+            self.store = None
+            if settings is not None:
+                self.store = open_store(
+                    settings.backend,
+                    settings.ttl,
+                    settings.max_entries,
+                    settings.max_bytes,
+                    settings.max_entry_bytes,
+                )
+            self._opened = wanted
+            if previous is not None:
+                self.loop.create_task(previous.aclose())
+        return self.store
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+            self.store = None
 
 
 class CacheTee:
