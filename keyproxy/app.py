@@ -251,7 +251,7 @@ class ProxyServer:
                 return
             ex.route_slot, ex.route_slots = route.match, slots
         plan = serving.plan
-        ex.chain = plan.chain_for(route)
+        ex.chain = plan.chain_for(route) if plan.route_chains else plan.chain
         ex.forward(ctx, plan, serving.pool)
 
     async def _decide_later(
