@@ -523,6 +523,9 @@ class Exchange:
             self.out = []
             self.head_written = self.head_sent
             self.last_activity = self.conn.loop.time()
+        elif self.body_links is not None or self.held is not None:
+            # A link is buffering what this read brought: the upstream is not silent.
+            self.last_activity = self.conn.loop.time()
 
     def on_response_end(self, reusable: bool) -> None:
         upstream, self.upstream = self.upstream, None
