@@ -250,7 +250,7 @@ class ProxyServer:
         """The decision said yes: a cache hit is served here, anything else forwarded."""
         route = ctx.route
         plan = serving.plan
-        ex.chain = plan.chain_for(route)
+        ex.chain = plan.chain_for(route) if plan.route_chains else plan.chain
         cache = plan.cache
         if cache is not None and cache.applies(ctx):
             found = cache.find(ctx)

@@ -364,3 +364,21 @@ def test_a_stored_answer_to_head_has_the_length_and_no_body(loop) -> None:
     ex, client = exchange(loop, "HEAD")
     ex.serve_stored(200, [], b"cached", 0)
     assert client.written.endswith(b"\r\n\r\n") and b"Content-Length: 6\r\n" in client.written
+
+
+def test_an_upstream_sending_into_a_holding_link_is_not_silent(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (lambda ctx: Upper(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    ex.on_response_head(200, [], b"10")
+    start = ex.last_activity
+    loop.run_until_complete(asyncio.sleep(0.02))
+    ex.on_response_body(b"12345")
+    ex.flush()  # nothing to write yet: the link holds it
+    assert not client.written and ex.last_activity > start
+    ex.check_timeout(ex.last_activity + Plan.timeout - 0.01)
+    assert not client.aborted and not up.aborted
+    ex.on_response_body(b"67890")
+    ex.on_response_end(True)
+    assert client.response()[::2] == (200, b"1234567890!")

@@ -77,3 +77,29 @@ UPSTREAM_LIMIT_HEADERS = frozenset(
 #: Response headers never copied as they are: hop-by-hop and framing (keyproxy frames
 #: the answer itself), X-Request-Id (keyproxy sets its own) and the upstream's limits.
 RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_LIMIT_HEADERS | {b"x-request-id"}
+
+#: Header names `upstream.inject.headers` and `identity_headers` may not use: framing,
+#: hop-by-hop, keyproxy's own, and the overrides (an injected one would turn every
+#: request into another method or URL).
+INJECT_REFUSED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-request-id",
+        "expect",
+        # Override headers: an injected one would turn every request into another method or URL.
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    }
+)
+INJECT_REFUSED_PREFIXES = ("proxy-", "x-forwarded-")

@@ -339,8 +339,26 @@ class ClientConnection(asyncio.Protocol):
 
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
         """`ex` is answered: go on with the next request (or close), then count it."""
-        self._next_after(ex, keep_alive)
-        self.proxy.observer.exchange_finished(ex)  # the one place a request is counted
+        try:
+            if self.active is ex:
+                self.active = None
+            if self.closed:
+                return
+            if not keep_alive or self.proxy.draining:
+                self.close()
+                return
+            if not self.queue:
+                if self.pending_error is not None:  # everything before the bad one is answered
+                    self._refuse_now(self.pending_error)
+                    return
+                if self.peer_done:
+                    self.close()
+                    return
+            self.idle_since = self.loop.time()
+            if self.queue:
+                self._dispatch()
+        finally:
+            self.proxy.observer.exchange_finished(ex)  # the one place a request is counted
 
     def cors_headers(self, ex: Exchange) -> bytes:
         """CORS lines for an answer keyproxy gives itself, under the request's snapshot."""
@@ -349,25 +367,6 @@ class ClientConnection(asyncio.Protocol):
         if cors is None:
             return b""
         return cors.response_headers(single_header(ex.headers, "origin"))
-
-    def _next_after(self, ex: Exchange, keep_alive: bool) -> None:
-        if self.active is ex:
-            self.active = None
-        if self.closed:
-            return
-        if not keep_alive or self.proxy.draining:
-            self.close()
-            return
-        if not self.queue:
-            if self.pending_error is not None:  # everything before the bad request is answered
-                self._refuse_now(self.pending_error)
-                return
-            if self.peer_done:
-                self.close()
-                return
-        self.idle_since = self.loop.time()
-        if self.queue:
-            self._dispatch()
 
     def _parse_failed(self, deny: Deny, culprit: Exchange | None) -> None:
         """The request stream broke. Requests before the break are answered in order;

@@ -368,33 +368,48 @@ class Exchange:
         declared = int(length) if length is not None else None
         chain = self.chain
         if chain:  # an empty chain (no response work configured) costs this one `if`
+            # Each link is made and shown the head in chain order, in one loop: this runs
+            # for every forwarded answer, so it is written out rather than split up.
+            ctx = self.ctx
+            assert ctx is not None  # set by the decision before forwarding
+            head = ResponseHead(status, lines, declared, self.method)
+            links: list[Link] = []
+            body_links: list[Link] = []
             try:
-                links = self._make_links(chain, 0)
-                if links:
-                    head = ResponseHead(status, lines, declared, self.method)
-                    deny = self._run_heads(links, head)
+                for make in chain:
+                    link = make(ctx)
+                    if link is None:
+                        continue
+                    links.append(link)
+                    if not isinstance(link, HeaderLink):
+                        body_links.append(link)
+                    deny = link.on_head(head)
                     if deny is not None:
                         self._replace_answer(deny)
                         return
-                    if head.hold:
-                        self.held_head = head
-                        self.held = []
-                    status, lines, declared = head.status, head.lines, head.length
             except Exception as exc:  # a bug in a link costs this request only
                 self.fail_internally(exc)
                 return
-        if self.held_head is None:
+            self.links = links
+            if body_links:
+                self.body_links = body_links
+            if head.hold:
+                self.held_head = head
+                self.held = []
+            else:
+                self._write_head(head.status, head.lines, head.length)
+        else:
             self._write_head(status, lines, declared)
         if self.method == "HEAD" and self.upstream is not None:
             self.upstream.end_head_only()  # no body follows, whatever the length says
 
-    def _make_links(self, chain: Chain, start: int) -> list[Link] | None:
+    def _make_links(self, chain: Chain, start: int) -> list[Link]:
         """This response's links from `chain[start:]`; the ones that see the body apart."""
         ctx = self.ctx
         assert ctx is not None
         links = []
         body_links = []
-        for make in chain[start:] if start else chain:
+        for make in chain[start:]:
             link = make(ctx)
             if link is not None:
                 links.append(link)
@@ -508,12 +523,15 @@ class Exchange:
             self.out = []
             self.head_written = self.head_sent
             self.last_activity = self.conn.loop.time()
+        elif self.body_links is not None or self.held is not None:
+            # A link is buffering what this read brought: the upstream is not silent.
+            self.last_activity = self.conn.loop.time()
 
     def on_response_end(self, reusable: bool) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None and self.pool is not None:
             self.pool.release(upstream, reusable and self.body_complete and not self.too_large)
-        if self.links is not None:
+        if self.body_links is not None or self.held_head is not None:
             if self.done:
                 return
             try:
