@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -286,3 +287,72 @@ def test_the_cache_key_is_never_the_credential(kp: Keyproxy, upstream: UpstreamS
     kp.request("GET", "/echo/shared", key=KEYS["reader"])
     kp.request("GET", "/echo/shared", key=KEYS["admin"])
     assert len(records_for(upstream, "/echo/shared")) == 1
+
+
+# --------------------------------------------------------------------------- redis
+
+
+def test_two_replicas_share_the_redis_cache_and_a_write_evicts_for_both(
+    upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The Redis backend: an answer stored by one keyproxy is a hit in another, filtered
+    per key there too, and a write through either evicts it for both."""
+    import redis as redis_py
+
+    from tests.redis_server import start_redis
+
+    redis = start_redis()
+    client = redis_py.Redis.from_url(redis.url)
+    replicas: list[Keyproxy] = []
+    try:
+        for name in ("a", "b"):
+            config: dict[str, Any] = base_config(upstream.url, upstream.inject())
+            config["keys"].append(
+                {
+                    "id": "filtered",
+                    "hash": digest(FILTERED_KEY),
+                    "type": "read",
+                    "fields": {"exclude": ["email", "author.phone"]},
+                }
+            )
+            config["cache"] = {
+                "backend": redis.url,
+                "ttl": "30s",
+                "routes": ["GET /json/{n}", "GET|HEAD|OPTIONS /echo/**"],
+            }
+            replicas.append(start_keyproxy(tmp_path_factory.mktemp(f"redis-{name}"), config))
+        a, b = replicas
+        upstream.reset()
+        status, _, full, _ = a.request("GET", "/json/2500", key=KEYS["admin"])
+        assert status == 200 and b"email" in full and SECRET.encode() not in full
+        wait_for(lambda: stored(client) == 1)  # a's tee writes after answering
+        status, _, body, _ = b.request("GET", "/json/2500", key=FILTERED_KEY)
+        assert status == 200 and b"email" not in body and b"phone" not in body
+        assert len(records_for(upstream, "/json/2500")) == 1  # b's read came from Redis
+        # a write through a evicts for b
+        assert a.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        wait_for(lambda: stored(client) == 2)
+        assert b.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        assert len(records_for(upstream, "/echo/shared-r")) == 1
+        assert a.request("DELETE", "/echo/shared-r", key=KEYS["admin"])[0] == 200
+        wait_for(lambda: stored(client) == 1)
+        assert b.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        assert len(records_for(upstream, "/echo/shared-r")) == 3  # the DELETE and a new read
+        assert all(KEYS["admin"].encode() not in client.dump(k) for k in client.keys("*"))
+    finally:
+        for replica in replicas:
+            replica.stop()
+        client.close()
+        redis.stop()
+
+
+def stored(client: Any) -> int:
+    """Upstream paths with cached entries in Redis."""
+    return len(client.keys("keyproxy:cache:*"))
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
