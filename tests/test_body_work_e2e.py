@@ -223,6 +223,12 @@ def test_an_express_redirect_body_is_masked(kp: Keyproxy) -> None:
     assert SECRET not in headers.get("location", "")
 
 
+def test_a_filtered_key_gets_redirects_without_their_body(kp: Keyproxy) -> None:
+    status, headers, body, _ = kp.request("GET", "/express-redirect", key=FILTERED_KEY)
+    assert status == 302 and body == b"" and headers["content-length"] == "0"
+    assert headers["location"].startswith("/posts?apikey=")
+
+
 def test_an_echo_endpoint_never_shows_the_secret(kp: Keyproxy) -> None:
     status, _, body, _ = kp.request("GET", "/echo/x", key=KEYS["reader"])
     assert status == 200 and SECRET.encode() not in body

@@ -167,7 +167,7 @@ class FieldsFactory:
 class FieldsLink:
     """One filtered answer: held whole, filtered, then sent with its new length."""
 
-    __slots__ = ("accept", "at", "flt", "head", "limits", "over", "parts", "received")
+    __slots__ = ("accept", "at", "drop", "flt", "head", "limits", "over", "parts", "received")
 
     def __init__(
         self,
@@ -183,6 +183,7 @@ class FieldsLink:
         self.parts: list[bytes] = []
         self.received = 0
         self.over = False
+        self.drop = False  # a redirect: its body is not sent at all
         self.head: ResponseHead | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
@@ -196,6 +197,14 @@ class FieldsLink:
             return FILTER_FAILED  # a part of a document cannot be filtered
         if head.length == 0:
             return None
+        if 300 <= head.status < 400:
+            # A redirect's body is a note for humans ("Found. Redirecting to ..."), not a
+            # document: it is dropped, so the redirect still works and nothing unfiltered
+            # leaves.
+            head.hold = True
+            head.remove(b"content-encoding")
+            self.drop = True
+            return None
         content_type = head.get(b"content-type")
         if body_kind(content_type.decode("latin-1") if content_type else None) is None:
             return FILTER_FAILED  # not JSON: nothing here can be filtered
@@ -204,6 +213,8 @@ class FieldsLink:
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
+        if self.drop:
+            return b""
         if self.head is None:
             return chunk
         if not self.over:
@@ -217,7 +228,7 @@ class FieldsLink:
 
     def on_end(self) -> bytes | Deny:
         head = self.head
-        if head is None:
+        if head is None or self.drop:
             return b""
         if self.over:
             return FILTER_FAILED
