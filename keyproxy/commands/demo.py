@@ -130,7 +130,7 @@ function put(id, value) {{ document.getElementById(id).textContent = value; }}
 async function run() {{
   try {{
     const answer = await fetch("{proxy}/v1/data/posts", {{headers}});
-    put("read", answer.status + "\n" + JSON.stringify(await answer.json(), null, 2));
+    put("read", answer.status + "\\n" + JSON.stringify(await answer.json(), null, 2));
     put("remaining", answer.headers.get("X-RateLimit-Remaining") ?? "unreadable");
   }} catch (error) {{ put("read", "fetch failed: " + error); }}
   try {{
