@@ -382,3 +382,74 @@ def test_an_upstream_sending_into_a_holding_link_is_not_silent(loop) -> None:
     ex.on_response_body(b"67890")
     ex.on_response_end(True)
     assert client.response()[::2] == (200, b"1234567890!")
+
+
+class MemoryTransport(asyncio.Transport):
+    """A client socket in memory: what keyproxy writes, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.data += data
+
+    def writelines(self, parts) -> None:  # type: ignore[no-untyped-def, override]
+        for part in parts:
+            self.data += part
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.checks import Check, Pipeline
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    text = yaml.safe_dump(base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}}))
+    proxy = ProxyServer(ConfigHolder(parse_config(text, "t.yaml", {})), loop)
+    real = proxy.pipeline
+
+    def explode(ctx: RequestContext) -> None:
+        if ctx.raw_target == "/boom":
+            raise ZeroDivisionError("a bug")
+
+    proxy.pipeline = Pipeline((Check("bug", explode, lambda ctx: ""), *real.checks))
+    broken, transport = ClientConnection(proxy), MemoryTransport()
+    broken.connection_made(transport)
+    broken.data_received(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.data.startswith(b"HTTP/1.1 500 ")
+    assert json.loads(transport.data.split(b"\r\n\r\n", 1)[1])["error"] == "INTERNAL_ERROR"
+    assert transport.closing  # that connection's stream state is not trusted further
+    # The process goes on: the next connection is decided as usual.
+    fine, transport2 = ClientConnection(proxy), MemoryTransport()
+    fine.connection_made(transport2)
+    fine.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport2.data.startswith(b"HTTP/1.1 401 ") and not transport2.closing
+    for conn in (broken, fine):
+        conn.connection_lost(None)

@@ -32,6 +32,7 @@ from keyproxy.response.links import HeaderLink, rate_limit_headers
 from keyproxy.wire.upstream import UpstreamUnavailable
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
+NOT_STARTED, HEAD_QUEUED, HEAD_WRITTEN = 0, 1, 2
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Request body buffered while the decision runs; past it the client is paused.
 BODY_BUFFER_LIMIT = 256 * 1024
@@ -109,6 +110,7 @@ class Exchange:
     """One request/response pair on a client connection."""
 
     __slots__ = (
+        "answer",
         "body_buffered",
         "body_chunks",
         "body_complete",
@@ -125,8 +127,6 @@ class Exchange:
         "early_deny",
         "expect_continue",
         "forwarding",
-        "head_sent",
-        "head_written",
         "headers",
         "held",
         "held_head",
@@ -185,8 +185,10 @@ class Exchange:
         self.body_received = 0
         self.body_complete = False
         self.too_large = False
-        self.head_sent = False  # a response head was produced (maybe still in `out`)
-        self.head_written = False  # ... and handed to the client's socket
+        #: How far the answer has got: NOT_STARTED → HEAD_QUEUED (produced, still in
+        #: `out`: it can yet be replaced by an error) → HEAD_WRITTEN (the client may have
+        #: it: a failure from here on can only cut the connection).
+        self.answer = NOT_STARTED
         self.mode = NO_BODY
         #: Response bytes produced while handling one upstream read, written with one
         #: writev when that read is done: head and body of a small response cost one syscall.
@@ -281,7 +283,7 @@ class Exchange:
         if self.upstream is not None:
             self._drop_upstream()
         if self.forwarding and not self.done:
-            if self.head_sent:
+            if self.answer != NOT_STARTED:
                 self.conn.abort()
                 self._finish(False)
             else:
@@ -447,7 +449,7 @@ class Exchange:
         if not self.body_complete:
             self.keep_alive = False  # the upstream answered before the client finished sending
         self.mode = mode
-        self.head_sent = True
+        self.answer = HEAD_QUEUED
         self.status = status
         self.out.append(
             b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
@@ -521,7 +523,8 @@ class Exchange:
                 else:
                     self.conn.writelines(out)
             self.out = []
-            self.head_written = self.head_sent
+            if self.answer == HEAD_QUEUED:
+                self.answer = HEAD_WRITTEN
             self.last_activity = self.conn.loop.time()
         elif self.body_links is not None or self.held is not None:
             # A link is buffering what this read brought: the upstream is not silent.
@@ -611,10 +614,10 @@ class Exchange:
         if self.upstream is not None:
             self._drop_upstream()
         self.held_head = self.held = None
-        if self.head_sent and not self.head_written:
+        if self.answer == HEAD_QUEUED:
             self.out = []
-            self.head_sent = False
-        if self.head_sent:
+            self.answer = NOT_STARTED
+        if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
         else:
@@ -627,11 +630,11 @@ class Exchange:
             self.pool.release(conn, False)
         if self.done:
             return
-        if self.head_sent and not self.head_written:
+        if self.answer == HEAD_QUEUED:
             # Broken before any of the answer left: the client can still get a clean 502.
             self.out = []
-            self.head_sent = False
-        if self.head_sent:
+            self.answer = NOT_STARTED
+        if self.answer != NOT_STARTED:
             self.conn.abort()  # the client saw a head; a truncated body must look truncated
             self._finish(False)
         elif (
@@ -659,7 +662,7 @@ class Exchange:
         if self.upstream is None or plan is None or now - self.last_activity < plan.timeout:
             return
         self._drop_upstream()
-        if self.head_sent:
+        if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
         else:
@@ -680,7 +683,7 @@ class Exchange:
         limit = ctx.limit if ctx is not None else None
         extra = rate_limit_headers(limit)
         extra += self.conn.cors_headers(self)
-        self.head_sent = True
+        self.answer = HEAD_WRITTEN
         self.status = deny.status
         self.reason = deny.code
         answer = error_response(
@@ -699,7 +702,7 @@ class Exchange:
             return
         if not self.body_complete:
             self.keep_alive = False
-        self.head_sent = True
+        self.answer = HEAD_WRITTEN
         self.status = reply.status
         answer = (
             b"HTTP/1.1 %d %s\r\n" % (reply.status, reason(reply.status))
@@ -730,7 +733,7 @@ class Exchange:
         self.body_wait = False
         if self.upstream is not None:
             self._drop_upstream()
-        if self.head_sent:
+        if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
         else:
