@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy import SMALL_PATH, build_policy
 
+from keyproxy.app import ProxyServer
 from keyproxy.config import parse_config
 from keyproxy.config.reload import ConfigHolder
-from keyproxy.server import ClientConnection, ProxyServer
-from keyproxy.upstream import UpstreamConnection
+from keyproxy.wire.client import ClientConnection
+from keyproxy.wire.upstream import UpstreamConnection
 
 ENV = {"UPSTREAM_SECRET": "bench-upstream-secret-0123456789"}
 BODY = b'[{"id": 0, "title": "post 0", "author": {"name": "alice", "phone": "555"}}]' * 4

@@ -31,10 +31,10 @@ from policy import SMALL_PATH, build_policy
 
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.config import parse_config
-from keyproxy.forward import Exchange
 from keyproxy.observe import AccessLog, Observer, metrics
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Headers, RequestContext
+from keyproxy.wire.exchange import Exchange
 
 ENV = {"UPSTREAM_SECRET": "bench-upstream-secret-0123456789"}
 LABELS = ("key", "route", "method", "status", "decision")

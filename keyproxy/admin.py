@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from keyproxy.server import ProxyServer
+    from keyproxy.app import ProxyServer
 
 READY_PROBE_TIMEOUT = 1.0
 
@@ -43,7 +43,7 @@ def create_admin_app(proxy: ProxyServer) -> web.Application:
             "config": config.summary(),
             "reloads": dict(holder.reloads),
             "last_reload_error": holder.last_error,
-            "rate_limit_store_failures": proxy.limits.store_failures,
+            "rate_limit_store_failures": proxy.services.limits.store_failures,
         }
         if proxy.draining:
             return web.json_response({"status": "draining", **body}, status=503)

@@ -72,7 +72,7 @@ from keyproxy.observability import log_event
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Config
-    from keyproxy.forward import Exchange
+    from keyproxy.wire.exchange import Exchange
 
 #: Bucket bounds in seconds: fine below 10 ms, where a proxy's own latency lives.
 BUCKETS = (
@@ -557,7 +557,7 @@ class Observer:
         if ctx is None:
             key_id = route = source = query = referer = user = roles = None
             path, _, query = ex.target.partition("?")
-            client_ip = ex.conn.peer_ip
+            client_ip: object = ex.conn.peer_ip  # below: an address object, str() at flush
             when = time.time()
             decision = "deny"
         else:

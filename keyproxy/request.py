@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Access, Config, Key, Route
@@ -138,6 +138,8 @@ class RequestContext:
     roles: tuple[str, ...] = ()  # the key's roles plus the token's (once step 7 has run)
     self_only: bool = False  # the roles allow this operation only on the caller's records
     owner_filter: str | None = None  # query parameters added to a self-only list request
+    #: The response cache's key for this request (a `CacheKey`), once looked up.
+    cache_key: Any = None
 
     @property
     def params(self) -> dict[str, str]:

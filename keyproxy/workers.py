@@ -151,7 +151,7 @@ class Supervisor:
                         slot.restart_at = now + BACKOFF_MAX
                         log_event("worker_spawn_failed", slot=slot.index, error=exc.strerror)
                         continue
-                    log_event("worker_restarted", slot=slot.index, pid=slot.process.pid)  # type: ignore[union-attr]
+                    log_event("worker_restarted", slot=slot.index, pid=slot.process.pid)  # type: ignore[attr-defined]  # spawned just above: mypy cannot see the assignment
         self._stop_all()
         return self.status
 

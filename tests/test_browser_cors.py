@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 UPSTREAM_SECRET = "cors-browser-upstream-secret-42"
 APP_KEY = "pk_" + "d" * 64
-SLOTS = ("read", "remaining", "refusal", "refusal_id")
+SLOTS = ("read", "remaining", "filtered", "refusal", "refusal_id")
 
 
 def app_page(proxy_url: str, key: str, page: str) -> str:
@@ -50,6 +50,14 @@ async function run() {{
     put("remaining", answer.headers.get("X-RateLimit-Remaining") ?? "unreadable");
   }} catch (error) {{
     put("read", "fetch failed"); put("remaining", "fetch failed");
+  }}
+  try {{
+    const answer = await fetch("{proxy_url}/shaped/object?page={page}", {{headers}});
+    const record = await answer.json();
+    put("filtered", answer.status + " " + Object.keys(record).sort().join(",")
+        + " author:" + Object.keys(record.author).sort().join(","));
+  }} catch (error) {{
+    put("filtered", "fetch failed");
   }}
   try {{
     const refused = await fetch("{proxy_url}/not-a-route?page={page}", {{headers}});
@@ -97,8 +105,10 @@ def scenario(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 "type": "read",
                 "referers": [f"{page_a.origin}/*"],
                 "rate_limit": "100/minute",
+                "fields": {"exclude": ["email", "author.phone"]},
             }
         )
+        config["routes"].append({"match": "GET /shaped/{shape}", "acl": "get"})
         config["cors"] = {"allow_origins": [page_a.origin], "max_age": 60}
         kp = start_keyproxy(tmp_path_factory.mktemp("browser-cors"), config)
         stoppers.append(kp.stop)
@@ -123,6 +133,11 @@ def test_script_reads_the_rate_limit_headers(scenario: Scenario) -> None:
     assert slot(scenario.runs["a"], "remaining") == "99"
 
 
+def test_the_referer_checked_read_is_filtered_for_the_key(scenario: Scenario) -> None:
+    """The key hides email and author.phone: the browser never receives them."""
+    assert slot(scenario.runs["a"], "filtered") == ("200 author,createdBy,id,title author:name")
+
+
 def test_script_reads_why_it_was_refused(scenario: Scenario) -> None:
     assert slot(scenario.runs["a"], "refusal") == "403 ROUTE_NOT_ALLOWED"
     assert slot(scenario.runs["a"], "refusal_id") == "same"
@@ -132,14 +147,49 @@ def test_other_origin_cannot_call_at_all(scenario: Scenario) -> None:
     run = scenario.runs["b"]
     assert slot(run, "read") == "fetch failed"
     assert slot(run, "refusal") == "fetch failed"
+    assert slot(run, "filtered") == "fetch failed"
 
 
 def test_upstream_saw_one_read_with_the_custom_header_and_never_the_key(
     scenario: Scenario,
 ) -> None:
     records = scenario.records
-    assert [r["raw_path"] for r in records] == ["/echo/app?page=a"], records
+    assert [r["raw_path"] for r in records] == [
+        "/echo/app?page=a",
+        "/shaped/object?page=a",
+    ], records
     headers = {name.lower(): value for name, value in records[0]["headers"]}
     assert headers["x-trace"] == "trace-a"
     assert headers["origin"] == scenario.origin_a
     assert APP_KEY not in repr(records)
+
+
+def test_the_demo_page_tells_the_browser_story(chromium: str) -> None:
+    """`keyproxy demo` prints a page URL: opened in Chromium, its script reads the browser
+    key's filtered posts, the rate-limit header and a refusal's JSON, through the preflight."""
+    import sys
+
+    from tests.procs import free_port, spawn
+
+    port = free_port()
+    proc, _ = spawn(
+        [sys.executable, "-m", "keyproxy", "demo", "--port", str(port)],
+        ready=r"Press Ctrl-C",
+        name="demo",
+        timeout=20,
+    )
+    try:
+        page = re.search(r"open (http://127\.0\.0\.1:\d+/)", proc.stdout)
+        assert page is not None, proc.stdout
+        run = run_chromium(chromium, page.group(1))
+        read = re.search(r'<pre id="read">(.*?)</pre>', run.dom, re.S)
+        assert read is not None and read.group(1).startswith("200"), run.dom
+        posts = html.unescape(read.group(1))
+        assert '"author"' in posts and '"phone"' not in posts and '"email"' not in posts
+        remaining = re.search(r'<b id="remaining">(\d+)</b>', run.dom)
+        assert remaining is not None, run.dom
+        refusal = re.search(r'<pre id="refusal">(.*?)</pre>', run.dom, re.S)
+        assert refusal is not None and refusal.group(1).startswith("403"), run.dom
+        assert "PERMISSION_DENIED" in html.unescape(refusal.group(1))
+    finally:
+        proc.stop()

@@ -65,8 +65,10 @@ def test_check_reports_every_error_with_its_line(tmp_path):
         "  - {match: 'GET /v1/{table}', acl: search}\n"
         "keys:\n"
         "  - {id: a, hash: 'sha256:abc', type: read}\n"  # line 12: bad hash
-        "cache:\n"  # line 13: not supported yet
-        "  backend: memory\n"
+        "cache:\n"
+        "  backend: sqlite:///tmp/c.db\n"  # line 14: not supported yet
+        "  ttl: 5s\n"
+        "  routes: ['GET /v1/{table}']\n"
     )
     result = keyproxy("check", "-c", str(path), env={"NOT_SET_ANYWHERE_123": ""})
     assert result.returncode == 1
@@ -76,7 +78,7 @@ def test_check_reports_every_error_with_its_line(tmp_path):
         (6, "timeout"),
         (8, "NOT_SET_ANYWHERE_123"),
         (12, "hash"),
-        (13, "not supported yet"),
+        (14, "not supported yet"),
     ]:
         assert re.search(rf":{line}:.*{words}|:{line}:.*\n?.*{words}", out), (line, out)
     assert "max_body" in out  # the did-you-mean hint

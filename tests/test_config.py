@@ -484,19 +484,42 @@ def test_unknown_field_without_a_close_match_lists_the_known_ones() -> None:
     assert issue.line == 2 and issue.hint is not None and "listen" in issue.hint
 
 
-@pytest.mark.parametrize("section", ["cache"])
-def test_later_sections_are_not_supported_yet(section: str) -> None:
-    text = BASE + f"{section}:\n  anything: 1\n"
+def test_the_sqlite_cache_backend_is_not_supported_yet() -> None:
+    text = (
+        BASE
+        + "cache:\n  backend: sqlite:///tmp/c.db\n  ttl: 1s\n  routes: ['GET /v1/data/{table}']\n"
+    )
     issue = the_issue(text)
-    assert issue.where == section and "not supported yet" in issue.message
-    assert issue.line == line_of(text, f"{section}:")
+    assert issue.where == "cache.backend" and "not supported yet" in issue.message
+    assert issue.line == line_of(text, "backend:")
 
 
-@pytest.mark.parametrize("field", ["fields: {exclude: [email]}"])
-def test_later_key_fields_are_not_supported_yet(field: str) -> None:
+def test_a_cache_section_is_read() -> None:
+    text = BASE + "cache:\n  backend: memory\n  ttl: 5s\n  routes: ['GET /v1/data/{table}']\n"
+    cache = parse(text).cache
+    assert cache is not None and cache.ttl == 5.0
+    assert [route.match for route in cache.routes] == ["GET /v1/data/{table}"]
+
+
+def test_a_key_field_filter_is_compiled() -> None:
+    config = parse(with_keys(key("fields: {exclude: [email, author.phone]}\n")))
+    flt = config.keys[0].fields
+    assert flt is not None and flt.mode == "exclude"
+    assert flt.apply({"email": 1, "author": {"phone": 2, "n": 3}}) == {"author": {"n": 3}}
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [
+        ("fields: {exclude: []}", "empty list"),
+        ("fields: {include: [a], exclude: [b]}", "exactly one"),
+        ("fields: {hide: [a]}", "unknown field"),
+        ("fields: {exclude: ['a..b']}", "separated by single dots"),
+    ],
+)
+def test_bad_key_field_filters_are_refused(field: str, problem: str) -> None:
     text = with_keys(key(field + "\n"))
-    issue = the_issue(text)
-    assert "not supported yet" in issue.message and issue.line == line_of(text, field)
+    assert any(problem in issue.message for issue in issues_of(text)), issues_of(text)
 
 
 # --------------------------------------------------------------------------- server
@@ -1218,7 +1241,7 @@ routes:
 keys:
   - {{id: a, hash: {hash_of(1)}, type: reed}}
   - {{id: b, hash: {hash_of(2)}, type: read, acls: [zzz], revoked: yes}}
-cache: {{}}
+cache: {{backend: 'sqlite:///x.db', ttl: 1s, routes: ['GET /a']}}
 """
     with pytest.raises(ConfigError) as caught:
         parse(text)
@@ -1232,7 +1255,9 @@ cache: {{}}
         "(hint: write a number and a unit, like 512B, 64KiB or 10MiB "
         "(also KB, MB, GB: powers of 1000))"
     )
-    assert rendered[-1].startswith("test.yaml:12: cache: 'cache' is not supported yet (hint: ")
+    assert rendered[-1].startswith(
+        "test.yaml:12: cache.backend: the sqlite backend is not supported yet (hint: "
+    )
 
 
 def test_several_errors_in_one_key() -> None:
@@ -1430,3 +1455,22 @@ def test_a_merge_bomb_is_refused_quickly() -> None:
     text += f"keys:\n  - {{<<: *a40, id: k1, hash: '{hash_of(1)}'}}\n"
     issues = issues_of(text)
     assert any("'<<' merges in the file" in i.message for i in issues), issues
+
+
+def test_route_body_options_are_read() -> None:
+    text = BASE.replace(
+        "acl: search}\n",
+        'acl: search, scrub_body: false, fields_at: ["data[*]", "hits.hits[*]._source"]}\n',
+        1,
+    )
+    route = parse(text).routes[0]
+    assert route.scrub_body is False
+    assert [p.text for p in route.fields_at] == ["data[*]", "hits.hits[*]._source"]
+    assert parse(BASE).routes[0].scrub_body is True
+
+
+def test_filter_caps_are_server_fields() -> None:
+    config = parse("server:\n  filter_max_body: 1MiB\n  filter_max_depth: 20\n" + BASE)
+    assert (config.server.filter_max_body, config.server.filter_max_depth) == (1024 * 1024, 20)
+    issue = the_issue("server:\n  filter_max_depth: 999\n" + BASE)
+    assert issue.where == "server.filter_max_depth"

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from keyproxy.config import parse_config
-from keyproxy.forward import ForwardPlan
+from keyproxy.forward.plan import ForwardPlan
 
 CONFIG = """\
 upstream:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -138,6 +139,33 @@ def test_demo_prints_working_curl_lines(tmp_path):
 
         status, body = call("GET", "/v1/data/posts", DEMO_KEYS["website"], DEMO_REFERER)
         assert status == 200 and isinstance(json.loads(body), list)
+        # the browser key's answers hide author.phone; the admin's keep it
+        assert b"author" in body and b"phone" not in body
+        status, body = call("GET", "/v1/data/posts/1", DEMO_KEYS["website"], DEMO_REFERER)
+        assert status == 200 and b"phone" not in body and json.loads(body)["id"] == 1
+        status, body = call("GET", "/v1/data/posts/1", DEMO_KEYS["admin"])
+        assert status == 200 and b"phone" in body
+        # the printed page URL serves the browser demo, and keyproxy answers its preflight
+        page = re.search(r"open (http://127\.0\.0\.1:(\d+)/)", out)
+        assert page is not None, out
+        with urllib.request.urlopen(page.group(1), timeout=5) as answer:
+            html = answer.read().decode()
+        assert DEMO_KEYS["website"] in html and f"http://127.0.0.1:{port}/v1/data/posts" in html
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        origin = f"http://127.0.0.1:{page.group(2)}"
+        conn.request(
+            "OPTIONS",
+            "/v1/data/posts",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-api-key, x-demo-client",
+            },
+        )
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 204 and resp.getheader("Access-Control-Allow-Origin") == origin
+        conn.close()
         status, body = call("DELETE", "/v1/data/posts/1", DEMO_KEYS["website"], DEMO_REFERER)
         assert status == 403 and json.loads(body)["error"] == "PERMISSION_DENIED"
         status, body = call("GET", "/v1/data/posts", DEMO_KEYS["website"])

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from keyproxy.config.model import HostPort
-from keyproxy.listeners import ListenError, bind, inherited, raise_fd_limit
+from keyproxy.wire.listeners import ListenError, bind, inherited, raise_fd_limit
 
 
 def test_a_taken_port_names_the_port_and_the_setting() -> None:

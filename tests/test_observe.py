@@ -361,3 +361,36 @@ def test_merge_sums_workers():
     assert total["requests"] == {("k", "r", "GET", "200", "allow"): 5}
     assert total["cache"] == {"hit": 1}
     assert total["request_buckets"][0] == 1
+
+
+def raw_exchange(kp: Keyproxy, data: bytes) -> bytes:
+    """Send raw bytes, read until keyproxy closes: for heads no HTTP client would send."""
+    import socket
+
+    with socket.create_connection((kp.host, kp.port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_refused_before_they_parse_are_counted_and_logged(upstream, tmp_path, make):
+    config = config_for(upstream, tmp_path)
+    config["server"]["max_header_size"] = "2KiB"
+    kp = make(config)
+    too_large = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 4096 + b"\r\n\r\n"
+    assert raw_exchange(kp, too_large).startswith(b"HTTP/1.1 431 ")
+    assert raw_exchange(kp, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").startswith(
+        b"HTTP/1.1 400 "
+    )
+    found = samples(scrape(kp))
+    reasons = {dict(lb)["reason"]: v for lb, v in by_name(found, "keyproxy_denials_total").items()}
+    assert reasons == {"HEADERS_TOO_LARGE": 1, "BAD_REQUEST": 1}
+    assert found[("keyproxy_request_duration_seconds_count", ())] == 2
+    lines = read_log(tmp_path / "access.log", 2)
+    assert sorted((line["status"], line["reason"], line["decision"]) for line in lines) == [
+        (400, "BAD_REQUEST", "deny"),
+        (431, "HEADERS_TOO_LARGE", "deny"),
+    ]
+    assert {line["method"] for line in lines} == {"GET"}

@@ -424,13 +424,18 @@ def test_big_and_chunked_responses_stream_through(proxy: Keyproxy):
     assert len(b) > 0
 
 
-def test_gzip_passes_through_untouched(proxy: Keyproxy):
+def test_gzip_reaches_a_client_that_accepts_it_after_the_secret_scan(proxy: Keyproxy):
+    """A body the upstream compresses is decoded to be scanned, then compressed again
+    for a client that accepts gzip (and sent identity to one that names no coding)."""
     import gzip
 
-    s, h, b, _ = proxy.request("GET", "/gzip", key=KEYS["reader"])
+    s, h, b, _ = proxy.request("GET", "/gzip", {"Accept-Encoding": "gzip"}, key=KEYS["reader"])
     assert s == 200
     assert h["content-encoding"] == "gzip"
     json.loads(gzip.decompress(b))
+    s, h, b, _ = proxy.request("GET", "/gzip", key=KEYS["reader"])
+    assert s == 200 and "content-encoding" not in h
+    json.loads(b)
 
 
 def test_keep_alive_and_pipelining(proxy: Keyproxy):

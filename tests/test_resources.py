@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import yaml
 
+from keyproxy.app import FD_RESERVE, ProxyServer, connection_limits
 from keyproxy.config import ConfigError
 from keyproxy.config.load import parse_config
 from keyproxy.config.model import ServerSettings
 from keyproxy.config.reload import ConfigHolder
-from keyproxy.server import FD_RESERVE, ProxyServer, connection_limits
 from tests.procs import UpstreamServer, spawn
 from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
 

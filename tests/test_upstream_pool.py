@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 
 from keyproxy.config.model import Upstream
-from keyproxy.upstream import UpstreamPool
+from keyproxy.wire.upstream import UpstreamPool
 
 
 async def _handed_over_while_cancelled() -> tuple[int, int, bool]:

@@ -34,6 +34,7 @@ import json
 import signal
 import ssl
 import sys
+import zlib
 from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -382,6 +383,97 @@ async def gzipped(request: web.Request) -> web.Response:
     )
 
 
+SHAPES = ("object", "array", "ndjson", "envelope")
+
+
+def shaped_body(shape: str) -> tuple[bytes, str]:
+    """Two sample records in one of the body shapes field filtering must handle."""
+    items = [sample_item(1), sample_item(2)]
+    if shape == "object":
+        return json.dumps(items[0]).encode(), "application/json"
+    if shape == "array":
+        return json.dumps(items).encode(), "application/json"
+    if shape == "ndjson":
+        return b"".join(json.dumps(i).encode() + b"\n" for i in items), "application/x-ndjson"
+    if shape == "envelope":
+        return json.dumps({"data": items, "total": 2}).encode(), "application/json"
+    raise web.HTTPBadRequest(text="unknown shape")
+
+
+def _compress(body: bytes, coding: str) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(body)
+    if coding == "deflate":
+        return zlib.compress(body)
+    if coding == "br":
+        import brotli
+
+        return brotli.compress(body)
+    return body
+
+
+async def shaped(request: web.Request) -> web.StreamResponse:
+    """`/shaped/{shape}?coding=gzip|deflate|br&framing=length|chunked&etag=1`.
+
+    The coding is applied whatever the request's Accept-Encoding says, as some
+    servers do; a chunked answer is cut into small pieces.
+    """
+    body, content_type = shaped_body(request.match_info["shape"])
+    coding = request.query.get("coding", "identity")
+    data = _compress(body, coding)
+    headers = {"Content-Type": content_type, "ETag": '"v1"', "Accept-Ranges": "bytes"}
+    if coding != "identity":
+        headers["Content-Encoding"] = coding
+    response = web.StreamResponse(headers=headers)
+    if request.query.get("framing") == "chunked":
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = len(data)
+    if request.method == "HEAD":
+        await response.prepare(request)
+        return response
+    return await _send(request, response, [data[i : i + 7] for i in range(0, len(data), 7)])
+
+
+async def echo_page(request: web.Request) -> web.StreamResponse:
+    """A debug page quoting the request's headers in HTML (the secret among them),
+    optionally gzip-compressed and cut so a header value spans two chunks."""
+    rows = "".join(
+        f"<tr><td>{_text(n)}</td><td>{_text(v)}</td></tr>" for n, v in request.raw_headers
+    )
+    body = f"<html><body><table>{rows}</table></body></html>".encode()
+    coding = request.query.get("coding", "identity")
+    data = _compress(body, coding)
+    headers = {"Content-Type": "text/html"}
+    if coding != "identity":
+        headers["Content-Encoding"] = coding
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(data)
+    cut = int(request.query.get("cut", "0")) or len(data) // 2
+    return await _send(request, response, [data[:cut], data[cut:]], delay_ms=20)
+
+
+async def literal_body(request: web.Request) -> web.Response:
+    """`/body?type=...&text=...`: exactly that body with that Content-Type."""
+    return web.Response(
+        body=request.query.get("text", "").encode(),
+        headers={"Content-Type": request.query.get("type", "application/json")},
+    )
+
+
+async def express_redirect(request: web.Request) -> web.Response:
+    """Express's `res.redirect(url)` body, with the secret in the URL."""
+    config = request.app[CONFIG]
+    secret = config.secret_values()[0]
+    target = f"/posts?apikey={secret}"
+    return web.Response(
+        status=302,
+        text=f"Found. Redirecting to {target}",
+        headers={"Location": target},
+        content_type="text/plain",
+    )
+
+
 async def upload(request: web.Request) -> web.Response:
     return web.json_response(_body_info())
 
@@ -406,6 +498,8 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/echo{tail:(/.*)?}", echo),
         ("/json/{nbytes}", json_sized),
         ("/big/{nbytes}", big),
+        ("/raw/big/{nbytes}", big),  # the same bytes on another path (benchmarks)
+        ("/cached/json/{nbytes}", json_sized),
         ("/chunked/{n}", chunked),
         ("/ndjson/{n}", ndjson),
         ("/slow/{ms}", slow),
@@ -417,6 +511,10 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/crash", crash),
         ("/crash-mid-body", crash_mid_body),
         ("/gzip", gzipped),
+        ("/shaped/{shape}", shaped),
+        ("/echo-page", echo_page),
+        ("/express-redirect", express_redirect),
+        ("/body", literal_body),
     ]:
         app.router.add_route("*", path, handler)
     app.router.add_post("/upload", upload)

@@ -51,12 +51,17 @@ class StepOutcome:
     reply: Reply | None = None  # the step answered the request itself
 
 
-def build_checks(limiter: Limiter, owners: OwnershipCheck | None = None) -> tuple[Check, ...]:
+def build_checks(
+    limiter: Limiter,
+    owners: OwnershipCheck | None = None,
+    limits: RateLimitCheck | None = None,
+) -> tuple[Check, ...]:
     """Steps 1–8 in order, after the CORS preflight. `owners` reads records' owners from
-    the upstream; `keyproxy explain` passes one that stays offline."""
+    the upstream; `keyproxy explain` passes one that stays offline. `limits`: the server's
+    long-lived rate-limit step (`keyproxy.services`), else one over `limiter`."""
     from keyproxy.checks import describe
 
-    limits = RateLimitCheck(limiter)
+    limits = limits if limits is not None else RateLimitCheck(limiter)
     owners = owners if owners is not None else OwnershipCheck()
     return (
         Check("0 cors preflight", check_preflight, describe_preflight, reportable=False),

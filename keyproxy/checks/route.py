@@ -6,14 +6,13 @@ import re
 from urllib.parse import unquote_plus
 
 from keyproxy.config.model import READ_METHODS, ROUTE_METHODS, Access, Route
+from keyproxy.policy.headers import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 from keyproxy.policy.paths import InvalidPath, canonicalize, decoded_name, param_readings
 from keyproxy.policy.routes import AmbiguousMatch
 from keyproxy.request import Deny, RequestContext
 
 #: Headers and query parameters that ask the upstream to treat the request as
 #: another method or URL than the one authorised here.
-METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
-URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
 METHOD_OVERRIDE_PARAMS = frozenset({"_method"})
 OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 

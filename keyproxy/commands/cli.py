@@ -19,7 +19,7 @@ def _fds(text: str) -> list[int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from keyproxy.server import WorkerLink, run
+    from keyproxy.lifecycle import WorkerLink, run
 
     workers = args.workers.strip()
     if not workers.isdigit() or not 1 <= int(workers) <= MAX_WORKERS:

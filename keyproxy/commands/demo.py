@@ -1,8 +1,11 @@
-"""`keyproxy demo`: the sample backend, keyproxy in front of it, and curl lines to try.
+"""`keyproxy demo`: the sample backend, keyproxy in front of it, curl lines, a browser page.
 
 The backend accepts one secret that only keyproxy knows (a fresh random one
-per run); the three sample keys in `config.example.yaml` are public demo keys
-whose hashes the example file holds.
+per run); the sample keys in `config.example.yaml` are public demo keys whose
+hashes the example file holds. A small page on its own origin (a third port)
+calls keyproxy from the browser with the publishable key and a custom header,
+which is the first user's story: CORS preflight, a filtered read, the
+rate-limit headers and a refusal the script can read.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from importlib import resources
 from keyproxy.config import parse_config
 from keyproxy.config.model import Config, HostPort
 from keyproxy.config.reload import ConfigHolder
-from keyproxy.server import install_uvloop, serve
+from keyproxy.lifecycle import install_uvloop, serve
 
 #: Public sample keys matching the hashes in config.example.yaml. Demo only.
 DEMO_KEYS = {
@@ -29,6 +32,9 @@ DEMO_KEYS = {
     "admin": "sk_a91ce2de0b0d34b3b3cd268c3b2778d61fca5039eabde514c8bb41c54333fce5",
 }
 DEMO_REFERER = "https://app.example.com/"
+#: The demo page's origin as config.example.yaml writes it (in cors and the website
+#: key's referers); the demo swaps in the port it actually serves the page on.
+DEMO_PAGE_ORIGIN = "http://127.0.0.1:8081"
 #: The demo's logged-in user and how long the printed token lasts.
 DEMO_USER = "bob"
 DEMO_TOKEN_TTL = 24 * 3600
@@ -70,11 +76,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(secret: str, backend_port: int, proxy_port: int, admin_port: int) -> Config:
-    """The example configuration, pointed at this run's backend and ports."""
-    config = parse_config(
-        example_config_text(), "config.example.yaml", {**os.environ, "UPSTREAM_SECRET": secret}
-    )
+def demo_config(
+    secret: str, backend_port: int, proxy_port: int, admin_port: int, page_port: int = 8081
+) -> Config:
+    """The example configuration, pointed at this run's backend, ports and page origin."""
+    text = example_config_text().replace(DEMO_PAGE_ORIGIN, f"http://127.0.0.1:{page_port}")
+    config = parse_config(text, "config.example.yaml", {**os.environ, "UPSTREAM_SECRET": secret})
     upstream = dataclasses.replace(
         config.upstream,
         url=f"http://127.0.0.1:{backend_port}",
@@ -104,15 +111,76 @@ def _example_path() -> str:
     return str(resources.files("keyproxy").joinpath("config.example.yaml"))
 
 
-def instructions(base: str, token: str) -> str:
+def demo_page(proxy: str, key: str) -> str:
+    """The browser half of the demo: one page, three fetches, what came back shown."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>keyproxy demo</title>
+<style>body{{font:15px system-ui;margin:2em;max-width:50em}}
+pre{{background:#f4f4f4;padding:1em}}</style>
+</head><body>
+<h1>A web app calling keyproxy</h1>
+<p>This page is on its own origin; it calls <code>{proxy}</code> with the publishable
+key <code>website</code> and a custom header, so the browser sends a CORS preflight first.</p>
+<h2>Posts, as the public key sees them (no email, no author.phone)</h2><pre id="read">pending</pre>
+<p>X-RateLimit-Remaining, read by the script: <b id="remaining">pending</b></p>
+<h2>A DELETE the key may not make</h2><pre id="refusal">pending</pre>
+<script>
+const headers = {{"X-API-Key": "{key}", "X-Demo-Client": "demo-page"}};
+function put(id, value) {{ document.getElementById(id).textContent = value; }}
+async function run() {{
+  try {{
+    const answer = await fetch("{proxy}/v1/data/posts", {{headers}});
+    put("read", answer.status + "\\n" + JSON.stringify(await answer.json(), null, 2));
+    put("remaining", answer.headers.get("X-RateLimit-Remaining") ?? "unreadable");
+  }} catch (error) {{ put("read", "fetch failed: " + error); }}
+  try {{
+    const refused = await fetch("{proxy}/v1/data/posts/1", {{method: "DELETE", headers}});
+    put("refusal", refused.status + " " + JSON.stringify(await refused.json(), null, 2));
+  }} catch (error) {{ put("refusal", "fetch failed: " + error); }}
+}}
+run();
+</script>
+</body></html>
+"""
+
+
+async def start_page(proxy: str, key: str, port: int):  # type: ignore[no-untyped-def]
+    """Serve the demo page on 127.0.0.1:`port` (its own origin); returns the runner."""
+    from aiohttp import web
+
+    page = demo_page(proxy, key)
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+def instructions(base: str, token: str, page: str | None = None) -> str:
     read, admin, app = DEMO_KEYS["website"], DEMO_KEYS["admin"], DEMO_KEYS["app"]
     explain = f"UPSTREAM_SECRET=x {_self_command()} explain -c {_example_path()}"
+    browser = (
+        f"  # and in a browser: a page on its own origin calling keyproxy with the\n"
+        f"  # browser key (CORS preflight, a filtered read, the rate-limit headers):\n"
+        f"  open {page}\n\n"
+        if page
+        else ""
+    )
     return f"""
 keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
 (the backend's secret was generated for this run and never leaves keyproxy).
 
-  # the browser key reads (it may only be used from *.example.com pages):
-  curl -s {base}/v1/data/posts -H 'X-API-Key: {read}' -e {DEMO_REFERER}
+  # the browser key reads (it may only be used from *.example.com pages), and its
+  # answers never show email or author.phone (fields: exclude in the config):
+  curl -s {base}/v1/data/posts/1 -H 'X-API-Key: {read}' -e {DEMO_REFERER}
+
+  # the admin key sees the whole record (the cache holds it once, filtered per key):
+  curl -s {base}/v1/data/posts/1 -H 'X-API-Key: {admin}'
 
   # the same key is refused a DELETE, with a JSON error:
   curl -s -X DELETE {base}/v1/data/posts/1 -H 'X-API-Key: {read}' -e {DEMO_REFERER}
@@ -133,7 +201,7 @@ keyproxy demo: a sample REST backend, reachable only through keyproxy at {base}
   {explain} --key {read} \\
       --referer {DEMO_REFERER} DELETE {base}/v1/data/posts/1
 
-Press Ctrl-C to stop both.
+{browser}Press Ctrl-C to stop.
 """
 
 
@@ -144,16 +212,20 @@ async def _run(port: int | None) -> int:
     runner, backend_port = await start_backend(secret)
     proxy_port = port if port is not None else (8080 if _port_free(8080) else _free_port())
     admin_port = 9901 if _port_free(9901) and proxy_port != 9901 else _free_port()
-    holder = ConfigHolder(demo_config(secret, backend_port, proxy_port, admin_port))
+    page_port = 8081 if _port_free(8081) and 8081 not in (proxy_port, admin_port) else _free_port()
+    holder = ConfigHolder(demo_config(secret, backend_port, proxy_port, admin_port, page_port))
+    base = f"http://127.0.0.1:{proxy_port}"
+    page_runner = await start_page(base, DEMO_KEYS["website"], page_port)
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(holder, ready=ready))
     done, _ = await asyncio.wait({server, ready}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done:
         token = demo_token(holder.config)
-        print(instructions(f"http://127.0.0.1:{proxy_port}", token), flush=True)
+        print(instructions(base, token, f"http://127.0.0.1:{page_port}/"), flush=True)
     try:
         return await server
     finally:
+        await page_runner.cleanup()
         await runner.cleanup()
 
 

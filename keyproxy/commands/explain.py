@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
 from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config.model import Config, RateLimitSettings
-from keyproxy.forward import ForwardPlan
+from keyproxy.forward.plan import ForwardPlan
+from keyproxy.policy.refusals import head_refusal
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, Reply, RequestContext
 
@@ -55,7 +56,11 @@ async def explain(
     extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> Explanation:
     host, target = split_url(url)
-    headers: list[tuple[str, str]] = [("host", host or "localhost")]
+    extra = [(n.lower(), v) for n, v in extra_headers]
+    # A Host given with --header replaces the URL's (give two to see that refusal).
+    headers: list[tuple[str, str]] = []
+    if not any(n == "host" for n, _ in extra):
+        headers.append(("host", host or "localhost"))
     if key is not None:
         headers.append(("x-api-key", key))
     if jwt is not None:
@@ -64,7 +69,10 @@ async def explain(
         headers.append(("referer", referer))
     if origin is not None:
         headers.append(("origin", origin))
-    headers += [(n.lower(), v) for n, v in extra_headers]
+    headers += extra
+    refused = head_refusal(headers)
+    if refused is not None:  # the server refuses this head before any check runs
+        return Explanation([StepOutcome(PARSE_STEP, refused, refused.message)], False, None)
     ctx = RequestContext(
         config,
         method.upper(),
@@ -112,6 +120,8 @@ STEP_NAMES = {
     8: "rate limit",
 }
 OFFLINE_NOTE = "not evaluated offline: a fresh bucket, not the live counts"
+#: The step before the checks: the server parses the head and may refuse it there.
+PARSE_STEP = "parse"
 
 
 def _number(step: StepOutcome) -> int:
@@ -128,6 +138,13 @@ def numbered_steps(explanation: Explanation) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     last = 0
     for step in explanation.steps:
+        if step.name == PARSE_STEP and step.deny is not None:
+            d = step.deny
+            out.append(
+                {"step": PARSE_STEP, "name": "request head", "result": "deny"}
+                | {"status": d.status, "code": d.code, "detail": d.message}
+            )
+            continue
         number = _number(step)
         if number == 0 and step.reply is None:
             continue  # not a preflight: nothing to say about this request

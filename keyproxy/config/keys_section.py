@@ -9,6 +9,7 @@ from typing import TypeVar
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from keyproxy.config.model import Key, KeyHash, KeyType, Rate
+from keyproxy.config.response_sections import read_fields
 from keyproxy.config.routes_section import AclIndex
 from keyproxy.config.units import parse_rate
 from keyproxy.config.yaml_reader import (
@@ -41,9 +42,10 @@ _KEY_FIELDS = frozenset(
         "mode",
         "scopes",
         "roles",
+        "fields",
     }
 )
-_KEY_NOT_YET = frozenset({"fields"})
+_KEY_NOT_YET: frozenset[str] = frozenset()
 _KEY_CORE = frozenset({"id", "hash", "type", "acls"})
 _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -573,6 +575,7 @@ _KEY_OPTION_READERS: dict[str, Callable[[KeyReader, Node, str], object]] = {
     "mode": KeyReader.mode,
     "scopes": lambda reader, node, where: _scopes(reader.r, node, where),
     "roles": lambda reader, node, where: _roles(reader.r, node, where),
+    "fields": lambda reader, node, where: read_fields(reader.r, node, where),
 }
 
 _SCOPE = re.compile(r"(\*|[a-z0-9_-]{1,64}):(\*|create|read|update|delete|list)")

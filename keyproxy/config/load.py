@@ -32,7 +32,7 @@ from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route
 from keyproxy.config.observe_section import read_log, read_metrics
 from keyproxy.config.rate_limits_section import read_rate_limits
-from keyproxy.config.response_sections import read_cors
+from keyproxy.config.response_sections import read_cache, read_cors
 from keyproxy.config.roles_section import check_key_roles, read_permissions
 from keyproxy.config.routes_section import read_routes
 from keyproxy.config.server_section import read_server
@@ -95,9 +95,10 @@ _SECTIONS = frozenset(
         "cors",
         "log",
         "metrics",
+        "cache",
     }
 )
-_SECTIONS_NOT_YET = frozenset({"cache"})
+_SECTIONS_NOT_YET: frozenset[str] = frozenset()
 
 
 def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.RouteTable | None:
@@ -147,6 +148,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         key_reader.read_all(sections["keys"])
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
     cors = read_cors(r, sections.get("cors"), table)
+    cache = read_cache(r, sections.get("cache"), table)
     users = read_users(r, sections.get("users"), os.path.dirname(source))
     permissions = read_permissions(
         r,
@@ -178,6 +180,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         cors=cors,
         users=users,
         permissions=permissions,
+        cache=cache,
     )
 
 

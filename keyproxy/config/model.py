@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from keyproxy.config.response_sections import CacheSettings
     from keyproxy.policy.allowlists import IpAllowlist, RefererPattern
     from keyproxy.policy.permissions import Permissions
     from keyproxy.policy.routes import RouteTable
     from keyproxy.policy.users import TokenVerifier
     from keyproxy.response.cors import CorsPolicy
+    from keyproxy.response.fields import DocumentPath, FieldFilter
 
 MiB = 1024 * 1024
 
@@ -89,6 +91,9 @@ class ServerSettings:
     #: None: sized from the file-descriptor limit when serving starts.
     max_connections: int | None = None
     max_connections_per_ip: int | None = None
+    #: Field filtering's caps: the decoded body it will buffer, and how deep it may nest.
+    filter_max_body: int = 8 * MiB
+    filter_max_depth: int = 254
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,11 @@ class Route:
     query: QueryRule | None = None  # None: any query parameter
     #: Requests to this route in flight upstream at once; None: no cap of its own.
     max_concurrency: int | None = None
+    #: False: response bodies of this route are not scanned for the upstream's secret
+    #: (large binary downloads); the one way an unscanned body is let through.
+    scrub_body: bool = True
+    #: Where this endpoint's documents sit in its JSON bodies (`data[*]`); (): the body itself.
+    fields_at: tuple[DocumentPath, ...] = ()
 
     def params(self, segments: tuple[str, ...]) -> dict[str, str]:
         """The `{name}` parameters of canonical `segments` this route matched."""
@@ -196,6 +206,7 @@ class Key(NamedTuple):
     rotation: KeyHash | None = None
     scopes: frozenset[str] | None = None  # None: any table and operation
     roles: tuple[str, ...] | None = None  # None: admin for admin keys, guest otherwise
+    fields: FieldFilter | None = None  # None: every field of a JSON answer is shown
 
     def __repr__(self) -> str:  # never print the digest in logs or tracebacks
         return f"Key(id={self.id!r}, type={self.type.value})"
@@ -242,6 +253,8 @@ class Config:
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
     #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
     cors: CorsPolicy | None = field(default=None, compare=False)
+    #: `cache:`; None: nothing is cached.
+    cache: CacheSettings | None = field(default=None, compare=False)
 
     def summary(self) -> str:
         keys = "1 key" if len(self.keys) == 1 else f"{len(self.keys)} keys"

@@ -10,9 +10,20 @@ from yaml.nodes import Node
 from keyproxy.config.model import OPS, Access, KeyType, QueryRule, Route
 from keyproxy.config.yaml_reader import Reader, line_of, show
 from keyproxy.policy import routes
+from keyproxy.response.fields import DocumentPath
 
 _ROUTE_FIELDS = frozenset(
-    {"match", "acl", "op", "access", "allow_method_override", "query", "max_concurrency"}
+    {
+        "match",
+        "acl",
+        "op",
+        "access",
+        "allow_method_override",
+        "query",
+        "max_concurrency",
+        "scrub_body",
+        "fields_at",
+    }
 )
 _QUERY_FIELDS = frozenset({"allow", "deny"})
 #: A query parameter name as a list entry: printable ASCII without separators or brackets
@@ -78,6 +89,14 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
     max_concurrency = None
     if "max_concurrency" in fields:
         max_concurrency = r.integer(fields["max_concurrency"], f"{where}.max_concurrency", 1)
+    scrub_body = True
+    if "scrub_body" in fields:
+        scrub_body = r.boolean(fields["scrub_body"], f"{where}.scrub_body")
+    fields_at: tuple[DocumentPath, ...] | None = ()
+    if "fields_at" in fields:
+        from keyproxy.config.response_sections import read_fields_at
+
+        fields_at = read_fields_at(r, fields["fields_at"], f"{where}.fields_at")
     if access == "read" and op in _CHANGING_OPS:
         r.issue(
             fields["access"],
@@ -122,6 +141,8 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
         line=line_of(node) or 0,
         query=query,
         max_concurrency=max_concurrency,
+        scrub_body=scrub_body is not False,
+        fields_at=fields_at or (),
     ), acl
 
 

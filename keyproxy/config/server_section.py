@@ -94,6 +94,8 @@ _SERVER_FIELDS = frozenset(
         "body_timeout",
         "max_connections",
         "max_connections_per_ip",
+        "filter_max_body",
+        "filter_max_depth",
     }
 )
 QUERY_NAME = re.compile(r"[A-Za-z0-9._~\[\]-]{1,64}")
@@ -195,6 +197,8 @@ def read_server(r: Reader, node: Node | None) -> ServerSettings | None:
         "body_timeout": lambda n, w: r.duration(n, w),
         "max_connections": lambda n, w: r.integer(n, w, 1, 10_000_000),
         "max_connections_per_ip": lambda n, w: r.integer(n, w, 1, 10_000_000),
+        "filter_max_body": lambda n, w: r.size(n, w, 1024, 512 * 1024 * 1024),
+        "filter_max_depth": lambda n, w: r.integer(n, w, 2, 254),
     }
     for name, value_node in fields.items():
         values[name] = readers[name](value_node, f"server.{name}")

@@ -12,6 +12,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 from keyproxy.config.model import Upstream
 from keyproxy.config.server_section import QUERY_NAME, normalize_host
 from keyproxy.config.yaml_reader import Reader, kind_of, line_of
+from keyproxy.policy.headers import INJECT_REFUSED, INJECT_REFUSED_PREFIXES
 
 _UPSTREAM_FIELDS = frozenset(
     {
@@ -32,28 +33,8 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PATH_SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@]|%[0-9A-Fa-f]{2})+")
 _FORBIDDEN_PATH_ESCAPES = re.compile(r"%(?:2[Ff]|2[Ee]|5[Cc]|00)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_REFUSED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-        "forwarded",
-        "x-request-id",
-        "expect",
-        # Override headers: an injected one would turn every request into another method or URL.
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "x-original-url",
-        "x-rewrite-url",
-    }
-)
-_REFUSED_HEADER_PREFIXES = ("proxy-", "x-forwarded-")
+_REFUSED_HEADERS = INJECT_REFUSED
+_REFUSED_HEADER_PREFIXES = INJECT_REFUSED_PREFIXES
 
 
 def _upstream_url(r: Reader, node: Node, where: str) -> dict[str, object] | None:

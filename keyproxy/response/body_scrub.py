@@ -3,7 +3,7 @@
 An Express redirect body ("Found. Redirecting to /posts?apikey=<secret>"), a
 debug page or an endpoint echoing request headers would hand the upstream's
 secret to any client. Every body is scanned for every spelling the header
-scrubber knows (`keyproxy.responses.secret_spellings`), and each occurrence is
+scrubber knows (`keyproxy.response.headers.secret_spellings`), and each occurrence is
 replaced by a fixed redaction.
 
 Cheap when clean: every spelling declares anchors (a `%`, or a literal such
@@ -18,8 +18,9 @@ spelling can match), which the next chunk completes. `end` releases the rest.
 A match that starts before the held tail always lies wholly within the bytes
 seen, so the regular expression decides it on complete data.
 
-The body changes length when something is redacted: the caller sends it
-chunked (or buffers it to recompute `Content-Length`). Compressed bodies must
+With `same_length` each occurrence becomes a mask of its own byte length, so
+the body keeps its length and its framing (the data path uses this); otherwise
+the body changes length and the caller sends it chunked or buffers it. Compressed bodies must
 be decoded first (`keyproxy.response.codings`): the scrubber reads bytes as
 the client will read them.
 """
@@ -27,20 +28,50 @@ the client will read them.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
-from keyproxy.responses import secret_spellings
+from keyproxy.response.headers import secret_forms, secret_spellings
 
 REDACTED = b"[REDACTED]"
+
+
+def same_length_mask(size: int) -> bytes:
+    """A redaction exactly as long as what it replaces, so `Content-Length` stays true
+    and the body keeps streaming in its own framing: `[REDACTED]` padded with `*`
+    (or cut, for a spelling shorter than ten bytes)."""
+    return (REDACTED + b"*" * (size - len(REDACTED)))[:size]
 
 
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
-    __slots__ = ("anchors", "hold", "pattern")
+    __slots__ = ("anchors", "hold", "pattern", "plain", "same_length", "without_percent")
 
-    def __init__(self, secrets: tuple[str, ...], basic: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        secrets: tuple[str, ...],
+        basic: tuple[str, str] | None = None,
+        same_length: bool = False,
+    ) -> None:
+        self.same_length = same_length
         spellings = secret_spellings(secrets, basic)
-        self.anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
+        anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
+        # An anchor holding another is found wherever that one is: one search less per chunk.
+        self.anchors = tuple(a for a in anchors if not any(b != a and b in a for b in anchors))
+        # Escaped spellings decode to a raw form: a chunk full of `%` (binary data,
+        # URL-encoded text) is checked by decoding it once and searching the raw forms,
+        # instead of running the per-character pattern around every `%`. A `%` and one hex
+        # digit just before a spelling can swallow its first character when decoded, so
+        # each form is searched without its first character too. Not for a secret holding
+        # `%` (its raw `%` would decode) or both `+` and a space (only the pattern tells
+        # those spellings apart).
+        forms = sorted(secret_forms(secrets, basic), key=len, reverse=True)
+        self.plain: re.Pattern[bytes] | None = None
+        self.without_percent = self.anchors
+        if forms and not any("%" in x or ("+" in x and " " in x) for x in secrets):
+            heads_cut = [form[1:] for form in forms if len(form) > 1]
+            self.plain = re.compile(b"|".join(map(re.escape, forms + heads_cut)))
+            self.without_percent = tuple(a for a in self.anchors if a != b"%")
         if spellings:
             patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
@@ -54,26 +85,47 @@ class BodyScrubber:
 
     def stream(self) -> ScrubStream:
         assert self.pattern is not None
-        return ScrubStream(self.pattern, self.hold, self.anchors)
+        stream = ScrubStream(self.pattern, self.hold, self.anchors, self.same_length)
+        stream.plain = self.plain
+        stream.without_percent = self.without_percent
+        return stream
 
     def scrub(self, body: bytes) -> bytes:
         """A whole body at once (a buffered or cached one)."""
         if self.pattern is None:
             return body
-        return _redact(self.pattern, body)[0]
+        return _redact(self.pattern, body, self.same_length)[0]
 
 
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = ("anchors", "found", "held", "hold", "pattern")
+    __slots__ = (
+        "anchors",
+        "found",
+        "held",
+        "hold",
+        "pattern",
+        "plain",
+        "same_length",
+        "without_percent",
+    )
 
-    def __init__(self, pattern: re.Pattern[bytes], hold: int, anchors: tuple[bytes, ...]) -> None:
+    def __init__(
+        self,
+        pattern: re.Pattern[bytes],
+        hold: int,
+        anchors: tuple[bytes, ...],
+        same_length: bool = False,
+    ) -> None:
+        self.same_length = same_length
         self.pattern = pattern
         self.hold = hold
         self.anchors = anchors
         self.held = b""
         self.found = 0  # occurrences redacted so far (for a log line or a metric)
+        self.plain: re.Pattern[bytes] | None = None  # the raw forms (see BodyScrubber)
+        self.without_percent = anchors
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.held + chunk if self.held else chunk
@@ -86,6 +138,15 @@ class ScrubStream:
         anchors = self.anchors
         low = data.lower()  # the spellings are lower-cased; bytes.lower keeps every offset
         find = low.find
+        plain = self.plain
+        if plain is not None and find(b"%") >= 0:
+            decoded = unquote_to_bytes(low).lower()
+            if plain.search(decoded) is None and (
+                b"+" not in decoded or plain.search(decoded.replace(b"+", b" ")) is None
+            ):
+                # No escaped spelling lies wholly in `data`: `%` cannot start a match that
+                # must be decided now (one reaching past `data` starts in the held tail).
+                anchors = self.without_percent
         upcoming = [find(anchor) for anchor in anchors]
         pattern = self.pattern
         out: list[bytes] = []
@@ -114,7 +175,9 @@ class ScrubStream:
             if match.start() >= cut:
                 break
             out.append(data[position : match.start()])
-            out.append(REDACTED)
+            out.append(
+                same_length_mask(match.end() - match.start()) if self.same_length else REDACTED
+            )
             self.found += 1
             position = match.end()
         keep_from = max(position, cut)
@@ -126,17 +189,20 @@ class ScrubStream:
         rest, self.held = self.held, b""
         if not rest:
             return b""
-        clean, count = _redact(self.pattern, rest)
+        clean, count = _redact(self.pattern, rest, self.same_length)
         self.found += count
         return clean
 
 
-def _redact(pattern: re.Pattern[bytes], data: bytes) -> tuple[bytes, int]:
+def _redact(
+    pattern: re.Pattern[bytes], data: bytes, same_length: bool = False
+) -> tuple[bytes, int]:
     """`data` with every match of `pattern` in its lower-cased text redacted, and the count."""
     out: list[bytes] = []
     last = 0
     for match in pattern.finditer(data.lower()):
-        out += (data[last : match.start()], REDACTED)
+        mask = same_length_mask(match.end() - match.start()) if same_length else REDACTED
+        out += (data[last : match.start()], mask)
         last = match.end()
     if not out:
         return data, 0

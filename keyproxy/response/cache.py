@@ -172,6 +172,10 @@ class MemoryStore:
         )
 
     async def get(self, key: CacheKey) -> CachedResponse | None:
+        return self.lookup(key)
+
+    def lookup(self, key: CacheKey) -> CachedResponse | None:
+        """`get` without a suspension: the data path looks up in memory synchronously."""
         group = self.paths.get(key.path)
         entry = group.get(key.variant) if group is not None else None
         if entry is None or self.clock() - entry.stored_at >= self.ttl:
@@ -244,7 +248,8 @@ class RedisStore:
         data = await self.client.hget(self._name(key.path), key.variant)
         if data is None:
             return None
-        entry = decode_entry(data)
+        # decode_responses is off (the default): the client returns bytes, never str.
+        entry = decode_entry(data)  # type: ignore[arg-type]  # redis types hget as bytes | str
         if entry is None or self.clock() - entry.stored_at >= self.ttl:
             return None
         return entry

@@ -1,76 +1,13 @@
-"""What keyproxy itself says on the wire: JSON errors and scrubbed upstream headers.
-
-Error bodies are built here and only here, from a `Deny`, so they can never
-carry upstream hosts, exception text or secrets: the message is always one of
-keyproxy's own sentences.
+"""Upstream response headers made safe: every spelling of the upstream's secrets,
+and URLs of its own origin, as the header scrubber and the body scrubber search for them.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
-from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
-
-from keyproxy.request import Deny
-
-REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-
-def reason(status: int) -> bytes:
-    """The standard reason phrase; never the upstream's, which is free text it controls."""
-    return REASONS.get(status, b"Unknown")
-
-
-def error_body(deny: Deny, request_id: str) -> bytes:
-    return json.dumps(
-        {
-            "statusCode": deny.status,
-            "error": deny.code,
-            "message": deny.message,
-            "requestId": request_id,
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def error_response(
-    deny: Deny, request_id: str, extra: bytes = b"", head_only: bool = False
-) -> bytes:
-    """A whole HTTP response for a refusal: status line, headers, JSON body.
-
-    `extra` is further header lines (rate-limit state, `Connection`); `head_only`
-    leaves the body out, as an answer to HEAD must.
-    """
-    body = error_body(deny, request_id)
-    headers = b"".join(f"{n}: {v}\r\n".encode() for n, v in deny.headers)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"X-Request-Id: %s\r\n"
-        % (deny.status, reason(deny.status), len(body), request_id.encode())
-        + headers
-        + extra
-        + b"\r\n"
-        + (b"" if head_only else body)
-    )
-
-
-# Denials the server itself produces, outside the pipeline.
-BAD_REQUEST = Deny(400, "BAD_REQUEST", "the request is not valid HTTP/1.1")
-HEADERS_TOO_LARGE = Deny(431, "HEADERS_TOO_LARGE", "the request headers are too large")
-REQUEST_TIMEOUT = Deny(408, "REQUEST_TIMEOUT", "the request was not received in time")
-UPGRADE_NOT_ALLOWED = Deny(
-    400, "UPGRADE_NOT_ALLOWED", "protocol upgrades (Upgrade, CONNECT) are not allowed"
-)
-UPSTREAM_UNAVAILABLE = Deny(502, "UPSTREAM_UNAVAILABLE", "the upstream service is unavailable")
-UPSTREAM_TIMEOUT = Deny(504, "UPSTREAM_TIMEOUT", "the upstream service did not answer in time")
-SHUTTING_DOWN = Deny(503, "SHUTTING_DOWN", "keyproxy is shutting down; retry")
-
-
-def payload_too_large(limit: int) -> Deny:
-    return Deny(413, "PAYLOAD_TOO_LARGE", f"the request body exceeds the limit of {limit} bytes")
 
 
 def _any_spelling(form: bytes) -> bytes:
@@ -242,7 +179,8 @@ class SecretScrubber:
         spans = [m.span() for m in self._escaped.finditer(low)]
         if not spans:
             return value
-        out, last = [], 0
+        out: list[bytes] = []
+        last = 0
         for start, end in spans:
             out += (value[last:start], self.REDACTED)
             last = end
@@ -300,7 +238,8 @@ class OriginRewriter:
         low = data.lower()
         if self.hint not in low:
             return data
-        out, last = [], 0
+        out: list[bytes] = []
+        last = 0
         for match in self._pattern.finditer(low):
             scheme, port = match.group(1), match.group(2)
             if not self._same_origin(scheme, port):

@@ -20,35 +20,11 @@ import httptools
 
 from keyproxy.config.model import Upstream
 from keyproxy.observability import log_event
+from keyproxy.policy.headers import RESPONSE_DROP
 
-#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers: never copied across the proxy.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"content-length",
-    }
-)
-#: Response headers not copied as they are: hop-by-hop, Location (rewritten) and
-#: X-Request-Id (keyproxy sets its own).
-NOT_COPIED = HOP_BY_HOP | {
-    b"location",
-    b"x-request-id",
-    # The upstream's limits count keyproxy's one secret, shared by every client: they
-    # say nothing about the client's own, and would sit beside keyproxy's headers.
-    b"x-ratelimit-limit",
-    b"x-ratelimit-remaining",
-    b"x-ratelimit-reset",
-    b"x-quota-limit",
-    b"x-quota-remaining",
-}
+#: Response headers the parser leaves out: framing and hop-by-hop (keyproxy frames the
+#: answer itself), X-Request-Id (keyproxy sets its own), the upstream's limit headers.
+NOT_COPIED = RESPONSE_DROP
 
 #: An idle connection older than this is closed rather than reused: many servers
 #: close idle keep-alive sockets after 5–60 s and a reused dead socket costs a retry.
@@ -83,9 +59,7 @@ def tls_context(upstream: Upstream) -> ssl.SSLContext | None:
 
 
 class ResponseListener(Protocol):
-    def on_response_head(
-        self, status: int, lines: list[bytes], length: bytes | None, location: bytes | None
-    ) -> None: ...
+    def on_response_head(self, status: int, lines: list[bytes], length: bytes | None) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: BaseException) -> None: ...
@@ -105,7 +79,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_headers_done",
         "_interim",
         "_length",
-        "_location",
         "_parser",
         "_stale_parser",
         "closed",
@@ -125,12 +98,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener: ResponseListener | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._stale_parser = False
-        # The response's end-to-end headers, already serialised ("Name", ": ", value, CRLF),
+        # The response's end-to-end headers, already serialised (b"Name: value\r\n"),
         # and their lower-case names in step, for the rare Connection-listed removal.
         self._header_parts: list[bytes] = []
         self._header_names: list[bytes] = []
         self._length: bytes | None = None
-        self._location: bytes | None = None
         self._connection_tokens: frozenset[bytes] = frozenset()
         self._interim = False
         self._eof_delimited = True
@@ -160,6 +132,10 @@ class UpstreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
         """The client reads slower than the upstream sends: stop reading the upstream."""
@@ -248,8 +224,6 @@ class UpstreamConnection(asyncio.Protocol):
                     # A coding keyproxy would have to undo or declare; nginx refuses it too.
                     raise UpstreamUnavailable("unsupported Transfer-Encoding")
                 self._eof_delimited = False
-            elif lname == b"location":
-                self._location = value
             elif lname == b"connection":
                 tokens = value.lower()
                 if tokens != b"keep-alive" and tokens != b"close":  # usual values name nothing
@@ -257,7 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
                         t.strip() for t in tokens.split(b",")
                     )
             return
-        self._header_parts += (name, b": ", value, b"\r\n")
+        self._header_parts.append(name + b": " + value + b"\r\n")
         self._header_names.append(lname)
 
     def on_headers_complete(self) -> None:
@@ -278,7 +252,7 @@ class UpstreamConnection(asyncio.Protocol):
             parts = self._header_parts
             if self._connection_tokens:
                 parts = self._without_listed(parts)
-            listener.on_response_head(status, parts, self._length, self._location)
+            listener.on_response_head(status, parts, self._length)
 
     def _without_listed(self, parts: list[bytes]) -> list[bytes]:
         """Drop the headers the response's Connection header names (hop-by-hop by listing)."""
@@ -286,14 +260,13 @@ class UpstreamConnection(asyncio.Protocol):
         kept: list[bytes] = []
         for i, lname in enumerate(self._header_names):
             if lname not in listed:
-                kept += parts[4 * i : 4 * i + 4]
+                kept.append(parts[i])
         return kept
 
     def _reset_head(self) -> None:
         self._header_parts = []
         self._header_names = []
         self._length = None
-        self._location = None
         self._connection_tokens = frozenset()
         self._eof_delimited = True
         self._head_budget = MAX_RESPONSE_HEAD
@@ -422,7 +395,7 @@ class UpstreamPool:
                 # Clients only see 502; the operator needs to know it is the certificate.
                 self._log_tls_error(getattr(exc, "verify_message", None) or exc.reason or str(exc))
             raise UpstreamUnavailable(type(exc).__name__) from exc
-        return conn  # type: ignore[return-value]
+        return conn
 
     def _log_tls_error(self, error: str) -> None:
         now = self._loop.time()

@@ -1,72 +1,38 @@
-"""One request's trip upstream and back (SPEC §3 step 9).
+"""One request's trip upstream and back.
 
-An `Exchange` is created by the server when a request's head has been
-parsed. If the pipeline allows it, `Exchange.proxy` sends a rewritten head
-upstream and streams the body both ways: request body chunks are written to
-the upstream socket as they arrive, response body chunks to the client as
-they arrive, with flow control in both directions and nothing buffered beyond
-the sockets' own limits.
+An `Exchange` is created by the client connection when a request's head has
+been parsed. If the decision allows it, `Exchange.forward` sends the head the
+`ForwardPlan` wrote upstream and streams the body both ways: request body chunks
+are written to the upstream socket as they arrive, response body chunks to the
+client as they arrive, with flow control in both directions and nothing buffered
+beyond the sockets' own limits — unless a link of the response chain asks to
+hold the body (`ResponseHead.hold`).
 
-What is rewritten, and why, is decided once per configuration snapshot in
-`ForwardPlan`, so the per-request work is a loop over the headers.
+The exchange sees the client and the upstream only through the small Protocols
+below (`ClientSide`, `UpstreamSide`, `Pool`), so it can be driven without sockets
+and imports neither the client connection nor the forwarding plan.
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-import re
-from typing import TYPE_CHECKING
-from urllib.parse import quote
+import asyncio
+from typing import Any, Protocol, TypeVar
 
-from keyproxy.checks.route import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
-from keyproxy.config.model import Config, KeyType
-from keyproxy.policy.clientip import peer_is_trusted
-from keyproxy.policy.credentials import strip_query_param
-from keyproxy.policy.permissions import key_roles
-from keyproxy.ratelimit import LimitResult
-from keyproxy.request import Deny, Reply, RequestContext
-from keyproxy.response.cors import single_header, strip_upstream_cors
-from keyproxy.responses import (
+from keyproxy.observability import log_event
+from keyproxy.policy.refusals import (
+    INTERNAL_ERROR,
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
-    OriginRewriter,
-    SecretScrubber,
-    error_response,
     payload_too_large,
-    reason,
 )
-from keyproxy.upstream import HOP_BY_HOP, UpstreamConnection, UpstreamPool, UpstreamUnavailable
-
-if TYPE_CHECKING:
-    from keyproxy.server import ClientConnection
-
-#: Request headers that could speak for keyproxy or change what was authorised.
-#: Every `X-Forwarded-*` is dropped too (see `FORWARDED_PREFIX`); names holding `_`
-#: never get this far (see `ClientConnection.on_header`).
-REQUEST_DROP = HOP_BY_HOP | {
-    b"host",
-    b"expect",
-    b"x-api-key",
-    b"authorization",
-    b"forwarded",
-    b"x-real-ip",
-    b"x-client-ip",
-    b"client-ip",
-    b"true-client-ip",
-    b"x-cluster-client-ip",
-    b"cf-connecting-ip",
-    b"fastly-client-ip",
-    b"x-original-uri",
-    b"x-request-id",
-    *(name.encode() for name in URL_OVERRIDE_HEADERS),
-}
-#: X-Forwarded-For, -Proto, -Host, -Port, -Ssl, -Scheme, -Uri ...: frameworks trust
-#: each of them for the client address, the scheme or the path.
-FORWARDED_PREFIX = b"x-forwarded-"
-METHOD_OVERRIDE = frozenset(name.encode() for name in METHOD_OVERRIDE_HEADERS)
+from keyproxy.request import Deny, Reply, RequestContext
+from keyproxy.response.chain import Chain, Link, ResponseHead
+from keyproxy.response.errors import error_response, reason
+from keyproxy.response.links import HeaderLink, rate_limit_headers
+from keyproxy.wire.upstream import UpstreamUnavailable
 
 NO_BODY, RAW, CHUNKED = 0, 1, 2
+NOT_STARTED, HEAD_QUEUED, HEAD_WRITTEN = 0, 1, 2
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Request body buffered while the decision runs; past it the client is paused.
 BODY_BUFFER_LIMIT = 256 * 1024
@@ -74,165 +40,84 @@ BODY_BUFFER_LIMIT = 256 * 1024
 #: upstream connection is taken: a client trickling a small body holds only its own
 #: connection (bounded by `body_timeout`), never one of the upstream pool's.
 BODY_WAIT_LIMIT = 64 * 1024
-ROUTE_BUSY = Deny(
-    503,
-    "ROUTE_BUSY",
-    "too many requests to this route are in progress; retry shortly",
-    (("Retry-After", "1"),),
-)
 #: Requests that may be sent again when a reused socket turns out to be dead.
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 #: Why client reading may be paused: the upstream cannot take the request body faster.
 UPSTREAM_BACKPRESSURE = object()
 
 
-#: RFC 3986 host[:port] as a Host header may carry it: a reg-name restricted to the
-#: characters DNS names and IPv4 addresses use (no sub-delims, no percent-escapes:
-#: no resolvable name has them, and a `,` would read as a list downstream), or an
-#: IPv6 literal in brackets; an optional port of digits.
-_HOST_HEADER = re.compile(
-    rb"(?:([A-Za-z0-9._~-]{1,253})|\[([0-9A-Fa-f:.]{2,45})\])(?::([0-9]{1,5}))?"
-)
+class ClientSide(Protocol):
+    """What an exchange uses of the client connection it answers on."""
+
+    loop: asyncio.AbstractEventLoop
+    closed: bool
+    peer_ip: str  # for the access log
+    max_body: int
+    to_flush: Exchange | None
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, parts: list[bytes]) -> None: ...
+    def abort(self) -> None: ...
+    def pause_reading(self, reason: object) -> None: ...
+    def resume_reading(self, reason: object) -> None: ...
+    def connection_header(self, ex: Exchange) -> bytes: ...
+    def cors_headers(self, ex: Exchange) -> bytes: ...
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None: ...
 
 
-@functools.lru_cache(maxsize=1024)
-def valid_host(value: bytes) -> bool:
-    """Whether a client's Host is a plain host[:port], fit to pass on as X-Forwarded-Host.
+class UpstreamSide(Protocol):
+    """What an exchange uses of one upstream connection."""
 
-    Upstream frameworks build absolute URLs (redirects, password-reset links)
-    from X-Forwarded-Host, so anything else is dropped rather than passed on.
-    """
-    match = _HOST_HEADER.fullmatch(value)
-    if match is None:
-        return False
-    name, v6, port = match.groups()
-    if port is not None and int(port) > 65535:
-        return False
-    if name is not None:
-        return not name.startswith(b".") and b".." not in name
-    try:
-        ipaddress.IPv6Address(v6.decode("ascii"))
-    except ValueError:
-        return False
-    return True
+    uses: int
+    got_response_bytes: bool
+
+    def begin(self, listener: Exchange) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, parts: list[bytes]) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def end_head_only(self) -> None: ...
+    def abort(self) -> None: ...
 
 
-class ForwardPlan:
-    """Everything about forwarding that depends only on the configuration."""
-
-    def __init__(self, config: Config) -> None:
-        up = config.upstream
-        self.base_path = up.base_path
-        self.max_body = config.server.max_body
-        self.timeout = up.timeout
-        self.trusted_proxies = config.server.trusted_proxies
-        self.query_param = config.server.query_param
-        self.host_line = b"Host: " + up.host_header.encode("idna") + b"\r\n"
-        injected = [f"{n}: {v}\r\n".encode() for n, v in up.inject_headers]
-        if up.inject_basic is not None:
-            import base64
-
-            pair = f"{up.inject_basic[0]}:{up.inject_basic[1]}".encode()
-            injected.append(b"Authorization: Basic " + base64.b64encode(pair) + b"\r\n")
-        self.inject_block = b"".join(injected)
-        self.request_drop = REQUEST_DROP | {n.lower().encode() for n, _ in up.inject_headers}
-        # Identity headers are keyproxy's word: a client's copy is dropped in any case.
-        self.identity_headers = up.identity_headers
-        self.request_drop |= {n.lower().encode() for _, n in up.identity_headers}
-        self.request_drop_no_override = self.request_drop | METHOD_OVERRIDE
-        self.inject_query = "&".join(
-            f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query
-        )
-        self.inject_query_names = tuple(n for n, _ in up.inject_query)
-        self.origin = OriginRewriter(up.scheme, up.host, up.port, up.base_path)
-        self.scrubber = SecretScrubber(up.secrets, up.inject_basic, self.origin)
-
-    def peer_is_trusted(self, peer: str) -> bool:
-        """Whether this peer's X-Forwarded-For/-Proto are kept (the client address's rule)."""
-        return peer_is_trusted(peer, self.trusted_proxies)
-
-    def upstream_target(self, ctx: RequestContext) -> str:
-        target = ctx.target
-        assert target is not None
-        query = target.query
-        if query and ctx.credential_source == "query":
-            query = strip_query_param(query, self.query_param)
-        if ctx.owner_filter is not None:  # a self-only list: only the caller's records
-            query = f"{query}&{ctx.owner_filter}" if query else ctx.owner_filter
-        if self.inject_query:
-            for name in self.inject_query_names:
-                if query:
-                    query = strip_query_param(query, name)
-            query = f"{query}&{self.inject_query}" if query else self.inject_query
-        path = self.base_path + target.path
-        return f"{path}?{query}" if query else path
-
-    def rewrite_location(self, value: bytes) -> bytes:
-        """Redirects to the upstream's origin become relative ones through the proxy.
-
-        Every spelling a browser reads as that origin (scheme-relative `//host`,
-        `/\\host`, the default port written out ...), and never into `//host/...`
-        or `/\\host/...`, which browsers read as another origin (see `OriginRewriter`).
-        """
-        return self.origin.rewrite_location(value)
+U = TypeVar("U", bound=UpstreamSide)
 
 
-def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
-    """`upstream.identity_headers`: who calls, as keyproxy established it.
+class Pool(Protocol[U]):
+    """Where upstream connections come from and go back to."""
 
-    A user id is printable but may be non-ASCII: it is sent percent-encoded (UTF-8)
-    where needed, so a header value never carries bytes a backend could misread.
-    """
-    lines = []
-    for kind, name in names:
-        if kind == "key_id":
-            value = ctx.key.id if ctx.key is not None else ""
-        elif kind == "user":
-            value = ctx.user or ""
-            if not value.isascii() or "%" in value:
-                value = quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-        else:
-            roles = ctx.roles
-            if not roles and ctx.key is not None:  # step 7 is off: the same rule, here
-                roles = key_roles(ctx.key.roles, ctx.key.type is KeyType.ADMIN)
-                roles = tuple(dict.fromkeys(roles + ctx.token_roles))
-            value = ",".join(roles)
-        if value:
-            lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode()
+    def take_idle(self) -> U | None: ...
+    async def acquire(self) -> U: ...
+    def release(self, conn: U, reusable: bool) -> None: ...
 
 
-def rate_limit_headers(limit: LimitResult | None) -> bytes:
-    if limit is None:
-        return b""
-    out = b""
-    if limit.limit is not None:
-        out += (
-            b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
-        ) % (
-            limit.limit,
-            limit.remaining or 0,
-            int(-(-(limit.reset or 0) // 1)),
-        )
-    if limit.quota is not None:
-        out += b"X-Quota-Limit: %d\r\nX-Quota-Remaining: %d\r\n" % (
-            limit.quota,
-            limit.quota_remaining or 0,
-        )
-        if limit.quota_reset is not None:  # a quota that refills: when it does
-            out += b"X-Quota-Reset: %d\r\n" % -(-limit.quota_reset // 1)
-    return out
+class Plan(Protocol):
+    """What an exchange needs of the forwarding plan (`keyproxy.forward.plan.ForwardPlan`)."""
+
+    max_body: int
+    timeout: float
+
+    def request_head(self, ctx: RequestContext, request: Exchange) -> bytes: ...
+
+
+class RouteSlots(Protocol):
+    """A route's `max_concurrency` count, given back when the exchange finishes."""
+
+    def release(self, match: str) -> None: ...
 
 
 class Exchange:
     """One request/response pair on a client connection."""
 
     __slots__ = (
+        "answer",
         "body_buffered",
         "body_chunks",
         "body_complete",
+        "body_links",
         "body_received",
         "body_wait",
+        "chain",
         "chunked",
         "conn",
         "connection_tokens",
@@ -242,12 +127,13 @@ class Exchange:
         "early_deny",
         "expect_continue",
         "forwarding",
-        "head_sent",
-        "head_written",
         "headers",
+        "held",
+        "held_head",
         "http11",
         "keep_alive",
         "last_activity",
+        "links",
         "method",
         "mode",
         "out",
@@ -260,6 +146,7 @@ class Exchange:
         "retried",
         "reused",
         "route_slot",
+        "route_slots",
         "sent",
         "started",
         "status",
@@ -272,7 +159,7 @@ class Exchange:
 
     def __init__(
         self,
-        conn: ClientConnection,
+        conn: ClientSide,
         method: str,
         target: str,
         raw_headers: list[tuple[bytes, bytes]],
@@ -298,15 +185,17 @@ class Exchange:
         self.body_received = 0
         self.body_complete = False
         self.too_large = False
-        self.head_sent = False  # a response head was produced (maybe still in `out`)
-        self.head_written = False  # ... and handed to the client's socket
+        #: How far the answer has got: NOT_STARTED → HEAD_QUEUED (produced, still in
+        #: `out`: it can yet be replaced by an error) → HEAD_WRITTEN (the client may have
+        #: it: a failure from here on can only cut the connection).
+        self.answer = NOT_STARTED
         self.mode = NO_BODY
         #: Response bytes produced while handling one upstream read, written with one
         #: writev when that read is done: head and body of a small response cost one syscall.
         self.out: list[bytes] = []
-        self.upstream: UpstreamConnection | None = None
-        self.pool: UpstreamPool | None = None
-        self.plan: ForwardPlan | None = None
+        self.upstream: UpstreamSide | None = None
+        self.pool: Pool[Any] | None = None
+        self.plan: Plan | None = None
         self.ctx: RequestContext | None = None
         self.request_head = b""
         self.forwarding = False  # the decision allowed it and forwarding has begun
@@ -317,6 +206,14 @@ class Exchange:
         self.body_wait = False  # decided, waiting for a small body to complete
         self.up_pending: list[bytes] = []  # request body read this turn, for one upstream write
         self.route_slot: str | None = None  # counted against its route's max_concurrency
+        self.route_slots: RouteSlots | None = None  # ... here, until `_finish`
+        #: The response chain of the request's snapshot and route (set on allow) and
+        #: this response's links, made from it when the upstream's head arrives.
+        self.chain: Chain = ()
+        self.links: list[Link] | None = None
+        self.body_links: list[Link] | None = None  # those that see the body
+        self.held: list[bytes] | None = None  # the links' output while a link holds the body
+        self.held_head: ResponseHead | None = None
         # For the access log and the metrics (keyproxy.observe), reported once by `_finish`.
         self.started = conn.loop.time()
         self.status = 0  # the status answered; 0 until a head is produced
@@ -362,7 +259,7 @@ class Exchange:
         self.last_activity = self.conn.loop.time()
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         if self.chunked:
-            upstream.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))  # type: ignore[union-attr]
+            upstream.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
         else:
             upstream.write(data)
 
@@ -386,14 +283,14 @@ class Exchange:
         if self.upstream is not None:
             self._drop_upstream()
         if self.forwarding and not self.done:
-            if self.head_sent:
+            if self.answer != NOT_STARTED:
                 self.conn.abort()
                 self._finish(False)
             else:
                 self.send_error(payload_too_large(max_body))
 
     # -- the decision said yes: go upstream ----------------------------------
-    def forward(self, ctx: RequestContext, plan: ForwardPlan, pool: UpstreamPool) -> None:
+    def forward(self, ctx: RequestContext, plan: Plan, pool: Pool[Any]) -> None:
         """Send the request upstream; the answer arrives through the listener callbacks.
 
         With an idle pooled connection at hand this runs to the write without
@@ -409,19 +306,9 @@ class Exchange:
         ):
             self.send_error(payload_too_large(plan.max_body))
             return
-        route = ctx.route
-        if route is not None and route.max_concurrency is not None:
-            inflight = self.conn.proxy.route_inflight
-            busy = inflight.get(route.match, 0)
-            if busy >= route.max_concurrency:
-                self.conn.proxy.stats.route_busy += 1
-                self.send_error(ROUTE_BUSY)
-                return
-            inflight[route.match] = busy + 1
-            self.route_slot = route.match
         if self.expect_continue and not self.body_complete:
             self.conn.write(CONTINUE_100)
-        self.request_head = self._request_head(ctx, plan)
+        self.request_head = plan.request_head(ctx, self)
         if (
             not self.body_complete
             and (self.content_length is None or self.content_length <= BODY_WAIT_LIMIT)
@@ -457,7 +344,7 @@ class Exchange:
             return
         self._send(upstream)
 
-    def _send(self, upstream: UpstreamConnection) -> None:
+    def _send(self, upstream: UpstreamSide) -> None:
         self.upstream = upstream
         self.reused = upstream.uses > 0
         self.last_activity = self.upstream_started = self.conn.loop.time()
@@ -476,72 +363,82 @@ class Exchange:
         if len(parts) == 1:
             upstream.write(parts[0])
         else:
-            upstream.transport.writelines(parts)  # type: ignore[union-attr]
-
-    def _request_head(self, ctx: RequestContext, plan: ForwardPlan) -> bytes:
-        route = ctx.route
-        drop = (
-            plan.request_drop
-            if route is not None and route.allow_method_override
-            else plan.request_drop_no_override
-        )
-        tokens = self.connection_tokens
-        parts = [f"{ctx.method} {plan.upstream_target(ctx)} HTTP/1.1\r\n".encode(), plan.host_line]
-        append = parts.append
-        host = b""
-        prior_xff: list[bytes] = []
-        proto = b"http"
-        trusted = plan.trusted_proxies is not None and plan.peer_is_trusted(ctx.peer_ip)
-        for name, value in self.raw_headers:
-            lname = name.lower()
-            if lname in drop or lname in tokens or lname.startswith(FORWARDED_PREFIX):
-                if lname == b"host":
-                    host = value
-                elif trusted:
-                    if lname == b"x-forwarded-for":
-                        prior_xff.append(value)
-                    elif lname == b"x-forwarded-proto" and value.lower() in (b"http", b"https"):
-                        proto = value.lower()
-                continue
-            append(name + b": " + value + b"\r\n")
-        peer = ctx.peer_ip.encode()
-        xff = b", ".join([*prior_xff, peer]) if prior_xff else peer
-        append(b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: " + proto + b"\r\n")
-        if host and valid_host(host):
-            append(b"X-Forwarded-Host: " + host + b"\r\n")
-        append(b"X-Request-Id: " + self.request_id.encode() + b"\r\n")
-        if plan.identity_headers:
-            append(identity_block(ctx, plan.identity_headers))
-        append(plan.inject_block)
-        if self.chunked:
-            append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif self.content_length is not None:
-            append(b"Content-Length: %d\r\n\r\n" % self.content_length)
-        else:
-            append(b"\r\n")
-        return b"".join(parts)
+            upstream.writelines(parts)
 
     # -- ResponseListener: events from the upstream connection ----------------
-    def on_response_head(
-        self, status: int, lines: list[bytes], length: bytes | None, location: bytes | None
-    ) -> None:
-        plan = self.plan
-        assert plan is not None and self.ctx is not None
-        cors = self.ctx.config.cors
-        if cors is not None:
-            lines = strip_upstream_cors(lines)
-            lines.append(cors.response_headers(single_header(self.headers, "origin")))
-        block = b"".join(lines)
-        if location is not None:
-            block += b"Location: " + plan.rewrite_location(location) + b"\r\n"
-        if plan.scrubber.found_in(block):
-            block = plan.scrubber.scrub(block)
+    def on_response_head(self, status: int, lines: list[bytes], length: bytes | None) -> None:
+        declared = int(length) if length is not None else None
+        chain = self.chain
+        if chain:  # an empty chain (no response work configured) costs this one `if`
+            # Each link is made and shown the head in chain order, in one loop: this runs
+            # for every forwarded answer, so it is written out rather than split up.
+            ctx = self.ctx
+            assert ctx is not None  # set by the decision before forwarding
+            head = ResponseHead(status, lines, declared, self.method)
+            links: list[Link] = []
+            body_links: list[Link] = []
+            try:
+                for make in chain:
+                    link = make(ctx)
+                    if link is None:
+                        continue
+                    links.append(link)
+                    if not isinstance(link, HeaderLink):
+                        body_links.append(link)
+                    deny = link.on_head(head)
+                    if deny is not None:
+                        self._replace_answer(deny)
+                        return
+            except Exception as exc:  # a bug in a link costs this request only
+                self.fail_internally(exc)
+                return
+            self.links = links
+            if body_links:
+                self.body_links = body_links
+            if head.hold:
+                self.held_head = head
+                self.held = []
+            else:
+                self._write_head(head.status, head.lines, head.length)
+        else:
+            self._write_head(status, lines, declared)
+        if self.method == "HEAD" and self.upstream is not None:
+            self.upstream.end_head_only()  # no body follows, whatever the length says
+
+    def _make_links(self, chain: Chain, start: int) -> list[Link]:
+        """This response's links from `chain[start:]`; the ones that see the body apart."""
+        ctx = self.ctx
+        assert ctx is not None
+        links = []
+        body_links = []
+        for make in chain[start:]:
+            link = make(ctx)
+            if link is not None:
+                links.append(link)
+                if not isinstance(link, HeaderLink):
+                    body_links.append(link)
+        self.links = links
+        self.body_links = body_links or None
+        return links
+
+    @staticmethod
+    def _run_heads(links: list[Link], head: ResponseHead) -> Deny | None:
+        for link in links:
+            deny = link.on_head(head)
+            if deny is not None:
+                return deny
+        return None
+
+    def _write_head(self, status: int, lines: list[bytes], length: int | None) -> None:
+        """Queue the response head with keyproxy's own framing; choose the body's framing."""
         if self.method == "HEAD" or status == 204 or status == 304:
             mode = NO_BODY
-            framing = b"Content-Length: " + length + b"\r\n" if length and status != 204 else b""
+            framing = b""
+            if length is not None and status != 204:
+                framing = b"Content-Length: %d\r\n" % length
         elif length is not None:
             mode = RAW
-            framing = b"Content-Length: " + length + b"\r\n"
+            framing = b"Content-Length: %d\r\n" % length
         elif self.http11:
             mode = CHUNKED
             framing = b"Transfer-Encoding: chunked\r\n"
@@ -552,27 +449,62 @@ class Exchange:
         if not self.body_complete:
             self.keep_alive = False  # the upstream answered before the client finished sending
         self.mode = mode
-        self.head_sent = True
+        self.answer = HEAD_QUEUED
         self.status = status
         self.out.append(
             b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
-            + block
+            + b"".join(lines)
             + b"X-Request-Id: "
             + self.request_id.encode()
             + b"\r\n"
-            + rate_limit_headers(self.ctx.limit)
             + framing
             + self.conn.connection_header(self)
             + b"\r\n"
         )
-        if mode is NO_BODY and self.method == "HEAD" and self.upstream is not None:
-            self.upstream.end_head_only()
 
     def on_response_body(self, data: bytes) -> None:
+        body_links = self.body_links
+        if body_links is not None:
+            try:
+                for link in body_links:
+                    data = link.on_body(data)
+                    if not data:
+                        return
+            except Exception as exc:
+                self.fail_internally(exc)
+                return
+            held = self.held
+            if held is not None:
+                held.append(data)
+                return
+        elif self.held is not None:
+            self.held.append(data)
+            return
         if self.mode == CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         elif self.mode == RAW:
             self.out.append(data)
+
+    def _frame(self, data: bytes) -> None:
+        if self.mode == CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        elif self.mode == RAW:
+            self.out.append(data)
+
+    def _end_links(self) -> bytes | Deny:
+        """The links' last bytes: each link's rest passes through the links after it."""
+        rest = b""
+        body_links = self.body_links
+        if body_links is None:
+            return rest
+        for link in body_links:
+            if rest:
+                rest = link.on_body(rest)
+            end = link.on_end()
+            if end.__class__ is Deny:
+                return end
+            rest += end  # type: ignore[operator]
+        return rest
 
     def flush(self) -> None:
         """Called after each upstream read: pass on what it produced, in one write."""
@@ -591,28 +523,118 @@ class Exchange:
                 else:
                     self.conn.writelines(out)
             self.out = []
-            self.head_written = self.head_sent
+            if self.answer == HEAD_QUEUED:
+                self.answer = HEAD_WRITTEN
+            self.last_activity = self.conn.loop.time()
+        elif self.body_links is not None or self.held is not None:
+            # A link is buffering what this read brought: the upstream is not silent.
             self.last_activity = self.conn.loop.time()
 
     def on_response_end(self, reusable: bool) -> None:
-        if self.mode == CHUNKED:
-            self.out.append(b"0\r\n\r\n")
         upstream, self.upstream = self.upstream, None
         if upstream is not None and self.pool is not None:
             self.pool.release(upstream, reusable and self.body_complete and not self.too_large)
+        if self.body_links is not None or self.held_head is not None:
+            if self.done:
+                return
+            try:
+                rest = self._end_links()
+            except Exception as exc:
+                self.fail_internally(exc)
+                return
+            head = self.held_head
+            if head is not None:
+                held = self.held
+                self.held_head = self.held = None
+                if rest.__class__ is Deny:
+                    self.send_error(rest)
+                    return
+                assert held is not None
+                held.append(rest)  # type: ignore[arg-type]
+                self._send_whole(head, b"".join(held))
+                return
+            if rest.__class__ is Deny:  # a Deny without hold: too late to answer it
+                self.conn.abort()
+                self._finish(False)
+                return
+            if rest:
+                self._frame(rest)  # type: ignore[arg-type]  # bytes: the Deny case returned
+        if self.mode == CHUNKED:
+            self.out.append(b"0\r\n\r\n")
         self._finish(self.keep_alive)
 
-    def on_upstream_error(self, conn: UpstreamConnection, exc: BaseException) -> None:
+    def _send_whole(self, head: ResponseHead, body: bytes) -> None:
+        """Head and body at once, with the body's real length (a held or stored answer)."""
+        no_body = self.method == "HEAD" or head.status == 204 or head.status == 304
+        self._write_head(head.status, head.lines, None if head.status == 204 else len(body))
+        if not no_body:
+            self.out.append(body)
+        self._finish(self.keep_alive)
+
+    def serve_stored(self, status: int, lines: list[bytes], body: bytes, start: int) -> None:
+        """Answer from a stored response (a cache hit) through the links from `chain[start]`
+        on, exactly as if the upstream had sent it; the upstream and its pool are untouched."""
+        if self.done:
+            return
+        try:
+            links = self._make_links(self.chain, start) if self.chain else []
+            head = ResponseHead(status, list(lines), len(body), self.method)
+            if links:
+                deny = self._run_heads(links, head)
+                if deny is not None:
+                    self.send_error(deny)
+                    return
+                if body and self.body_links is not None:
+                    for link in self.body_links:
+                        body = link.on_body(body)
+                        if not body:
+                            break
+                rest = self._end_links()
+                if rest.__class__ is Deny:
+                    self.send_error(rest)
+                    return
+                body += rest  # type: ignore[operator]
+        except Exception as exc:
+            self.fail_internally(exc)
+            return
+        self._send_whole(head, body)
+
+    def _replace_answer(self, deny: Deny) -> None:
+        """A link refused the upstream's answer before any of it left: drop the upstream
+        (its body will not be read) and answer `deny` instead."""
+        self._drop_upstream()
+        self.send_error(deny)
+
+    def fail_internally(self, exc: BaseException) -> None:
+        """A bug (in a check or a link) costs this request only: 500 if nothing of the
+        answer has left, else a cut connection; the process and other requests go on."""
+        log_event("internal_error", request_id=self.request_id, error=type(exc).__name__)
+        if self.done:
+            return
+        if self.upstream is not None:
+            self._drop_upstream()
+        self.held_head = self.held = None
+        if self.answer == HEAD_QUEUED:
+            self.out = []
+            self.answer = NOT_STARTED
+        if self.answer != NOT_STARTED:
+            self.conn.abort()
+            self._finish(False)
+        else:
+            self.keep_alive = False
+            self.send_error(INTERNAL_ERROR)
+
+    def on_upstream_error(self, conn: UpstreamSide, exc: BaseException) -> None:
         self.upstream = None
         if self.pool is not None:
             self.pool.release(conn, False)
         if self.done:
             return
-        if self.head_sent and not self.head_written:
+        if self.answer == HEAD_QUEUED:
             # Broken before any of the answer left: the client can still get a clean 502.
             self.out = []
-            self.head_sent = False
-        if self.head_sent:
+            self.answer = NOT_STARTED
+        if self.answer != NOT_STARTED:
             self.conn.abort()  # the client saw a head; a truncated body must look truncated
             self._finish(False)
         elif (
@@ -640,7 +662,7 @@ class Exchange:
         if self.upstream is None or plan is None or now - self.last_activity < plan.timeout:
             return
         self._drop_upstream()
-        if self.head_sent:
+        if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
         else:
@@ -660,10 +682,8 @@ class Exchange:
         ctx = self.ctx
         limit = ctx.limit if ctx is not None else None
         extra = rate_limit_headers(limit)
-        cors = (ctx.config if ctx is not None else self.conn.proxy.serving.config).cors
-        if cors is not None:
-            extra += cors.response_headers(single_header(self.headers, "origin"))
-        self.head_sent = True
+        extra += self.conn.cors_headers(self)
+        self.answer = HEAD_WRITTEN
         self.status = deny.status
         self.reason = deny.code
         answer = error_response(
@@ -682,7 +702,7 @@ class Exchange:
             return
         if not self.body_complete:
             self.keep_alive = False
-        self.head_sent = True
+        self.answer = HEAD_WRITTEN
         self.status = reply.status
         answer = (
             b"HTTP/1.1 %d %s\r\n" % (reply.status, reason(reply.status))
@@ -713,7 +733,7 @@ class Exchange:
         self.body_wait = False
         if self.upstream is not None:
             self._drop_upstream()
-        if self.head_sent:
+        if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
         else:
@@ -723,15 +743,9 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        if self.route_slot is not None:
-            inflight = self.conn.proxy.route_inflight
-            left = inflight[self.route_slot] - 1
-            if left:
-                inflight[self.route_slot] = left
-            else:
-                del inflight[self.route_slot]
+        if self.route_slot is not None and self.route_slots is not None:
+            self.route_slots.release(self.route_slot)
             self.route_slot = None
         self.flush()  # before the connection may close or start the next exchange
         self.conn.resume_reading(UPSTREAM_BACKPRESSURE)
-        self.conn.exchange_done(self, keep_alive)
-        self.conn.proxy.observer.exchange_finished(self)  # the one place a request is counted
+        self.conn.exchange_done(self, keep_alive)  # also where the request is counted

@@ -1,0 +1,105 @@
+"""Every set of header names keyproxy treats specially, in one place.
+
+Which request headers never cross to the upstream, which response headers never
+cross back, and which ones could make a backend act on another method, URL or
+client address than the one authorised: a reviewer reads them here instead of
+collecting them from the parser, the forwarder and the checks.
+"""
+
+from __future__ import annotations
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers: never copied across the proxy.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"content-length",
+    }
+)
+
+#: Where a client's key travels: never passed on (the upstream gets its own secret).
+CREDENTIAL_HEADERS = frozenset({b"x-api-key", b"authorization"})
+
+#: Headers that ask the upstream to treat the request as another method than the one
+#: authorised (kept only on routes with `allow_method_override`).
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
+#: Headers that ask the upstream to serve another URL than the one authorised.
+URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
+METHOD_OVERRIDE = frozenset(name.encode() for name in METHOD_OVERRIDE_HEADERS)
+
+#: Headers frameworks read for the client's address, the scheme or the original URL.
+#: Every `X-Forwarded-*` counts as well (see `FORWARDED_PREFIX`).
+CLIENT_ADDRESS_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-original-uri",
+    }
+)
+#: X-Forwarded-For, -Proto, -Host, -Port, -Ssl, -Scheme, -Uri ...: frameworks trust
+#: each of them for the client address, the scheme or the path.
+FORWARDED_PREFIX = b"x-forwarded-"
+
+#: Request headers that could speak for keyproxy or change what was authorised.
+#: Names holding `_` never get this far (see `ClientConnection.on_header`).
+REQUEST_DROP = (
+    HOP_BY_HOP
+    | CREDENTIAL_HEADERS
+    | CLIENT_ADDRESS_HEADERS
+    | {b"host", b"expect", b"x-request-id"}
+    | {name.encode() for name in URL_OVERRIDE_HEADERS}
+)
+
+#: The upstream's limits count keyproxy's one secret, shared by every client: they
+#: say nothing about the client's own, and would sit beside keyproxy's headers.
+UPSTREAM_LIMIT_HEADERS = frozenset(
+    {
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+        b"x-quota-limit",
+        b"x-quota-remaining",
+    }
+)
+#: Response headers never copied as they are: hop-by-hop and framing (keyproxy frames
+#: the answer itself), X-Request-Id (keyproxy sets its own) and the upstream's limits.
+RESPONSE_DROP = HOP_BY_HOP | UPSTREAM_LIMIT_HEADERS | {b"x-request-id"}
+
+#: Header names `upstream.inject.headers` and `identity_headers` may not use: framing,
+#: hop-by-hop, keyproxy's own, and the overrides (an injected one would turn every
+#: request into another method or URL).
+INJECT_REFUSED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-request-id",
+        "expect",
+        # Override headers: an injected one would turn every request into another method or URL.
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    }
+)
+INJECT_REFUSED_PREFIXES = ("proxy-", "x-forwarded-")

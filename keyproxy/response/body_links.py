@@ -1,0 +1,508 @@
+"""The body links of the response chain: secret scrubbing, the cache tee, field filtering.
+
+Each factory is built once per configuration snapshot (per route where the
+route decides) and makes one small link per response; a factory returns None
+when a request has nothing for it to do, so that work costs one call.
+
+- `BodyScrubFactory`: every body is scanned for the upstream's secret and each
+  occurrence replaced by a mask of the same byte length, so `Content-Length`
+  stays true and the body streams in its own framing. The upstream is asked for
+  identity; a body it compresses anyway is held, decoded
+  under a cap, scanned and sent as the client accepts, and one that cannot be decoded is
+  refused (502 BODY_NOT_SCANNED) rather than passed unscanned. The request side
+  (Accept-Encoding: identity, no Range on a filtered answer) is `ForwardPlan`'s.
+- `CacheTeeFactory`: copies a storable 200 answer (already secret-free, not yet
+  filtered for any key) into the cache store.
+- `EvictFactory`: a successful write evicts the cached reads of its resource and
+  collection.
+- `FieldsFactory`: a key's `fields` applied to the whole body (held), re-encoded
+  as the client accepts, or 502 FILTER_FAILED with nothing of the body sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING
+
+from keyproxy.request import Deny, RequestContext
+from keyproxy.response.body_scrub import BodyScrubber, ScrubStream
+from keyproxy.response.cache import (
+    CachedResponse,
+    CacheKey,
+    MemoryStore,
+    RedisStore,
+    cache_key,
+    eviction_paths,
+    open_store,
+    storable,
+)
+from keyproxy.response.chain import LinkFactory, ResponseHead
+from keyproxy.response.codings import DecodeFailed, Decoder, choose_encoding, encode
+from keyproxy.response.fields import (
+    FILTER_FAILED,
+    DocumentPath,
+    FilterFailed,
+    FilterLimits,
+    body_kind,
+    filter_encoded,
+)
+
+if TYPE_CHECKING:
+    from keyproxy.config.model import Config
+    from keyproxy.config.response_sections import CacheSettings
+
+BODY_NOT_SCANNED = Deny(
+    502, "BODY_NOT_SCANNED", "the upstream's answer could not be checked for secrets"
+)
+#: Validators and range headers that describe the upstream's bytes, not the filtered ones.
+_FILTER_DROPS = (b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range")
+
+
+def accept_encoding(ctx: RequestContext) -> str | None:
+    """The client's Accept-Encoding, every copy of it (a list may be split over lines)."""
+    values = ctx.headers.getall("accept-encoding")
+    return ", ".join(values) if values else None
+
+
+# --------------------------------------------------------------------------- body scrub
+
+
+class BodyScrubFactory:
+    """The secret scanner of one snapshot; a link per response of a scanned route."""
+
+    __slots__ = ("limit", "scrubber")
+
+    def __init__(self, scrubber: BodyScrubber, limit: int) -> None:
+        assert scrubber.same_length
+        self.scrubber = scrubber
+        self.limit = limit  # decoded bytes a compressed body may hold
+
+    def __call__(self, ctx: RequestContext) -> ScrubLink | None:
+        route = ctx.route
+        if ctx.method == "HEAD" or (route is not None and not route.scrub_body):
+            return None
+        return ScrubLink(self.scrubber, self.limit, accept_encoding(ctx))
+
+
+class ScrubLink:
+    __slots__ = ("accept", "coding", "decoder", "failed", "limit", "parts", "scrubber", "stream")
+
+    def __init__(self, scrubber: BodyScrubber, limit: int, accept: str | None) -> None:
+        self.scrubber = scrubber
+        self.limit = limit
+        self.accept = accept
+        self.stream: ScrubStream = scrubber.stream()
+        self.decoder: Decoder | None = None
+        self.parts: list[bytes] = []
+        self.failed = False
+        self.coding: str | None = None
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        coding = head.get(b"content-encoding")
+        if coding is None or coding.strip().lower() in (b"", b"identity"):
+            return None
+        try:
+            self.decoder = Decoder(coding.decode("latin-1"), self.limit)
+        except DecodeFailed:
+            return BODY_NOT_SCANNED
+        # Compressed despite being asked for identity: decoded whole, scanned, then
+        # encoded again as the client accepts (identity when it names no coding).
+        head.hold = True
+        head.remove(b"content-encoding")
+        head.remove(b"etag")
+        self.coding = choose_encoding(self.accept)
+        if self.coding is not None:
+            head.set(b"content-encoding", self.coding.encode())
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        decoder = self.decoder
+        if decoder is None:
+            return self.stream.feed(chunk)
+        if not self.failed:
+            try:
+                self.parts.append(decoder.feed(chunk))
+            except DecodeFailed:
+                self.failed = True
+                self.parts = []
+        return b""
+
+    def on_end(self) -> bytes | Deny:
+        decoder = self.decoder
+        if decoder is None:
+            return self.stream.end()
+        if not self.failed:
+            try:
+                self.parts.append(decoder.end())
+            except DecodeFailed:
+                self.failed = True
+        if self.failed:
+            return BODY_NOT_SCANNED
+        body, self.parts = b"".join(self.parts), []
+        return encode(self.scrubber.scrub(body), self.coding)
+
+
+# --------------------------------------------------------------------------- fields
+
+
+class FieldsFactory:
+    """Field filtering: the key says which fields, its route where documents sit."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: FilterLimits) -> None:
+        self.limits = limits
+
+    def __call__(self, ctx: RequestContext) -> FieldsLink | None:
+        key = ctx.key
+        if key is None or key.fields is None:
+            return None
+        route = ctx.route
+        at = route.fields_at if route is not None else ()
+        return FieldsLink(key.fields, at, self.limits, accept_encoding(ctx))
+
+
+class FieldsLink:
+    """One filtered answer: held whole, filtered, then sent with its new length."""
+
+    __slots__ = ("accept", "at", "drop", "flt", "head", "limits", "over", "parts", "received")
+
+    def __init__(
+        self,
+        flt: object,
+        at: tuple[DocumentPath, ...],
+        limits: FilterLimits,
+        accept: str | None,
+    ) -> None:
+        self.flt = flt
+        self.at = at
+        self.limits = limits
+        self.accept = accept
+        self.parts: list[bytes] = []
+        self.received = 0
+        self.over = False
+        self.drop = False  # a redirect: its body is not sent at all
+        self.head: ResponseHead | None = None
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        for name in _FILTER_DROPS:
+            head.remove(name)
+        if head.method == "HEAD" or head.status in (204, 304):
+            # No body: but no length or validator that the GET's filtered body would not have.
+            head.length = None
+            return None
+        if head.status == 206:
+            return FILTER_FAILED  # a part of a document cannot be filtered
+        if head.length == 0:
+            return None
+        if 300 <= head.status < 400:
+            # A redirect's body is a note for humans ("Found. Redirecting to ..."), not a
+            # document: it is dropped, so the redirect still works and nothing unfiltered
+            # leaves.
+            head.hold = True
+            head.remove(b"content-encoding")
+            self.drop = True
+            return None
+        content_type = head.get(b"content-type")
+        if body_kind(content_type.decode("latin-1") if content_type else None) is None:
+            return FILTER_FAILED  # not JSON: nothing here can be filtered
+        head.hold = True
+        self.head = head
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        if self.drop:
+            return b""
+        if self.head is None:
+            return chunk
+        if not self.over:
+            self.received += len(chunk)
+            if self.received > self.limits.max_bytes:
+                self.over = True
+                self.parts = []
+            else:
+                self.parts.append(chunk)
+        return b""
+
+    def on_end(self) -> bytes | Deny:
+        head = self.head
+        if head is None or self.drop:
+            return b""
+        if self.over:
+            return FILTER_FAILED
+        body, self.parts = b"".join(self.parts), []
+        coding = head.get(b"content-encoding")
+        content_type = head.get(b"content-type")
+        try:
+            filtered, out_coding = filter_encoded(
+                body,
+                content_type.decode("latin-1") if content_type is not None else None,
+                coding.decode("latin-1") if coding is not None else None,
+                self.accept,
+                self.flt,  # type: ignore[arg-type]
+                self.at,
+                self.limits,
+            )
+        except FilterFailed:
+            return FILTER_FAILED
+        if out_coding is None:
+            head.remove(b"content-encoding")
+        else:
+            head.set(b"content-encoding", out_coding.encode())
+        if coding is not None:
+            vary = head.get(b"vary")
+            if vary is None:
+                head.set(b"vary", b"Accept-Encoding")
+            elif b"accept-encoding" not in vary.lower():
+                head.set(b"vary", vary + b", Accept-Encoding")
+        return filtered
+
+
+# --------------------------------------------------------------------------- cache
+
+Store = MemoryStore | RedisStore
+
+
+def split_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        out.append((name.strip(), value.strip()))
+    return out
+
+
+def join_lines(headers: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:
+    return [name + b": " + value + b"\r\n" for name, value in headers]
+
+
+class ResponseCache:
+    """The `cache:` section at work: its store, which routes it serves, the metric.
+
+    Built per snapshot; a reload that keeps the same settings keeps the store.
+    """
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        store: Store,
+        upstream_target: Callable[[RequestContext], str],
+        count: Callable[[str], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+        identity: Callable[[RequestContext], bytes] | None = None,
+    ) -> None:
+        self.identity = identity  # the identity headers sent upstream, when configured
+        self.settings = settings
+        self.store = store
+        self.routes = frozenset(route.match for route in settings.routes)
+        self.upstream_target = upstream_target
+        self.count = count
+        self.loop = loop
+        self.max_entry_bytes = settings.max_entry_bytes
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def applies(self, ctx: RequestContext) -> bool:
+        route = ctx.route
+        return ctx.method == "GET" and route is not None and route.match in self.routes
+
+    def key_for(self, ctx: RequestContext) -> CacheKey:
+        """The forwarded request: method, upstream target (filters included) and the
+        request headers an answer may vary on; never a credential."""
+        key = cache_key(ctx.method, self.upstream_target(ctx), ctx.headers)
+        identity = self.identity(ctx) if self.identity is not None else b""
+        if identity:
+            # Who calls is part of the forwarded request: the backend may answer by it.
+            digest = hashlib.sha256(key.variant.encode() + b"\0" + identity).hexdigest()
+            key = CacheKey(key.path, digest)
+        return key
+
+    def find(
+        self, ctx: RequestContext
+    ) -> CachedResponse | Coroutine[object, object, CachedResponse | None] | None:
+        """After the decision: the stored answer, None (a miss: the request goes upstream
+        and the tee may store its answer), or, for a store across the network, a
+        coroutine that resolves to one of those. A store that fails is a miss."""
+        key = self.key_for(ctx)
+        store = self.store
+        if isinstance(store, MemoryStore):
+            return self._result(ctx, key, store.lookup(key))
+        return self._remote(ctx, key)
+
+    async def _remote(self, ctx: RequestContext, key: CacheKey) -> CachedResponse | None:
+        try:
+            entry = await self.store.get(key)
+        except Exception:  # a Redis fault: go to the upstream
+            entry = None
+        return self._result(ctx, key, entry)
+
+    def _result(
+        self, ctx: RequestContext, key: CacheKey, entry: CachedResponse | None
+    ) -> CachedResponse | None:
+        if entry is None:
+            ctx.cache_key = key  # the tee stores the upstream's answer under it
+            self.count("miss")
+            return None
+        self.count("hit")
+        return entry
+
+    def _spawn(self, work: Coroutine[object, object, object]) -> None:
+        loop = self.loop or asyncio.get_running_loop()
+        task: asyncio.Task[object] = loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed write is a miss next time, nothing more
+
+    def store_later(self, key: CacheKey, entry: CachedResponse) -> None:
+        async def put() -> None:
+            if await self.store.put(key, entry):
+                self.count("store")
+
+        self._spawn(put())
+
+    def evict_later(self, ctx: RequestContext) -> None:
+        paths = eviction_paths(self.upstream_target(ctx))
+        self._spawn(self.store.evict(paths))
+
+    def __call__(self, ctx: RequestContext) -> CacheTee | Evict | None:
+        """The chain's cache link: the tee for a looked-up miss, eviction for a write."""
+        if ctx.cache_key is not None:
+            return CacheTee(self, ctx.cache_key)
+        if ctx.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        return Evict(self, ctx)
+
+
+class CacheStoreHolder:
+    """The store `cache:` names, kept across reloads that leave its settings alone (so a
+    reload does not empty the cache), replaced when they change, closed at shutdown."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.store: Store | None = None
+        self._opened: tuple[object, ...] | None = None
+
+    def update(self, config: Config) -> Store | None:
+        settings = config.cache
+        wanted = (
+            None
+            if settings is None
+            else (
+                settings.backend,
+                settings.ttl,
+                settings.max_entries,
+                settings.max_bytes,
+                settings.max_entry_bytes,
+            )
+        )
+        if wanted != self._opened:
+            previous = self.store
+            self.store = None
+            if settings is not None:
+                self.store = open_store(
+                    settings.backend,
+                    settings.ttl,
+                    settings.max_entries,
+                    settings.max_bytes,
+                    settings.max_entry_bytes,
+                )
+            self._opened = wanted
+            if previous is not None:
+                self.loop.create_task(previous.aclose())
+        return self.store
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+            self.store = None
+
+
+class CacheTee:
+    """Copies a storable answer into the store as it passes, bounded by `max_entry_bytes`."""
+
+    __slots__ = ("cache", "head", "key", "parts", "size")
+
+    def __init__(self, cache: ResponseCache, key: CacheKey) -> None:
+        self.cache = cache
+        self.key = key
+        self.parts: list[bytes] | None = None
+        self.size = 0
+        self.head: ResponseHead | None = None
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        if head.method == "GET" and storable(head.status, split_lines(head.lines)):
+            self.parts = []
+            self.head = head
+            # Copied now: later links edit the head for one key only.
+            self.head = ResponseHead(head.status, list(head.lines), head.length, head.method)
+        else:
+            self.cache.count("bypass")
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        parts = self.parts
+        if parts is not None:
+            self.size += len(chunk)
+            if self.size > self.cache.max_entry_bytes:
+                self.parts = None
+            else:
+                parts.append(chunk)
+        return chunk
+
+    def on_end(self) -> bytes | Deny:
+        parts, head = self.parts, self.head
+        if parts is not None and head is not None:
+            import time
+
+            entry = CachedResponse(
+                head.status, tuple(split_lines(head.lines)), b"".join(parts), time.time()
+            )
+            self.cache.store_later(self.key, entry)
+        return b""
+
+
+class Evict:
+    """A write that succeeded makes the cached reads of its resource and collection stale."""
+
+    __slots__ = ("cache", "ctx")
+
+    def __init__(self, cache: ResponseCache, ctx: RequestContext) -> None:
+        self.cache = cache
+        self.ctx = ctx
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        if 200 <= head.status < 400:
+            self.cache.evict_later(self.ctx)
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def on_end(self) -> bytes | Deny:
+        return b""
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def body_factories(config: Config, cache: ResponseCache | None) -> list[LinkFactory]:
+    """The body links of a snapshot, in chain order: scrub → cache → fields.
+
+    The cache sits after the scrub (no secret is ever stored) and before the
+    fields filter (an entry is shared by keys and filtered for each on the way out).
+    """
+    factories: list[LinkFactory] = []
+    up = config.upstream
+    limits = FilterLimits(config.server.filter_max_body, config.server.filter_max_depth)
+    scrubber = BodyScrubber(up.secrets, up.inject_basic, same_length=True)
+    if scrubber and any(route.scrub_body for route in config.routes):
+        factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
+    if cache is not None:
+        factories.append(cache)
+    if any(key.fields is not None for key in config.keys):
+        factories.append(FieldsFactory(limits))
+    return factories

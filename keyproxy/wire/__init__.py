@@ -1,0 +1,1 @@
+"""The wire: client connections, exchanges, the upstream pool and the listeners."""

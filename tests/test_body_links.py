@@ -1,0 +1,305 @@
+"""The body links (scrub, fields, cache tee, eviction) driven directly, link by link.
+
+`run` plays the exchange's part as the chain contract describes it: heads in
+order, each chunk through every link, and each link's `on_end` output fed to
+the links after it before their own `on_end`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import zlib
+
+import brotli
+import orjson
+import pytest
+
+from keyproxy.config.model import Key, KeyType, Route
+from keyproxy.request import Deny, Headers, RequestContext
+from keyproxy.response.body_links import (
+    BODY_NOT_SCANNED,
+    BodyScrubFactory,
+    FieldsFactory,
+    ResponseCache,
+)
+from keyproxy.response.body_scrub import BodyScrubber
+from keyproxy.response.cache import MemoryStore, cache_key
+from keyproxy.response.chain import ResponseHead
+from keyproxy.response.fields import (
+    FILTER_FAILED,
+    FilterLimits,
+    compile_fields,
+    parse_document_path,
+)
+
+SECRET = "upstream-secret-0123456789"
+SCRUBBER = BodyScrubber((SECRET,), None, same_length=True)
+EXCLUDE = compile_fields("exclude", ["email", "author.phone"])
+
+
+def run(links: list, head: ResponseHead, chunks: list[bytes]) -> bytes | Deny:
+    for link in links:
+        deny = link.on_head(head)
+        if deny is not None:
+            return deny
+    out = []
+    for chunk in chunks:
+        for link in links:
+            chunk = link.on_body(chunk)
+        out.append(chunk)
+    for i, link in enumerate(links):
+        rest = link.on_end()
+        if isinstance(rest, Deny):
+            assert head.hold, "a Deny at the end needs a held head"
+            return rest
+        for after in links[i + 1 :]:
+            rest = after.on_body(rest)
+        out.append(rest)
+    return b"".join(out)
+
+
+def ctx_for(
+    fields: object = None, method: str = "GET", accept: str | None = None, match: str = "GET /x"
+) -> RequestContext:
+    headers = [("accept-encoding", accept)] if accept else []
+    ctx = RequestContext(None, method, "/x", Headers(headers), "127.0.0.1", 0.0)  # type: ignore[arg-type]
+    ctx.key = Key("k", b"", KeyType.READ, frozenset(), fields=fields)  # type: ignore[arg-type]
+    ctx.route = Route(0, match, frozenset({"GET", "HEAD"}), ("x",), "a")
+    return ctx
+
+
+def head_of(
+    *lines: bytes, status: int = 200, length: int | None = None, method: str = "GET"
+) -> ResponseHead:
+    return ResponseHead(status, [line + b"\r\n" for line in lines], length, method)
+
+
+# --------------------------------------------------------------------------- body scrub
+
+
+def test_a_secret_split_across_two_chunks_is_masked_at_its_own_length() -> None:
+    body = b"Found. Redirecting to /posts?apikey=" + SECRET.encode() + b"&page=2"
+    scrub = BodyScrubFactory(SCRUBBER, 1 << 20)
+    for cut in (1, 40, 45, len(body) - 8):
+        head = head_of(b"Content-Type: text/plain", length=len(body))
+        out = run([scrub(ctx_for())], head, [body[:cut], body[cut:]])
+        assert isinstance(out, bytes) and len(out) == len(body), cut
+        assert SECRET.encode() not in out and b"[REDACTED]****" in out
+        assert not head.hold and head.length == len(body)  # the framing is untouched
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [
+        (b"gzip", gzip.compress),
+        (b"deflate", zlib.compress),
+        (b"br", brotli.compress),
+    ],
+    ids=["gzip", "deflate", "br"],
+)
+def test_a_compressed_body_is_decoded_scrubbed_and_sent_identity(coding: tuple) -> None:
+    name, compress = coding
+    body = b"<pre>X-Api-Key: " + SECRET.encode() + b"</pre>" * 100
+    data = compress(body)
+    head = head_of(b"Content-Type: text/html", b"Content-Encoding: " + name, b'ETag: "a"')
+    out = run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, [data[:10], data[10:]])
+    assert isinstance(out, bytes) and SECRET.encode() not in out
+    assert out.startswith(b"<pre>X-Api-Key: [REDACTED]")
+    assert head.hold and head.get(b"content-encoding") is None and head.get(b"etag") is None
+
+
+def test_a_compressed_body_is_encoded_again_for_a_client_that_accepts_it() -> None:
+    body = b"<p>" + SECRET.encode() + b"</p>"
+    head = head_of(b"Content-Encoding: br")
+    link = BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for(accept="gzip;q=0.5, br;q=0"))
+    out = run([link], head, [brotli.compress(body)])
+    assert head.get(b"content-encoding") == b"gzip"
+    assert isinstance(out, bytes) and gzip.decompress(out) == b"<p>[REDACTED]****************</p>"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data"),
+    [
+        (b"gzip", gzip.compress(b"x" * 1000)[:-8]),  # truncated
+        (b"gzip", b"not gzip at all"),
+        (b"compress", b"anything"),
+        (b"gzip, br", b"stacked"),
+    ],
+)
+def test_what_cannot_be_decoded_is_refused_not_passed(encoding: bytes, data: bytes) -> None:
+    head = head_of(b"Content-Encoding: " + encoding)
+    assert run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, [data]) is BODY_NOT_SCANNED
+
+
+def test_a_decompression_bomb_is_refused() -> None:
+    bomb = gzip.compress(b"\0" * (4 << 20))
+    head = head_of(b"Content-Encoding: gzip")
+    assert run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, [bomb]) is BODY_NOT_SCANNED
+
+
+# --------------------------------------------------------------------------- fields
+
+RECORD = {"id": 1, "email": "a@b", "author": {"name": "n", "phone": "p"}, "title": "t"}
+FILTERED = {"id": 1, "author": {"name": "n"}, "title": "t"}
+SHAPES = {
+    "object": (b"application/json", orjson.dumps(RECORD), lambda b: orjson.loads(b) == FILTERED),
+    "array": (
+        b"application/json",
+        orjson.dumps([RECORD, RECORD]),
+        lambda b: orjson.loads(b) == [FILTERED, FILTERED],
+    ),
+    "ndjson": (
+        b"application/x-ndjson",
+        orjson.dumps(RECORD) + b"\n" + orjson.dumps(RECORD) + b"\n",
+        lambda b: [orjson.loads(x) for x in b.splitlines()] == [FILTERED, FILTERED],
+    ),
+    "envelope": (
+        b"application/json",
+        orjson.dumps({"data": [RECORD], "email": "kept: not a document"}),
+        lambda b: orjson.loads(b) == {"data": [FILTERED], "email": "kept: not a document"},
+    ),
+}
+CODINGS = {
+    "identity": (None, lambda b: b),
+    "gzip": (b"gzip", gzip.compress),
+    "deflate": (b"deflate", zlib.compress),
+    "br": (b"br", brotli.compress),
+}
+DECODE = {
+    None: lambda b: b,
+    "gzip": gzip.decompress,
+    "deflate": zlib.decompress,
+    "br": brotli.decompress,
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("coding", CODINGS)
+def test_each_shape_in_each_coding_is_filtered(shape: str, coding: str) -> None:
+    content_type, body, check = SHAPES[shape]
+    name, compress = CODINGS[coding]
+    data = compress(body)
+    lines = [b"Content-Type: " + content_type, b'ETag: "v1"', b"Accept-Ranges: bytes"]
+    if name:
+        lines.append(b"Content-Encoding: " + name)
+    head = head_of(*lines, length=len(data))
+    ctx = ctx_for(EXCLUDE, accept="gzip, br")
+    if shape == "envelope":
+        ctx.route = dataclasses.replace(ctx.route, fields_at=(parse_document_path("data[*]"),))
+    link = FieldsFactory(FilterLimits())(ctx)
+    out = run([link], head, [data[:7], data[7:]])
+    assert isinstance(out, bytes) and head.hold
+    sent = head.get(b"content-encoding")
+    assert (sent is None) == (name is None)  # re-encoded only where the upstream had encoded
+    assert check(DECODE[sent.decode() if sent else None](out))
+    assert head.get(b"etag") is None and head.get(b"accept-ranges") is None
+
+
+def test_duplicate_keys_cannot_smuggle_a_hidden_field() -> None:
+    body = b'{"email":"hidden","id":1,"email":"also hidden","author":{"phone":1,"phone":2}}'
+    head = head_of(b"Content-Type: application/json")
+    out = run([FieldsFactory(FilterLimits())(ctx_for(EXCLUDE))], head, [body])
+    assert isinstance(out, bytes) and b"hidden" not in out and b"phone" not in out
+    include = compile_fields("include", ["id"])
+    out = run(
+        [FieldsFactory(FilterLimits())(ctx_for(include))],
+        head_of(b"Content-Type: application/json"),
+        [b'{"id":1,"id":{"email":"x"}}'],
+    )
+    assert out == b'{"id":{"email":"x"}}'  # the last copy, as a client's JSON.parse reads it
+
+
+@pytest.mark.parametrize(
+    ("lines", "chunks", "limits"),
+    [
+        ([b"Content-Type: text/html"], [b"<p>hi</p>"], FilterLimits()),
+        ([b"Content-Type: application/json"], [b'{"id": 1'], FilterLimits()),
+        ([], [b'{"id": 1}'], FilterLimits()),
+        ([b"Content-Type: application/json"], [b"[" * 30 + b"]" * 30], FilterLimits(max_depth=10)),
+        (
+            [b"Content-Type: application/json"],
+            [b'{"a":"' + b"x" * 5000 + b'"}'],
+            FilterLimits(2048),
+        ),
+        (
+            [b"Content-Type: application/json", b"Content-Encoding: gzip"],
+            [gzip.compress(b'{"a":"' + b"x" * (1 << 20) + b'"}')],
+            FilterLimits(4096),
+        ),
+        ([b"Content-Type: application/json", b"Content-Encoding: zstd"], [b"??"], FilterLimits()),
+    ],
+    ids=["html", "truncated", "no-type", "too-deep", "too-large", "bomb", "unknown-coding"],
+)
+def test_fail_closed(lines: list[bytes], chunks: list[bytes], limits: FilterLimits) -> None:
+    head = head_of(*lines)
+    out = run([FieldsFactory(limits)(ctx_for(EXCLUDE))], head, chunks)
+    assert out is FILTER_FAILED
+
+
+def test_partial_content_is_refused_and_head_is_consistent_with_get() -> None:
+    link = FieldsFactory(FilterLimits())(ctx_for(EXCLUDE))
+    assert (
+        run([link], head_of(b"Content-Type: application/json", status=206), [b"{}"])
+        is FILTER_FAILED
+    )
+    head = head_of(b"Content-Type: application/json", b'ETag: "v"', length=99, method="HEAD")
+    assert run([FieldsFactory(FilterLimits())(ctx_for(EXCLUDE, method="HEAD"))], head, []) == b""
+    assert head.length is None and head.get(b"etag") is None and not head.hold
+
+
+def test_a_key_without_fields_gets_no_link_and_requests_are_edited_only_for_body_work() -> None:
+    assert FieldsFactory(FilterLimits())(ctx_for(None)) is None
+    assert BodyScrubFactory(SCRUBBER, 1)(ctx_for(method="HEAD")) is None
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_cache_tee_stores_and_a_write_evicts() -> None:
+    async def scenario() -> None:
+        store = MemoryStore(60, 100, 1 << 20, 1 << 16)
+        counts: list[str] = []
+        cache = ResponseCache(
+            _settings(), store, lambda ctx: "/api" + ctx.raw_target, counts.append
+        )
+        ctx = ctx_for(match="GET /x")
+        assert cache.find(ctx) is None and counts == ["miss"]
+        tee = cache(ctx)
+        head = head_of(b"Content-Type: application/json", length=2)
+        assert run([tee], head, [b"{}"]) == b"{}"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert counts == ["miss", "store"]
+        entry = cache.find(ctx_for(match="GET /x"))
+        assert entry is not None and entry.body == b"{}" and counts[-1] == "hit"
+        # no-store is not stored
+        ctx2 = ctx_for(match="GET /x", accept="br")
+        cache.find(ctx2)
+        run([cache(ctx2)], head_of(b"Cache-Control: no-store"), [b"{}"])
+        await asyncio.sleep(0)
+        assert counts[-1] == "bypass" and await store.get(ctx2.cache_key) is None
+        # a write to the resource evicts it
+        write = ctx_for(method="POST")
+        evict = cache(write)
+        assert evict is not None and cache(ctx_for()) is None
+        run([evict], head_of(status=201), [])
+        await asyncio.sleep(0)
+        assert await store.get(cache_key("GET", "/api/x", [])) is None
+
+    asyncio.run(scenario())
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from keyproxy.config.response_sections import CacheSettings
+
+    route = Route(0, "GET /x", frozenset({"GET", "HEAD"}), ("x",), "a")
+    return CacheSettings("memory", 60.0, (route,))
+
+
+def test_a_route_may_opt_out_of_body_scrubbing() -> None:
+    ctx = ctx_for()
+    ctx.route = dataclasses.replace(ctx.route, scrub_body=False)
+    assert BodyScrubFactory(SCRUBBER, 1)(ctx) is None
+    assert BodyScrubFactory(SCRUBBER, 1)(ctx_for()) is not None

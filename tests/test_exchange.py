@@ -1,0 +1,455 @@
+"""The exchange's hardest state changes, driven without sockets.
+
+The client and upstream sides are small recording doubles of keyproxy's own
+internal Protocols (`ClientSide`, `UpstreamSide`, `Pool`, `Plan` in
+`keyproxy.wire.exchange`): no real part is replaced, only the exchange's
+neighbours, so each path (retry, back-pressure, timeouts, the response chain)
+is exercised deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httptools
+import pytest
+
+from keyproxy.request import Deny, RequestContext
+from keyproxy.response.chain import ResponseHead
+from keyproxy.wire.exchange import UPSTREAM_BACKPRESSURE, Exchange
+
+
+class Client:
+    """Records what the exchange writes and asks of the client connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.closed = False
+        self.max_body = 1 << 20
+        self.to_flush: Exchange | None = None
+        self.written = bytearray()
+        self.paused: set[object] = set()
+        self.pauses: list[object] = []
+        self.aborted = False
+        self.done: list[bool] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.written += part
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def pause_reading(self, reason: object) -> None:
+        self.paused.add(reason)
+        self.pauses.append(reason)
+
+    def resume_reading(self, reason: object) -> None:
+        self.paused.discard(reason)
+
+    def connection_header(self, ex: Exchange) -> bytes:
+        return b"" if ex.keep_alive else b"Connection: close\r\n"
+
+    def cors_headers(self, ex: Exchange) -> bytes:
+        return b""
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        self.done.append(keep_alive)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The answer written, parsed by llhttp as a client would."""
+        parsed: dict[str, object] = {"headers": {}, "body": b""}
+
+        class Sink:
+            def on_header(self, name: bytes, value: bytes) -> None:
+                parsed["headers"][name.decode().lower()] = value.decode()  # type: ignore[index]
+
+            def on_body(self, body: bytes) -> None:
+                parsed["body"] += body  # type: ignore[operator]
+
+        parser = httptools.HttpResponseParser(Sink())
+        parser.feed_data(bytes(self.written))
+        return parser.get_status_code(), parsed["headers"], parsed["body"]  # type: ignore[return-value]
+
+
+class Upstream:
+    """One upstream connection: records the request bytes and read pauses."""
+
+    def __init__(self, uses: int = 0) -> None:
+        self.uses = uses
+        self.got_response_bytes = False
+        self.sent = bytearray()
+        self.listener: Exchange | None = None
+        self.reading_paused = False
+        self.aborted = False
+
+    def begin(self, listener: Exchange) -> None:
+        self.listener = listener
+        self.uses += 1
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.sent += part
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+
+    def end_head_only(self) -> None:
+        assert self.listener is not None
+        self.listener.on_response_end(True)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def answer(self, status: int, lines: list[bytes], body: bytes) -> None:
+        """The upstream's response, as `UpstreamConnection` reports it."""
+        ex = self.listener
+        assert ex is not None
+        self.got_response_bytes = True
+        ex.on_response_head(status, lines, str(len(body)).encode())
+        if body and not ex.done:
+            ex.on_response_body(body)
+        ex.flush()
+        if not ex.done:
+            ex.on_response_end(True)
+
+
+class Pool:
+    def __init__(self, idle: list[Upstream], fresh: list[Upstream] | None = None) -> None:
+        self.idle = idle
+        self.fresh = fresh or []
+        self.released: list[tuple[Upstream, bool]] = []
+        self.acquire_error: BaseException | None = None
+
+    def take_idle(self) -> Upstream | None:
+        return self.idle.pop() if self.idle else None
+
+    async def acquire(self) -> Upstream:
+        if self.acquire_error is not None:
+            raise self.acquire_error
+        return self.take_idle() or self.fresh.pop()
+
+    def release(self, conn: Upstream, reusable: bool) -> None:
+        self.released.append((conn, reusable))
+
+
+class Plan:
+    max_body = 1 << 20
+    timeout = 5.0
+
+    def request_head(self, ctx: RequestContext, request: Exchange) -> bytes:
+        return f"{ctx.method} /x HTTP/1.1\r\nHost: up\r\n\r\n".encode()
+
+
+def exchange(loop: asyncio.AbstractEventLoop, method: str = "GET") -> tuple[Exchange, Client]:
+    client = Client(loop)
+    ex = Exchange(client, method, "/x", [(b"Host", b"p")], True, True, "rid1")  # type: ignore[arg-type]
+    ex.body_complete = True
+    ex.ctx = RequestContext(None, method, None, None, "127.0.0.1", 0.0, "rid1")  # type: ignore[arg-type]
+    return ex, client
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def run_pending(loop: asyncio.AbstractEventLoop) -> None:
+    loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def test_a_dead_reused_socket_is_retried_once_on_another(loop) -> None:
+    stale, fresh = Upstream(uses=3), Upstream()
+    pool = Pool([stale], [fresh])
+    ex, client = exchange(loop)
+    ex.forward(ex.ctx, Plan(), pool)  # type: ignore[arg-type]
+    assert stale.sent.startswith(b"GET /x HTTP/1.1")
+    ex.on_upstream_error(stale, ConnectionResetError())  # type: ignore[arg-type]
+    assert (stale, False) in pool.released and not client.written
+    run_pending(loop)
+    assert fresh.sent.startswith(b"GET /x HTTP/1.1")
+    fresh.answer(200, [b"Content-Type: text/plain\r\n"], b"hello")
+    assert client.response()[::2] == (200, b"hello")
+    assert client.done == [True]
+
+
+def test_a_fresh_socket_failing_is_a_502_not_a_retry(loop) -> None:
+    first = Upstream(uses=0)
+    ex, client = exchange(loop)
+    ex.forward(ex.ctx, Plan(), Pool([first], [Upstream()]))  # type: ignore[arg-type]
+    ex.on_upstream_error(first, ConnectionResetError())  # type: ignore[arg-type]
+    status, _, body = client.response()
+    assert status == 502 and json.loads(body)["error"] == "UPSTREAM_UNAVAILABLE"
+
+
+def test_back_pressure_pauses_and_resumes_both_ways(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    ex.pause_client_reading()  # the upstream cannot take the request body faster
+    assert UPSTREAM_BACKPRESSURE in client.paused
+    ex.resume_client_reading()
+    assert UPSTREAM_BACKPRESSURE not in client.paused
+    ex.pause_client_reading()
+    up.answer(200, [], b"ok")
+    assert UPSTREAM_BACKPRESSURE not in client.paused  # the end of the exchange resumes
+
+
+def test_a_silent_upstream_after_the_head_cuts_the_connection(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    ex.on_response_head(200, [b"Content-Type: text/plain\r\n"], b"100")
+    ex.on_response_body(b"partial")
+    ex.flush()
+    assert client.written.startswith(b"HTTP/1.1 200 OK")
+    ex.check_timeout(loop.time() + 1.0)
+    assert not client.aborted  # not yet
+    ex.check_timeout(loop.time() + Plan.timeout + 1)
+    assert client.aborted and up.aborted and client.done == [False]
+    assert b"504" not in client.written  # the head had left: a truncated body looks truncated
+
+
+def test_waiting_for_the_pool_too_long_is_a_504(loop) -> None:
+    pool = Pool([])
+    pool.acquire_error = TimeoutError()
+    ex, client = exchange(loop)
+    ex.forward(ex.ctx, Plan(), pool)  # type: ignore[arg-type]
+    run_pending(loop)
+    status, _, body = client.response()
+    assert status == 504 and json.loads(body)["error"] == "UPSTREAM_TIMEOUT"
+
+
+class Broken:
+    def __call__(self, ctx: RequestContext) -> Broken:
+        return self
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        raise KeyError("a bug")
+
+    def on_body(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def on_end(self) -> bytes | Deny:
+        return b""
+
+
+def test_a_bug_in_a_link_costs_one_request(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (Broken(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    up.answer(200, [], b"secret-free body")
+    status, _, body = client.response()
+    assert status == 500 and json.loads(body)["error"] == "INTERNAL_ERROR"
+    assert up.aborted and client.done == [False]
+    # The next request on another exchange is served normally.
+    ex2, client2 = exchange(loop)
+    up2 = Upstream()
+    ex2.forward(ex2.ctx, Plan(), Pool([up2]))  # type: ignore[arg-type]
+    up2.answer(200, [], b"fine")
+    assert client2.response()[::2] == (200, b"fine")
+
+
+class Upper:
+    """Holds the whole body, then answers it upper-cased (or refuses a marked one)."""
+
+    def __init__(self) -> None:
+        self.body = b""
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        head.hold = True
+        head.set(b"X-Upper", b"1")
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        self.body += chunk
+        return b""
+
+    def on_end(self) -> bytes | Deny:
+        if b"refuse" in self.body:
+            return Deny(502, "FILTER_FAILED", "the answer could not be filtered")
+        return self.body.upper() + b"!"
+
+
+def test_a_holding_link_gets_the_whole_body_and_a_computed_length(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (lambda ctx: Upper(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    up.answer(200, [b"Content-Type: text/plain\r\n"], b"hello")
+    status, headers, body = client.response()
+    assert (status, body) == (200, b"HELLO!")
+    assert (headers["content-length"], headers["x-upper"]) == ("6", "1")
+
+
+def test_a_holding_link_refusing_at_the_end_replaces_the_answer(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (lambda ctx: Upper(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    up.answer(200, [], b"please refuse")
+    status, _, body = client.response()
+    assert status == 502 and json.loads(body)["error"] == "FILTER_FAILED"
+    assert b"please" not in client.written
+
+
+class Shorter:
+    """Streams the body minus its first byte: the length is no longer known."""
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        head.length = None
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        return chunk[1:]
+
+    def on_end(self) -> bytes | Deny:
+        return b"."
+
+
+def test_an_unknown_length_is_chunked_for_http11(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (lambda ctx: Shorter(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    up.answer(200, [], b"xabc")
+    status, headers, body = client.response()
+    assert headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+    assert (status, body) == (200, b"abc.")
+
+
+class Tee:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, ctx: RequestContext) -> Tee:
+        self.calls += 1
+        return self
+
+    def on_head(self, head: ResponseHead) -> Deny | None:
+        return None
+
+    def on_body(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def on_end(self) -> bytes | Deny:
+        return b""
+
+
+def test_a_stored_answer_runs_the_links_after_start_and_never_the_pool(loop) -> None:
+    tee = Tee()
+    ex, client = exchange(loop)
+    ex.chain = (tee, lambda ctx: Upper())
+    ex.serve_stored(200, [b"Content-Type: text/plain\r\n"], b"cached", 1)
+    status, headers, body = client.response()
+    assert (status, body, headers["content-length"]) == (200, b"CACHED!", "7")
+    assert tee.calls == 0 and ex.upstream is None and ex.pool is None
+    assert client.done == [True]
+
+
+def test_a_stored_answer_to_head_has_the_length_and_no_body(loop) -> None:
+    ex, client = exchange(loop, "HEAD")
+    ex.serve_stored(200, [], b"cached", 0)
+    assert client.written.endswith(b"\r\n\r\n") and b"Content-Length: 6\r\n" in client.written
+
+
+def test_an_upstream_sending_into_a_holding_link_is_not_silent(loop) -> None:
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (lambda ctx: Upper(),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    ex.on_response_head(200, [], b"10")
+    start = ex.last_activity
+    loop.run_until_complete(asyncio.sleep(0.02))
+    ex.on_response_body(b"12345")
+    ex.flush()  # nothing to write yet: the link holds it
+    assert not client.written and ex.last_activity > start
+    ex.check_timeout(ex.last_activity + Plan.timeout - 0.01)
+    assert not client.aborted and not up.aborted
+    ex.on_response_body(b"67890")
+    ex.on_response_end(True)
+    assert client.response()[::2] == (200, b"1234567890!")
+
+
+class MemoryTransport(asyncio.Transport):
+    """A client socket in memory: what keyproxy writes, and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.data += data
+
+    def writelines(self, parts) -> None:  # type: ignore[no-untyped-def, override]
+        for part in parts:
+            self.data += part
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.checks import Check, Pipeline
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    text = yaml.safe_dump(base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}}))
+    proxy = ProxyServer(ConfigHolder(parse_config(text, "t.yaml", {})), loop)
+    real = proxy.pipeline
+
+    def explode(ctx: RequestContext) -> None:
+        if ctx.raw_target == "/boom":
+            raise ZeroDivisionError("a bug")
+
+    proxy.pipeline = Pipeline((Check("bug", explode, lambda ctx: ""), *real.checks))
+    broken, transport = ClientConnection(proxy), MemoryTransport()
+    broken.connection_made(transport)
+    broken.data_received(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.data.startswith(b"HTTP/1.1 500 ")
+    assert json.loads(transport.data.split(b"\r\n\r\n", 1)[1])["error"] == "INTERNAL_ERROR"
+    assert transport.closing  # that connection's stream state is not trusted further
+    # The process goes on: the next connection is decided as usual.
+    fine, transport2 = ClientConnection(proxy), MemoryTransport()
+    fine.connection_made(transport2)
+    fine.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport2.data.startswith(b"HTTP/1.1 401 ") and not transport2.closing
+    for conn in (broken, fine):
+        conn.connection_lost(None)
