@@ -103,8 +103,8 @@ class RateLimitCheck:
         except StoreUnavailable:
             return self._store_failed(ctx)
         if result.__class__ is LimitResult:
-            return self._apply(ctx, result)  # type: ignore[arg-type]
-        return self._wait(ctx, result)  # type: ignore[arg-type]
+            return self._apply(ctx, result)
+        return self._wait(ctx, result)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
 
     async def _wait(self, ctx: RequestContext, pending: Awaitable[LimitResult]) -> Deny | None:
         try:

@@ -156,7 +156,7 @@ def match_route(ctx: RequestContext) -> Deny | None:
             return _not_allowed(what)
         method = effective_method(ctx, asked)
         if method.__class__ is Deny:
-            return method  # type: ignore[return-value]
+            return method
         assert isinstance(method, str)
         if method != ctx.method:
             # The upstream acts on `method`: it must be this same route that allows it, so

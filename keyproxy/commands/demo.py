@@ -39,8 +39,9 @@ def demo_token(config: Config, user: str = DEMO_USER, now: float | None = None) 
     import jwt
 
     users = config.users
-    assert users is not None and users.settings.secret is not None
+    assert users is not None
     s = users.settings
+    assert s.secret is not None
     issued = int(time.time() if now is None else now)
     claims = {"sub": user, "iat": issued, "exp": issued + DEMO_TOKEN_TTL}
     if s.issuer is not None:

@@ -166,7 +166,7 @@ class KeyHash(NamedTuple):
     digits of the digest): enough to tell the old hash from the new, never the key.
     """
 
-    index: int  # position in the key's `hashes:` list; 0 is the newest
+    position: int  # index in the key's `hashes:` list; 0 is the newest
     label: str
     until: float | None  # epoch seconds after which this hash is refused; None: no end
 
@@ -238,7 +238,7 @@ class Config:
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     # Indexes derived from the fields above by the loader.
-    route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # the loader always sets it; None only while it builds
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
     #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
     cors: CorsPolicy | None = field(default=None, compare=False)
