@@ -1,4 +1,4 @@
-"""The `keyproxy` command through real subprocesses (SPEC §1)."""
+"""The `keyproxy` command through real subprocesses (README, Commands)."""
 
 from __future__ import annotations
 

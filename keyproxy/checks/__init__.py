@@ -1,4 +1,4 @@
-"""The decision: an ordered list of small checks, read top to bottom (SPEC §3).
+"""The decision: an ordered list of small checks, read top to bottom (docs/decision.md).
 
 Each check takes the `RequestContext` and returns `None` to continue, a
 `Deny`, or a `Reply` (an answer keyproxy gives itself: a CORS preflight). A

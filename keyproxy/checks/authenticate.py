@@ -1,4 +1,4 @@
-"""Step 1: who is calling — the key, and the end user a Bearer token names (SPEC §3.1)."""
+"""Step 1: who is calling — the key, and the end user a Bearer token names (docs/decision.md)."""
 
 from __future__ import annotations
 

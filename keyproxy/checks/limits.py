@@ -1,4 +1,4 @@
-"""Step 8: rate limit and quota (SPEC §3.8).
+"""Step 8: rate limit and quota (docs/decision.md; README, Errors).
 
 The limiter lives outside the configuration snapshot so counters survive
 reloads. A store that does not answer must never hang a request: it raises

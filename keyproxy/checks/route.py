@@ -1,4 +1,4 @@
-"""Step 3: which route, on the one canonical form of the path (SPEC §3.3)."""
+"""Step 3: which route, on the one canonical form of the path (docs/decision.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `keyproxy` command: serve, demo, check, keygen, explain (SPEC §1)."""
+"""The `keyproxy` command: serve, demo, check, keygen, explain (README, Commands)."""
 
 from __future__ import annotations
 

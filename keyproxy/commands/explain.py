@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
 from keyproxy.checks.permissions import OwnershipCheck
-from keyproxy.config.model import Config, RateLimitSettings
+from keyproxy.config.model import CREDENTIAL_SOURCES, Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.policy.credentials import sha256_digest
 from keyproxy.ratelimit import open_limiter
@@ -43,14 +43,10 @@ def split_url(url: str) -> tuple[str, str]:
     return authority, target or "/"
 
 
-#: The ways a key can travel, in the order `explain` picks its default from the enabled ones.
-CREDENTIAL_SOURCES = ("header", "basic", "query")
-
-
 def default_source(config: Config) -> str:
-    """The first source this deployment accepts, so a query- or Basic-only deployment
-    can be explained without naming it; with none enabled, the header (then refused with
-    the live message)."""
+    """The first source (in `CREDENTIAL_SOURCES` order) this deployment accepts, so a
+    query- or Basic-only deployment can be explained without naming it; with none
+    enabled, the header (then refused with the live message)."""
     enabled = config.server.credential_sources
     return next((s for s in CREDENTIAL_SOURCES if s in enabled), "header")
 
