@@ -7,7 +7,7 @@ pipeline over it, so an explanation cannot drift from what traffic gets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    """A refusal: the HTTP status, the SPEC error code and a message for humans.
+    """A refusal: the HTTP status, the error code (README, Errors) and a message for humans.
 
     `headers` carries extras such as `Retry-After`. A denial is a value, passed
     back up the pipeline, never an exception thrown across layers.
@@ -49,7 +49,7 @@ class Reply:
 class Headers:
     """Request headers as an ordered list of (lower-case name, value).
 
-    aiohttp's `headers[name]` silently returns the first of repeated headers;
+    A mapping's `headers[name]` would silently return one of repeated headers;
     here `getall` is the natural call, so credential checks see every copy.
     """
 
@@ -77,7 +77,7 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         return any(n == name for n, _ in self._items)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
 
     def __len__(self) -> int:
@@ -112,7 +112,8 @@ class RequestContext:
     #: later check decides on it.
     effective_method: str = ""
     key: Key | None = None
-    credential_source: str | None = None  # "header" | "basic" | "query"
+    #: "header", "basic", "query" or "bearer"; `explain --key-id` sets "--key-id".
+    credential_source: str | None = None
     client_ip: IPAddress | None = None
     target: Target | None = None
     route: Route | None = None

@@ -293,7 +293,7 @@ class UpstreamServer:
         return values
 
     def inject(self) -> dict[str, Any]:
-        """The SPEC's `upstream.inject` section that makes keyproxy satisfy this upstream."""
+        """The `upstream.inject` section that makes keyproxy satisfy this upstream."""
         section: dict[str, Any] = {}
         if self.header_secrets:
             section["headers"] = dict(self.header_secrets)

@@ -1,4 +1,4 @@
-"""Referer patterns and IP allowlists (SPEC §3 step 2)."""
+"""Referer patterns and IP allowlists (decision step 2, docs/decision.md)."""
 
 from __future__ import annotations
 

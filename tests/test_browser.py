@@ -1,4 +1,4 @@
-"""The browser story, checked with a real headless Chromium (SPEC §2 `referers`, §3 step 2).
+"""The browser story, checked with a real headless Chromium (a key's `referers`, decision step 2).
 
 A read key is only safe to put in a web page if keyproxy can tell where the
 call comes from, and the only witness it has is the `Referer` a browser chooses

@@ -1,8 +1,9 @@
-"""The `keyproxy` command through real subprocesses (SPEC §1)."""
+"""The `keyproxy` command through real subprocesses (README, Commands)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -180,3 +181,82 @@ def test_example_config_checks_ok():
     result = keyproxy("check", "-c", "config.example.yaml", env={"UPSTREAM_SECRET": "s" * 32})
     assert result.returncode == 0, result.stdout
     assert result.stdout == "OK: 4 keys, 9 routes\n"
+
+
+def _sources_config(tmp_path, sources, **key_changes):
+    config = base_config("http://127.0.0.1:3000", {"headers": {"K": "k-upstream-secret-value"}})
+    config["server"]["credential_sources"] = sources
+    for key in config["keys"]:
+        if key["id"] == "reader":
+            key.update(key_changes)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("source", ["query", "basic"])
+def test_explain_sends_the_key_through_the_only_enabled_source(tmp_path, source):
+    path = _sources_config(tmp_path, [source])
+    result = keyproxy("explain", "-c", path, "--key", KEYS["reader"], "GET", "/v1/data/posts?a=1")
+    assert result.returncode == 0, result.stdout
+    assert f"key 'reader' (read) via {source}" in result.stdout
+    # The client's key never reaches the upstream, whichever way it came.
+    assert "verdict: ALLOW -> GET http://127.0.0.1:3000/v1/data/posts?a=1\n" in result.stdout
+    assert KEYS["reader"] not in result.stdout
+
+
+@pytest.mark.parametrize("source", ["header", "basic", "query"])
+def test_explain_via_names_the_source(tmp_path, source):
+    path = _sources_config(tmp_path, ["header", "basic", "query"])
+    args = ("explain", "-c", path, "--key", KEYS["reader"], "--via", source, "--json")
+    result = keyproxy(*args, "GET", "/v1/data/posts")
+    assert result.returncode == 0, result.stdout
+    steps = json.loads(result.stdout)["steps"]
+    assert f"via {source};" in steps[0]["detail"]
+
+
+def test_explain_via_a_source_the_deployment_refuses_is_denied_as_live(tmp_path):
+    path = _sources_config(tmp_path, ["query"])
+    result = keyproxy(
+        "explain", "-c", path, "--key", KEYS["reader"], "--via", "header", "GET", "/v1/data/posts"
+    )
+    assert result.returncode == 1, result.stdout
+    assert "verdict: DENY 401 INVALID_TOKEN" in result.stdout
+    assert "not accepted here: send it as the ?api_key=<key> query parameter" in result.stdout
+
+
+def test_explain_basic_with_an_unknown_key_is_refused(tmp_path):
+    path = _sources_config(tmp_path, ["basic"])
+    result = keyproxy("explain", "-c", path, "--key", "pk_" + "0" * 64, "GET", "/v1/data/posts")
+    assert result.returncode == 1 and "INVALID_TOKEN" in result.stdout, result.stdout
+
+
+def test_explain_via_needs_a_key(tmp_path):
+    path = _sources_config(tmp_path, ["query"])
+    result = keyproxy("explain", "-c", path, "--key-id", "reader", "--via", "query", "GET", "/")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "--via says how --key travels: give --key too"
+    bad = keyproxy("explain", "-c", path, "--key", KEYS["reader"], "--via", "cookie", "GET", "/")
+    assert bad.returncode == 2 and "invalid choice: 'cookie'" in bad.stderr
+
+
+def test_explain_key_id_and_report_mode_on_a_query_only_deployment(tmp_path):
+    path = _sources_config(tmp_path, ["query"], mode="report", ips=["10.0.0.0/8"])
+    by_id = keyproxy("explain", "-c", path, "--key-id", "reader", "GET", "/v1/data/posts")
+    assert by_id.returncode == 0, by_id.stdout
+    assert "via --key-id" in by_id.stdout
+    reported = keyproxy("explain", "-c", path, "--key", KEYS["reader"], "GET", "/v1/data/posts")
+    assert reported.returncode == 0, reported.stdout
+    assert "via query" in reported.stdout
+    assert "would deny (report mode): 403 IP_NOT_ALLOWED" in reported.stdout
+
+
+def test_explain_header_adds_a_request_header(tmp_path):
+    """`--header` reaches the decision: a second X-API-Key makes the credential ambiguous."""
+    path = _sources_config(tmp_path, ["header"])
+    args = ("explain", "-c", path, "--key", KEYS["reader"])
+    alone = keyproxy(*args, "GET", "/v1/data/posts")
+    assert alone.returncode == 0, alone.stdout
+    doubled = keyproxy(*args, "--header", f"X-API-Key: {KEYS['writer']}", "GET", "/v1/data/posts")
+    assert doubled.returncode == 1, doubled.stdout
+    assert "verdict: DENY 400 AMBIGUOUS_CREDENTIALS" in doubled.stdout

@@ -1,4 +1,4 @@
-"""Credential extraction and key lookup (SPEC §3 step 1)."""
+"""Credential extraction and key lookup (decision step 1, docs/decision.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3: the decision runs in order, so a request that breaks two rules gets the
+"""docs/decision.md: the decision runs in order, so a request that breaks two rules gets the
 refusal of the earlier step. Each case breaks exactly two rules."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The demo backend: `keyproxy demo` is only convincing if the backend behind it is real.
 
 It must refuse anything but its one secret (that is the problem keyproxy
-solves) and serve every example route of the SPEC, so the example config works
+solves) and serve every route of the example configuration, so the example config works
 against it unchanged.
 """
 

@@ -1,4 +1,5 @@
-"""Who may call, and how often — through real keyproxy processes (SPEC §3 steps 2 and 8)."""
+"""Who may call, and how often — through real keyproxy processes (decision steps 2 and 8,
+docs/decision.md)."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_default_role_table(role: str, allowed: set[str], op: str):
     assert DEFAULT.allows((role,), None, op) == expected
 
 
-SPEC_ROLES = Permissions(
+EXAMPLE_ROLES = Permissions(
     roles=build_roles(
         {
             "admin": {"*": ["create", "read", "update", "delete", "list"]},
@@ -91,17 +91,17 @@ SPEC_ROLES = Permissions(
 
 
 def test_a_table_entry_replaces_the_default_and_self_grants_are_self():
-    assert SPEC_ROLES.allows(("user",), "posts", "update") == SELF
-    assert SPEC_ROLES.allows(("user",), "posts", "delete") == SELF
-    assert SPEC_ROLES.allows(("user",), "comments", "update") == DENIED
-    assert SPEC_ROLES.allows(("user", "admin"), "posts", "update") == FULL  # the widest grant
+    assert EXAMPLE_ROLES.allows(("user",), "posts", "update") == SELF
+    assert EXAMPLE_ROLES.allows(("user",), "posts", "delete") == SELF
+    assert EXAMPLE_ROLES.allows(("user",), "comments", "update") == DENIED
+    assert EXAMPLE_ROLES.allows(("user", "admin"), "posts", "update") == FULL  # the widest grant
 
 
 def test_an_explicit_deny_wins_over_every_grant_of_every_role():
-    assert SPEC_ROLES.allows(("admin",), "audit_log", "read") == FULL
-    assert SPEC_ROLES.allows(("admin", "guest"), "audit_log", "read") == DENIED
-    assert SPEC_ROLES.allows(("guest", "admin"), "audit_log", "list") == DENIED
-    assert SPEC_ROLES.allows(("guest", "admin"), "posts", "delete") == FULL
+    assert EXAMPLE_ROLES.allows(("admin",), "audit_log", "read") == FULL
+    assert EXAMPLE_ROLES.allows(("admin", "guest"), "audit_log", "read") == DENIED
+    assert EXAMPLE_ROLES.allows(("guest", "admin"), "audit_log", "list") == DENIED
+    assert EXAMPLE_ROLES.allows(("guest", "admin"), "posts", "delete") == FULL
 
 
 def test_the_verdict_memo_stays_bounded():

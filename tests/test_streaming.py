@@ -1,4 +1,5 @@
-"""Bodies are streamed, not buffered: slow readers and writers on either side (SPEC §3 step 9)."""
+"""Bodies are streamed, not buffered: slow readers and writers on either side (README,
+What keyproxy does to a forwarded request)."""
 
 from __future__ import annotations
 

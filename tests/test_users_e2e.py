@@ -223,7 +223,8 @@ def test_a_repeated_token_is_served_from_the_cache_until_it_expires(proxy: Keypr
     assert (status, error_of(body)) == (401, "TOKEN_EXPIRED")
 
 
-# The SPEC's default role table, cell by cell: (roles, op) -> allowed.
+# The default role table (README, Logged-in users, roles and scopes), cell by cell:
+# (roles, op) -> allowed.
 DEFAULT_TABLE = {
     "admin": {"create", "read", "update", "delete", "list"},
     "user": {"create", "read", "list"},

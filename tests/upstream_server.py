@@ -15,7 +15,7 @@ key never reached the upstream, and the upstream's secret always did.
 Control endpoints under `/__control/` skip the secret and are not recorded;
 tests call them directly, never through the proxy. Every other path that is
 not a behaviour endpoint below is echoed, so a proxy configured with the
-SPEC's example routes can be pointed here as is.
+example configuration's routes can be pointed here as is.
 
 With `--tls-cert FILE --tls-key FILE` it serves HTTPS instead, like a backend
 behind an internal CA.
@@ -171,7 +171,7 @@ def _opt_int(request: web.Request, name: str, default: int, upper: int) -> int:
 
 
 def sample_item(i: int) -> dict[str, Any]:
-    """Carries the fields the SPEC's `fields` filters name, so bodies can be filtered."""
+    """Carries the fields the README's `fields` examples name, so bodies can be filtered."""
     return {
         "id": i,
         "title": f"Post {i}",

@@ -1,4 +1,4 @@
-"""The decision: an ordered list of small checks, read top to bottom (SPEC §3).
+"""The decision: an ordered list of small checks, read top to bottom (docs/decision.md).
 
 Each check takes the `RequestContext` and returns `None` to continue, a
 `Deny`, or a `Reply` (an answer keyproxy gives itself: a CORS preflight). A
@@ -92,11 +92,11 @@ class Pipeline:
                 continue
             if outcome.__class__ is Deny:
                 if check.reportable and _reporting(ctx):
-                    return self._report(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]
-                return outcome  # type: ignore[return-value]
+                    return self._report(ctx, outcome, self.checks.index(check))
+                return outcome
             if outcome.__class__ is Reply:
-                return outcome  # type: ignore[return-value]
-            return self._decide_rest(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]
+                return outcome
+            return self._decide_rest(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
         return None
 
     def _report(
@@ -114,10 +114,10 @@ class Pipeline:
                     index += 1
                     continue
                 if outcome.__class__ is not Deny:
-                    return self._decide_rest(ctx, outcome, index)  # type: ignore[arg-type]
+                    return self._decide_rest(ctx, outcome, index)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
                 if not checks[index].reportable:
-                    return outcome  # type: ignore[return-value]
-                deny = outcome  # type: ignore[assignment]
+                    return outcome
+                deny = outcome
                 break
             else:
                 return None
@@ -136,9 +136,9 @@ class Pipeline:
             index += 1
             if index == len(checks):
                 return None
-            outcome = checks[index].run(ctx)  # type: ignore[assignment]
+            outcome = checks[index].run(ctx)  # type: ignore[assignment]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
             if outcome is not None and outcome.__class__ is not Deny:
-                outcome = await outcome  # type: ignore[misc]
+                outcome = await outcome  # type: ignore[misc]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
 
     async def trace(self, ctx: RequestContext) -> list[StepOutcome]:
         """Run the same checks, recording every step up to the first enforced denial.
@@ -150,17 +150,17 @@ class Pipeline:
         for check in self.checks:
             outcome = check.run(ctx)
             if outcome.__class__ is Reply:
-                steps.append(StepOutcome(check.name, None, outcome.why, outcome))  # type: ignore[union-attr]
+                steps.append(StepOutcome(check.name, None, outcome.why, outcome))
                 break
             if outcome is not None and outcome.__class__ is not Deny:
-                outcome = await outcome  # type: ignore[misc]
+                outcome = await outcome  # type: ignore[misc]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
             if outcome is not None:
                 if check.reportable and _reporting(ctx):
                     if ctx.would_deny is None:
-                        ctx.would_deny = outcome  # type: ignore[assignment]
-                    steps.append(StepOutcome(check.name, outcome, REPORTED))  # type: ignore[arg-type]
+                        ctx.would_deny = outcome
+                    steps.append(StepOutcome(check.name, outcome, REPORTED))
                     continue
-                steps.append(StepOutcome(check.name, outcome, ""))  # type: ignore[arg-type]
+                steps.append(StepOutcome(check.name, outcome, ""))
                 break
             steps.append(StepOutcome(check.name, None, check.describe(ctx)))
         return steps

@@ -1,4 +1,4 @@
-"""Steps 4 and 5: the key's type and its ACLs (SPEC §3.4–5)."""
+"""Steps 4 and 5: the key's type and its ACLs (docs/decision.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Step 1: who is calling — the key, and the end user a Bearer token names (SPEC §3.1)."""
+"""Step 1: who is calling — the key, and the end user a Bearer token names (docs/decision.md)."""
 
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ def authenticate(ctx: RequestContext) -> Deny | Awaitable[Deny | None] | None:
     assert users is not None
     identity = users.verify(token, ctx.now)
     if identity.__class__ is Identity:
-        ctx.user, ctx.token_roles = identity[0], identity[1]  # type: ignore[index]
+        ctx.user, ctx.token_roles = identity[0], identity[1]
         return None
     if identity.__class__ is Deny:
-        return identity  # type: ignore[return-value]
-    return _identity_later(ctx, identity)  # type: ignore[arg-type]
+        return identity
+    return _identity_later(ctx, identity)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
 
 
 async def _identity_later(ctx: RequestContext, pending: Awaitable[Identity | Deny]) -> Deny | None:

@@ -1,4 +1,4 @@
-"""Step 2: where the call comes from — client address and Referer (SPEC §3.2)."""
+"""Step 2: where the call comes from — client address and Referer (docs/decision.md)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ def credential(ctx: RequestContext) -> str:
         expiry = f"expires {when}"
     text = f"key '{key.id}' ({key.type.value}) via {ctx.credential_source}; {expiry}"
     if key.rotation is not None:  # a rotated key: which of its hashes, and until when
-        text += f"; hash #{key.rotation.index + 1} {key.rotation.label}"
+        text += f"; hash #{key.rotation.position + 1} {key.rotation.label}"
         if key.rotation.until is not None:
             until = datetime.fromtimestamp(key.rotation.until, UTC).isoformat()
             text += f" (until {until.replace('+00:00', 'Z')})"

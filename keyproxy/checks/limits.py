@@ -1,4 +1,4 @@
-"""Step 8: rate limit and quota (SPEC §3.8).
+"""Step 8: rate limit and quota (docs/decision.md; README, Errors).
 
 The limiter lives outside the configuration snapshot so counters survive
 reloads. A store that does not answer must never hang a request: it raises
@@ -103,8 +103,8 @@ class RateLimitCheck:
         except StoreUnavailable:
             return self._store_failed(ctx)
         if result.__class__ is LimitResult:
-            return self._apply(ctx, result)  # type: ignore[arg-type]
-        return self._wait(ctx, result)  # type: ignore[arg-type]
+            return self._apply(ctx, result)
+        return self._wait(ctx, result)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
 
     async def _wait(self, ctx: RequestContext, pending: Awaitable[LimitResult]) -> Deny | None:
         try:

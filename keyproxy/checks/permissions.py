@@ -1,4 +1,4 @@
-"""Steps 6 and 7: key scopes, system tables, roles and self records (SPEC §3.6–7).
+"""Steps 6 and 7: key scopes, system tables, roles and self records (docs/decision.md).
 
 Each check starts with one test of whether its feature is configured, so a file
 without scopes, roles or system tables pays nothing more per request.

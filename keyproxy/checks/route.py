@@ -1,4 +1,4 @@
-"""Step 3: which route, on the one canonical form of the path (SPEC §3.3)."""
+"""Step 3: which route, on the one canonical form of the path (docs/decision.md)."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def match_route(ctx: RequestContext) -> Deny | None:
             return _not_allowed(what)
         method = effective_method(ctx, asked)
         if method.__class__ is Deny:
-            return method  # type: ignore[return-value]
+            return method
         assert isinstance(method, str)
         if method != ctx.method:
             # The upstream acts on `method`: it must be this same route that allows it, so

@@ -1,4 +1,4 @@
-"""The `keyproxy` command: serve, demo, check, keygen, explain (SPEC §1)."""
+"""The `keyproxy` command: serve, demo, check, keygen, explain (README, Commands)."""
 
 from __future__ import annotations
 
@@ -179,6 +179,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc))
         return 2
+    if args.via is not None and args.key is None:
+        print("--via says how --key travels: give --key too", file=sys.stderr)
+        return 2
     if args.key_id is not None and not any(k.id == args.key_id for k in config.keys):
         print(f"--key-id: no key with id {args.key_id!r} in {args.config}", file=sys.stderr)
         return 2
@@ -194,6 +197,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             referer=args.referer,
             origin=args.origin,
             extra_headers=tuple(_header_pair(h) for h in args.header),
+            via=args.via,
         )
     )
     if args.json:
@@ -298,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--key", help="the API key the request carries")
     who.add_argument(
         "--key-id", help="explain for this key without its secret (steps after the key lookup)"
+    )
+    p.add_argument(
+        "--via",
+        choices=("header", "basic", "query"),
+        help="how --key travels: X-API-Key header, Basic credentials (with the key's id) or "
+        "the query parameter (default: the first source server.credential_sources enables)",
     )
     p.add_argument("--jwt", help="an end-user token (Authorization: Bearer) next to the key")
     p.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")

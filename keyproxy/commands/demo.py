@@ -10,6 +10,11 @@ rate-limit headers and a refusal the script can read.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
 import asyncio
 import dataclasses
 import os
@@ -45,8 +50,9 @@ def demo_token(config: Config, user: str = DEMO_USER, now: float | None = None) 
     import jwt
 
     users = config.users
-    assert users is not None and users.settings.secret is not None
+    assert users is not None
     s = users.settings
+    assert s.secret is not None
     issued = int(time.time() if now is None else now)
     claims = {"sub": user, "iat": issued, "exp": issued + DEMO_TOKEN_TTL}
     if s.issuer is not None:
@@ -144,7 +150,7 @@ run();
 """
 
 
-async def start_page(proxy: str, key: str, port: int):  # type: ignore[no-untyped-def]
+async def start_page(proxy: str, key: str, port: int) -> web.AppRunner:
     """Serve the demo page on 127.0.0.1:`port` (its own origin); returns the runner."""
     from aiohttp import web
 

@@ -2,9 +2,10 @@
 
 It behaves like the backends keyproxy is made for: one all-powerful secret in
 `X-API-Key`, no notion of users or permissions, every request either fully
-trusted or refused. Its endpoints are the ones SPEC section 2's example routes
-describe, so the example configuration works against it unchanged. Data lives
-in memory and is reseeded on every start, so the demo can be broken freely.
+trusted or refused. Its endpoints are the ones the routes of the example
+configuration (`keyproxy/config.example.yaml`) describe, so that configuration works
+against it unchanged. Data lives in memory and is reseeded on every start, so the
+demo can be broken freely.
 """
 
 from __future__ import annotations

@@ -8,13 +8,16 @@ the key's limits as a fresh bucket would see them.
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from keyproxy.checks import REPORTED, Pipeline, StepOutcome, build_checks
 from keyproxy.checks.permissions import OwnershipCheck
-from keyproxy.config.model import Config, RateLimitSettings
+from keyproxy.config.model import CREDENTIAL_SOURCES, Config, RateLimitSettings
 from keyproxy.forward.plan import ForwardPlan
+from keyproxy.policy.credentials import sha256_digest
 from keyproxy.policy.refusals import head_refusal
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, Reply, RequestContext
@@ -41,6 +44,35 @@ def split_url(url: str) -> tuple[str, str]:
     return authority, target or "/"
 
 
+def default_source(config: Config) -> str:
+    """The first source (in `CREDENTIAL_SOURCES` order) this deployment accepts, so a
+    query- or Basic-only deployment can be explained without naming it; with none
+    enabled, the header (then refused with the live message)."""
+    enabled = config.server.credential_sources
+    return next((s for s in CREDENTIAL_SOURCES if s in enabled), "header")
+
+
+def present_key(
+    config: Config, key: str, via: str, target: str
+) -> tuple[list[tuple[str, str]], str]:
+    """(headers to add, request-target) carrying `key` the way a client sends it `via`.
+
+    Basic credentials need the key's id next to it: it is looked up from the key
+    itself, and an unknown key gets a placeholder id (refused alike either way).
+    """
+    if via == "header":
+        return [("x-api-key", key)], target
+    if via == "basic":
+        found = config.keys_by_digest.get(sha256_digest(key))
+        key_id = found.id if found is not None else "unknown"
+        token = base64.b64encode(f"{key_id}:{key}".encode()).decode("ascii")
+        return [("authorization", f"Basic {token}")], target
+    if via == "query":
+        param = f"{quote(config.server.query_param, safe='')}={quote(key, safe='')}"
+        return [], target + ("&" if "?" in target else "?") + param
+    raise ValueError(f"unknown credential source {via!r}")
+
+
 async def explain(
     config: Config,
     method: str,
@@ -54,7 +86,10 @@ async def explain(
     now: float | None = None,
     origin: str | None = None,
     extra_headers: tuple[tuple[str, str], ...] = (),
+    via: str | None = None,
 ) -> Explanation:
+    """`via` is how the key travels ("header", "basic" or "query"); by default the
+    first source `server.credential_sources` enables."""
     host, target = split_url(url)
     extra = [(n.lower(), v) for n, v in extra_headers]
     # A Host given with --header replaces the URL's (give two to see that refusal).
@@ -62,7 +97,8 @@ async def explain(
     if not any(n == "host" for n, _ in extra):
         headers.append(("host", host or "localhost"))
     if key is not None:
-        headers.append(("x-api-key", key))
+        added, target = present_key(config, key, via or default_source(config), target)
+        headers += added
     if jwt is not None:
         headers.append(("authorization", f"Bearer {jwt}"))
     if referer is not None:

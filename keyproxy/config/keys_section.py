@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -103,7 +103,7 @@ class KeyReader:
         self.acl_index = acls
         self.defaults = {t: acls.default_for(t) for t in KeyType}
         # Caches keyed by the text as written (see `_raw_texts`).
-        self.acl_cache: dict[tuple[KeyType, tuple[str, ...] | None], frozenset[str]] = {}
+        self.acl_cache: dict[tuple[KeyType | None, tuple[str, ...] | None], frozenset[str]] = {}
         self.ip_cache: dict[tuple[str, ...], allowlists.IpAllowlist] = {}
         self.referer_cache: dict[tuple[str, ...], tuple[allowlists.RefererPattern, ...]] = {}
         self.rate_cache: dict[str, Rate] = {}
@@ -150,7 +150,13 @@ class KeyReader:
         key_type = self.key_type(fields.get("type"), node, where)
         acls = self.acls(fields.get("acls"), node, key_type, where)
         options = {} if fields.keys() <= _KEY_CORE else self.options(fields, where)
-        if len(r.issues) != before:
+        if (
+            len(r.issues) != before
+            or key_id is None
+            or digest is None
+            or key_type is None
+            or acls is None
+        ):
             return None
         return Key(
             id=key_id,
@@ -162,15 +168,16 @@ class KeyReader:
             **options,
         )
 
-    def options(self, fields: dict[str, Node], where: str) -> dict[str, object]:
-        """The optional constraints of one key, by `Key` field name."""
-        options: dict[str, object] = {}
+    def options(self, fields: dict[str, Node], where: str) -> dict[str, Any]:
+        """The optional constraints of one key, by `Key` field name (values of several
+        types, which `Key` itself declares)."""
+        options: dict[str, Any] = {}
         for name, node in fields.items():
             if name in _KEY_CORE or name in _KEY_EXPIRY or name == "hashes":
                 continue
             value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
             if name == "quota" and value is not None:
-                options["quota"], options["quota_period"] = value  # type: ignore[misc]
+                options["quota"], options["quota_period"] = value  # type: ignore[misc]  # quota reads a pair
             elif name == "mode":
                 options["report"] = value
             elif name != "description":
@@ -348,7 +355,7 @@ class KeyReader:
             self.r.issue(parent, where, "'type' is required", "add type: read, write or admin")
             return None
         value = self.scalar(node, where, "type")
-        key_type = _KEY_TYPES.get(value)  # type: ignore[arg-type]
+        key_type = _KEY_TYPES.get(value)  # type: ignore[arg-type]  # None (unreadable) finds nothing
         if key_type is None and value is not None:
             self.r.issue(
                 node,
@@ -431,7 +438,7 @@ class KeyReader:
         Only lists of clean scalars are remembered (see `_raw_texts`).
         """
         raw = _raw_texts(node)
-        cached = cache.get(raw)  # type: ignore[arg-type]
+        cached = cache.get(raw)  # type: ignore[arg-type]  # None (not cacheable) finds nothing
         if cached is not None:
             return cached
         items = self.r.texts(node, where, non_empty=non_empty, at_most=_MAX_ALLOWLIST)
@@ -501,23 +508,24 @@ class KeyReader:
             return self.windows(node, where)
         return self.one_rate(node, where)
 
-    def windows(self, node: Node, where: str) -> tuple[Rate, ...] | None:
+    def windows(self, node: Node, where: str) -> Rate | tuple[Rate, ...] | None:
         """Several windows, `[10/second, 1000/hour]`: a request must fit every one."""
         items = self.r.sequence(
             node, where, non_empty="omit rate_limit for no limit", at_most=_MAX_WINDOWS
         )
         if items is None:
             return None
-        rates = [self.one_rate(item, f"{where}[{i}]") for i, item in enumerate(items)]
-        if None in rates:
+        found = [self.one_rate(item, f"{where}[{i}]") for i, item in enumerate(items)]
+        rates = [rate for rate in found if rate is not None]
+        if len(rates) != len(found):
             return None
-        periods = [rate.period for rate in rates]  # type: ignore[union-attr]
+        periods = [rate.period for rate in rates]
         if len(set(periods)) != len(periods):
             self.r.issue(
                 node, where, "two windows have the same period", "keep the smaller count only"
             )
             return None
-        return rates[0] if len(rates) == 1 else tuple(rates)  # type: ignore[return-value]
+        return rates[0] if len(rates) == 1 else tuple(rates)
 
     def one_rate(self, node: Node, where: str) -> Rate | None:
         # Only an untagged scalar may be cached: a tagged one must go through the tag

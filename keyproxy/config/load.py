@@ -12,9 +12,12 @@ and carries on, and the file is refused as a whole at the end, so one run of
 `keyproxy check` shows everything that needs fixing.
 
 The parts: `errors` (ConfigIssue, ConfigError), `yaml_reader` (the strict node
-reader, ${VAR} and timestamps) and one module per section of the file:
-`server_section`, `upstream_section`, `routes_section`, `keys_section` and
-`rate_limits_section`. This module composes the YAML and assembles the `Config`.
+reader, ${VAR} and timestamps), `units` (sizes, durations, rates) and one module per
+section of the file: `server_section`, `upstream_section`, `routes_section`,
+`keys_section`, `rate_limits_section`, `users_section` (`users.jwt`),
+`roles_section` (`roles`, `system_tables`, `self_records`), `observe_section`
+(`log`, `metrics`) and `response_sections` (`cors`, `fields`, `cache`). This module
+composes the YAML and assembles the `Config`; `reload` watches the file.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A `Config` is built once per load by `keyproxy.config.load` and never mutated:
 a reload builds a new one and swaps a single reference, so a request always
 sees one consistent snapshot. Everything that can be computed ahead of a
 request (hashed key index, compiled route table, parsed CIDRs, referer
-matchers, pre-encoded header bytes) is computed here, at load time.
+matchers, the token verifier and role tables) is computed by the section readers
+and the loader, at load time, and held here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class KeyType(enum.StrEnum):
 
 
 class Access(enum.StrEnum):
-    """Whether a request only reads or may change data (SPEC §3 step 4)."""
+    """Whether a request only reads or may change data (decision step 4, docs/decision.md)."""
 
     READ = "read"
     WRITE = "write"
@@ -48,6 +49,8 @@ ROUTE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: Operations a route may declare with `op:` (used by scopes and roles).
 OPS = ("create", "read", "update", "delete", "list")
 
+#: Where a client may send its key (`server.credential_sources`), in the order error
+#: messages list them and `keyproxy explain` picks its default from.
 CREDENTIAL_SOURCES = ("header", "basic", "query")
 
 
@@ -176,7 +179,7 @@ class KeyHash(NamedTuple):
     digits of the digest): enough to tell the old hash from the new, never the key.
     """
 
-    index: int  # position in the key's `hashes:` list; 0 is the newest
+    position: int  # index in the key's `hashes:` list; 0 is the newest
     label: str
     until: float | None  # epoch seconds after which this hash is refused; None: no end
 
@@ -193,12 +196,12 @@ class Key(NamedTuple):
     referers: tuple[RefererPattern, ...] | None = None  # None: any referer
     ips: IpAllowlist | None = None  # None: any client address
     expires_at: float | None = None  # epoch seconds
+    # One window, or a tuple of them for a list (`[10/second, 1000/hour]`).
     rate_limit: Rate | tuple[Rate, ...] | None = None
     quota: int | None = None
     revoked: bool = False
     line: int = 0
-    # A list of windows (`[10/second, 1000/hour]`) is a tuple in `rate_limit`; a
-    # refilling quota names its period here ("day", "week", "month"); None: lifetime.
+    # A refilling quota's period ("day", "week", "month"); None: a lifetime total.
     quota_period: str | None = None
     report: bool = False  # `mode: report`: refusals after the credential are only recorded
     # Keys listed with `hashes:` only: which of them this Key object was found by.
@@ -249,7 +252,7 @@ class Config:
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     # Indexes derived from the fields above by the loader.
-    route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # the loader always sets it; None only while it builds
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
     #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
     cors: CorsPolicy | None = field(default=None, compare=False)

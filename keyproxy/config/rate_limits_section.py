@@ -72,4 +72,4 @@ def read_rate_limits(r: Reader, node: Node | None) -> RateLimitSettings | None:
         values["ipv6_prefix"] = r.integer(fields["ipv6_prefix"], "rate_limits.ipv6_prefix", 32, 128)
     if len(r.issues) != before:
         return None
-    return RateLimitSettings(**values)  # type: ignore[arg-type]
+    return RateLimitSettings(**values)  # type: ignore[arg-type]  # the reader built each value with the type of its field

@@ -30,7 +30,7 @@ from keyproxy.config.load import ConfigError, config_from_bytes, load_config
 from keyproxy.config.model import Config
 from keyproxy.observability import log_event
 
-POLL_INTERVAL = 0.5  # seconds; SPEC: an edit takes effect within 2 s
+POLL_INTERVAL = 0.5  # seconds; an edit takes effect within about a second (README, Operations)
 
 #: The last line an in-place edit must end with to be read by the watcher.
 END_MARKER = b"# end"

@@ -166,7 +166,7 @@ def read_filter_limits(
         values["max_bytes"] = r.size(max_body, "server.filter_max_body", 1024, 512 * MiB)
     if max_depth is not None:
         values["max_depth"] = r.integer(max_depth, "server.filter_max_depth", 2, 254)
-    return None if len(r.issues) != before else FilterLimits(**values)  # type: ignore[arg-type]
+    return None if len(r.issues) != before else FilterLimits(**values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
 
 
 # --------------------------------------------------------------------------- cache
@@ -251,7 +251,7 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
     if len(r.issues) != before:
         return None
     assert backend is not None and ttl is not None
-    settings = CacheSettings(backend, ttl, tuple(chosen), **values)  # type: ignore[arg-type]
+    settings = CacheSettings(backend, ttl, tuple(chosen), **values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
     if settings.max_entry_bytes > settings.max_bytes:
         r.issue(node, "cache.max_entry_bytes", "is larger than max_bytes")
         return None

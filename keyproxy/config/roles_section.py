@@ -110,8 +110,9 @@ def _system_tables(r: Reader, node: Node) -> frozenset[str] | None:
     items = r.texts(node, "system_tables", non_empty="omit system_tables if there are none")
     if items is None:
         return None
-    tables = [_table(r, item, f"system_tables[{i}]", text) for i, (item, text) in enumerate(items)]
-    return None if None in tables else frozenset(tables)  # type: ignore[arg-type]
+    found = [_table(r, item, f"system_tables[{i}]", text) for i, (item, text) in enumerate(items)]
+    tables = [table for table in found if table is not None]
+    return None if len(tables) != len(found) else frozenset(tables)
 
 
 def _self(r: Reader, node: Node) -> SelfRecords | None:
@@ -170,7 +171,7 @@ def read_permissions(
     ):
         return None
     before = len(r.issues)
-    spec: dict[str, dict[str, tuple[str, ...]]] | None = dict(DEFAULT_ROLES)  # type: ignore[arg-type]
+    spec: dict[str, dict[str, tuple[str, ...]]] | None = dict(DEFAULT_ROLES)
     if "roles" in sections:
         spec = _roles(r, sections["roles"])
     system = _system_tables(r, sections["system_tables"]) if "system_tables" in sections else None

@@ -85,13 +85,15 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
     )
     override = False
     if "allow_method_override" in fields:
-        override = r.boolean(fields["allow_method_override"], f"{where}.allow_method_override")
+        override = (
+            r.boolean(fields["allow_method_override"], f"{where}.allow_method_override") is True
+        )
     max_concurrency = None
     if "max_concurrency" in fields:
         max_concurrency = r.integer(fields["max_concurrency"], f"{where}.max_concurrency", 1)
     scrub_body = True
     if "scrub_body" in fields:
-        scrub_body = r.boolean(fields["scrub_body"], f"{where}.scrub_body")
+        scrub_body = r.boolean(fields["scrub_body"], f"{where}.scrub_body") is not False
     fields_at: tuple[DocumentPath, ...] | None = ()
     if "fields_at" in fields:
         from keyproxy.config.response_sections import read_fields_at
@@ -300,6 +302,7 @@ def read_routes(r: Reader, node: Node | None, root: Node) -> tuple[list[Route], 
         if acl is not None:
             index.known.add(acl)
         if route is not None:
+            assert acl is not None  # a route is built only when its acl is valid
             table.append(route)
             for method in route.methods:
                 (index.read if route.access_for(method) is Access.READ else index.write).add(acl)

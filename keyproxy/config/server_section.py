@@ -204,7 +204,7 @@ def read_server(r: Reader, node: Node | None) -> ServerSettings | None:
         values[name] = readers[name](value_node, f"server.{name}")
     if len(r.issues) != before or values.get("trusted_proxies") is False:
         return None
-    settings = ServerSettings(**values)  # type: ignore[arg-type]
+    settings = ServerSettings(**values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
     if _shares_port(settings.listen, settings.admin_listen):
         culprit = fields.get("admin_listen") or fields.get("listen")
         r.issue(

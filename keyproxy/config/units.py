@@ -9,6 +9,7 @@ list, and anything else is refused with a message that says how to write it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from fractions import Fraction
 
 from keyproxy.config.model import Rate
@@ -65,7 +66,7 @@ class UnitError(ValueError):
         super().__init__(f"{text!r} is not a valid {kind}: {problem}; {hint}")
 
 
-def _split(kind: str, text: object, units: dict[str, object], hint: str) -> tuple[str, str]:
+def _split(kind: str, text: object, units: Mapping[str, object], hint: str) -> tuple[str, str]:
     """Split `<number><unit>` or explain, in the user's terms, why it is not that shape."""
     if not isinstance(text, str):
         raise UnitError(kind, str(text), "expected text", hint)

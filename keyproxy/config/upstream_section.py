@@ -282,14 +282,16 @@ def _inject(r: Reader, node: Node, where: str) -> dict[str, object] | None:
         return None
     before = len(r.issues)
     result: dict[str, object] = {}
+    headers: tuple[tuple[str, str], ...] | None = None
     if "headers" in fields:
-        result["inject_headers"] = _inject_headers(r, fields["headers"], f"{where}.headers")
+        headers = result["inject_headers"] = _inject_headers(
+            r, fields["headers"], f"{where}.headers"
+        )
     if "basic" in fields:
         result["inject_basic"] = _inject_basic(r, fields["basic"], f"{where}.basic")
     if "query" in fields:
         result["inject_query"] = _inject_query(r, fields["query"], f"{where}.query")
-    headers = result.get("inject_headers") or ()
-    if result.get("inject_basic") and any(n.lower() == "authorization" for n, _ in headers):
+    if result.get("inject_basic") and any(n.lower() == "authorization" for n, _ in headers or ()):
         r.issue(
             fields["basic"],
             f"{where}.basic",
@@ -384,8 +386,8 @@ def read_upstream(r: Reader, node: Node | None, root: Node, base_dir: str = "") 
             r,
             fields["identity_headers"],
             "upstream.identity_headers",
-            values.get("inject_headers") or (),  # type: ignore[arg-type]
+            values.get("inject_headers") or (),  # type: ignore[arg-type]  # built by _inject_headers
         )
     if len(r.issues) != before:
         return None
-    return Upstream(**values)  # type: ignore[arg-type]
+    return Upstream(**values)  # type: ignore[arg-type]  # the reader built each value with the type of its field

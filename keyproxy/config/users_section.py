@@ -200,7 +200,7 @@ def read_users(r: Reader, node: Node | None, base_dir: str = "") -> TokenVerifie
         values["cache_size"] = r.integer(f["cache_size"], f"{where}.cache_size", 1, 10_000_000)
     if len(r.issues) != before or algorithms is None:
         return None
-    settings = JwtSettings(algorithms=algorithms, **values)  # type: ignore[arg-type]
+    settings = JwtSettings(algorithms=algorithms, **values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
     jwks = None
     if settings.jwks_url is not None:
         from keyproxy.jwks import jwks_cache

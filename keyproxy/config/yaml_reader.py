@@ -37,9 +37,8 @@ _YAML11_BOOLS = frozenset(
 
 def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
     if isinstance(error, yaml.reader.ReaderError):
-        line = text.count("\n", 0, error.position) + 1
         return ConfigIssue(
-            line,
+            text.count("\n", 0, error.position) + 1,
             "",
             f"invalid YAML: {error.reason} (character {error.character!r})",
             "remove the control character",
@@ -60,7 +59,7 @@ def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
         hint = 'a value starting with [ or { is a YAML list or mapping: quote text like "[::]:8080"'
     elif problem.startswith(_INDENTATION_PROBLEMS) and _misindented(lines, mark.line):
         message = f"this line's indentation does not fit the lines above it (YAML: {problem})"
-        column = len(line) - len(line.lstrip(" "))
+        column = _indent(line)
         hint = (
             f"it starts in column {column + 1}: fields of one mapping start in the same "
             "column, a nested field further right than its parent (spaces only)"
@@ -134,7 +133,7 @@ def _tag_refusal(tag: str) -> tuple[str, str]:
     )
 
 
-def show(node: ScalarNode) -> str:
+def show(node: Node) -> str:
     """The value as written in the file (never after ${VAR} substitution), for messages."""
     value = node.value
     return repr(value if len(value) <= 60 else value[:57] + "...")

@@ -1,7 +1,7 @@
-"""Who is calling: the credential a request presents, and the key it names (SPEC §3 step 1).
+"""Who is calling: the credential a request presents, and the key it names (decision step 1).
 
 Everything here is pure: the caller passes in the headers, the query string and
-the clock. The rules follow SECURITY-NOTES: every copy of a credential header is
+the clock. The rules (docs/security.md): every copy of a credential header is
 seen (`Headers.getall`), credentials never add up (two of them are refused, not
 merged or ranked), and no key, token or digest ever appears in a message or a
 `repr`, because messages end up in error bodies and logs.

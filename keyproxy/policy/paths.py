@@ -2,7 +2,7 @@
 
 The proxy decides on a path and forwards a path; if those are two different
 strings, a client can make the upstream serve something the route check never
-saw (the Envoy, Traefik and APISIX bypasses in SECURITY-NOTES.md). So the
+saw (the Envoy, Traefik and APISIX bypasses listed in docs/security.md). So the
 target is parsed here exactly once: routes match `Target.segments`, and the
 forwarder sends `Target.path` (plus `"?" + Target.query`) upstream verbatim.
 

@@ -212,7 +212,7 @@ def _first(node: _Node, segments: Sequence[str | None], i: int, n: int, best: in
     if i == n:
         return node.end if node.end < best else best
     segment = segments[i]
-    lit = node.lit.get(segment)  # type: ignore[arg-type]
+    lit = node.lit.get(segment)  # type: ignore[arg-type]  # a None segment finds nothing
     one = node.one if segment != "" else None
     if lit is not None and one is not None and one.low < lit.low:
         lit, one = one, lit

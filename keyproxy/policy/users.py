@@ -168,7 +168,7 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                options=self._options,  # type: ignore[arg-type]
+                options=self._options,  # type: ignore[arg-type]  # pyjwt types options as its TypedDict
                 audience=s.audience,
                 issuer=s.issuer,
             )
@@ -191,7 +191,7 @@ class TokenVerifier:
     def _identity(self, claims: dict[str, Any], digest: bytes, now: float) -> Identity | Deny:
         s = self.settings
         exp = claims.get("exp")
-        if type(exp) not in (int, float):
+        if exp is None or type(exp) not in (int, float):
             return invalid("the 'exp' claim must be a number")
         if exp + s.leeway <= now:
             return _expired(exp)

@@ -1,4 +1,4 @@
-"""Per-(key, client IP) rate limits and per-key quotas (SPEC §3 step 8).
+"""Per-(key, client IP) rate limits and per-key quotas (decision step 8, docs/decision.md).
 
 Both stores implement the same GCRA ("generic cell rate algorithm") with a burst
 of N: a key limited to `N/period` has, per client IP, a bucket of N requests

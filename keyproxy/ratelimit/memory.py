@@ -92,12 +92,15 @@ class MemoryLimiter:
         if window is not None or rate.__class__ is tuple:
             return self._windows(key_id, client_ip, rate, quota, now, window)
 
+        # A single window from here on. Rate is itself a tuple, so mypy cannot narrow on
+        # the exact-class test above (an isinstance would cost on this hot path).
+        single: Rate = rate  # type: ignore[assignment]
         epoch = self._epoch
         if epoch is None:
             epoch = self._epoch = now
         now -= epoch
-        limit = rate.limit  # type: ignore[union-attr]
-        period = rate.period  # type: ignore[union-attr]
+        limit = single.limit
+        period = single.period
         interval = period / limit
         bucket = (key_id, client_ip)
         buckets = self._buckets
@@ -133,7 +136,7 @@ class MemoryLimiter:
         if quota is not None:
             used = self._used.get(key_id, 0)
             if used >= quota:
-                return quota_exhausted(rate, int(available + TOLERANCE), tat - now, quota)
+                return quota_exhausted(single, int(available + TOLERANCE), tat - now, quota)
             self._used[key_id] = used + 1
             quota_remaining = quota - used - 1
 
@@ -201,7 +204,7 @@ class MemoryLimiter:
         nothing. The headers report the tightest window (see `tightest`); a refusal
         reports the window that must wait longest, since that is when a retry passes.
         """
-        rates: tuple[Rate, ...] = rate if rate.__class__ is tuple else (rate,)  # type: ignore[assignment]
+        rates: tuple[Rate, ...] = rate if rate.__class__ is tuple else (rate,)  # type: ignore[assignment]  # Rate is a tuple too
         epoch = self._epoch
         if epoch is None:
             epoch = self._epoch = now

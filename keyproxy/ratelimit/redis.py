@@ -243,7 +243,7 @@ class RedisLimiter:
         if rate is None and quota is None:
             return UNLIMITED
         rates: tuple[Rate, ...] = (
-            () if rate is None else rate if rate.__class__ is tuple else (rate,)  # type: ignore[assignment]
+            () if rate is None else rate if rate.__class__ is tuple else (rate,)  # type: ignore[assignment]  # Rate is a tuple too
         )
         probe = False
         if self._retry_at:
@@ -283,10 +283,10 @@ class RedisLimiter:
         for rate in rates:
             args += (rate.limit, round(rate.period * 1_000_000))
         try:
-            return await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            return await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
             # First use, or Redis restarted or was flushed: EVAL runs and caches it.
-            return await self._redis.eval(SCRIPT, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            return await self._redis.eval(SCRIPT, len(keys), *keys, *args)
 
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout (for readiness checks)."""
@@ -309,7 +309,7 @@ def _result(
     quota_reset = None if window is None or quota is None else window.reset_in
     if not rates:
         if status == 2:
-            return quota_exhausted(None, None, None, quota, window)  # type: ignore[arg-type]
+            return quota_exhausted(None, None, None, quota, window)  # type: ignore[arg-type]  # status 2 only with a quota
         return LimitResult(True, None, None, None, None, 0.0, quota, quota_remaining, quota_reset)
     rate = rates[position - 1]
     reset = reset_us / 1_000_000
@@ -329,4 +329,4 @@ def _result(
             quota_remaining,
             quota_reset,
         )
-    return quota_exhausted(rate, remaining, reset, quota, window)  # type: ignore[arg-type]
+    return quota_exhausted(rate, remaining, reset, quota, window)  # type: ignore[arg-type]  # status 2 only with a quota

@@ -505,7 +505,6 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-
     def _count_refusal(self, deny: Deny, request_id: str, sent: int) -> None:
         """A request refused before it could be parsed is still a request: it is counted
         in the metrics and the access log like any other refusal."""
