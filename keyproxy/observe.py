@@ -397,7 +397,7 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
     second, stamp = -1, ""
     for (
         when, request_id, key_id, user, client_ip, method, path, route, decision, reason,
-        status, sent, upstream_s, total_s, referer, source, query, roles,
+        status, sent, upstream_s, total_s, referer, source, query, roles, user_roles,
     ) in records:  # fmt: skip
         whole = int(when)
         if whole != second:
@@ -432,6 +432,9 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
                     if query
                     else None,
                     "roles": None if roles is None else list(roles),
+                    # The verified token's own roles, apart from the key's: replay re-decides
+                    # steps 6-7 under a candidate that may change the key's roles.
+                    "user_roles": list(user_roles) if user_roles else None,
                 },
                 option=option,
             )
@@ -555,7 +558,7 @@ class Observer:
         reason = ex.reason
         method = ex.method
         if ctx is None:
-            key_id = route = source = query = referer = user = roles = None
+            key_id = route = source = query = referer = user = roles = user_roles = None
             path, _, query = ex.target.partition("?")
             client_ip = ex.conn.peer_ip
             when = time.time()
@@ -577,6 +580,7 @@ class Observer:
             referer = ctx.headers.get("referer")
             user = ctx.user
             roles = ctx.roles
+            user_roles = ctx.token_roles
             would = ctx.would_deny
             if ex.forwarding:
                 decision = "allow"
@@ -610,6 +614,7 @@ class Observer:
             record = (
                 when, ex.request_id, key_id, user, client_ip, method, path, route, decision,
                 reason, status, ex.sent, upstream, total, referer, source, query, roles,
+                user_roles,
             )  # fmt: skip
             log.pending.append(record)
 

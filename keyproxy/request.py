@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Access, Config, Key, Route
@@ -90,6 +90,21 @@ class Headers:
 IPAddress = IPv4Address | IPv6Address
 
 
+class Vouched(NamedTuple):
+    """An identity established before the decision, instead of a presented credential.
+
+    `keyproxy explain --key-id` (the operator names a key) and `keyproxy replay` (an
+    access-log line names the key id, user and roles that were verified live) set
+    `RequestContext.vouched`; the credential step then takes the key by id from the
+    snapshot and still refuses it when it is missing, revoked or expired, so no check
+    is skipped or implemented twice. The live server never sets it.
+    """
+
+    key_id: str
+    user: str | None = None  # the end user a verified token named
+    roles: tuple[str, ...] = ()  # the roles that token granted
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request on its way through the pipeline.
@@ -138,6 +153,7 @@ class RequestContext:
     roles: tuple[str, ...] = ()  # the key's roles plus the token's (once step 7 has run)
     self_only: bool = False  # the roles allow this operation only on the caller's records
     owner_filter: str | None = None  # query parameters added to a self-only list request
+    vouched: Vouched | None = None  # explain/replay only: who step 1 takes the caller to be
 
     @property
     def params(self) -> dict[str, str]:

@@ -51,12 +51,17 @@ class StepOutcome:
     reply: Reply | None = None  # the step answered the request itself
 
 
-def build_checks(limiter: Limiter, owners: OwnershipCheck | None = None) -> tuple[Check, ...]:
+def build_checks(
+    limiter: Limiter,
+    owners: OwnershipCheck | None = None,
+    clock: Callable[[], float] | None = None,
+) -> tuple[Check, ...]:
     """Steps 1–8 in order, after the CORS preflight. `owners` reads records' owners from
-    the upstream; `keyproxy explain` passes one that stays offline."""
+    the upstream; `keyproxy explain` passes one that stays offline. `clock` drives the
+    rate-limit buckets (`keyproxy replay` passes the logged request times)."""
     from keyproxy.checks import describe
 
-    limits = RateLimitCheck(limiter)
+    limits = RateLimitCheck(limiter) if clock is None else RateLimitCheck(limiter, clock)
     owners = owners if owners is not None else OwnershipCheck()
     return (
         Check("0 cors preflight", check_preflight, describe_preflight, reportable=False),

@@ -16,7 +16,7 @@ from keyproxy.checks.permissions import OwnershipCheck
 from keyproxy.config.model import Config, RateLimitSettings
 from keyproxy.forward import ForwardPlan
 from keyproxy.ratelimit import open_limiter
-from keyproxy.request import Deny, Headers, Reply, RequestContext
+from keyproxy.request import Deny, Headers, Reply, RequestContext, Vouched
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +75,9 @@ async def explain(
         "explain",
     )
     if key_id is not None:
-        # The operator names the key instead of presenting it: step 1 takes it as found.
-        ctx.key = next(k for k in config.keys if k.id == key_id)
+        # The operator names the key instead of presenting it: step 1 takes it by id
+        # (and still refuses it if it is revoked or expired).
+        ctx.vouched = Vouched(key_id)
         ctx.credential_source = "--key-id"
     users = config.users
     if jwt is not None and users is not None and users.jwks is not None and not users.jwks.loaded:
