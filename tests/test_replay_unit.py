@@ -154,3 +154,14 @@ def test_a_vouched_key_goes_through_the_same_credential_rules(revoked, expected)
     ctx.vouched = Vouched("k")
     outcome = pipeline.decide(ctx)
     assert (outcome.code if outcome is not None else None) == expected
+
+
+def test_report_mode_keys_replay_to_would_deny_and_switching_to_enforce_shows():
+    fenced = f"  - {{id: k, hash: {_hash('k')}, type: read, acls: [get], ips: [10.0.0.0/8]"
+    logged = line(0, decision="would_deny", reason="IP_NOT_ALLOWED")
+    same = replay(config(fenced + ", mode: report}"), [logged])
+    assert same.changed == 0 and same.unchanged == 1
+    enforced = replay(config(fenced + "}"), [logged])
+    assert list(enforced.groups) == [
+        ("would_deny", "deny", "k", "GET /v1/data/{table}", "IP_NOT_ALLOWED")
+    ]
