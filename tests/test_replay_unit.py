@@ -165,3 +165,16 @@ def test_report_mode_keys_replay_to_would_deny_and_switching_to_enforce_shows():
     assert list(enforced.groups) == [
         ("would_deny", "deny", "k", "GET /v1/data/{table}", "IP_NOT_ALLOWED")
     ]
+
+
+def test_explain_key_id_refuses_a_revoked_key_as_live():
+    import asyncio
+
+    from keyproxy.commands.explain import explain
+
+    revoked = config(f"  - {{id: k, hash: {_hash('k')}, type: read, acls: [get], revoked: true}}")
+    result = asyncio.run(explain(revoked, "GET", "/v1/data/posts", key_id="k"))
+    assert not result.allowed
+    assert [s.deny.code for s in result.steps if s.deny is not None] == ["TOKEN_REVOKED"]
+    fine = asyncio.run(explain(config(KEY), "GET", "/v1/data/posts", key_id="k"))
+    assert fine.allowed and "via --key-id" in fine.steps[1].detail
