@@ -85,6 +85,7 @@ def record(config_text: str, bench_key: str, n_lines: int, path: Path) -> float:
                 query,
                 ctx.roles or None,
                 (),
+                ctx.key,
             )
         )
     path.write_bytes(lines(records))

@@ -103,6 +103,9 @@ class Vouched(NamedTuple):
     key_id: str
     user: str | None = None  # the end user a verified token named
     roles: tuple[str, ...] = ()  # the roles that token granted
+    #: Which of the key's hashes was used ("sha256:" + 8 hex digits, as the access log
+    #: shows it); None: the key's newest hash.
+    key_hash: str | None = None
 
 
 @dataclass(slots=True)

@@ -130,6 +130,8 @@ def recorded(upstream: UpstreamServer, tmp_path_factory) -> Iterator[tuple[Path,
     assert statuses == [expected for *_, expected in traffic()]
     lines = log.read_text().splitlines()
     assert len(lines) == len(statuses)
+    # Which hash a request used is logged as a label of its digest, never the key.
+    assert json.loads(lines[0])["key_hash"] == digest(KEYS["reader"])[:15]
     yield log, config, tmp
 
 

@@ -178,3 +178,22 @@ def test_explain_key_id_refuses_a_revoked_key_as_live():
     assert [s.deny.code for s in result.steps if s.deny is not None] == ["TOKEN_REVOKED"]
     fine = asyncio.run(explain(config(KEY), "GET", "/v1/data/posts", key_id="k"))
     assert fine.allowed and "via --key-id" in fine.steps[1].detail
+
+
+def test_a_rotated_key_replays_by_the_hash_the_request_used():
+    new, old = _hash("new"), _hash("k")
+    rotated = f"  - {{id: k, hashes: [{new}, {old}], type: read, acls: [get]}}"
+    logged = line(0, key_hash=old[:15])  # the client still sends the old key
+    assert replay(config(rotated), [logged]).changed == 0
+    ended = f'  - {{id: k, hashes: [{new}, {{hash: "{old}", until: 2026-12-01T00:00:00Z}}],'
+    expired = replay(config(ended + " type: read, acls: [get]}"), [logged])
+    assert [k[4] for k in expired.groups] == ["TOKEN_EXPIRED"]
+    dropped = replay(config(f"  - {{id: k, hash: {new}, type: read, acls: [get]}}"), [logged])
+    assert [k[4] for k in dropped.groups] == ["INVALID_TOKEN"]
+    message = next(iter(dropped.groups.values())).examples[0]["after"]["message"]
+    assert message == f"key 'k' no longer lists the hash {old[:15]}"
+    # The new key's requests are untouched by the old hash's end.
+    assert (
+        replay(config(ended + " type: read, acls: [get]}"), [line(0, key_hash=new[:15])]).changed
+        == 0
+    )

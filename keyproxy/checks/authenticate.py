@@ -75,8 +75,14 @@ def _take_vouched(
 ) -> Deny | Awaitable[Deny | None] | None:
     """The caller named by `vouched`, held to the same rules as a presented key:
     a key id the snapshot lacks is unknown, a revoked or expired key is refused."""
-    key = key_by_id(ctx.config, vouched.key_id)
+    key = key_by_id(ctx.config, vouched.key_id, vouched.key_hash)
     if key is None:
+        if vouched.key_hash is not None and key_by_id(ctx.config, vouched.key_id) is not None:
+            return Deny(
+                401,
+                "INVALID_TOKEN",
+                f"key {vouched.key_id!r} no longer lists the hash {vouched.key_hash}",
+            )
         return Deny(
             401, "INVALID_TOKEN", f"no key with id {vouched.key_id!r} in this configuration"
         )
@@ -95,18 +101,27 @@ def _take_vouched(
     return None if token is None else _verify_token(ctx, token)
 
 
-#: The last snapshot's id -> key index (the snapshot is held, so its id is not reused).
-_BY_ID: list[tuple[Config, dict[str, Key]]] = []
+#: The last snapshot's key indexes (the snapshot is held, so its id is not reused).
+_BY_ID: list[tuple[Config, dict[str, Key], dict[tuple[str, str], Key]]] = []
 
 
-def key_by_id(config: Config, key_id: str) -> Key | None:
-    """A configured key by its id; the index is built once per snapshot, on first use."""
+def hash_label(key: Key) -> str:
+    """The label of the hash `key` was found by, as the access log writes it."""
+    return key.rotation.label if key.rotation is not None else "sha256:" + key.digest[:4].hex()
+
+
+def key_by_id(config: Config, key_id: str, key_hash: str | None = None) -> Key | None:
+    """A configured key by its id (its newest hash), or by id and hash label; the
+    indexes are built once per snapshot, on first use."""
     if not _BY_ID or _BY_ID[0][0] is not config:
-        index: dict[str, Key] = {}
+        by_id: dict[str, Key] = {}
         for key in config.keys:
-            index.setdefault(key.id, key)
-        _BY_ID[:] = [(config, index)]
-    return _BY_ID[0][1].get(key_id)
+            by_id.setdefault(key.id, key)
+        by_hash = {(key.id, hash_label(key)): key for key in config.keys_by_digest.values()}
+        _BY_ID[:] = [(config, by_id, by_hash)]
+    if key_hash is None:
+        return _BY_ID[0][1].get(key_id)
+    return _BY_ID[0][2].get((key_id, key_hash))
 
 
 async def _identity_later(ctx: RequestContext, pending: Awaitable[Identity | Deny]) -> Deny | None:

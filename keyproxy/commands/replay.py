@@ -134,7 +134,7 @@ class Replayer:
         self.result = ReplayResult()
         self._seconds: dict[str, float] = {}
         self._credentials: dict[tuple[str | None, str], tuple[tuple[str, str], ...]] = {}
-        self._vouched: dict[str, Vouched] = {}
+        self._vouched: dict[tuple[str, str | None], Vouched] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _clock(self) -> float:
@@ -219,13 +219,14 @@ class Replayer:
         origin = record.get("referer_origin")
         headers = [*credential, ("referer", origin + "/")] if origin else list(credential)
         user = record.get("user")
+        key_hash = record.get("key_hash")
         if user is None:
-            vouched = self._vouched.get(key_id)
+            vouched = self._vouched.get((key_id, key_hash))
             if vouched is None:
-                vouched = self._vouched[key_id] = Vouched(key_id)
+                vouched = self._vouched[(key_id, key_hash)] = Vouched(key_id, None, (), key_hash)
         else:
             roles = record.get("user_roles")
-            vouched = Vouched(key_id, user, tuple(roles) if roles else ())
+            vouched = Vouched(key_id, user, tuple(roles) if roles else (), key_hash)
         ctx = RequestContext(
             self.config,
             method,
