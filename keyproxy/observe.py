@@ -42,7 +42,8 @@ old; the counts of a worker that died stay in the sum, as counters must).
 
 The access log never holds a key, a JWT, a query value, a Basic password or the
 upstream secret: it records the query's parameter *names*, the Referer's
-*origin*, the credential's *source* and the key's *id*.
+*origin*, the credential's *source*, the key's *id* and which of its hashes was used
+(`key_hash`: "sha256:" and 8 hex digits of the digest, never the key).
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
     second, stamp = -1, ""
     for (
         when, request_id, key_id, user, client_ip, method, path, route, decision, reason,
-        status, sent, upstream_s, total_s, referer, source, query, roles,
+        status, sent, upstream_s, total_s, referer, source, query, roles, user_roles, key,
     ) in records:  # fmt: skip
         whole = int(when)
         if whole != second:
@@ -432,6 +433,16 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
                     if query
                     else None,
                     "roles": None if roles is None else list(roles),
+                    # The verified token's own roles, apart from the key's: replay re-decides
+                    # steps 6-7 under a candidate that may change the key's roles.
+                    "user_roles": list(user_roles) if user_roles else None,
+                    # Which of the key's hashes was presented (a label, never the key): so a
+                    # rotation's progress shows, and replay can tell an old hash from the new.
+                    "key_hash": None
+                    if key is None
+                    else key.rotation.label
+                    if key.rotation is not None
+                    else "sha256:" + key.digest[:4].hex(),
                 },
                 option=option,
             )
@@ -555,7 +566,7 @@ class Observer:
         reason = ex.reason
         method = ex.method
         if ctx is None:
-            key_id = route = source = query = referer = user = roles = None
+            key = key_id = route = source = query = referer = user = roles = user_roles = None
             path, _, query = ex.target.partition("?")
             client_ip: object = ex.conn.peer_ip  # below: an address object, str() at flush
             when = time.time()
@@ -577,6 +588,7 @@ class Observer:
             referer = ctx.headers.get("referer")
             user = ctx.user
             roles = ctx.roles
+            user_roles = ctx.token_roles
             would = ctx.would_deny
             if ex.forwarding:
                 decision = "allow"
@@ -610,6 +622,7 @@ class Observer:
             record = (
                 when, ex.request_id, key_id, user, client_ip, method, path, route, decision,
                 reason, status, ex.sent, upstream, total, referer, source, query, roles,
+                user_roles, key,
             )  # fmt: skip
             log.pending.append(record)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Access, Config, Key, Route
@@ -90,6 +90,24 @@ class Headers:
 IPAddress = IPv4Address | IPv6Address
 
 
+class Vouched(NamedTuple):
+    """An identity established before the decision, instead of a presented credential.
+
+    `keyproxy explain --key-id` (the operator names a key) and `keyproxy replay` (an
+    access-log line names the key id, user and roles that were verified live) set
+    `RequestContext.vouched`; the credential step then takes the key by id from the
+    snapshot and still refuses it when it is missing, revoked or expired, so no check
+    is skipped or implemented twice. The live server never sets it.
+    """
+
+    key_id: str
+    user: str | None = None  # the end user a verified token named
+    roles: tuple[str, ...] = ()  # the roles that token granted
+    #: Which of the key's hashes was used ("sha256:" + 8 hex digits, as the access log
+    #: shows it); None: the key's newest hash.
+    key_hash: str | None = None
+
+
 @dataclass(slots=True)
 class RequestContext:
     """One request on its way through the pipeline.
@@ -141,6 +159,7 @@ class RequestContext:
     owner_filter: str | None = None  # query parameters added to a self-only list request
     #: The response cache's key for this request (a `CacheKey`), once looked up.
     cache_key: Any = None
+    vouched: Vouched | None = None  # explain/replay only: who step 1 takes the caller to be
 
     @property
     def params(self) -> dict[str, str]:

@@ -197,7 +197,8 @@ def test_access_log_has_every_field_and_no_secret_from_any_credential_source(
     fields = {
         "time", "request_id", "key", "user", "client_ip", "method", "path", "route",
         "decision", "reason", "status", "bytes", "upstream_ms", "total_ms",
-        "referer_origin", "credential_source", "query_names", "roles",
+        "referer_origin", "credential_source", "query_names", "roles", "user_roles",
+        "key_hash",
     }  # fmt: skip
     for line in lines:
         assert set(line) == fields

@@ -55,13 +55,16 @@ def build_checks(
     limiter: Limiter,
     owners: OwnershipCheck | None = None,
     limits: RateLimitCheck | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[Check, ...]:
     """Steps 1–8 in order, after the CORS preflight. `owners` reads records' owners from
     the upstream; `keyproxy explain` passes one that stays offline. `limits`: the server's
-    long-lived rate-limit step (`keyproxy.services`), else one over `limiter`."""
+    long-lived rate-limit step (`keyproxy.services`), else one over `limiter`, whose
+    buckets `clock` drives when given (`keyproxy replay` passes the logged request times)."""
     from keyproxy.checks import describe
 
-    limits = limits if limits is not None else RateLimitCheck(limiter)
+    if limits is None:
+        limits = RateLimitCheck(limiter) if clock is None else RateLimitCheck(limiter, clock)
     owners = owners if owners is not None else OwnershipCheck()
     return (
         Check("0 cors preflight", check_preflight, describe_preflight, reportable=False),

@@ -1,4 +1,4 @@
-"""The `keyproxy` command: serve, demo, check, keygen, explain (README, Commands)."""
+"""The `keyproxy` command: serve, demo, check, keygen, explain, replay (README, Commands)."""
 
 from __future__ import annotations
 
@@ -211,6 +211,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0 if result.allowed or result.reply is not None else 1
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from keyproxy.commands.replay import run
+
+    return run(args.config, args.log, args.json)
+
+
 def _header_pair(text: str) -> tuple[str, str]:
     name, _, value = text.partition(":")
     return name.strip(), value.strip()
@@ -324,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", metavar="METHOD")
     p.add_argument("url", metavar="URL", help="absolute URL or path, e.g. /v1/data/posts")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "replay",
+        help="re-decide a recorded access log under a candidate configuration",
+        description="Re-decide every request of a keyproxy access log under FILE and report "
+        "the requests whose verdict would change, grouped by key, route and reason "
+        "(exit 0 nothing changes, 1 something does, 2 unreadable input).",
+    )
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="the candidate YAML")
+    p.add_argument(
+        "--log", required=True, metavar="ACCESS_LOG", help="a keyproxy JSON access log (-: stdin)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON (for CI)")
+    p.set_defaults(func=_cmd_replay)
     return parser
 
 

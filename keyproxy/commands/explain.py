@@ -20,7 +20,7 @@ from keyproxy.forward.plan import ForwardPlan
 from keyproxy.policy.credentials import sha256_digest
 from keyproxy.policy.refusals import head_refusal
 from keyproxy.ratelimit import open_limiter
-from keyproxy.request import Deny, Headers, Reply, RequestContext
+from keyproxy.request import Deny, Headers, Reply, RequestContext, Vouched
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +119,9 @@ async def explain(
         "explain",
     )
     if key_id is not None:
-        # The operator names the key instead of presenting it: step 1 takes it as found.
-        ctx.key = next(k for k in config.keys if k.id == key_id)
+        # The operator names the key instead of presenting it: step 1 takes it by id
+        # (and still refuses it if it is revoked or expired).
+        ctx.vouched = Vouched(key_id)
         ctx.credential_source = "--key-id"
     users = config.users
     if jwt is not None and users is not None and users.jwks is not None and not users.jwks.loaded:

@@ -287,6 +287,15 @@ def lookup(presented: Presented, keys_by_digest: Mapping[bytes, Key], now: float
             return unknown
     if key is None:
         return unknown
+    return usable(key, now)
+
+
+def usable(key: Key, now: float) -> Key | Deny:
+    """`key` if it may be used at `now`: neither revoked, expired nor a hash past its grace.
+
+    Shared by the lookup of a presented key and by an identity vouched for by
+    `explain --key-id` or `replay`, so both refuse a key for the same reasons.
+    """
     if key.revoked:
         return Deny(401, "TOKEN_REVOKED", f"API key {key.id!r} has been revoked")
     if key.expires_at is not None and key.expires_at <= now:

@@ -1,6 +1,6 @@
 """A cache of upstream GET answers, in memory (cachetools) or in Redis (redis-py, no pickle).
 
-Why not aiohttp-client-cache's backends, as the design card suggested: they
+Why not aiohttp-client-cache's backends (the obvious library for this): they
 store and return aiohttp `ClientResponse`/`CachedResponse` objects, and
 keyproxy's data path never has one (it relays raw bytes parsed by httptools);
 the SQLite and Redis backends serialise with pickle by default (reading a
