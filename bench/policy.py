@@ -280,6 +280,10 @@ def build_policy(
             "",
             "rate_limits:",
             f"  store: {features.store}",
+            # The harness's redis-server shares the saturated load CPU with wrk and the
+            # upstream: a round trip can exceed the 100 ms default there and be refused
+            # (fail closed), which would measure the harness, not the store's cost.
+            *(["  timeout: 1s"] if features.store != "memory" else ()),
             "",
             *(_users_sections() if full else ()),
             *(["log:", f"  access: {features.access_log}", ""] if features.access_log else ()),
