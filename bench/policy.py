@@ -57,6 +57,54 @@ BENCH_REFERERS = (
 #: Loopback last, so an allowlist walked in order checks all five.
 BENCH_IPS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "2001:db8::/32", "127.0.0.0/8")
 BENCH_RATE = "100000000/second"  # computed on every request, never reached
+BENCH_QUOTA = "1000000000"  # counted on every request (full policy), never reached
+
+#: The full policy's end-user tokens: HS256, verified once, then found in the token cache.
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
+JWT_ISSUER = "keyproxy-bench"
+JWT_AUDIENCE = "keyproxy-bench"
+#: What a key's `fields: {exclude: [...]}` hides in the full policy's filtering target.
+FIELDS_EXCLUDE = ("author.email", "internal")
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the policy turns on beyond keys, allowlists, routes and a memory rate limit.
+
+    The minimal policy (all defaults) is what keyproxy was first benchmarked with;
+    `full()` is what a real deployment runs: a logged-in user's token next to the
+    key, roles, system tables, own records configured, identity headers, a quota,
+    the access log to a file. Metrics are always on; body scrubbing is whatever
+    the build does for every response.
+    """
+
+    users: bool = False
+    access_log: str | None = None  # a file path; None leaves the default
+    store: str = "memory"  # or a redis:// URL
+    fields_exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def full(
+        cls,
+        access_log: str,
+        store: str = "memory",
+        fields_exclude: tuple[str, ...] = (),
+    ) -> Features:
+        return cls(True, access_log, store, fields_exclude)
+
+
+def bench_token(exp: int = 4102444800) -> str:
+    """The fixed end-user token the full policy's requests carry (expires in 2100)."""
+    import jwt
+
+    claims = {
+        "sub": "bench-user",
+        "iss": JWT_ISSUER,
+        "aud": JWT_AUDIENCE,
+        "exp": exp,
+        "roles": ["user"],
+    }
+    return jwt.encode(claims, JWT_SECRET, "HS256")
 
 
 @dataclass(frozen=True)
@@ -67,6 +115,7 @@ class BenchPolicy:
     referer: str
     n_keys: int
     n_routes: int
+    token: str | None = None  # sent as `Authorization: Bearer` when the policy has users
 
 
 #: (match, acl, extra fields) - 200 routes: literal, `{param}`, `**` and multi-method patterns.
@@ -178,8 +227,10 @@ def build_policy(
     n_keys: int = 10_000,
     seed: int = 20240601,
     bench_key: str | None = None,
+    features: Features = Features(),  # frozen: one shared default is safe
 ) -> BenchPolicy:
     """The config text plus what a client needs to pass every check with the benchmarked key."""
+    full = features.users
     rng = random.Random(seed)
     key = bench_key or "pk_" + secrets.token_hex(32)
     key_id = "bench-web"
@@ -197,6 +248,10 @@ def build_policy(
         f"    rate_limit: {BENCH_RATE}",
         "    expires: 2099-01-01T00:00:00Z",
     ]
+    if full:
+        bench_entry += [f"    quota: {BENCH_QUOTA}", "    roles: [guest]"]
+    if features.fields_exclude:
+        bench_entry.append(f"    fields: {{exclude: [{', '.join(features.fields_exclude)}]}}")
     keys: list[str] = []
     middle = n_keys // 2
     for i in range(1, n_keys):
@@ -221,10 +276,17 @@ def build_policy(
             "  inject:",
             "    headers:",
             f"      X-API-Key: ${{{SECRET_ENV}}}",
+            *(_IDENTITY_HEADERS if full else ()),
             "",
             "rate_limits:",
-            "  store: memory",
+            f"  store: {features.store}",
+            # The harness's redis-server shares the saturated load CPU with wrk and the
+            # upstream: a round trip can exceed the 100 ms default there and be refused
+            # (fail closed), which would measure the harness, not the store's cost.
+            *(["  timeout: 1s"] if features.store != "memory" else ()),
             "",
+            *(_users_sections() if full else ()),
+            *(["log:", f"  access: {features.access_log}", ""] if features.access_log else ()),
             "routes:",
             *(f'  - {{match: "{match}", acl: {acl}{extra}}}' for match, acl, extra in routes),
             "",
@@ -233,7 +295,46 @@ def build_policy(
             "",
         ]
     )
-    return BenchPolicy(text, key, key_id, BENCH_REFERER, n_keys, len(routes))
+    token = bench_token() if full else None
+    return BenchPolicy(text, key, key_id, BENCH_REFERER, n_keys, len(routes), token)
+
+
+_IDENTITY_HEADERS = (
+    "  identity_headers:",
+    "    key_id: X-Keyproxy-Key-Id",
+    "    user: X-Keyproxy-User",
+    "    roles: X-Keyproxy-Roles",
+)
+
+
+def _users_sections() -> list[str]:
+    """Logged-in users with the roles, system tables and own-records sections (steps 6-7).
+
+    The benchmarked request (GET a post, `op: read`) is allowed by the token's `user`
+    role in full, so no extra upstream read for an owner check is made.
+    """
+    return [
+        "users:",
+        "  jwt:",
+        "    algorithms: [HS256]",
+        f"    secret: {JWT_SECRET}",
+        f"    issuer: {JWT_ISSUER}",
+        f"    audience: {JWT_AUDIENCE}",
+        "    roles_claim: roles",
+        "    leeway: 30s",
+        "",
+        "roles:",
+        '  admin:   {"*": [create, read, update, delete, list]}',
+        '  service: {"*": [create, read, update, list]}',
+        '  user:    {"*": [read, list], posts: [create, read, list, update:self, delete:self]}',
+        '  guest:   {"*": [read, list], "!audit_log": []}',
+        "system_tables: [users, audit_log]",
+        "",
+        "self:",
+        "  owner_field: createdBy",
+        '  list_filter: {query: {createdBy: "{user}"}}',
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,13 +343,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default="127.0.0.1:8080")
     p.add_argument("--admin", default="127.0.0.1:9901", help="admin listener host:port")
     p.add_argument("--keys", type=int, default=10_000)
+    p.add_argument(
+        "--full",
+        metavar="ACCESS_LOG",
+        help="the full policy (users, roles, quota, identity headers), logging to this file",
+    )
+    p.add_argument("--store", default="memory", help="rate_limits.store (full policy)")
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
-    policy = build_policy(args.upstream, args.listen, args.admin, n_keys=args.keys)
+    features = Features.full(args.full, args.store) if args.full else Features()
+    policy = build_policy(
+        args.upstream, args.listen, args.admin, n_keys=args.keys, features=features
+    )
     args.output.write_text(policy.yaml)
     print(f"wrote {args.output}: {policy.n_keys} keys, {policy.n_routes} routes")
     print(f"benchmark key ({policy.key_id}): {policy.key}")
     print(f"send it with Referer: {policy.referer}; set {SECRET_ENV} for the upstream secret")
+    if policy.token:
+        print(f"and Authorization: Bearer {policy.token}")
     return 0
 
 

@@ -49,14 +49,35 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from policy import LARGE_PATH, SECRET_ENV, SMALL_PATH, build_policy
+from policy import (
+    FIELDS_EXCLUDE,
+    LARGE_PATH,
+    SECRET_ENV,
+    SMALL_PATH,
+    Features,
+    build_policy,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-ALL_TARGETS = ("direct", "plain", "keyproxy", "keyproxy-w{workers}", "nginx-proxy")
-SMOKE_TARGETS = ("direct", "plain", "keyproxy")
+ALL_TARGETS = (
+    "direct",
+    "plain",
+    "keyproxy",
+    "keyproxy-full",
+    "keyproxy-redis",
+    "keyproxy-fields",
+    "keyproxy-w{workers}",
+    "nginx-proxy",
+)
+SMOKE_TARGETS = (
+    "direct", "plain", "keyproxy", "keyproxy-full", "keyproxy-redis", "keyproxy-fields",
+)  # fmt: skip
+#: keyproxy targets and the policy each runs (the `keyproxy-wN` targets run `keyproxy`'s).
+POLICIES = ("keyproxy", "keyproxy-full", "keyproxy-redis", "keyproxy-fields")
+JSON_ARRAY_PATH = "/v1/data/events/2024"  # matches the benchmarked route, like the others
 
 #: What wrk prints at the end, in a form that needs no screen-scraping.
 WRK_LUA = r"""
@@ -78,6 +99,11 @@ ERROR_FIELDS = ("status_errors", "connect_errors", "read_errors", "write_errors"
 
 class BenchError(Exception):
     """A target could not be measured; the message says why, the run goes on."""
+
+
+class NotAvailable(BenchError):
+    """This build of keyproxy refuses the target's configuration as not supported yet:
+    reported as such, not as a failure of the run."""
 
 
 # --------------------------------------------------------------------------- bodies
@@ -119,7 +145,56 @@ def make_bodies() -> dict[str, Body]:
     return {
         "small": Body("small", SMALL_PATH, _padded_json(post, "body", 300)),
         "large": Body("large", LARGE_PATH, _padded_json(report, "note", 64 * 1024)),
+        "json64k": Body("json64k", JSON_ARRAY_PATH, _json_array(64 * 1024)),
     }
+
+
+def _json_array(size: int) -> bytes:
+    """A JSON array of records of exactly `size` bytes: what a list endpoint returns, and
+    what field filtering (`author.email`, `internal`) walks item by item."""
+    records: list[dict[str, Any]] = []
+    i = 0
+    while True:
+        record = {
+            "id": i,
+            "title": f"event {i}",
+            "author": {"id": i % 97, "name": f"user{i % 97}", "email": f"u{i % 97}@example.com"},
+            "tags": ["bench", "proxy"],
+            "internal": {"shard": i % 8, "score": round(0.5 + (i % 13) * 0.125, 3)},
+            "pad": "",
+        }
+        candidate = json.dumps([*records, record], separators=(",", ":")).encode()
+        if len(candidate) > size - 64:
+            break
+        records.append(record)
+        i += 1
+    last = records[-1]
+    base = len(json.dumps(records, separators=(",", ":")).encode())
+    last["pad"] = "x" * (size - base)
+    data = json.dumps(records, separators=(",", ":")).encode()
+    assert len(data) == size, (len(data), size)
+    return data
+
+
+def drop_fields(document: Any, paths: Sequence[str]) -> Any:
+    """What a key's `fields: {exclude: paths}` leaves of a parsed body (arrays walked through);
+    the check of a filtering target compares against this."""
+    if isinstance(document, list):
+        return [drop_fields(item, paths) for item in document]
+    if not isinstance(document, dict):
+        return document
+    out = dict(document)
+    nested: dict[str, list[str]] = {}
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, []).append(rest)
+        else:
+            out.pop(head, None)
+    for head, rests in nested.items():
+        if head in out:
+            out[head] = drop_fields(out[head], rests)
+    return out
 
 
 # --------------------------------------------------------------------------- processes
@@ -317,6 +392,8 @@ class Target:
     pinning: str
     managed: list[Managed] = field(default_factory=list)
     cpus: frozenset[int] | None = None  # set when the target has its CPU(s) to itself
+    headers: dict[str, str] = field(default_factory=dict)  # sent besides the key and Referer
+    exclude: tuple[str, ...] = ()  # fields the target removes from JSON bodies
 
 
 @dataclass
@@ -446,15 +523,36 @@ def start_target(env: Env, name: str, workers: int) -> Target:
             env.proxy_cpus,
         )
     if name.startswith("keyproxy"):
-        n = workers if name != "keyproxy" else 1
+        if name not in POLICIES and not re.fullmatch(r"keyproxy-w\d+", name):
+            raise BenchError(f"unknown target {name!r}")
+        n = 1 if name in POLICIES else workers
         cpus = env.proxy_cpus if n == 1 else env.multi_cpus
         admin = free_port()
+        managed: list[Managed] = []
+        features, what = Features(), "minimal policy"
+        if name != "keyproxy" and name in POLICIES:
+            store, what = "memory", "full policy"
+            if name == "keyproxy-redis":
+                redis = start_redis(env, name)
+                managed.append(redis[0])
+                store, what = redis[1], "full policy, Redis store (redis-server on the load CPU)"
+            exclude = FIELDS_EXCLUDE if name == "keyproxy-fields" else ()
+            if exclude:
+                what = f"full policy + fields: {{exclude: [{', '.join(exclude)}]}}"
+            features = Features.full(str(env.tmp / f"{name}-access.log"), store, exclude)
         policy = build_policy(
             upstream_url, f"127.0.0.1:{port}", f"127.0.0.1:{admin}",
-            n_keys=env.policy_keys, bench_key=env.key,
+            n_keys=env.policy_keys, bench_key=env.key, features=features,
         )  # fmt: skip
         config = env.tmp / f"{name}.yaml"
         config.write_text(policy.yaml)
+        if features.fields_exclude:
+            try:
+                check_config(env, name, config)
+            except BenchError:
+                for m in managed:
+                    m.stop()
+                raise
         argv = [
             sys.executable, "-m", "keyproxy", "serve", "-c", str(config),
             "--host", "127.0.0.1", "--port", str(port),
@@ -462,6 +560,7 @@ def start_target(env: Env, name: str, workers: int) -> Target:
         if n > 1:
             argv += ["--workers", str(n)]
         m = env.start(name, argv, cpus, {SECRET_ENV: env.secret})
+        managed.insert(0, m)
 
         def healthy() -> bool:
             return http_get(f"http://127.0.0.1:{admin}/healthz", {}, 2)[0] == 200
@@ -474,13 +573,15 @@ def start_target(env: Env, name: str, workers: int) -> Target:
         alone = cpus if cpus and not (env.load_cpus and cpus & env.load_cpus) else None
         return Target(
             name,
-            f"keyproxy serve, {n} worker{'s' if n > 1 else ''}, "
+            f"keyproxy serve, {n} worker{'s' if n > 1 else ''}, {what}, "
             f"{policy.n_keys} keys / {policy.n_routes} routes",
             port,
             m.pid,
             pinning,
-            [m],
+            managed,
             alone,
+            {"Authorization": f"Bearer {policy.token}"} if policy.token else {},
+            features.fields_exclude,
         )
     if name == "nginx-proxy":
         if not env.nginx:
@@ -519,9 +620,66 @@ def start_target(env: Env, name: str, workers: int) -> Target:
     raise BenchError(f"unknown target {name!r}")
 
 
+def check_config(env: Env, name: str, config: Path) -> None:
+    """`keyproxy check` first, for a target using a feature this build may not have yet."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyproxy", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=env.startup_timeout,
+        env={**os.environ, SECRET_ENV: env.secret},
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    if proc.returncode == 0:
+        return
+    text = (proc.stdout + proc.stderr).strip()
+    refused = next((ln for ln in text.splitlines() if "not supported yet" in ln), None)
+    if refused is not None:
+        where = re.sub(r"^\S+?:\d+: ", "", refused.strip())  # drop the scratch file's path
+        raise NotAvailable(f"not available in this build ({where[:140]})")
+    raise BenchError(f"{name}: keyproxy check refused the config:\n{text[-1500:]}")
+
+
+def start_redis(env: Env, name: str) -> tuple[Managed, str]:
+    """A throwaway redis-server (persistence off, loopback) on the load CPU, for one target."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from tests.redis_server import find_redis_server
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    try:
+        binary = find_redis_server()
+    except FileNotFoundError as err:
+        raise BenchError(str(err)) from None
+    port = free_port()
+    data = env.tmp / f"{name}-redis"
+    data.mkdir(exist_ok=True)
+    argv = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", "",
+        "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+    ]  # fmt: skip
+    m = env.start(f"{name}-redis", argv, env.load_cpus)
+    wait_until(f"{name} redis-server", lambda: port_open(port), m, env.startup_timeout)
+    return m, f"redis://127.0.0.1:{port}/0"
+
+
 def check_target(env: Env, target: Target, body: Body) -> None:
     """One real request first: the run only counts if it measures 200s with the full body."""
-    status, data = http_get(f"http://127.0.0.1:{target.port}{body.path}", env.client_headers)
+    url = f"http://127.0.0.1:{target.port}{body.path}"
+    status, data = http_get(url, {**env.client_headers, **target.headers})
+    if target.exclude:
+        expected = drop_fields(json.loads(body.data), target.exclude)
+        try:
+            same = json.loads(data) == expected
+        except ValueError:
+            same = False
+        if status != 200 or not same:
+            raise BenchError(
+                f"{target.name}: check request for {body.path} answered {status}, not the "
+                f"body without {', '.join(target.exclude)}: {data[:300].decode(errors='replace')}"
+            )
+        return
     if status != 200 or data != body.data:
         snippet = data[:300].decode(errors="replace")
         raise BenchError(
@@ -543,6 +701,7 @@ def run_wrk(
         "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency",
         "--timeout", "10s", "-s", str(script),
         "-H", f"X-API-Key: {env.key}", "-H", f"Referer: {env.referer}",
+        *(arg for name, value in target.headers.items() for arg in ("-H", f"{name}: {value}")),
         f"http://127.0.0.1:{target.port}{body.path}",
     ]  # fmt: skip
     cpu_before = tree_cpu_seconds(target.root_pid)
@@ -720,6 +879,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         ]
         plain = targets.get("plain", {})
         for name, s in targets.items():
+            if "unavailable" in s:
+                lines.append(f"| {name} | {s['unavailable'][:160]} ||||||||||||")
+                continue
             if "error" in s:
                 lines.append(f"| {name} | failed: {s['error'].splitlines()[0][:120]} ||||||||||||")
                 continue
@@ -751,7 +913,7 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
     def rps(body: str, target: str) -> float | None:
         return res.get(body, {}).get(target, {}).get("rps")
 
-    for body, goal in (("small", 2.0), ("large", 1.5)):
+    for body, goal in (("small", 2.0), ("large", 1.5), ("json64k", 1.5)):
         kp, plain = rps(body, "keyproxy"), rps(body, "plain")
         if kp and plain:
             verdict = "met" if kp / plain >= goal else "not met"
@@ -762,6 +924,38 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
             p99p = res[body]["plain"]["p99_ms"]
             verdict = "met" if p99k <= p99p else "not met"
             out.append(f"- {body}: keyproxy p99 {p99k:.2f} ms vs plain {p99p:.2f} ms: {verdict}")
+        full, nginx = rps(body, "keyproxy-full"), res.get(body, {}).get("nginx-proxy", {})
+        if body == "small" and full and plain:
+            verdict = "met" if full / plain >= 3.0 else "not met"
+            out.append(
+                f"- {body}: keyproxy-full {full / plain:.2f}x plain req/s (goal ≥ 3.0x): {verdict}"
+            )
+            p99f, p99p = res[body]["keyproxy-full"]["p99_ms"], res[body]["plain"]["p99_ms"]
+            verdict = "met" if p99f <= p99p else "not met"
+            out.append(
+                f"- {body}: keyproxy-full p99 {p99f:.2f} ms vs plain {p99p:.2f} ms: {verdict}"
+            )
+            cpu_f, cpu_n = res[body]["keyproxy-full"].get("cpu_us"), nginx.get("cpu_us")
+            if cpu_f and cpu_n:
+                verdict = "met" if cpu_f / cpu_n <= 2.5 else "not met"
+                out.append(
+                    f"- {body}: keyproxy-full CPU {cpu_f / cpu_n:.2f}x nginx-proxy's per request "
+                    f"(goal ≤ 2.5x): {verdict}"
+                )
+        redis = rps(body, "keyproxy-redis")
+        if body == "small" and redis and plain:
+            verdict = "met" if redis / plain >= 2.0 else "not met"
+            out.append(
+                f"- {body}: keyproxy-redis {redis / plain:.2f}x plain req/s (goal ≥ 2.0x): "
+                f"{verdict}"
+            )
+        fields = rps(body, "keyproxy-fields")
+        if body == "json64k" and fields and plain:
+            verdict = "met" if fields / plain >= 1.0 else "not met"
+            out.append(
+                f"- {body}: keyproxy-fields {fields / plain:.2f}x plain req/s (plain unfiltered; "
+                f"goal ≥ 1.0x): {verdict}"
+            )
         multi = [t for t in res.get(body, {}) if t.startswith("keyproxy-w")]
         for t in multi:
             kw = rps(body, t)
@@ -796,7 +990,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--targets", help=f"comma list; default all: {','.join(ALL_TARGETS)}")
-    p.add_argument("--bodies", default="small,large", help="comma list of small,large")
+    p.add_argument(
+        "--bodies", default="small,large,json64k", help="comma list of small,large,json64k"
+    )
     p.add_argument("--workers", type=int, default=2, help="workers of the keyproxy-wN target")
     p.add_argument("--keys", type=int, default=10_000, help="keys in the generated policy")
     p.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
@@ -808,7 +1004,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="prove the harness works: 1 s runs, 1 repeat, no warm-up, small body, "
-        "direct+plain+keyproxy, 1,000 keys (unless given)",
+        f"{'+'.join(SMOKE_TARGETS)}, 1,000 keys (unless given)",
     )
     args = p.parse_args(argv)
     given = set(argv if argv is not None else sys.argv[1:])
@@ -953,6 +1149,10 @@ def run_all(
             try:
                 target = start_target(env, name, args.workers)
                 check_target(env, target, body)
+            except NotAvailable as err:
+                report["results"][body.name][name] = {"unavailable": str(err)}
+                print(f"[{body.name}] {name}: {err}", file=sys.stderr)
+                continue
             except BenchError as err:
                 for m in target.managed if target else ():
                     m.stop()

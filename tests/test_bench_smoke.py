@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SMOKE_TARGETS = ("direct", "plain", "keyproxy")
+SMOKE_TARGETS = ("direct", "plain", "keyproxy", "keyproxy-full", "keyproxy-redis")
+#: Measured once this build accepts the key's `fields:`; until then reported as unavailable.
+OPTIONAL_TARGETS = ("keyproxy-fields",)
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +49,78 @@ def test_bench_smoke_run_measures_every_target(tmp_path: Path) -> None:
         assert "error" not in result, f"{target}: {result.get('error')}"
         assert result["rps"] > 0, f"{target} reported no requests per second"
         assert result["errors"] == 0, f"{target} answered errors under load: {result}"
+    for target in OPTIONAL_TARGETS:
+        assert target in results, f"{target} missing from the report: {sorted(results)}"
+        result = results[target]
+        if "unavailable" in result:
+            assert "not supported yet" in result["unavailable"], result
+            continue
+        assert "error" not in result, f"{target}: {result.get('error')}"
+        assert result["rps"] > 0 and result["errors"] == 0, f"{target}: {result}"
     assert "small body" in out.read_text()
+
+
+def test_bench_check_refuses_a_wrong_answer(tmp_path: Path) -> None:
+    """A target that answers non-2xx, another body, or an unfiltered body where fields
+    must be gone is refused before it is loaded: a benchmark of errors is worthless."""
+    import importlib
+    import json as json_module
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        run = importlib.import_module("run")
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    bodies = run.make_bodies()
+    array = bodies["json64k"]
+    assert len(array.data) == 64 * 1024
+    records = json_module.loads(array.data)
+    assert isinstance(records, list) and len(records) > 100
+    filtered = run.drop_fields(records, ("author.email", "internal"))
+    assert all("internal" not in r and "email" not in r["author"] for r in filtered)
+    assert all("name" in r["author"] for r in filtered)
+
+    answers = {  # path -> (status, body) the fake target answers
+        bodies["small"].path: (403, b'{"error":"FORBIDDEN"}'),
+        bodies["large"].path: (200, bodies["small"].data),
+        array.path: (200, array.data),
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, data = answers[self.path]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        env = run.Env(
+            tmp=tmp_path, proxy_cpus=None, load_cpus=None, multi_cpus=None, key="k",
+            referer="r", secret="s", upstream_port=port, upstream_kind="", upstream_pid=0,
+            nginx=None, policy_keys=1, startup_timeout=1.0,
+        )  # fmt: skip
+        plain = run.Target("t", "", port, 0, "")
+        with pytest.raises(run.BenchError, match="answered 403"):
+            run.check_target(env, plain, bodies["small"])
+        with pytest.raises(run.BenchError, match="answered 200"):
+            run.check_target(env, plain, bodies["large"])
+        run.check_target(env, plain, array)  # the exact body passes
+        fields = run.Target("t", "", port, 0, "", exclude=("author.email", "internal"))
+        with pytest.raises(run.BenchError, match=r"not the body without author\.email"):
+            run.check_target(env, fields, array)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(
