@@ -21,8 +21,6 @@ PACKAGE = ROOT / "keyproxy"
 #: Refusals defined in the code that clients cannot receive yet, so the README does not list
 #: them; each must still exist in the code and must not be in the table (then drop it here).
 NOT_SENT_YET = {
-    (502, "FILTER_FAILED"): "response field filtering is not wired into the data path yet",
-    (503, "SHUTTING_DOWN"): "defined for draining, not sent by any code path",
 }
 
 

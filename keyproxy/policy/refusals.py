@@ -37,7 +37,6 @@ ROUTE_BUSY = Deny(
 )
 UPSTREAM_UNAVAILABLE = Deny(502, "UPSTREAM_UNAVAILABLE", "the upstream service is unavailable")
 UPSTREAM_TIMEOUT = Deny(504, "UPSTREAM_TIMEOUT", "the upstream service did not answer in time")
-SHUTTING_DOWN = Deny(503, "SHUTTING_DOWN", "keyproxy is shutting down; retry")
 
 
 def payload_too_large(limit: int) -> Deny:
