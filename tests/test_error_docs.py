@@ -20,8 +20,7 @@ PACKAGE = ROOT / "keyproxy"
 
 #: Refusals defined in the code that clients cannot receive yet, so the README does not list
 #: them; each must still exist in the code and must not be in the table (then drop it here).
-NOT_SENT_YET = {
-}
+NOT_SENT_YET = {}
 
 
 def _denials(node: ast.AST) -> set[tuple[int, str]]:
