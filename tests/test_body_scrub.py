@@ -169,3 +169,46 @@ def test_percent_heavy_bodies_are_scanned_whole() -> None:
     out += stream.end()
     assert len(out) == len(body) and stream.found == 2
     assert quote(SECRET, safe="").encode() not in out and SECRET.encode() not in out
+
+
+def test_large_chunks_scan_the_same_with_and_without_memmem(monkeypatch) -> None:
+    """Chunks over 2 KiB are searched with libc's memmem: the result must be the same bytes."""
+    import random
+    from urllib.parse import quote
+
+    from keyproxy.response import body_scrub
+
+    secret = "s3cr3t-upstream-key-abcdef0123456789"
+    spellings = [
+        secret.encode(),
+        secret.upper().encode(),
+        quote(secret, safe="").encode(),
+        secret.encode().hex().encode(),
+        base64.b64encode(secret.encode()),
+    ]
+    rng = random.Random(7)
+    scrubber = body_scrub.BodyScrubber((secret,), None, same_length=True)
+
+    def scan(body: bytes, sizes: list[int]) -> bytes:
+        stream, out, at = scrubber.stream(), [], 0
+        for size in sizes:
+            out.append(stream.feed(body[at : at + size]))
+            at += size
+        out.append(stream.feed(body[at:]))
+        out.append(stream.end())
+        return b"".join(out)
+
+    assert body_scrub._FINDER is not None  # glibc here: the fast path is the one tested
+    for _ in range(40):
+        parts = [bytes(rng.choice(b'{}":,abcxyz019 %') for _ in range(rng.randrange(3000)))]
+        for _ in range(rng.randrange(4)):
+            parts += [rng.choice(spellings), bytes(rng.choice(b"ax%9") for _ in range(500))]
+        body = b"".join(parts)
+        sizes = [rng.randrange(1, 20000) for _ in range(3)]
+        fast = scan(body, sizes)
+        with monkeypatch.context() as m:
+            m.setattr(body_scrub, "_FINDER", None)
+            slow = scan(body, sizes)
+        assert fast == slow and len(fast) == len(body)
+        for spelling in spellings:
+            assert spelling.lower() not in fast.lower()

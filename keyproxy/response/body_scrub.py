@@ -28,11 +28,54 @@ the client will read them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from keyproxy.response.headers import secret_forms, secret_spellings
 
 REDACTED = b"[REDACTED]"
+
+
+def _libc_finder() -> Callable[[bytes], Callable[..., int]] | None:
+    """glibc's `memmem` (two-way search with SIMD) where the platform has it.
+
+    `bytes.find` slows down badly on long needles whose characters are common in the
+    body (its skip filter fills up): the six anchors of one secret took 213 µs on a
+    64 KiB JSON body, `memmem` 30 µs, measured in-process on the benchmark machine.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return None
+        memmem = ctypes.CDLL(name).memmem
+    except (OSError, AttributeError, ImportError):
+        return None
+    memmem.restype = ctypes.c_void_p
+    memmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    to_address = ctypes.cast
+    void_p = ctypes.c_void_p
+    char_p = ctypes.c_char_p
+
+    def finder(haystack: bytes) -> Callable[..., int]:
+        """`haystack.find`, over `memmem`; the caller keeps `haystack` alive."""
+        base = to_address(char_p(haystack), void_p).value or 0
+        size = len(haystack)
+
+        def find(needle: bytes, start: int = 0) -> int:
+            if start >= size:
+                return -1 if needle else size
+            found = memmem(base + start, size - start, needle, len(needle))
+            return -1 if found is None else found - base
+
+        return find
+
+    return finder
+
+
+_FINDER = _libc_finder()
 
 
 def same_length_mask(size: int) -> bytes:
@@ -137,7 +180,7 @@ class ScrubStream:
             return b""
         anchors = self.anchors
         low = data.lower()  # the spellings are lower-cased; bytes.lower keeps every offset
-        find = low.find
+        find = _FINDER(low) if _FINDER is not None and size > 2048 else low.find
         plain = self.plain
         if plain is not None and find(b"%") >= 0:
             decoded = unquote_to_bytes(low).lower()
