@@ -232,6 +232,9 @@ class ScrubStream:
         rest, self.held = self.held, b""
         if not rest:
             return b""
+        low = rest.lower()
+        if not any(anchor in low for anchor in self.anchors):
+            return rest  # every match holds an anchor: clean without running the pattern
         clean, count = _redact(self.pattern, rest, self.same_length)
         self.found += count
         return clean
