@@ -113,16 +113,7 @@ def limit_headers(ctx: RequestContext) -> LimitHeaders | None:
     limit = ctx.limit
     if limit is None:
         return None
-    # `rate_limit_lines`, written out: this runs for every limited forwarded request.
-    lines: list[bytes] = []
-    if limit.limit is not None:
-        lines += (
-            b"X-RateLimit-Limit: %d\r\n" % limit.limit,
-            b"X-RateLimit-Remaining: %d\r\n" % (limit.remaining or 0),
-            b"X-RateLimit-Reset: %d\r\n" % int(-(-(limit.reset or 0) // 1)),
-        )
-    if limit.quota is not None:
-        lines += rate_limit_lines(limit)[len(lines) :]
+    lines = rate_limit_lines(limit)
     return LimitHeaders(lines) if lines else None
 
 
