@@ -79,7 +79,7 @@ def time_decisions(
 JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
 USERS_SECTION = f"""
 users:
-  jwt: {{algorithms: [HS256], secret: {JWT_SECRET}, issuer: bench, leeway: 30s}}
+  jwt: {{algorithms: [HS256], secret: {JWT_SECRET}, issuer: bench, audience: any, leeway: 30s}}
 """
 
 

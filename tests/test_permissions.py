@@ -347,7 +347,7 @@ def test_a_full_users_config_loads():
         + KEY % "scopes: ['posts:read', '*:list'], roles: [guest]"
         + "users: {jwt: {algorithms: [HS256, HS384], secret: "
         + SECRET * 2
-        + ", issuer: me, leeway: 30s}}\n"
+        + ", issuer: me, audience: any, leeway: 30s}}\n"
         + 'roles: {guest: {"*": [read, list], "!audit_log": []}}\n'
         + "system_tables: [users]\n"
     )
@@ -405,7 +405,11 @@ def test_public_key_file_verifies_es256_and_refuses_a_key_of_another_type(tmp_pa
     (tmp_path / "ec.pem").write_bytes(pem)
     source = str(tmp_path / "t.yaml")
     config = parse_config(
-        BASE + "users: {jwt: {algorithms: [ES256], public_key_file: ec.pem}}\n", source, {}
+        BASE
+        + "users: {jwt: {algorithms: [ES256], public_key_file: ec.pem,"
+        + " issuer: any, audience: any}}\n",
+        source,
+        {},
     )
     assert config.users is not None
     token = jwt.encode({"sub": "carol", "exp": NOW + 60}, private, "ES256")
@@ -415,6 +419,10 @@ def test_public_key_file_verifies_es256_and_refuses_a_key_of_another_type(tmp_pa
     assert config.users.verify(forged, NOW).code == "INVALID_TOKEN"
     with pytest.raises(ConfigError) as info:
         parse_config(
-            BASE + "users: {jwt: {algorithms: [RS256], public_key_file: ec.pem}}\n", source, {}
+            BASE
+            + "users: {jwt: {algorithms: [RS256], public_key_file: ec.pem,"
+            + " issuer: any, audience: any}}\n",
+            source,
+            {},
         )
     assert "cannot verify RS256" in str(info.value)

@@ -35,6 +35,7 @@ def config(*key_lines: str, users: bool = False) -> object:
     )
     if users:
         text += "\nusers:\n  jwt:\n    algorithms: [HS256]\n    secret: ${S}\n"
+        text += "    issuer: any\n    audience: any\n"
     return parse_config(text, "candidate.yaml", {"S": "x" * 40})
 
 

@@ -319,7 +319,9 @@ def test_an_explicit_deny_wins_across_roles(upstream: UpstreamServer, tmp_path: 
         "editor": {"*": ["create", "read", "update", "delete", "list"]},
         "auditor": {"*": ["read", "list"], "!comments": []},
     }
-    config["users"] = {"jwt": {"algorithms": ["HS256"], "secret": SECRET}}
+    config["users"] = {
+        "jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "any", "audience": "any"}
+    }
     kp = start_keyproxy(tmp_path, config)
     try:
         key = KEYS["two-roles"]
@@ -384,6 +386,7 @@ def test_rs256_tokens_with_a_jwks_that_rotates_and_goes_down(
             "algorithms": ["RS256"],
             "jwks_url": f"http://127.0.0.1:{jwks_port}/jwks.json",
             "issuer": ISSUER,
+            "audience": "any",
             "jwks_refresh": "1h",
             "jwks_min_refresh": "1s",
         }
@@ -486,7 +489,9 @@ def test_self_records_against_a_real_backend(demo_backend: int, tmp_path: Path):
     config["keys"] = [
         {"id": "app", "hash": digest(KEYS["guest"]), "type": "admin", "roles": ["anonymous"]},
     ]
-    config["users"] = {"jwt": {"algorithms": ["HS256"], "secret": SECRET}}
+    config["users"] = {
+        "jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "any", "audience": "any"}
+    }
     config["roles"] = {
         "anonymous": {"*": []},
         "user": {

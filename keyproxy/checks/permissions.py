@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import Awaitable
-from urllib.parse import quote
+from fnmatch import fnmatchcase
+from urllib.parse import quote, unquote
 
 import aiohttp
 from yarl import URL
@@ -17,31 +18,63 @@ from yarl import URL
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
 from keyproxy.policy.paths import param_readings
-from keyproxy.policy.permissions import DENIED, FULL, key_roles, scope_allows, table_name
+from keyproxy.policy.permissions import (
+    ANY_TABLE,
+    DENIED,
+    FULL,
+    NOT_A_TABLE,
+    key_roles,
+    request_name,
+    scope_allows,
+    table_name,
+    table_position,
+)
 from keyproxy.request import Deny, RequestContext
 
 #: Largest record read to find its owner.
 MAX_RECORD_BYTES = 1024 * 1024
 
 
-def request_table(ctx: RequestContext) -> str | None:
-    """The table the request names (the route's `{table}`), compared in one spelling."""
+def request_table(ctx: RequestContext) -> str:
+    """The table the route's table parameter names, read strictly for granting.
+
+    ANY_TABLE when the segment targets several tables (`a,b`, `a*`, `_all`) or the
+    route names no table at all (the body may name any); NOT_A_TABLE when it is
+    no exact lower-case name.
+    """
     if ctx.table is None:
         route, target = ctx.route, ctx.target
         assert route is not None and target is not None
-        if "{table}" in route.segments:
-            segment = target.segments[route.segments.index("{table}")]
+        position = table_position(route.segments)
+        if position is None:
+            ctx.table = ANY_TABLE
+        else:
+            segment = target.segments[position]
             name = _TABLE_NAMES.get(segment)
             if name is None:
                 if len(_TABLE_NAMES) >= 4096:
                     _TABLE_NAMES.clear()
-                name = _TABLE_NAMES[segment] = table_name(segment)
+                name = _TABLE_NAMES[segment] = request_name(segment)
             ctx.table = name
     return ctx.table
 
 
 #: Path segment -> table name: a few tables are named over and over (bounded).
 _TABLE_NAMES: dict[str, str] = {}
+
+
+def _not_a_table(ctx: RequestContext) -> Deny:
+    route, target = ctx.route, ctx.target
+    assert route is not None and target is not None
+    position = table_position(route.segments)
+    shown = target.segments[position] if position is not None else ""
+    shown = shown if len(shown) <= 64 else shown[:64] + "..."
+    return Deny(
+        400,
+        "INVALID_PATH",
+        f"'{shown}' is not a table name keyproxy can decide on: write the table in "
+        "lower case letters, digits, _ and - only",
+    )
 
 
 def check_scopes(ctx: RequestContext) -> Deny | None:
@@ -58,18 +91,36 @@ def check_scopes(ctx: RequestContext) -> Deny | None:
             f"API key scope does not cover {route.match}: the route names no op",
         )
     table = request_table(ctx)
+    if table == NOT_A_TABLE:
+        return _not_a_table(ctx)
     if scope_allows(scopes, table, op):
         return None
-    return Deny(403, "SCOPE_INSUFFICIENT", f"API key scope does not include {table or '*'}:{op}")
+    return Deny(403, "SCOPE_INSUFFICIENT", f"API key scope does not include {table}:{op}")
 
 
 def system_table_in(ctx: RequestContext, tables: frozenset[str]) -> str | None:
-    """A system table any segment of the canonical path could name, in any spelling."""
-    assert ctx.target is not None
-    for segment in ctx.target.segments:
-        name = table_name(segment)
-        if name in tables:
-            return name
+    """A system table the request could reach, in any spelling (read leniently: deny only).
+
+    Every path segment is read the way the most lenient backend would, each part of
+    a `,` list on its own, a `*` pattern as every table it could match; and the
+    route's table segment naming several tables (`_all`) reaches them all.
+    """
+    route, target = ctx.route, ctx.target
+    assert route is not None and target is not None
+    position = table_position(route.segments)
+    if position is not None and request_table(ctx) == ANY_TABLE:
+        return min(tables)
+    for segment in target.segments:
+        for part in segment.split(",") if "," in segment else (segment,):
+            if "*" in part or "%2a" in part.lower():
+                pattern = unquote(part).lower()
+                hit = next((t for t in sorted(tables) if fnmatchcase(t, pattern)), None)
+                if hit is not None:
+                    return hit
+                continue
+            name = table_name(part)
+            if name in tables:
+                return name
     return None
 
 
@@ -80,28 +131,52 @@ def check_roles(ctx: RequestContext) -> Deny | None:
     key, route = ctx.key, ctx.route
     assert key is not None and route is not None
     admin = key.type is KeyType.ADMIN
-    if permissions.system_tables and not admin:
-        hit = system_table_in(ctx, permissions.system_tables)
-        if hit is not None:
+    op = route.op
+    if not admin:
+        if permissions.system_tables:
+            hit = system_table_in(ctx, permissions.system_tables)
+            if hit is None and op is not None and request_table(ctx) == ANY_TABLE:
+                hit = min(permissions.system_tables)
+            if hit is not None:
+                return Deny(
+                    403,
+                    "SYSTEM_TABLE_ACCESS",
+                    f"'{hit}' is a system table: only admin keys reach it",
+                )
+        if op is None and not route.no_table_op:
             return Deny(
                 403,
-                "SYSTEM_TABLE_ACCESS",
-                f"'{hit}' is a system table: only admin keys reach it",
+                "PERMISSION_DENIED",
+                f"{route.match} names no op: with roles, users or system tables configured "
+                "only admin keys use such a route",
             )
+        if op is not None and request_table(ctx) == NOT_A_TABLE:
+            return _not_a_table(ctx)
     if not permissions.roles_enabled:
         return None
     roles = key_roles(key.roles, admin)
     if ctx.token_roles:
         roles = roles + tuple([r for r in ctx.token_roles if r not in roles])
     ctx.roles = roles
-    op = route.op
     if op is None:
-        return None  # not a table operation: the key's type and ACLs decide
+        return None  # `op: none` (or an admin key): not a table operation
     table = request_table(ctx)
+    if table == NOT_A_TABLE:
+        # a spelling no grant covers; a `!table` deny still reads it leniently
+        position = table_position(route.segments)
+        assert position is not None and ctx.target is not None
+        lenient = table_name(ctx.target.segments[position])
+        if permissions.allows(roles, lenient, op) is DENIED:
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"roles [{', '.join(roles)}] do not allow {op} on {lenient}",
+            )
+        return _not_a_table(ctx)
     verdict = permissions.allows(roles, table, op)
     if verdict is FULL:
         return None
-    what = f"roles [{', '.join(roles)}] do not allow {op} on {table or 'this route'}"
+    what = f"roles [{', '.join(roles)}] do not allow {op} on {table}"
     if verdict is DENIED:
         return Deny(403, "PERMISSION_DENIED", what)
     if ctx.user is None:

@@ -151,6 +151,8 @@ class Route:
     acl: str
     op: str | None = None
     access: Access | None = None  # explicit override; None means "by method"
+    #: `op: none`: the route says it is no table operation (roles and own records skip it).
+    no_table_op: bool = False
     allow_method_override: bool = False
     line: int = 0
     query: QueryRule | None = None  # None: any query parameter

@@ -10,6 +10,7 @@ from yaml.nodes import Node
 from keyproxy.config.model import OPS, Access, KeyType, QueryRule, Route
 from keyproxy.config.yaml_reader import Reader, line_of, show
 from keyproxy.policy import routes
+from keyproxy.policy.permissions import TABLE_PARAMS
 from keyproxy.response.fields import DocumentPath
 
 _ROUTE_FIELDS = frozenset(
@@ -77,7 +78,10 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
     pattern = None
     if "match" in fields:
         pattern = _route_pattern(r, fields["match"], f"{where}.match")
-    op = r.choice(fields["op"], f"{where}.op", OPS) if "op" in fields else None
+    op = r.choice(fields["op"], f"{where}.op", (*OPS, "none")) if "op" in fields else None
+    no_table_op = op == "none"
+    if no_table_op:
+        op = None
     access = (
         r.choice(fields["access"], f"{where}.access", ("read", "write"))
         if "access" in fields
@@ -128,6 +132,8 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
             " has one method",
             'list every method the override may ask for, like match: "POST|PUT|DELETE /x/{id}"',
         )
+    if pattern is not None and op is not None:
+        _op_fits(r, fields["op"], where, op, access, pattern)
     if len(r.issues) != before or pattern is None or acl is None:
         return None, acl
     text, methods, segments = pattern
@@ -138,6 +144,7 @@ def _route(r: Reader, node: Node, index: int) -> tuple[Route | None, str | None]
         segments=segments,
         acl=acl,
         op=op,
+        no_table_op=no_table_op,
         access=Access(access) if access else None,
         allow_method_override=bool(override),
         line=line_of(node) or 0,
@@ -185,6 +192,48 @@ def _query_rule(r: Reader, node: Node, where: str) -> QueryRule | None:
         return None
     lowered = frozenset(name.lower() for _, name in names)
     return QueryRule(allow=lowered) if kind == "allow" else QueryRule(deny=lowered)
+
+
+#: The methods each `op:` may be sent with: a route decided as a read must not delete.
+_OP_METHODS = {
+    "read": frozenset({"GET", "HEAD"}),
+    "list": frozenset({"GET", "HEAD"}),
+    "create": frozenset({"POST", "PUT"}),
+    "update": frozenset({"PUT", "PATCH", "POST"}),
+    "delete": frozenset({"DELETE"}),
+}
+
+
+def _op_fits(
+    r: Reader,
+    node: Node,
+    where: str,
+    op: str,
+    access: str | None,
+    pattern: tuple[str, frozenset[str], tuple[str, ...]],
+) -> None:
+    """The route's methods must all be ones its `op` describes, and it names one table."""
+    text, _, segments = pattern
+    allowed = _OP_METHODS[op]
+    if op in ("read", "list") and access == "read":
+        allowed = allowed | {"POST"}  # a POST that only reads, like _search
+    wrong = sorted(set(_written_methods(text)) - allowed)
+    if wrong:
+        r.issue(
+            node,
+            f"{where}.op",
+            f"op: {op} does not fit method {', '.join(wrong)}: the request would be decided"
+            f" as a {op}",
+            f"split the route: op: {op} takes {'|'.join(sorted(allowed))}"
+            + ("; a read-only POST needs access: read" if op in ("read", "list") else ""),
+        )
+    if sum(1 for s in segments if s in TABLE_PARAMS) > 1:
+        r.issue(
+            node,
+            f"{where}.op",
+            "the route names more than one table parameter; keyproxy would decide on one only",
+            "keep one of {table}, {index}, {collection}",
+        )
 
 
 def _route_pattern(

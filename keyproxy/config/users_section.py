@@ -57,8 +57,12 @@ def _algorithms(r: Reader, node: Node, where: str) -> tuple[str, ...] | None:
         if name not in ALGORITHMS:
             ok = False
             hint = did_you_mean(name, ALGORITHMS) or "accepted: " + ", ".join(ALGORITHMS)
-            what = "'none' is never accepted" if name.lower() == "none" else f"{name!r} is not"
-            r.issue(item, f"{where}[{position}]", f"{what} an accepted algorithm", hint)
+            message = (
+                "'none' is never accepted: it means an unsigned token"
+                if name.lower() == "none"
+                else f"{name!r} is not an accepted algorithm"
+            )
+            r.issue(item, f"{where}[{position}]", message, hint)
     return tuple(name for _, name in items) if ok else None
 
 
@@ -182,12 +186,23 @@ def read_users(r: Reader, node: Node | None, base_dir: str = "") -> TokenVerifie
     if ("jwks_refresh" in f or "jwks_min_refresh" in f) and "jwks_url" not in f:
         name = "jwks_refresh" if "jwks_refresh" in f else "jwks_min_refresh"
         r.issue(f[name], f"{where}.{name}", "only applies with jwks_url", "remove it")
+    for name, example in (("issuer", "https://login.example.com/"), ("audience", "my-api")):
+        # A token another application asked for must not log in here: both are
+        # checked unless the file says, explicitly, that any value will do.
+        if name not in f:
+            r.issue(
+                jwt_node,
+                where,
+                f"'{name}' is required: without it a token issued for another application"
+                " would be accepted",
+                f"like {name}: {example} (or {name}: any to accept every {name})",
+            )
     for name in ("issuer", "audience", "user_claim", "roles_claim"):
         if name in f:
             value = r.text(f[name], f"{where}.{name}")
             if value == "":
                 r.issue(f[name], f"{where}.{name}", "is empty", "write a value, or remove it")
-            values[name] = value
+            values[name] = None if name in ("issuer", "audience") and value == "any" else value
     if "leeway" in f:
         values["leeway"] = r.duration(f["leeway"], f"{where}.leeway", allow_zero=True, maximum=300)
     if "jwks_refresh" in f:

@@ -31,6 +31,11 @@ SELF = "self"  # only records the caller owns
 DENIED = "denied"
 
 _NAME_END = re.compile(r"[^a-z0-9_-]")
+_EXACT_NAME = re.compile(r"[a-z0-9_-]+")
+#: Route parameters that name the request's table.
+TABLE_PARAMS = frozenset({"{table}", "{index}", "{collection}"})
+#: `request_name` of a segment that is neither one exact table name nor a multi-target one.
+NOT_A_TABLE = ""
 #: Verdicts remembered per snapshot; table names come from client paths, so it is bounded.
 _MEMO_LIMIT = 4096
 
@@ -45,6 +50,28 @@ def table_name(segment: str) -> str:
     name = unquote(segment).lower() if "%" in segment else segment.lower()
     cut = _NAME_END.search(name)
     return name if cut is None else name[: cut.start()]
+
+
+def request_name(segment: str) -> str:
+    """The table a path segment names when it is used to GRANT access.
+
+    Only an exact lower-case `[a-z0-9_-]+` name is one table. A spelling a backend
+    reads as several tables (`posts,users`, `use*`, `_all`) is ANY_TABLE, so only a
+    grant on every table covers it; any other spelling (`POSTS`, `posts.json`,
+    escapes) is NOT_A_TABLE and refused, since keyproxy cannot know which table the
+    upstream will read. The lenient `table_name` stays for deny checks only.
+    """
+    if "," in segment or "*" in segment or segment.startswith("_"):
+        return ANY_TABLE
+    return segment if _EXACT_NAME.fullmatch(segment) else NOT_A_TABLE
+
+
+def table_position(segments: tuple[str, ...]) -> int | None:
+    """Where a route pattern names its table (`{table}`, `{index}`, `{collection}`)."""
+    for position, segment in enumerate(segments):
+        if segment in TABLE_PARAMS:
+            return position
+    return None
 
 
 class Grant(NamedTuple):
@@ -118,7 +145,11 @@ class Permissions:
 
     def _decide(self, roles: tuple[str, ...], table: str | None, op: str) -> str:
         known = [self.roles[name] for name in roles if name in self.roles]
-        if table is not None and any(table in role.denied for role in known):
+        if table == ANY_TABLE or table is None:
+            # every table is touched: any table a role denies denies the request
+            if any(role.denied for role in known):
+                return DENIED
+        elif any(table in role.denied for role in known):
             return DENIED
         verdict = DENIED
         for role in known:
