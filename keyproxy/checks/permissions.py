@@ -17,7 +17,14 @@ from yarl import URL
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
 from keyproxy.policy.paths import param_readings
-from keyproxy.policy.permissions import DENIED, FULL, key_roles, scope_allows, table_name
+from keyproxy.policy.permissions import (
+    DENIED,
+    FULL,
+    key_roles,
+    scope_allows,
+    table_name,
+    upstream_user_id,
+)
 from keyproxy.request import Deny, RequestContext
 
 #: Largest record read to find its owner.
@@ -184,7 +191,8 @@ class OwnershipCheck:
         except ValueError:
             return Deny(502, "UPSTREAM_UNAVAILABLE", "the record's owner could not be read")
         owner = record.get(owner_field) if isinstance(record, dict) else None
-        if isinstance(owner, str) and owner == user:
+        # The stored owner is what the upstream was told: the upstream form of the id.
+        if isinstance(owner, str) and owner == upstream_user_id(user):
             return None
         return Deny(
             403,

@@ -18,7 +18,7 @@ from keyproxy.config.model import Config, KeyType, Route
 from keyproxy.policy.clientip import peer_is_trusted
 from keyproxy.policy.credentials import strip_query_param
 from keyproxy.policy.headers import FORWARDED_PREFIX, METHOD_OVERRIDE, REQUEST_DROP
-from keyproxy.policy.permissions import key_roles
+from keyproxy.policy.permissions import key_roles, upstream_user_id
 from keyproxy.request import RequestContext
 from keyproxy.response.body_links import (
     BodyScrubFactory,
@@ -240,17 +240,15 @@ class ForwardPlan:
 def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
     """`upstream.identity_headers`: who calls, as keyproxy established it.
 
-    A user id is printable but may be non-ASCII: it is sent percent-encoded (UTF-8)
-    where needed, so a header value never carries bytes a backend could misread.
+    A user id is sent in its upstream form (`upstream_user_id`), the one the owner
+    check and the list filter compare with.
     """
     lines = []
     for kind, name in names:
         if kind == "key_id":
             value = ctx.key.id if ctx.key is not None else ""
         elif kind == "user":
-            value = ctx.user or ""
-            if not value.isascii() or "%" in value:
-                value = quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+            value = upstream_user_id(ctx.user) if ctx.user else ""
         else:
             roles = ctx.roles
             if not roles and ctx.key is not None:  # step 7 is off: the same rule, here

@@ -1,0 +1,116 @@
+"""Self records and the user id the upstream sees, through `keyproxy serve` in front of
+the real demo backend: one upstream form of the id for the identity header, the list
+filter and the owner check; `%` and control characters refused in token user ids."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from keyproxy.policy.permissions import SelfRecords, upstream_user_id
+from keyproxy.policy.users import JwtSettings, TokenVerifier
+from keyproxy.request import Deny
+from tests.procs import spawn
+from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
+
+SECRET = "hs256-secret-for-self-identity-0123456789"
+DEMO_SECRET = "demo-backend-secret-for-self-identity"
+APP_KEY = "sk_" + "d" * 64
+ROUTES = [
+    {"match": "GET /v1/data/{table}", "acl": "search", "op": "list"},
+    {"match": "GET /v1/data/{table}/{id}", "acl": "get", "op": "read"},
+    {"match": "POST /v1/data/{table}", "acl": "index", "op": "create"},
+    {"match": "PATCH /v1/data/{table}/{id}", "acl": "index", "op": "update"},
+    {"match": "DELETE /v1/data/{table}/{id}", "acl": "delete", "op": "delete"},
+]
+
+
+def token(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def as_user(sub: str) -> list[tuple[str, str]]:
+    return [("X-API-Key", APP_KEY), ("Authorization", f"Bearer {token(sub)}")]
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    process, match = spawn(
+        [sys.executable, str(Path(__file__).with_name("demo_upstream.py")), DEMO_SECRET],
+        ready=r"READY (\d+)",
+        name="demo-backend",
+    )
+    assert match is not None
+    try:
+        yield int(match.group(1))
+    finally:
+        process.stop()
+
+
+def self_config(port: int) -> dict[str, Any]:
+    config = base_config(f"http://127.0.0.1:{port}", {"headers": {"X-API-Key": DEMO_SECRET}})
+    config["routes"] = ROUTES
+    config["keys"] = [
+        {"id": "app", "hash": digest(APP_KEY), "type": "admin", "roles": ["anonymous"]}
+    ]
+    config["users"] = {"jwt": {"algorithms": ["HS256"], "secret": SECRET}}
+    config["roles"] = {
+        "anonymous": {"*": []},
+        "user": {"posts": ["create", "list:self", "read:self", "update:self", "delete:self"]},
+    }
+    config["self"] = {"owner_field": "createdBy", "list_filter": {"query": {"createdBy": "{user}"}}}
+    config["upstream"]["identity_headers"] = {"user": "X-Keyproxy-User"}
+    return config
+
+
+@pytest.fixture
+def proxy(backend: int, tmp_path: Path) -> Iterator[Keyproxy]:
+    kp = start_keyproxy(tmp_path, self_config(backend))
+    yield kp
+    kp.stop()
+
+
+def test_upstream_user_id_is_one_form():
+    assert upstream_user_id("alice") == "alice"
+    assert upstream_user_id("jörg") == "j%C3%B6rg"
+    records = SelfRecords("createdBy", (("createdBy", "{user}"),))
+    # the filter carries the upstream form, query-encoded once more
+    assert records.filter_query("jörg") == "createdBy=j%25C3%25B6rg"
+
+
+@pytest.mark.parametrize("sub", ["j%C3%B6rg", "100%", "bob\x00", "bob\x1b[0m", "a\x85b"])
+def test_percent_and_control_characters_refused_in_user_ids(sub: str):
+    verifier = TokenVerifier(JwtSettings(algorithms=("HS256",), secret=SECRET))
+    result = verifier.verify(token(sub), time.time())
+    assert isinstance(result, Deny) and result.status == 401
+    assert result.code == "INVALID_TOKEN" and "user id" in result.message
+
+
+def test_non_ascii_user_owns_their_records_and_a_percent_spelling_is_refused(proxy: Keyproxy):
+    status, _, body, _ = proxy.request(
+        "POST", "/v1/data/posts", as_user("jörg"), body=b'{"title": "private diary"}'
+    )
+    assert status == 201, body
+    record = json.loads(body)
+    assert record["createdBy"] == "j%C3%B6rg"  # the upstream form, from the identity header
+    path = f"/v1/data/posts/{record['id']}"
+    # jörg reads, lists, updates his record (the owner check compares upstream forms)
+    status, _, body, _ = proxy.request("GET", path, as_user("jörg"))
+    assert status == 200 and b"private diary" in body, body
+    status, _, body, _ = proxy.request("GET", "/v1/data/posts", as_user("jörg"))
+    assert status == 200 and [r["id"] for r in json.loads(body)] == [record["id"]], body
+    status, _, body, _ = proxy.request("PATCH", path, as_user("jörg"), body=b'{"title": "t"}')
+    assert status == 200, body
+    # a user literally named "j%C3%B6rg" is refused at the token, everywhere
+    for method, target in (("GET", path), ("GET", "/v1/data/posts"), ("DELETE", path)):
+        status, _, body, _ = proxy.request(method, target, as_user("j%C3%B6rg"))
+        assert (status, error_of(body)) == (401, "INVALID_TOKEN"), (method, target, body)
+        assert b"user id" in body
+    assert proxy.request("GET", path, as_user("jörg"))[0] == 200
