@@ -14,10 +14,12 @@ from typing import Any
 import jwt
 import pytest
 
+from keyproxy.config.errors import ConfigError
+from keyproxy.config.load import parse_config
 from keyproxy.policy.permissions import SelfRecords, upstream_user_id
 from keyproxy.policy.users import JwtSettings, TokenVerifier
 from keyproxy.request import Deny
-from tests.procs import spawn
+from tests.procs import spawn, start_upstream
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "hs256-secret-for-self-identity-0123456789"
@@ -114,3 +116,57 @@ def test_non_ascii_user_owns_their_records_and_a_percent_spelling_is_refused(pro
         assert (status, error_of(body)) == (401, "INVALID_TOKEN"), (method, target, body)
         assert b"user id" in body
     assert proxy.request("GET", path, as_user("jörg"))[0] == 200
+
+
+# ------------------------------------------------------------ the owner comes from keyproxy
+
+SELF_BASE = """\
+upstream:
+  url: http://127.0.0.1:3000
+{identity}routes:
+  - {{match: "GET /v1/data/{{table}}", acl: search, op: list}}
+self: {{owner_field: createdBy, list_filter: {{query: {{createdBy: "{{user}}"}}}}}}
+"""
+
+
+def test_self_section_requires_the_user_identity_header():
+    with pytest.raises(ConfigError) as info:
+        parse_config(SELF_BASE.format(identity=""), "t.yaml", {})
+    (issue,) = info.value.issues
+    assert issue.where == "self" and issue.line == 5
+    assert "identity_headers.user" in issue.message and "X-Keyproxy-User" in (issue.hint or "")
+    with pytest.raises(ConfigError):  # key_id alone is not the owner
+        parse_config(
+            SELF_BASE.format(identity="  identity_headers: {key_id: X-Keyproxy-Key-Id}\n"),
+            "t.yaml",
+            {},
+        )
+    config = parse_config(
+        SELF_BASE.format(identity="  identity_headers: {user: X-Keyproxy-User}\n"), "t.yaml", {}
+    )
+    assert config.permissions is not None and config.permissions.self_records is not None
+
+
+def test_client_identity_headers_are_dropped_even_when_none_are_configured(tmp_path: Path):
+    with start_upstream() as upstream:
+        config = base_config(upstream.url, upstream.inject())
+        config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search"}]
+        config["keys"] = [{"id": "reader", "hash": digest(APP_KEY), "type": "read"}]
+        assert "identity_headers" not in config["upstream"]
+        kp = start_keyproxy(tmp_path, config)
+        try:
+            spoof = [
+                ("X-Keyproxy-User", "bob"),
+                ("x-keyproxy-roles", "admin"),
+                ("X-KEYPROXY-KEY-ID", "admin"),
+                ("X-Keyproxy-Anything", "x"),
+                ("X-Keyproxy", "kept"),  # not an identity name
+            ]
+            status, _, body, _ = kp.request("GET", "/v1/data/posts", spoof, key=APP_KEY)
+            assert status == 200, body
+            (record,) = upstream.records()
+            names = [name.lower() for name, _ in record["headers"]]
+            assert not [n for n in names if n.startswith("x-keyproxy-")], names
+            assert "x-keyproxy" in names
+        finally:
+            kp.stop()

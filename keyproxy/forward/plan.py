@@ -17,7 +17,7 @@ from urllib.parse import quote
 from keyproxy.config.model import Config, KeyType, Route
 from keyproxy.policy.clientip import peer_is_trusted
 from keyproxy.policy.credentials import strip_query_param
-from keyproxy.policy.headers import FORWARDED_PREFIX, METHOD_OVERRIDE, REQUEST_DROP
+from keyproxy.policy.headers import DROPPED_PREFIXES, METHOD_OVERRIDE, REQUEST_DROP
 from keyproxy.policy.permissions import key_roles, upstream_user_id
 from keyproxy.request import RequestContext
 from keyproxy.response.body_links import (
@@ -207,7 +207,7 @@ class ForwardPlan:
         trusted = plan.trusted_proxies is not None and plan.peer_is_trusted(ctx.peer_ip)
         for name, value in request.raw_headers:
             lname = name.lower()
-            if lname in drop or lname in tokens or lname.startswith(FORWARDED_PREFIX):
+            if lname in drop or lname in tokens or lname.startswith(DROPPED_PREFIXES):
                 if lname == b"host":
                     host = value
                 elif trusted:
