@@ -5,6 +5,7 @@ filter and the owner check; `%` and control characters refused in token user ids
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -170,3 +171,48 @@ def test_client_identity_headers_are_dropped_even_when_none_are_configured(tmp_p
             assert "x-keyproxy" in names
         finally:
             kp.stop()
+
+
+# ------------------------------------------------- a record that changes hands mid-request
+
+
+def _slow_patch(
+    proxy: Keyproxy, path: str, sub: str, body: bytes, extra: str = ""
+) -> socket.socket:
+    head = (
+        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {APP_KEY}\r\n"
+        f"Authorization: Bearer {token(sub)}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    sock.sendall(head)
+    return sock
+
+
+@pytest.mark.parametrize("client_if_match", ["", "If-Match: *\r\n"])
+def test_a_self_update_fails_when_the_record_changed_hands_after_the_owner_check(
+    proxy: Keyproxy, client_if_match: str
+):
+    body = b'{"title": "defaced by alice"}'
+    sock = _slow_patch(proxy, "/v1/data/posts/3", "alice", body, client_if_match)
+    time.sleep(0.5)  # the owner check (post 3 is alice's) has run on the head
+    assert proxy.request("DELETE", "/v1/data/posts/3", as_user("alice"))[0] == 204
+    status, _, created, _ = proxy.request(
+        "POST", "/v1/data/posts", as_user("bob"), body=b'{"title": "bob\'s new post"}'
+    )
+    assert status == 201 and json.loads(created)["id"] == 3  # the backend reuses the id
+    sock.sendall(body)
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 412"), answer[:200]
+    status, _, now, _ = proxy.request("GET", "/v1/data/posts/3", as_user("bob"))
+    assert status == 200 and json.loads(now)["title"] == "bob's new post"
+
+
+def test_a_self_update_of_an_unchanged_record_carries_its_etag(proxy: Keyproxy):
+    sock = _slow_patch(proxy, "/v1/data/posts/1", "alice", b'{"title": "t"}')
+    time.sleep(0.2)
+    sock.sendall(b'{"title": "t"}')
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

@@ -36,6 +36,9 @@ from keyproxy.response.links import build_chain
 SCAN_DROP = frozenset({b"accept-encoding"})
 FILTER_DROP = frozenset({b"accept-encoding", b"range", b"if-range"})
 IDENTITY_LINE = b"Accept-Encoding: identity\r\n"
+#: Dropped from a self-only write, which carries keyproxy's own If-Match (the record's
+#: ETag at the owner check): a client's `If-Match: *` would otherwise match any record.
+IF_MATCH = frozenset({b"if-match"})
 
 
 class ClientRequest(Protocol):
@@ -198,6 +201,9 @@ class ForwardPlan:
         )
         if work is not None:
             drop = self.drops[drop is plan.request_drop, work]
+        etag = ctx.owner_etag
+        if etag is not None:  # a self-only write: only keyproxy's If-Match goes upstream
+            drop = drop | IF_MATCH
         tokens = request.connection_tokens
         parts = [f"{ctx.method} {plan.upstream_target(ctx)} HTTP/1.1\r\n".encode(), plan.host_line]
         append = parts.append
@@ -226,6 +232,8 @@ class ForwardPlan:
         if plan.identity_headers:
             append(identity_block(ctx, plan.identity_headers))
         append(plan.inject_block)
+        if etag is not None:
+            append(b"If-Match: " + etag + b"\r\n")
         if work is not None:
             append(IDENTITY_LINE)
         if request.chunked:
