@@ -59,3 +59,33 @@ def test_cached_tokens_of_a_removed_key_are_refused_after_the_refresh(tmp_path: 
         finally:
             kp.stop()
             jwks.stop()
+
+
+def test_verifier_forgets_only_tokens_of_changed_keys():
+    """The pure part: a JWKS generation change drops the cached tokens whose kid is gone
+    or whose key was replaced, and keeps the others (no network: the refresh is not due)."""
+    from keyproxy.jwks import JwksCache
+    from keyproxy.policy.users import Identity, JwtSettings, TokenVerifier
+
+    first, second, third = _rsa(), _rsa(), _rsa()
+    cache = JwksCache("http://127.0.0.1:9/jwks.json")
+    cache._jwks = {"k1": _jwk(first, "k1"), "k2": _jwk(second, "k2")}
+    cache.last_attempt = time.monotonic()
+    settings = JwtSettings(
+        algorithms=("RS256",), jwks_url=cache.url, audience="api", jwks_min_refresh=3600
+    )
+    verifier = TokenVerifier(settings, cache)
+    now = time.time()
+    t1, t2 = rs(first, "k1"), rs(second, "k2")
+    assert isinstance(verifier.verify(t1, now), Identity)
+    assert isinstance(verifier.verify(t2, now), Identity)
+    assert len(verifier.cache) == 2
+    cache._jwks, cache.keys = {"k2": _jwk(second, "k2")}, {}  # what a refresh does
+    cache.generation += 1
+    assert isinstance(verifier.verify(t2, now), Identity)
+    assert len(verifier.cache) == 1  # k1's token forgotten
+    assert not isinstance(verifier.verify(t1, now), Identity)
+    cache._jwks, cache.keys = {"k2": _jwk(third, "k2")}, {}  # same kid, another key
+    cache.generation += 1
+    assert not isinstance(verifier.verify(t2, now), Identity)
+    assert verifier.cache == {}
