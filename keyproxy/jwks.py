@@ -42,6 +42,7 @@ class JwksCache:
         "_inflight",
         "_jwks",
         "_task",
+        "generation",
         "keys",
         "last_attempt",
         "last_success",
@@ -56,6 +57,9 @@ class JwksCache:
         self._jwks: dict[str, dict[str, Any]] = {}
         #: (kid, alg) -> the parsed key, built on first use.
         self.keys: dict[tuple[str, str], PyJWK] = {}
+        #: Bumped whenever the published keys change: verifiers then forget the tokens
+        #: they cached under a key that is gone or changed.
+        self.generation = 0
         self.refreshes: Counter[str] = Counter()
         self.last_attempt = -1e18  # monotonic
         self.last_success: float | None = None
@@ -70,6 +74,10 @@ class JwksCache:
 
     def kids(self) -> list[str]:
         return list(self._jwks)
+
+    def published(self, kid: str) -> dict[str, Any] | None:
+        """The JWK members published under `kid` now, or None."""
+        return self._jwks.get(kid)
 
     def key(self, kid: str, alg: str) -> PyJWK | None:
         """The published key `kid` for `alg`, or None if unknown or of another type."""
@@ -113,6 +121,7 @@ class JwksCache:
             if jwks != self._jwks:
                 self._jwks = jwks
                 self.keys = {}
+                self.generation += 1
             self.last_success = time.monotonic()
             self.refreshes["ok"] += 1
         finally:

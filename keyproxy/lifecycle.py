@@ -20,6 +20,7 @@ from keyproxy.app import ProxyServer, freeze_long_lived
 from keyproxy.config import ConfigError
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.observability import log_event
+from keyproxy.observe import admin_exposure
 from keyproxy.wire.client import ClientConnection
 
 
@@ -92,6 +93,9 @@ async def serve(
         config=config.summary(),
         pid=os.getpid(),
     )
+    exposed = admin_exposure(config.server.admin_listen.host)
+    if exposed is not None:
+        log_event("warning", message=exposed)
     orphan_watch = None
     if link is not None:
         if config.rate_limits.store == "memory":

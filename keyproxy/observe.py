@@ -52,6 +52,7 @@ import asyncio
 import bisect
 import contextlib
 import io
+import ipaddress
 import os
 import sys
 import time
@@ -376,10 +377,40 @@ def _referer_origin(referer: str | None) -> str | None:
     return f"{scheme.lower()}://{host.lower()}"
 
 
+#: Longest query parameter name logged: a longer one is dropped, not cut (a prefix of a
+#: pasted secret is still a secret).
+MAX_LOGGED_NAME = 64
+#: Generated key prefixes: a name starting with one is a pasted key, never logged.
+_KEY_PREFIXES = ("pk_", "sk_")
+
+
 def _query_names(query: str | None) -> list[str] | None:
+    """Names of the `name=value` items only: a value-less item (`?pk_...`) may be a key
+    pasted into the URL, so it is never logged, nor a name that is long or looks like one."""
     if not query:
         return None
-    return [part.split("=", 1)[0] for part in query.split("&") if part]
+    names = []
+    for part in query.split("&"):
+        name, sep, _ = part.partition("=")
+        if sep and name and len(name) <= MAX_LOGGED_NAME and not name.startswith(_KEY_PREFIXES):
+            names.append(name)
+    return names or None
+
+
+def admin_exposure(host: str) -> str | None:
+    """A warning when `server.admin_listen` is not on loopback: its /metrics names key
+    ids (and /healthz, /readyz the process state) to whoever reaches that address."""
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (
+        f"server.admin_listen is on {host}, not loopback: /metrics (which names key ids) is "
+        "reachable from that network; bind it to 127.0.0.1 or firewall the port"
+    )
 
 
 #: Referer -> origin, remembered: a site's pages send a handful of distinct referers.
@@ -429,9 +460,7 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
                     "total_ms": int(total_s * 1e6) / 1000,
                     "referer_origin": origin,
                     "credential_source": source,
-                    "query_names": [p.split("=", 1)[0] for p in query.split("&") if p]
-                    if query
-                    else None,
+                    "query_names": _query_names(query),
                     "roles": None if roles is None else list(roles),
                     # The verified token's own roles, apart from the key's: replay re-decides
                     # steps 6-7 under a candidate that may change the key's roles.

@@ -157,6 +157,9 @@ class RequestContext:
     roles: tuple[str, ...] = ()  # the key's roles plus the token's (once step 7 has run)
     self_only: bool = False  # the roles allow this operation only on the caller's records
     owner_filter: str | None = None  # query parameters added to a self-only list request
+    #: The ETag of the record the owner check read before a self-only write: the write
+    #: is sent with `If-Match` so a record that changed since fails at the upstream.
+    owner_etag: bytes | None = None
     #: The response cache's key for this request (a `CacheKey`), once looked up.
     cache_key: Any = None
     vouched: Vouched | None = None  # explain/replay only: who step 1 takes the caller to be

@@ -349,7 +349,27 @@ def test_key_labels_first_n_then_other():
 def test_referer_origin_and_query_names_hold_no_values():
     assert _referer_origin("https://u:p@Site.example:8443/x?k=v#f") == "https://site.example:8443"
     assert _referer_origin("not a url") is None
-    assert _query_names("a=1&b&&api_key=sk_x") == ["a", "b", "api_key"]
+    # a value-less item ("b") is never logged: it may be a key pasted into the URL
+    assert _query_names("a=1&b&&api_key=sk_x") == ["a", "api_key"]
+
+
+def test_query_names_never_log_what_could_be_a_credential():
+    pasted = "pk_" + "1" * 64
+    assert _query_names(pasted) is None
+    assert _query_names(f"{pasted}=1&page=2") == ["page"]
+    assert _query_names("sk_short=1&b=") == ["b"]
+    assert _query_names("x" * 64 + "=1&" + "y" * 65 + "=1") == ["x" * 64]
+
+
+def test_access_log_drops_a_key_pasted_as_a_value_less_query_item(upstream, tmp_path, make):
+    kp = make(config_for(upstream, tmp_path))
+    pasted = "pk_" + "7" * 64
+    assert answer(kp, "GET", f"/echo/p?{pasted}&page=2", KEYS["reader"])[0] == 200
+    assert answer(kp, "GET", f"/echo/p?{'n' * 100}=v", KEYS["reader"])[0] == 200
+    first, second = read_log(tmp_path / "access.log", 2)
+    assert first["query_names"] == ["page"] and second["query_names"] is None
+    text = (tmp_path / "access.log").read_text()
+    assert "7" * 16 not in text and "n" * 65 not in text
 
 
 def test_merge_sums_workers():
@@ -395,3 +415,19 @@ def test_requests_refused_before_they_parse_are_counted_and_logged(upstream, tmp
         (431, "HEADERS_TOO_LARGE", "deny"),
     ]
     assert {line["method"] for line in lines} == {"GET"}
+
+
+def test_admin_listen_off_loopback_logs_a_warning_at_start(upstream, tmp_path, make):
+    from keyproxy.observe import admin_exposure
+
+    assert admin_exposure("127.0.0.1") is None and admin_exposure("::1") is None
+    assert admin_exposure("localhost") is None
+    assert "not loopback" in (admin_exposure("0.0.0.0") or "")
+    assert "not loopback" in (admin_exposure("admin.internal") or "")
+    config = config_for(upstream, tmp_path)
+    config["server"]["admin_listen"] = f"0.0.0.0:{free_port()}"
+    kp = make(config)
+    kp.process.wait_for_line(r'"event":"warning".*admin_listen', stream="stderr")
+    quiet = make(config_for(upstream, tmp_path))
+    assert answer(quiet, "GET", "/echo/a", KEYS["reader"])[0] == 200
+    assert "admin_listen" not in quiet.process.stderr

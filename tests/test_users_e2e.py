@@ -499,6 +499,7 @@ def test_self_records_against_a_real_backend(demo_backend: int, tmp_path: Path):
         },
     }
     config["self"] = {"owner_field": "createdBy", "list_filter": {"query": {"createdBy": "{user}"}}}
+    config["upstream"]["identity_headers"] = {"user": "X-Keyproxy-User"}
     kp = start_keyproxy(tmp_path, config)
     alice = bearer(token({"iss": None, "aud": None}))
     try:

@@ -7,6 +7,7 @@ without scopes, roles or system tables pays nothing more per request.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Awaitable
 from fnmatch import fnmatchcase
@@ -28,9 +29,12 @@ from keyproxy.policy.permissions import (
     scope_allows,
     table_name,
     table_position,
+    upstream_user_id,
 )
 from keyproxy.request import Deny, RequestContext
 
+#: An entity tag as RFC 9110 spells it (weak or strong): anything else is not sent back.
+_ETAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]{0,200}"')
 #: Largest record read to find its owner.
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -245,7 +249,7 @@ class OwnershipCheck:
         assert ctx.target is not None and ctx.route is not None
         shown = ctx.target.path if len(ctx.target.path) <= 120 else ctx.target.path[:120] + "..."
         try:
-            status, body = await self._read(config, ctx)
+            status, body, etag = await self._read(config, ctx)
         except TimeoutError:
             return Deny(504, "UPSTREAM_TIMEOUT", "the upstream did not answer the owner check")
         except (aiohttp.ClientError, OSError):
@@ -259,7 +263,10 @@ class OwnershipCheck:
         except ValueError:
             return Deny(502, "UPSTREAM_UNAVAILABLE", "the record's owner could not be read")
         owner = record.get(owner_field) if isinstance(record, dict) else None
-        if isinstance(owner, str) and owner == user:
+        # The stored owner is what the upstream was told: the upstream form of the id.
+        if isinstance(owner, str) and owner == upstream_user_id(user):
+            if etag is not None and ctx.route.op != "read":
+                ctx.owner_etag = etag
             return None
         return Deny(
             403,
@@ -267,7 +274,10 @@ class OwnershipCheck:
             f"only the record's owner may {ctx.route.op} {shown}",
         )
 
-    async def _read(self, config: Config, ctx: RequestContext) -> tuple[int, bytes | None]:
+    async def _read(
+        self, config: Config, ctx: RequestContext
+    ) -> tuple[int, bytes | None, bytes | None]:
+        """The record's status, body and ETag (a strong or weak entity tag, else None)."""
         up = config.upstream
         assert ctx.target is not None
         query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
@@ -298,9 +308,11 @@ class OwnershipCheck:
             ssl=tls if up.scheme == "https" else False,
         ) as response:
             if response.status != 200:
-                return response.status, None
+                return response.status, None, None
             body = await response.content.read(MAX_RECORD_BYTES + 1)
-            return 200, body if len(body) <= MAX_RECORD_BYTES else None
+            etag = response.headers.get("ETag")
+            tag = etag.encode() if etag is not None and _ETAG.fullmatch(etag) else None
+            return 200, body if len(body) <= MAX_RECORD_BYTES else None, tag
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -78,6 +78,26 @@ class Store:
     def __init__(self) -> None:
         self.tables: dict[str, list[JSONObject]] = copy.deepcopy(SEED)
         self.settings: dict[str, JSONObject] = {name: dict(_SETTINGS) for name in self.tables}
+        #: Each record's version (its ETag), by (table, id): a new version on every create
+        #: and update, so a record re-created under a reused id has another ETag.
+        self.versions: dict[tuple[str, str], int] = {}
+        self.serial = 0
+
+    def touch(self, name: str, record: JSONObject) -> None:
+        self.serial += 1
+        self.versions[name, str(record.get("id"))] = self.serial
+
+    def etag(self, name: str, record: JSONObject) -> str:
+        return f'"v{self.versions.get((name, str(record.get("id"))), 0)}"'
+
+    def check_if_match(self, request: web.Request, name: str, record: JSONObject) -> None:
+        """`If-Match` (RFC 9110): a write to a record that changed since is refused."""
+        wanted = request.headers.get("If-Match")
+        if wanted is None:
+            return
+        tags = [tag.strip() for tag in wanted.split(",")]
+        if "*" not in tags and self.etag(name, record) not in tags:
+            raise ApiError(412, "precondition_failed", "the record changed since it was read")
 
     def table(self, name: str) -> list[JSONObject]:
         if name not in self.tables:
@@ -97,6 +117,7 @@ class Store:
         next_id = max((r["id"] for r in rows if isinstance(r.get("id"), int)), default=0) + 1
         record = {**doc, "id": next_id}
         rows.append(record)
+        self.touch(name, record)
         return record
 
 
@@ -179,7 +200,9 @@ async def list_records(request: web.Request) -> web.Response:
 
 async def read_record(request: web.Request) -> web.Response:
     info = request.match_info
-    return web.json_response(request.app[STORE].find(info["table"], info["id"]))
+    store = request.app[STORE]
+    record = store.find(info["table"], info["id"])
+    return web.json_response(record, headers={"ETag": store.etag(info["table"], record)})
 
 
 #: Set by keyproxy (`upstream.identity_headers.user`) for a logged-in user.
@@ -201,17 +224,21 @@ async def create_record(request: web.Request) -> web.Response:
 
 async def update_record(request: web.Request) -> web.Response:
     info = request.match_info
-    record = request.app[STORE].find(info["table"], info["id"])
+    store = request.app[STORE]
+    record = store.find(info["table"], info["id"])
+    store.check_if_match(request, info["table"], record)
     changes = await _json_object(request)
     changes.pop("id", None)  # ids are the store's, not the client's
     record.update(changes)
-    return web.json_response(record)
+    store.touch(info["table"], record)
+    return web.json_response(record, headers={"ETag": store.etag(info["table"], record)})
 
 
 async def delete_record(request: web.Request) -> web.Response:
     info = request.match_info
     store = request.app[STORE]
     record = store.find(info["table"], info["id"])
+    store.check_if_match(request, info["table"], record)
     store.table(info["table"]).remove(record)
     return web.Response(status=204)
 

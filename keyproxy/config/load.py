@@ -32,7 +32,7 @@ from yaml.nodes import MappingNode, Node
 
 from keyproxy.config.errors import ConfigError, ConfigIssue
 from keyproxy.config.keys_section import KeyReader
-from keyproxy.config.model import Config, Route
+from keyproxy.config.model import Config, Route, Upstream
 from keyproxy.config.observe_section import read_log, read_metrics
 from keyproxy.config.rate_limits_section import read_rate_limits
 from keyproxy.config.response_sections import read_cache, read_cors
@@ -112,6 +112,20 @@ def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.Rou
         return None
 
 
+def _check_self_owner_header(r: Reader, node: Node, upstream: Upstream) -> None:
+    """Self records need the backend to learn the owner from keyproxy: without the user
+    identity header it could only take the owner from the client's own body or headers."""
+    if not any(kind == "user" for kind, _ in upstream.identity_headers):
+        r.issue(
+            node,
+            "self",
+            "self records need upstream.identity_headers.user: the backend must take a "
+            "record's owner from keyproxy, never from the client",
+            "add upstream: {identity_headers: {user: X-Keyproxy-User}} and have the backend "
+            "store that header's value as the owner",
+        )
+
+
 def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     try:
         root = _compose(text)
@@ -160,6 +174,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         any(key.roles is not None for key in key_reader.keys),
     )
     check_key_roles(r, key_reader.keys, permissions)
+    if "self" in sections and upstream is not None:
+        _check_self_owner_header(r, sections["self"], upstream)
     log_settings = read_log(r, sections.get("log"))
     metrics_settings = read_metrics(r, sections.get("metrics"))
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None

@@ -17,8 +17,8 @@ from urllib.parse import quote
 from keyproxy.config.model import Config, KeyType, Route
 from keyproxy.policy.clientip import peer_is_trusted
 from keyproxy.policy.credentials import strip_query_param
-from keyproxy.policy.headers import FORWARDED_PREFIX, METHOD_OVERRIDE, REQUEST_DROP
-from keyproxy.policy.permissions import key_roles
+from keyproxy.policy.headers import DROPPED_PREFIXES, METHOD_OVERRIDE, REQUEST_DROP
+from keyproxy.policy.permissions import key_roles, upstream_user_id
 from keyproxy.request import RequestContext
 from keyproxy.response.body_links import (
     BodyScrubFactory,
@@ -36,6 +36,9 @@ from keyproxy.response.links import build_chain
 SCAN_DROP = frozenset({b"accept-encoding"})
 FILTER_DROP = frozenset({b"accept-encoding", b"range", b"if-range"})
 IDENTITY_LINE = b"Accept-Encoding: identity\r\n"
+#: Dropped from a self-only write, which carries keyproxy's own If-Match (the record's
+#: ETag at the owner check): a client's `If-Match: *` would otherwise match any record.
+IF_MATCH = frozenset({b"if-match"})
 
 
 class ClientRequest(Protocol):
@@ -198,6 +201,9 @@ class ForwardPlan:
         )
         if work is not None:
             drop = self.drops[drop is plan.request_drop, work]
+        etag = ctx.owner_etag
+        if etag is not None:  # a self-only write: only keyproxy's If-Match goes upstream
+            drop = drop | IF_MATCH
         tokens = request.connection_tokens
         parts = [f"{ctx.method} {plan.upstream_target(ctx)} HTTP/1.1\r\n".encode(), plan.host_line]
         append = parts.append
@@ -207,7 +213,7 @@ class ForwardPlan:
         trusted = plan.trusted_proxies is not None and plan.peer_is_trusted(ctx.peer_ip)
         for name, value in request.raw_headers:
             lname = name.lower()
-            if lname in drop or lname in tokens or lname.startswith(FORWARDED_PREFIX):
+            if lname in drop or lname in tokens or lname.startswith(DROPPED_PREFIXES):
                 if lname == b"host":
                     host = value
                 elif trusted:
@@ -226,6 +232,8 @@ class ForwardPlan:
         if plan.identity_headers:
             append(identity_block(ctx, plan.identity_headers))
         append(plan.inject_block)
+        if etag is not None:
+            append(b"If-Match: " + etag + b"\r\n")
         if work is not None:
             append(IDENTITY_LINE)
         if request.chunked:
@@ -240,17 +248,15 @@ class ForwardPlan:
 def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
     """`upstream.identity_headers`: who calls, as keyproxy established it.
 
-    A user id is printable but may be non-ASCII: it is sent percent-encoded (UTF-8)
-    where needed, so a header value never carries bytes a backend could misread.
+    A user id is sent in its upstream form (`upstream_user_id`), the one the owner
+    check and the list filter compare with.
     """
     lines = []
     for kind, name in names:
         if kind == "key_id":
             value = ctx.key.id if ctx.key is not None else ""
         elif kind == "user":
-            value = ctx.user or ""
-            if not value.isascii() or "%" in value:
-                value = quote(value, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+            value = upstream_user_id(ctx.user) if ctx.user else ""
         else:
             roles = ctx.roles
             if not roles and ctx.key is not None:  # step 7 is off: the same rule, here

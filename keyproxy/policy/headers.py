@@ -53,12 +53,21 @@ CLIENT_ADDRESS_HEADERS = frozenset(
 #: each of them for the client address, the scheme or the path.
 FORWARDED_PREFIX = b"x-forwarded-"
 
+#: keyproxy's own identity headers (`upstream.identity_headers`' usual names): every
+#: `X-Keyproxy-*` a client sends is dropped, configured or not, so a backend reading
+#: one can only ever see keyproxy's word.
+IDENTITY_PREFIX = b"x-keyproxy-"
+IDENTITY_HEADERS = frozenset({b"x-keyproxy-key-id", b"x-keyproxy-user", b"x-keyproxy-roles"})
+#: Client header names dropped by prefix.
+DROPPED_PREFIXES = (FORWARDED_PREFIX, IDENTITY_PREFIX)
+
 #: Request headers that could speak for keyproxy or change what was authorised.
 #: Names holding `_` never get this far (see `ClientConnection.on_header`).
 REQUEST_DROP = (
     HOP_BY_HOP
     | CREDENTIAL_HEADERS
     | CLIENT_ADDRESS_HEADERS
+    | IDENTITY_HEADERS
     | {b"host", b"expect", b"x-request-id"}
     | {name.encode() for name in URL_OVERRIDE_HEADERS}
 )

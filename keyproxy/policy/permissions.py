@@ -94,6 +94,22 @@ class Role:
         return self.tables.get(ANY_TABLE)
 
 
+#: What `upstream_user_id` leaves as is in a user id: printable ASCII except `%`.
+_USER_ID_SAFE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def upstream_user_id(user: str) -> str:
+    """The user id as the upstream sees it (identity header, list filter, stored owner).
+
+    A non-ASCII id is percent-encoded (UTF-8) so a header never carries bytes a backend
+    could misread. Token user ids containing `%` are refused, so this encoded form
+    never equals another user's raw id; every owner comparison uses this one form.
+    """
+    if user.isascii() and "%" not in user:
+        return user
+    return quote(user, safe=_USER_ID_SAFE)
+
+
 @dataclass(frozen=True, slots=True)
 class SelfRecords:
     """How `op:self` permissions find a record's owner."""
@@ -105,7 +121,8 @@ class SelfRecords:
 
     def filter_query(self, user: str) -> str:
         return "&".join(
-            f"{quote(name, safe='')}={quote(template.replace('{user}', user), safe='')}"
+            f"{quote(name, safe='')}="
+            f"{quote(template.replace('{user}', upstream_user_id(user)), safe='')}"
             for name, template in self.list_filter
         )
 

@@ -56,6 +56,9 @@ HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 #: What a role or user id may look like once it is in a header or a query.
 _ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_USER_LENGTH = 256
+#: Never in a user id: `%` (a percent-encoded id would collide with a raw one) and
+#: control characters.
+_USER_REFUSED = re.compile(r"[%\x00-\x1f\x7f-\x9f]")
 MAX_ROLES = 32
 
 
@@ -82,6 +85,10 @@ class Identity(NamedTuple):
     user: str
     roles: tuple[str, ...]
     expires_at: float
+    #: The JWKS key (kid) that verified it, and its members then: a cached token is
+    #: forgotten when the provider removes or replaces that key. None: a configured key.
+    kid: str | None = None
+    jwk: dict[str, Any] | None = None
 
 
 def invalid(why: str) -> Deny:
@@ -98,7 +105,7 @@ class TokenVerifier:
     """Verifies tokens for one configuration snapshot; its cache goes with the snapshot,
     so a reload that changes the secret or the issuer forgets every earlier verdict."""
 
-    __slots__ = ("_options", "cache", "jwks", "leeway", "settings")
+    __slots__ = ("_jwks_generation", "_options", "cache", "jwks", "leeway", "settings")
 
     def __init__(self, settings: JwtSettings, jwks: JwksCache | None = None) -> None:
         self.settings = settings
@@ -107,6 +114,7 @@ class TokenVerifier:
         # A plain dict, oldest entry dropped when full: a hit is one C-level probe, where
         # cachetools.LRUCache's Python-level get measured ~1.5 µs on this path.
         self.cache: dict[bytes, Identity] = {}
+        self._jwks_generation = jwks.generation if jwks is not None else 0
         self._options = {
             "require": ["exp"],
             # Times are checked against the caller's clock (explain passes its own).
@@ -120,6 +128,9 @@ class TokenVerifier:
 
     def verify(self, token: str, now: float) -> Identity | Deny | Awaitable[Identity | Deny]:
         digest = sha256(token.encode()).digest()
+        jwks = self.jwks
+        if jwks is not None and jwks.generation != self._jwks_generation:
+            self._forget_changed_keys(jwks)
         known = self.cache.get(digest)
         if known is not None:
             if known[2] + self.leeway > now:  # expires_at, by index: this is the hot path
@@ -146,7 +157,7 @@ class TokenVerifier:
             kid = kids[0]
         jwk = self.jwks.key(kid, alg)
         if jwk is not None:
-            return self._finish(token, digest, jwk, alg, now)
+            return self._finish(token, digest, jwk, alg, now, kid)
         if not self.jwks.refresh_allowed(self.settings.jwks_min_refresh):
             return invalid("unknown key id (kid)")
         return self._after_refresh(token, digest, kid, alg, now)
@@ -159,9 +170,23 @@ class TokenVerifier:
         jwk = self.jwks.key(kid, alg)
         if jwk is None:
             return invalid("unknown key id (kid)")
-        return self._finish(token, digest, jwk, alg, now)
+        return self._finish(token, digest, jwk, alg, now, kid)
 
-    def _finish(self, token: str, digest: bytes, key: Any, alg: str, now: float) -> Identity | Deny:
+    def _forget_changed_keys(self, jwks: JwksCache) -> None:
+        """The provider's keys changed: drop every cached token whose key is gone or
+        replaced (a removed key is often a compromised one)."""
+        self._jwks_generation = jwks.generation
+        stale = [
+            digest
+            for digest, identity in self.cache.items()
+            if identity.kid is not None and jwks.published(identity.kid) != identity.jwk
+        ]
+        for digest in stale:
+            del self.cache[digest]
+
+    def _finish(
+        self, token: str, digest: bytes, key: Any, alg: str, now: float, kid: str | None = None
+    ) -> Identity | Deny:
         s = self.settings
         try:
             claims = jwt.decode(
@@ -186,9 +211,11 @@ class TokenVerifier:
             return invalid("the token cannot be decoded")
         except PyJWTError as error:
             return invalid(f"rejected ({type(error).__name__})")
-        return self._identity(claims, digest, now)
+        return self._identity(claims, digest, now, kid)
 
-    def _identity(self, claims: dict[str, Any], digest: bytes, now: float) -> Identity | Deny:
+    def _identity(
+        self, claims: dict[str, Any], digest: bytes, now: float, kid: str | None = None
+    ) -> Identity | Deny:
         s = self.settings
         exp = claims.get("exp")
         if exp is None or type(exp) not in (int, float):
@@ -202,6 +229,9 @@ class TokenVerifier:
             if nbf - s.leeway > now:
                 return invalid("the token is not valid yet (nbf)")
         user = claims.get(s.user_claim)
+        if isinstance(user, str) and _USER_REFUSED.search(user):
+            # Its upstream (percent-encoded) form could then equal another user's id.
+            return invalid(f"user id in {s.user_claim!r} may not contain '%' or control characters")
         if (
             not isinstance(user, str)
             or not user
@@ -223,7 +253,8 @@ class TokenVerifier:
             return invalid(f"the {s.roles_claim!r} claim must be a string or a list of strings")
         if len(roles) > MAX_ROLES or not all(_ROLE.fullmatch(r) for r in roles):
             return invalid(f"the {s.roles_claim!r} claim holds a role name keyproxy cannot use")
-        identity = Identity(user, roles, float(exp))
+        jwk = self.jwks.published(kid) if kid is not None and self.jwks is not None else None
+        identity = Identity(user, roles, float(exp), kid, jwk)
         cache = self.cache
         if len(cache) >= s.cache_size:
             del cache[next(iter(cache))]
