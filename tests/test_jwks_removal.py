@@ -28,12 +28,13 @@ def test_cached_tokens_of_a_removed_key_are_refused_after_the_refresh(tmp_path: 
     jwks, port = _start_jwks(keys_file)
     with start_upstream() as upstream:
         config = base_config(upstream.url, {})
-        config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search"}]
+        config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search", "op": "list"}]
         config["keys"] = [{"id": "reader", "hash": digest(KEY), "type": "read"}]
         config["users"] = {
             "jwt": {
                 "algorithms": ["RS256"],
                 "audience": "api",
+                "issuer": "any",
                 "jwks_url": f"http://127.0.0.1:{port}/jwks.json",
                 "jwks_refresh": "1h",
                 "jwks_min_refresh": "1s",

@@ -63,7 +63,9 @@ def self_config(port: int) -> dict[str, Any]:
     config["keys"] = [
         {"id": "app", "hash": digest(APP_KEY), "type": "admin", "roles": ["anonymous"]}
     ]
-    config["users"] = {"jwt": {"algorithms": ["HS256"], "secret": SECRET}}
+    config["users"] = {
+        "jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "any", "audience": "any"}
+    }
     config["roles"] = {
         "anonymous": {"*": []},
         "user": {"posts": ["create", "list:self", "read:self", "update:self", "delete:self"]},
