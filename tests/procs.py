@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -378,3 +379,18 @@ def _unverified_tls() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@contextmanager
+def start_demo_backend(secret: str) -> Iterator[int]:
+    """The real demo REST backend (records with an owner field) on a free port; yields it."""
+    process, match = spawn(
+        [sys.executable, str(Path(__file__).with_name("demo_upstream.py")), secret],
+        ready=r"READY (\d+)",
+        name="demo-backend",
+    )
+    assert match is not None
+    try:
+        yield int(match.group(1))
+    finally:
+        process.stop()

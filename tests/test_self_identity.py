@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from keyproxy.config.load import parse_config
 from keyproxy.policy.permissions import SelfRecords, upstream_user_id
 from keyproxy.policy.users import JwtSettings, TokenVerifier
 from keyproxy.request import Deny
-from tests.procs import spawn, start_upstream
+from tests.procs import start_demo_backend, start_upstream
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "hs256-secret-for-self-identity-0123456789"
@@ -45,16 +44,8 @@ def as_user(sub: str) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def backend() -> Iterator[int]:
-    process, match = spawn(
-        [sys.executable, str(Path(__file__).with_name("demo_upstream.py")), DEMO_SECRET],
-        ready=r"READY (\d+)",
-        name="demo-backend",
-    )
-    assert match is not None
-    try:
-        yield int(match.group(1))
-    finally:
-        process.stop()
+    with start_demo_backend(DEMO_SECRET) as port:
+        yield port
 
 
 def self_config(port: int) -> dict[str, Any]:

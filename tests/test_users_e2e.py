@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.procs import Process, UpstreamServer, spawn, start_upstream
+from tests.procs import Process, UpstreamServer, spawn, start_demo_backend, start_upstream
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "hs256-secret-for-tests-0123456789abcdef"
@@ -457,16 +457,8 @@ DEMO_SECRET = "demo-backend-secret-for-self-tests"
 
 @pytest.fixture
 def demo_backend() -> Iterator[int]:
-    process, match = spawn(
-        [sys.executable, str(Path(__file__).with_name("demo_upstream.py")), DEMO_SECRET],
-        ready=r"READY (\d+)",
-        name="demo-backend",
-    )
-    assert match is not None
-    try:
-        yield int(match.group(1))
-    finally:
-        process.stop()
+    with start_demo_backend(DEMO_SECRET) as port:
+        yield port
 
 
 def _backend_record(port: int, table: str, record_id: int) -> tuple[int, Any]:
