@@ -1,8 +1,8 @@
 """The sections about what goes back to the client: `cors`, a key's `fields`, `cache`.
 
-`cors` is read by the loader. `fields` and `cache` are read here and tested,
-but the loader still refuses them as "not supported yet" until the data path
-applies them: a section that would be accepted and ignored could widen access.
+Each is compiled at load into what the response chain applies (`keyproxy.response`).
+A cache backend the data path cannot use (`sqlite:`) is refused as "not supported yet",
+never accepted and ignored.
 """
 
 from __future__ import annotations
