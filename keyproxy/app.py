@@ -20,6 +20,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from keyproxy.checks import Pipeline, build_checks
+from keyproxy.checks.memo import DecisionMemo, memo_key
 from keyproxy.config import Config
 from keyproxy.config.model import ServerSettings, Upstream
 from keyproxy.config.reload import ConfigHolder
@@ -117,7 +118,7 @@ class ProxyServer:
         self.checks = build_checks(
             self.services.limits.limiter, self.services.owners, self.services.limits
         )
-        self.pipeline = Pipeline(self.checks)
+        self.pipeline = Pipeline(self.checks, DecisionMemo())
         #: Metrics and the access log (the services' own object, never replaced).
         self.observer = self.services.observer
         self.serving = Serving(config, self._plan(config), UpstreamPool(config.upstream, loop))
@@ -235,7 +236,9 @@ class ProxyServer:
             ex.request_id,
         )
         ex.ctx = ctx
-        outcome = self.pipeline.decide(ctx)
+        outcome = self.pipeline.decide(
+            ctx, memo_key(ex.method, ex.target, conn.peer_ip, ex.headers, ex.varying)
+        )
         if outcome is None:
             self._allow(ex, ctx, serving)
         elif outcome.__class__ is Deny:

@@ -153,6 +153,8 @@ class RequestContext:
 
     user: str | None = None  # the end user a verified Bearer token names
     token_roles: tuple[str, ...] = ()  # the roles that token grants
+    #: When that token stops being accepted (its `exp` plus the configured leeway).
+    token_until: float | None = None
     table: str | None = None  # the table the route's {table} names, as compared (steps 6-7)
     roles: tuple[str, ...] = ()  # the key's roles plus the token's (once step 7 has run)
     self_only: bool = False  # the roles allow this operation only on the caller's records

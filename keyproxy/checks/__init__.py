@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from keyproxy.checks.access import check_acl, check_key_type
 from keyproxy.checks.authenticate import authenticate
 from keyproxy.checks.constraints import check_key_constraints
 from keyproxy.checks.limits import RateLimitCheck
+from keyproxy.checks.memo import DecisionMemo
 from keyproxy.checks.permissions import OwnershipCheck, check_roles, check_scopes
 from keyproxy.checks.route import match_route
 from keyproxy.ratelimit import Limiter
@@ -81,25 +83,51 @@ def build_checks(
 
 
 class Pipeline:
-    __slots__ = ("checks",)
+    """The checks in order. `memo`: the live server's `DecisionMemo`, which lets a
+    repeated request skip to the rate limit (`explain` and `replay` never pass one)."""
 
-    def __init__(self, checks: tuple[Check, ...]) -> None:
+    __slots__ = ("checks", "memo", "memo_end")
+
+    def __init__(self, checks: tuple[Check, ...], memo: DecisionMemo | None = None) -> None:
         self.checks = checks
+        self.memo = memo
+        #: The first check a memo hit still runs: the rate limit, which counts every request.
+        self.memo_end = next(
+            (i for i, check in enumerate(checks) if isinstance(check.run, RateLimitCheck)),
+            len(checks),
+        )
 
-    def decide(self, ctx: RequestContext) -> Deny | Reply | Awaitable[Deny | None] | None:
+    def decide(
+        self, ctx: RequestContext, memo_key: tuple[Any, ...] | None = None
+    ) -> Deny | Reply | Awaitable[Deny | None] | None:
         """The verdict, or — when a check must wait (a remote rate-limit store) — an
         awaitable of it. Synchronous checks never pay for a coroutine."""
-        for check in self.checks:
+        checks = self.checks
+        index = 0
+        memo = self.memo
+        remember = -1
+        if memo is not None and memo_key is not None:
+            if memo.recall(ctx, memo_key):
+                index = self.memo_end
+            else:
+                remember = self.memo_end
+        while index < len(checks):
+            if index == remember:
+                memo.remember(ctx, memo_key)  # type: ignore[union-attr,arg-type]  # set together above
+            check = checks[index]
             outcome = check.run(ctx)
             if outcome is None:
+                index += 1
                 continue
             if outcome.__class__ is Deny:
                 if check.reportable and _reporting(ctx):
-                    return self._report(ctx, outcome, self.checks.index(check))
+                    return self._report(ctx, outcome, index)
                 return outcome
             if outcome.__class__ is Reply:
                 return outcome
-            return self._decide_rest(ctx, outcome, self.checks.index(check))  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
+            return self._decide_rest(ctx, outcome, index)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
+        if index == remember:
+            memo.remember(ctx, memo_key)  # type: ignore[union-attr,arg-type]  # set together above
         return None
 
     def _report(

@@ -64,10 +64,11 @@ def _verify_token(ctx: RequestContext, token: str) -> Deny | Awaitable[Deny | No
     identity = users.verify(token, ctx.now)
     if identity.__class__ is Identity:
         ctx.user, ctx.token_roles = identity[0], identity[1]
+        ctx.token_until = identity[2] + users.leeway
         return None
     if identity.__class__ is Deny:
         return identity
-    return _identity_later(ctx, identity)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
+    return _identity_later(ctx, identity, users.leeway)  # type: ignore[arg-type]  # a check returns Deny | None or an awaitable of it; `__class__ is` does not narrow it
 
 
 def _take_vouched(
@@ -124,10 +125,13 @@ def key_by_id(config: Config, key_id: str, key_hash: str | None = None) -> Key |
     return _BY_ID[0][2].get((key_id, key_hash))
 
 
-async def _identity_later(ctx: RequestContext, pending: Awaitable[Identity | Deny]) -> Deny | None:
+async def _identity_later(
+    ctx: RequestContext, pending: Awaitable[Identity | Deny], leeway: float
+) -> Deny | None:
     """A token signed with a key id the JWKS cache does not know yet: one bounded refresh."""
     identity = await pending
     if isinstance(identity, Deny):
         return identity
     ctx.user, ctx.token_roles = identity.user, identity.roles
+    ctx.token_until = identity.expires_at + leeway
     return None

@@ -112,3 +112,29 @@ INJECT_REFUSED = frozenset(
     }
 )
 INJECT_REFUSED_PREFIXES = ("proxy-", "x-forwarded-")
+
+#: Request headers that vary per request and that no check reads: the decision memo
+#: (`keyproxy.checks.memo`) leaves them out of its key, so a traced client's repeats
+#: still count as repeats. A test holds that no check names one of them.
+MEMO_IGNORED_HEADERS = frozenset(
+    {
+        "content-length",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+        "x-correlation-id",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
+        "sentry-trace",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "if-none-match",
+        "if-modified-since",
+    }
+)
+MEMO_IGNORED_HEADER_BYTES = frozenset(name.encode() for name in MEMO_IGNORED_HEADERS)

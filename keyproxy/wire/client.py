@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from keyproxy.config.model import ServerSettings
+from keyproxy.policy.headers import MEMO_IGNORED_HEADER_BYTES
 from keyproxy.policy.refusals import (
     BAD_REQUEST,
     CHUNKS_TOO_SMALL,
@@ -104,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.expect: bytes | None = None
         self.hosts = 0
         self.connection_tokens: frozenset[bytes] = frozenset()
+        self.varying = False  # a header the decision memo leaves out of its key was sent
         self.idle_since = 0.0
         self.max_body = proxy.serving.config.server.max_body
         self.max_header_size = proxy.serving.config.server.max_header_size
@@ -225,6 +227,7 @@ class ClientConnection(asyncio.Protocol):
         self.expect = None
         self.hosts = 0
         self.connection_tokens = frozenset()
+        self.varying = False
 
     def on_url(self, url: bytes) -> None:
         self.url_parts.append(url)
@@ -266,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
             self.connection_tokens = self.connection_tokens | frozenset(
                 t.strip() for t in value.lower().split(b",")
             )
+        elif lname in MEMO_IGNORED_HEADER_BYTES:
+            self.varying = True  # the decision memo's key leaves it out
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -285,6 +290,7 @@ class ClientConnection(asyncio.Protocol):
         ex.content_length = None if self.chunked else self.content_length
         ex.chunked = self.chunked
         ex.connection_tokens = self.connection_tokens
+        ex.varying = self.varying
         if self.expect is not None:
             ex.expect_continue = self.expect == b"100-continue"
             if not ex.expect_continue:

@@ -155,6 +155,7 @@ class Exchange:
         "up_pending",
         "upstream",
         "upstream_started",
+        "varying",
     )
 
     def __init__(
@@ -180,6 +181,7 @@ class Exchange:
         self.expect_continue = False
         self.early_deny: Deny | None = None  # a head the server refuses before any check
         self.connection_tokens: frozenset[bytes] = frozenset()
+        self.varying = False  # see `keyproxy.checks.memo.memo_key`
         self.body_chunks: list[bytes] = []
         self.body_buffered = 0
         self.body_received = 0
