@@ -236,9 +236,8 @@ class ProxyServer:
             ex.request_id,
         )
         ex.ctx = ctx
-        outcome = self.pipeline.decide(
-            ctx, memo_key(ex.method, ex.target, conn.peer_ip, ex.headers, ex.varying)
-        )
+        key = ex.memo_key = memo_key(ex.method, ex.target, conn.peer_ip, ex.headers, ex.varying)
+        outcome = self.pipeline.decide(ctx, key)
         if outcome is None:
             self._allow(ex, ctx, serving)
         elif outcome.__class__ is Deny:

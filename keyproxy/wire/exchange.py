@@ -134,6 +134,7 @@ class Exchange:
         "keep_alive",
         "last_activity",
         "links",
+        "memo_key",
         "method",
         "mode",
         "out",
@@ -182,6 +183,7 @@ class Exchange:
         self.early_deny: Deny | None = None  # a head the server refuses before any check
         self.connection_tokens: frozenset[bytes] = frozenset()
         self.varying = False  # see `keyproxy.checks.memo.memo_key`
+        self.memo_key: tuple[object, ...] | None = None  # set by the server with the decision
         self.body_chunks: list[bytes] = []
         self.body_buffered = 0
         self.body_received = 0
