@@ -65,6 +65,34 @@ def test_every_response_has_a_unique_request_id(proxy: Keyproxy):
     assert len(ids) == 10
 
 
+def test_a_repeated_request_is_forwarded_like_the_first_with_its_own_id(proxy: Keyproxy, upstream):
+    """Repeats reuse the decision and the upstream head (keyproxy.checks.memo): what the
+    upstream sees must be the first request's head with each request's own id, and a
+    header the memo leaves out of its key (a trace id) must still travel as sent."""
+    upstream.reset()
+    seen = []
+    for i in range(3):
+        status, headers, _, _ = proxy.request(
+            "GET", "/echo/again?x=1", {"Traceparent": f"00-{i:032x}-{i:016x}-01"},
+            key=KEYS["reader"],
+        )  # fmt: skip
+        assert status == 200
+        seen.append((headers["x-request-id"], last_record(upstream)))
+    for i, (request_id, record) in enumerate(seen):
+        assert header_values(record, "X-Request-Id") == [request_id]
+        assert header_values(record, "Traceparent") == [f"00-{i:032x}-{i:016x}-01"]
+    upstream.reset()
+    plain = []
+    for _ in range(3):
+        status, headers, _, _ = proxy.request("GET", "/echo/again?x=1", key=KEYS["reader"])
+        assert status == 200
+        record = last_record(upstream)
+        assert header_values(record, "X-Request-Id") == [headers["x-request-id"]]
+        plain.append([(n, v) for n, v in record["headers"] if n.lower() != "x-request-id"])
+    assert plain[0] == plain[1] == plain[2]
+    assert header_values(seen[0][1], "X-Upstream-Key") == [UPSTREAM_SECRET]
+
+
 def test_basic_credentials_with_key_id(proxy: Keyproxy, upstream):
     token = base64.b64encode(f"reader:{KEYS['reader']}".encode()).decode()
     status, _, _, _ = proxy.request("GET", "/echo/basic", {"Authorization": f"Basic {token}"})
