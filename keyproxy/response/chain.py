@@ -54,11 +54,15 @@ class ResponseHead:
     hold: bool = False
 
     def _index(self, name: bytes) -> int:
-        """Position of the first line named `name` (case-insensitive), or -1."""
-        wanted = name.lower()
+        """Position of the first line named `name` (case-insensitive), or -1.
+
+        Lines are `Name: value` as keyproxy writes them (the parser refuses space
+        before the colon), so comparing the lower-cased prefix is exact; this runs
+        for every answer a body link sees (`Content-Encoding`, `Content-Type`)."""
+        prefix = name.lower() + b":"
+        size = len(prefix)
         for i, line in enumerate(self.lines):
-            colon = line.find(b":")
-            if colon > 0 and line[:colon].strip().lower() == wanted:
+            if line[:size].lower() == prefix:
                 return i
         return -1
 
@@ -72,14 +76,9 @@ class ResponseHead:
 
     def remove(self, name: bytes) -> None:
         """Drop every line named `name`: a repeated header must not survive by its twin."""
-        wanted = name.lower()
-        kept = []
-        for line in self.lines:
-            colon = line.find(b":")
-            if colon > 0 and line[:colon].strip().lower() == wanted:
-                continue
-            kept.append(line)
-        self.lines[:] = kept
+        prefix = name.lower() + b":"
+        size = len(prefix)
+        self.lines[:] = [line for line in self.lines if line[:size].lower() != prefix]
 
     def set(self, name: bytes, value: bytes) -> None:
         """Replace header `name` in place (first occurrence, twins dropped) or append it."""

@@ -63,6 +63,12 @@ MIN_AVERAGE_CHUNK = 32
 #: while it holds an upstream connection (Apache's mod_reqtimeout uses 500): one byte
 #: every few seconds would otherwise keep a pool slot for as long as `max_body` lasts.
 MIN_BODY_RATE = 500
+#: Request headers the parser itself acts on (framing, Host, Expect, Connection) or
+#: notes for the decision memo.
+PARSER_READS = (
+    frozenset({b"content-length", b"transfer-encoding", b"host", b"expect", b"connection"})
+    | MEMO_IGNORED_HEADER_BYTES
+)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -253,6 +259,10 @@ class ClientConnection(asyncio.Protocol):
         headers.append((name, value))
         lname = name.lower()
         self.lowered.append((lname.decode("latin-1"), value.decode("latin-1")))
+        if lname in PARSER_READS:  # most headers are none of these: one set probe for them
+            self._read_header(lname, value)
+
+    def _read_header(self, lname: bytes, value: bytes) -> None:
         if lname == b"content-length":
             self.content_length = int(value)  # llhttp has validated it
         elif lname == b"transfer-encoding":
@@ -269,7 +279,7 @@ class ClientConnection(asyncio.Protocol):
             self.connection_tokens = self.connection_tokens | frozenset(
                 t.strip() for t in value.lower().split(b",")
             )
-        elif lname in MEMO_IGNORED_HEADER_BYTES:
+        if lname in MEMO_IGNORED_HEADER_BYTES:
             self.varying = True  # the decision memo's key leaves it out
 
     def on_headers_complete(self) -> None:
