@@ -11,13 +11,30 @@ disappear by themselves and Redis holds only active clients.
 Quota counters never expire; run Redis with persistence and a `noeviction` or
 `volatile-*` maxmemory policy, or quotas restart when Redis does.
 
-Availability: a slow or dead Redis must never hold a request. Each call is bounded
-by `timeout` (socket timeouts and an `asyncio.timeout` around the whole exchange,
-no client-side retries). After a failure the limiter fails fast, without touching
-the network, for `backoff` seconds; then one request probes Redis while the
-others keep failing fast, and the first success ends the back-off. A call that
-times out may still have been counted by Redis: the request is refused or let
-through by the caller's `on_store_error`, whatever Redis did.
+Cost: the hits of one event-loop turn, and those that arrive while a batch is
+in flight, go to Redis together as one script call over one connection
+(`redis_batch`), so a round trip's cost is shared by every request of the batch.
+
+What is exact: every count. A batch runs as one atomic script that decides its
+hits one after another, exactly as the same hits sent one by one in that order
+would be decided (and as before, concurrent requests have no order of their own);
+no hit is decided from a local copy, so replicas never let more than N through a
+bucket nor more than the quota through a key. What is approximate, as before
+batching: the time. All hits of a batch are decided at one `TIME` reading, the
+instant Redis runs the batch, not the instant each request arrived (at most one
+round trip plus the batch in flight earlier, well under the timeout), and a
+quota's period is named by each replica's own clock.
+
+Availability: a slow or dead Redis must never hold a request. Each hit is bounded
+by `timeout` from the moment it is queued (one timer per batch in flight, due at
+its oldest hit's limit; connecting and AUTH are bounded the same way), with no
+client-side retries; when the timer fires or the connection drops, every waiter,
+sent or still queued, fails at once. After a failure the limiter fails fast,
+without touching the network, for `backoff` seconds; then one request probes
+Redis while the others keep failing fast, and the first success ends the
+back-off. A call that times out may still have been counted by Redis: the
+request is refused or let through by the caller's `on_store_error`, whatever
+Redis did.
 """
 
 from __future__ import annotations
