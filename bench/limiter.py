@@ -135,7 +135,7 @@ async def bench_redis(url: str, n: int, rounds: int) -> None:
                     best_cpu, latencies = cpu, sorted(got)
                 best_wall = min(best_wall, wall)
             line = (
-                f"  {label} CPU {best_cpu / total * 1e6:6.1f} µs, "
+                f"  {label} {best_cpu / total * 1e6:6.1f} µs CPU, "
                 f"wall {best_wall / total * 1e6:6.1f} µs ({total / best_wall:,.0f} hits/s)"
             )
             if latencies:
