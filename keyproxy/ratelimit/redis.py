@@ -11,27 +11,40 @@ disappear by themselves and Redis holds only active clients.
 Quota counters never expire; run Redis with persistence and a `noeviction` or
 `volatile-*` maxmemory policy, or quotas restart when Redis does.
 
-Availability: a slow or dead Redis must never hold a request. Each call is bounded
-by `timeout` (socket timeouts and an `asyncio.timeout` around the whole exchange,
-no client-side retries). After a failure the limiter fails fast, without touching
-the network, for `backoff` seconds; then one request probes Redis while the
-others keep failing fast, and the first success ends the back-off. A call that
-times out may still have been counted by Redis: the request is refused or let
-through by the caller's `on_store_error`, whatever Redis did.
+Cost: the hits of one event-loop turn, and those that arrive while a batch is
+in flight, go to Redis together as one script call over one connection
+(`redis_batch`), so a round trip's cost is shared by every request of the batch.
+
+What is exact: every count. A batch runs as one atomic script that decides its
+hits one after another, exactly as the same hits sent one by one in that order
+would be decided (and as before, concurrent requests have no order of their own);
+no hit is decided from a local copy, so replicas never let more than N through a
+bucket nor more than the quota through a key. What is approximate, as before
+batching: the time. All hits of a batch are decided at one `TIME` reading, the
+instant Redis runs the batch, not the instant each request arrived (at most one
+round trip plus the batch in flight earlier, well under the timeout), and a
+quota's period is named by each replica's own clock.
+
+Availability: a slow or dead Redis must never hold a request. Each hit is bounded
+by `timeout` from the moment it is queued (one timer per batch in flight, due at
+its oldest hit's limit; connecting and AUTH are bounded the same way), with no
+client-side retries; when the timer fires or the connection drops, every waiter,
+sent or still queued, fails at once. After a failure the limiter fails fast,
+without touching the network, for `backoff` seconds; then one request probes
+Redis while the others keep failing fast, and the first success ends the
+back-off. A call that times out may still have been counted by Redis: the
+request is refused or let through by the caller's `on_store_error`, whatever
+Redis did.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import importlib.util
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from keyproxy.ratelimit import (
     TOLERANCE,
@@ -41,17 +54,19 @@ from keyproxy.ratelimit import (
     StoreUnavailable,
     quota_exhausted,
 )
+from keyproxy.ratelimit.redis_batch import ScriptBatcher
 
 if TYPE_CHECKING:
     from keyproxy.config.model import Rate
 
-# KEYS[1]: the quota counter, KEYS[2..]: one bucket per window.
-# ARGV[1]: quota (-1: none), ARGV[2]: tolerance (keyproxy.ratelimit.TOLERANCE), ARGV[3]:
-# the quota counter's expiry in ms (0: a lifetime quota, never expires), ARGV[4] (tests
-# only, else ""): the time in integer microseconds instead of Redis TIME (buckets then get
-# no expiry); then per window its N and its period in integer microseconds.
-# Reply: {status (0 allowed, 1 rate, 2 quota), window (1-based; the one the headers
-# report), remaining, reset µs, retry-after µs, used}.
+# One call decides a batch of hits, one after another, atomically. Per hit, KEYS holds
+# its quota counter, then one bucket per window; ARGV[1] is the tolerance
+# (keyproxy.ratelimit.TOLERANCE), then per hit: its number of windows, its quota (-1:
+# none), the quota counter's expiry in ms (0: a lifetime quota, never expires), the time
+# in integer microseconds instead of Redis TIME (tests only, else ""; buckets then get no
+# expiry), then per window its N and its period in integer microseconds.
+# Reply: per hit {status (0 allowed, 1 rate, 2 quota), window (1-based; the one the
+# headers report), remaining, reset µs, retry-after µs, used}, all in one flat array.
 #
 # Every window is read before any is written, so a request refused by one window or by
 # the quota is counted in none. The window reported is the refusing one that waits
@@ -64,70 +79,17 @@ if TYPE_CHECKING:
 # integer parts add exactly, the fraction keeps full precision.
 SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
-local quota = tonumber(ARGV[1])
-local tol = tonumber(ARGV[2])
-local quota_ttl = tonumber(ARGV[3])
-local used = 0
-if quota >= 0 then
-  used = tonumber(redis.call('GET', KEYS[1]) or '0')
-end
-local function count()
-  if quota < 0 then return used end
-  local n = redis.call('INCR', KEYS[1])
-  if n == 1 and quota_ttl > 0 then redis.call('PEXPIRE', KEYS[1], quota_ttl) end
-  return n
-end
-local windows = #KEYS - 1
-if windows == 0 then
-  if used >= quota then return {2, 0, 0, 0, 0, used} end
-  return {0, 0, 0, 0, 0, count()}
-end
-local now
-local fixed = ARGV[4] ~= ''
-if fixed then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function store(key, value, ttl_us)
-  if fixed then
-    -- A made-up clock says nothing about when Redis should expire the key.
-    redis.call('SET', key, value)
-  else
-    redis.call('SET', key, value, 'PX', math.ceil(ttl_us / 1000))
+local tol = tonumber(ARGV[1])
+local clock
+local function redis_time()
+  -- Read once per batch: the batch runs at one instant, as one request did before.
+  if not clock then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
+  return clock
 end
-local ti, tf, debt, avail, periods, intervals, limits = {}, {}, {}, {}, {}, {}, {}
-local worst, worst_retry = 0, 0
-for i = 1, windows do
-  local limit = tonumber(ARGV[3 + 2 * i])
-  local period = tonumber(ARGV[4 + 2 * i])
-  local interval = period / limit
-  local a, b = now, 0
-  local stored = redis.call('GET', KEYS[i + 1])
-  if stored then
-    local x, y = string.match(stored, '^(%d+) (%S+)$')
-    if x then a, b = tonumber(x), tonumber(y) end
-  end
-  local d = (a - now) + b
-  if d < 0 then
-    a, b, d = now, 0, 0
-  elseif d > period then
-    a, b, d = now + period, 0, period
-    store(KEYS[i + 1], string.format('%d 0', a), period)
-  end
-  ti[i], tf[i], debt[i], periods[i], intervals[i], limits[i] = a, b, d, period, interval, limit
-  avail[i] = (period - d) / interval
-  if avail[i] < 1 - tol then
-    local retry = d + interval - period
-    if worst == 0 or retry > worst_retry then worst, worst_retry = i, retry end
-  end
-end
-if worst > 0 then
-  return {1, worst, 0, math.ceil(debt[worst]), math.ceil(worst_retry), used}
-end
-local function tightest(remaining, reset)
+local function tightest(remaining, reset, windows)
   local best = 1
   for i = 2, windows do
     if remaining[i] < remaining[best]
@@ -137,44 +99,112 @@ local function tightest(remaining, reset)
   end
   return best
 end
-local remaining, reset = {}, {}
-if quota >= 0 and used >= quota then
+-- One hit: its quota counter is KEYS[k], its buckets KEYS[k + 1 ..]; its arguments
+-- start at ARGV[a]. Returns the six reply values.
+local function decide(k, a, windows)
+  local quota = tonumber(ARGV[a + 1])
+  local quota_ttl = tonumber(ARGV[a + 2])
+  local used = 0
+  if quota >= 0 then
+    used = tonumber(redis.call('GET', KEYS[k]) or '0')
+  end
+  local function count()
+    if quota < 0 then return used end
+    local n = redis.call('INCR', KEYS[k])
+    if n == 1 and quota_ttl > 0 then redis.call('PEXPIRE', KEYS[k], quota_ttl) end
+    return n
+  end
+  if windows == 0 then
+    if used >= quota then return 2, 0, 0, 0, 0, used end
+    return 0, 0, 0, 0, 0, count()
+  end
+  local now
+  local fixed = ARGV[a + 3] ~= ''
+  if fixed then
+    now = tonumber(ARGV[a + 3])
+  else
+    now = redis_time()
+  end
+  local function store(key, value, ttl_us)
+    if fixed then
+      -- A made-up clock says nothing about when Redis should expire the key.
+      redis.call('SET', key, value)
+    else
+      redis.call('SET', key, value, 'PX', math.ceil(ttl_us / 1000))
+    end
+  end
+  local ti, tf, debt, avail, periods, intervals, limits = {}, {}, {}, {}, {}, {}, {}
+  local worst, worst_retry = 0, 0
   for i = 1, windows do
-    remaining[i], reset[i] = math.floor(avail[i] + tol), debt[i]
+    local limit = tonumber(ARGV[a + 2 + 2 * i])
+    local period = tonumber(ARGV[a + 3 + 2 * i])
+    local interval = period / limit
+    local x0, y0 = now, 0
+    local stored = redis.call('GET', KEYS[k + i])
+    if stored then
+      local x, y = string.match(stored, '^(%d+) (%S+)$')
+      if x then x0, y0 = tonumber(x), tonumber(y) end
+    end
+    local d = (x0 - now) + y0
+    if d < 0 then
+      x0, y0, d = now, 0, 0
+    elseif d > period then
+      x0, y0, d = now + period, 0, period
+      store(KEYS[k + i], string.format('%d 0', x0), period)
+    end
+    ti[i], tf[i], debt[i], periods[i], intervals[i], limits[i] = x0, y0, d, period, interval, limit
+    avail[i] = (period - d) / interval
+    if avail[i] < 1 - tol then
+      local retry = d + interval - period
+      if worst == 0 or retry > worst_retry then worst, worst_retry = i, retry end
+    end
   end
-  local best = tightest(remaining, reset)
-  return {2, best, remaining[best], math.ceil(reset[best]), 0, used}
-end
-for i = 1, windows do
-  local period, interval, limit = periods[i], intervals[i], limits[i]
-  local whole = math.floor(period / limit)
-  local frac = (period - whole * limit) / limit
-  local a, b = ti[i], tf[i] + frac
-  if b >= 1 then
-    b = b - 1
-    a = a + 1
+  if worst > 0 then
+    return 1, worst, 0, math.ceil(debt[worst]), math.ceil(worst_retry), used
   end
-  a = a + whole
-  local d = debt[i] + interval
-  store(KEYS[i + 1], string.format('%d %.17g', a, b), d)
-  remaining[i], reset[i] = math.floor(avail[i] - 1 + tol), d
+  local remaining, reset = {}, {}
+  if quota >= 0 and used >= quota then
+    for i = 1, windows do
+      remaining[i], reset[i] = math.floor(avail[i] + tol), debt[i]
+    end
+    local best = tightest(remaining, reset, windows)
+    return 2, best, remaining[best], math.ceil(reset[best]), 0, used
+  end
+  for i = 1, windows do
+    local period, interval, limit = periods[i], intervals[i], limits[i]
+    local whole = math.floor(period / limit)
+    local frac = (period - whole * limit) / limit
+    local x1, y1 = ti[i], tf[i] + frac
+    if y1 >= 1 then
+      y1 = y1 - 1
+      x1 = x1 + 1
+    end
+    x1 = x1 + whole
+    local d = debt[i] + interval
+    store(KEYS[k + i], string.format('%d %.17g', x1, y1), d)
+    remaining[i], reset[i] = math.floor(avail[i] - 1 + tol), d
+  end
+  local best = tightest(remaining, reset, windows)
+  return 0, best, remaining[best], math.ceil(reset[best]), 0, count()
 end
-local best = tightest(remaining, reset)
-return {0, best, remaining[best], math.ceil(reset[best]), 0, count()}
+local out, n = {}, 0
+local k, a = 1, 2
+while a <= #ARGV do
+  local windows = tonumber(ARGV[a])
+  local s, w, r, re, rt, u = decide(k, a, windows)
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = s, w, r, re, rt, u
+  n = n + 6
+  k = k + 1 + windows
+  a = a + 4 + 2 * windows
+end
+return out
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 _UNAVAILABLE = "rate-limit store unavailable"
 _TOLERANCE_ARG = repr(TOLERANCE)
-
-# A new connection must be ready within the first request's timeout, so it skips
-# what costs round trips and tells us nothing: RESP2 needs no HELLO, and without
-# library info there is no CLIENT SETINFO. (redis-py 8 renamed the latter option.)
-_LEAN_HANDSHAKE: dict[str, object] = {"protocol": 2}
-if importlib.util.find_spec("redis.driver_info") is not None:
-    _LEAN_HANDSHAKE["driver_info"] = None
-else:
-    _LEAN_HANDSHAKE.update(lib_name=None, lib_version=None)
+#: Reply values per hit (see SCRIPT).
+_REPLY_WIDTH = 6
 
 
 def bucket_key(key_id: str, client_ip: str) -> str:
@@ -208,25 +238,14 @@ class RedisLimiter:
         *,
         timeout: float = 0.1,
         backoff: float = 1.0,
-        max_connections: int = 32,
         use_caller_clock: bool = False,
     ) -> None:
         self._timeout = timeout
         self._backoff = backoff
-        # Bounded: beyond max_connections callers queue for a connection (within their
-        # timeout) instead of opening one socket per concurrent request; a burst of
-        # new connections is also what could blow the first requests' timeout.
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            **_LEAN_HANDSHAKE,
+        # One connection; every hit of a loop turn shares its round trip (redis_batch).
+        self._batcher = ScriptBatcher(
+            url, SCRIPT, SCRIPT_SHA, [_TOLERANCE_ARG], _REPLY_WIDTH, timeout
         )
-        self._redis = Redis(connection_pool=self._pool)
         self._retry_at = 0.0  # monotonic time the back-off ends; 0.0 when healthy
         self._probing = False
         self._use_caller_clock = use_caller_clock
@@ -251,8 +270,8 @@ class RedisLimiter:
                 raise StoreUnavailable(_UNAVAILABLE)
             probe = self._probing = True
         try:
-            async with asyncio.timeout(self._timeout):
-                reply = await self._call(key_id, client_ip, rates, quota, now, window)
+            # Bounded by `timeout` from now: the batcher fails every waiter when time is up.
+            reply = await self._call(key_id, client_ip, rates, quota, now, window)
         except (RedisError, OSError, TimeoutError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             raise StoreUnavailable(_UNAVAILABLE) from exc
@@ -262,7 +281,7 @@ class RedisLimiter:
         self._retry_at = 0.0
         return _result(reply, rates, quota, window)
 
-    async def _call(
+    def _call(
         self,
         key_id: str,
         client_ip: str,
@@ -270,35 +289,30 @@ class RedisLimiter:
         quota: int | None,
         now: float,
         window: QuotaWindow | None,
-    ) -> list[int]:
-        bucket = bucket_key(key_id, client_ip)
+    ) -> Awaitable[list[int]]:
+        """Queue this hit's part of the next batch; its six reply values when answered."""
+        bucket = f"keyproxy:rl:{key_id}:{client_ip}"  # bucket_key, inlined
         keys = [quota_key(key_id, window)]
-        keys += [bucket if i == 0 else f"{bucket}#{i + 1}" for i in range(len(rates))]
         args: list[str | int] = [
+            len(rates),
             -1 if quota is None else quota,
-            _TOLERANCE_ARG,
             0 if window is None else round(window.reset_in * 1000) + QUOTA_GRACE_MS,
             round(now * 1_000_000) if self._use_caller_clock else "",
         ]
-        for rate in rates:
+        for position, rate in enumerate(rates, 1):
+            keys.append(bucket if position == 1 else f"{bucket}#{position}")
             args += (rate.limit, round(rate.period * 1_000_000))
-        try:
-            return await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            # First use, or Redis restarted or was flushed: EVAL runs and caches it.
-            return await self._redis.eval(SCRIPT, len(keys), *keys, *args)
+        return self._batcher.submit(keys, args)
 
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout (for readiness checks)."""
         try:
-            async with asyncio.timeout(self._timeout):
-                return bool(await self._redis.ping())
+            return await self._batcher.command("PING") == b"PONG"
         except (RedisError, OSError, TimeoutError):
             return False
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
-        await self._pool.aclose()
+        await self._batcher.aclose()
 
 
 def _result(
