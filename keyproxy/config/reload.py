@@ -26,26 +26,21 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from keyproxy.config.load import ConfigError, config_from_bytes, load_config
+from keyproxy.config.handoff import (
+    END_MARKER,
+    IN_PLACE_WITHOUT_MARKER,
+    Outcome,
+    ends_with_marker,
+    load_in_child,
+    load_outcome,
+)
+from keyproxy.config.load import ConfigError, load_config
 from keyproxy.config.model import Config
 from keyproxy.observability import log_event
 
+__all__ = ["END_MARKER", "IN_PLACE_WITHOUT_MARKER", "ConfigHolder", "ends_with_marker"]
+
 POLL_INTERVAL = 0.5  # seconds; an edit takes effect within about a second (README, Operations)
-
-#: The last line an in-place edit must end with to be read by the watcher.
-END_MARKER = b"# end"
-
-IN_PLACE_WITHOUT_MARKER = (
-    "{path} was rewritten in place and does not end with a '# end' line: not applied,"
-    " since a half-written file would look the same; write a temporary file and rename"
-    " it over {path}, end the file with '# end', or send SIGHUP when the edit is done"
-)
-
-
-def ends_with_marker(data: bytes) -> bool:
-    """Whether the last non-blank line is `# end` (any case, surrounding blanks ignored)."""
-    last = data[-4096:].rstrip().rpartition(b"\n")[2]
-    return last.strip().lower() == END_MARKER
 
 
 def _fingerprint(path: str) -> tuple[int, int, int] | None:
@@ -87,37 +82,24 @@ class ConfigHolder:
         return self._apply(self._load())
 
     async def reload(self, *, in_place: bool = False) -> bool:
-        """Load the file on a worker thread, then swap on the loop.
+        """Parse the file in a child process, then swap on the loop.
 
-        A large registry takes seconds to parse; parsing on the loop would stall
-        every request in flight for that long. `in_place`: the watcher saw the
-        file rewritten in place, so it is read only if it ends with the marker.
+        A large registry takes seconds to parse; parsing on the loop, or on a thread
+        that shares the loop's GIL, would stall every request in flight for that
+        long (see `handoff`). `in_place`: the watcher saw the file rewritten in
+        place, so it is read only if it ends with the marker.
         """
         if self.path is None:
             return False
         self._seen = _fingerprint(self.path)
         async with self._lock:  # one reload at a time; the last edit wins
-            outcome = await asyncio.get_running_loop().run_in_executor(None, self._load, in_place)
-            return self._apply(outcome)
+            return self._apply(await load_in_child(self.path, in_place))
 
-    def _load(self, in_place: bool = False) -> Config | str | ConfigError:
+    def _load(self, in_place: bool = False) -> Outcome:
         assert self.path is not None
-        try:
-            if not in_place:
-                return load_config(self.path)
-            with open(self.path, "rb") as file:
-                data = file.read()
-            if not ends_with_marker(data):
-                return IN_PLACE_WITHOUT_MARKER.format(path=self.path)
-            return config_from_bytes(data, self.path)
-        except ConfigError as exc:
-            return exc
-        except OSError as exc:
-            return f"cannot read {self.path}: {exc.strerror}"
-        except Exception as exc:  # a loader bug must cost this edit, never the watcher
-            return f"cannot load {self.path}: internal error ({type(exc).__name__})"
+        return load_outcome(self.path, in_place)
 
-    def _apply(self, outcome: Config | str | ConfigError) -> bool:
+    def _apply(self, outcome: Outcome) -> bool:
         if not isinstance(outcome, Config):
             self.reloads["error"] += 1
             if isinstance(outcome, ConfigError):
