@@ -153,7 +153,6 @@ def decode_steps(data: bytes) -> Iterator[Outcome | None]:
         for digest, row in next(pieces):  # type: ignore[attr-defined]
             by_digest[digest] = make(row)
         config = dataclasses.replace(shell, keys=tuple(keys), keys_by_digest=by_digest)
-        del keys, chunk
         gc.freeze()
     finally:
         if collecting:

@@ -57,7 +57,9 @@ class ConfigHolder:
         self.path = path
         self._subscribers: list[Callable[[Config], None]] = []
         self._seen = _fingerprint(path) if path else None
-        self._changing: tuple[int, int, int] | None = None  # a change not yet settled
+        self._keys_seen = self._keys_fingerprint()  # the `keys_file`, watched with the file
+        # A change not yet settled: (the file's fingerprint, the keys file's).
+        self._changing: tuple[object, object] | None = None
         self.reloads = {"success": 0, "error": 0}
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
@@ -74,11 +76,15 @@ class ConfigHolder:
     def subscribe(self, callback: Callable[[Config], None]) -> None:
         self._subscribers.append(callback)
 
+    def _keys_fingerprint(self) -> tuple[int, int, int] | None:
+        keys_file = self._config.keys_file
+        return _fingerprint(keys_file) if keys_file else None
+
     def reload_now(self) -> bool:
         """Load the file now, on this thread (tests, and the first load)."""
         if self.path is None:
             return False
-        self._seen = _fingerprint(self.path)
+        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
         return self._apply(self._load())
 
     async def reload(self, *, in_place: bool = False) -> bool:
@@ -91,7 +97,7 @@ class ConfigHolder:
         """
         if self.path is None:
             return False
-        self._seen = _fingerprint(self.path)
+        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
         async with self._lock:  # one reload at a time; the last edit wins
             return self._apply(await load_in_child(self.path, in_place))
 
@@ -130,13 +136,24 @@ class ConfigHolder:
         asyncio.get_running_loop().create_task(self.reload())
 
     def in_place(self) -> bool:
-        """Whether the file now on disk is the same inode as the one last read."""
+        """Whether the file now on disk was changed, and is the same inode as the one last read.
+
+        A `keys_file` needs no marker: each key is one line, and a line cut short is
+        not valid JSON, so a half-written keys file can only lack whole keys, never
+        hold one with less than its finished line says.
+        """
         assert self.path is not None
         now = _fingerprint(self.path)
-        return now is not None and self._seen is not None and now[2] == self._seen[2]
+        return (
+            now is not None
+            and self._seen is not None
+            and now != self._seen
+            and now[2] == self._seen[2]
+        )
 
     def settled_change(self) -> bool:
-        """One poll: whether the file changed and then stayed the same for a whole poll.
+        """One poll: whether the file (or its `keys_file`) changed and then stayed the same
+        for a whole poll.
 
         A file rewritten in place (not replaced by a rename) is read too early
         otherwise: a half-written key list can be valid YAML that grants more than
@@ -155,11 +172,12 @@ class ConfigHolder:
         elif seen is not None and self._missing:
             self._missing = False
             log_event("config_back", path=self.path)
-        if seen is None or seen == self._seen:
+        keys = self._keys_fingerprint()
+        if seen is None or (seen, keys) == (self._seen, self._keys_seen):
             self._changing = None
             return False
-        if seen != self._changing:
-            self._changing = seen  # still being written, perhaps: look again next poll
+        if (seen, keys) != self._changing:
+            self._changing = (seen, keys)  # still being written, perhaps: look again next poll
             return False
         self._changing = None
         return True
