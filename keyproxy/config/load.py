@@ -214,9 +214,10 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     """Build a `Config` from YAML text, or raise `ConfigError` listing every problem.
 
     Pure apart from reading the files it names (the CA bundle `upstream.ca_file`,
-    the JSON-lines `keys_file`, relative to `source`): `env` is the only other outside input, so tests and `keyproxy check` see exactly what
-    `serve` would. The cyclic garbage collector is paused while
-    parsing: a large key list allocates millions of short-lived, acyclic
+    the JSON-lines `keys_file`, relative to `source`): `env` is the only other
+    outside input, so tests and `keyproxy check` see exactly what `serve` would.
+    The cyclic garbage collector is paused while parsing: a large key list
+    allocates millions of short-lived, acyclic
     nodes, and repeated collections over them would cost more than the parse.
     """
     collecting = gc.isenabled()
