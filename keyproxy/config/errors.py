@@ -15,8 +15,10 @@ class ConfigIssue:
     where: str  # the field's path, like "keys[2].acls"
     message: str
     hint: str | None = None
+    file: str | None = None  # the `keys_file` the line is in; None: the configuration file
 
     def format(self, source: str) -> str:
+        source = self.file or source
         location = source if self.line is None else f"{source}:{self.line}"
         text = (
             f"{location}: {self.where}: {self.message}"

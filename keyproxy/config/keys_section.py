@@ -114,15 +114,35 @@ class KeyReader:
         # index; and the digests of the key being read (a hash listed twice in one key).
         self.rotations: dict[bytes, list[tuple[bytes, KeyHash]]] = {}
         self.seen_in_key: set[bytes] = set()
-        self.items: list[Node] = []
+        # Each key's line, by index (a YAML key's node, a `keys_file` key's line number),
+        # for messages that point back at an earlier key; and the file they are in.
+        self.places: list[Node | int] = []
+        self.files: list[tuple[int, str]] = []  # (first index, path) of each keys file
+        self.file: str | None = None  # the keys file being read; None: the YAML file
         self.keys: list[Key] = []
 
     def read_all(self, node: Node) -> None:
-        self.items = self.r.sequence(node, "keys") or []
-        for index, item in enumerate(self.items):
-            key = self.key(item, index)
+        self.places = list(self.r.sequence(node, "keys") or [])
+        for index, item in enumerate(self.places):
+            key = self.key(item, index)  # type: ignore[arg-type]  # nodes, while only YAML
             if key is not None:
                 self.keys.append(key)
+
+    def begin_file(self, path: str) -> None:
+        """The keys read next come from the `keys_file` at `path`."""
+        self.file = path
+        self.files.append((len(self.places), path))
+
+    def end_file(self) -> None:
+        self.file = None
+
+    def read_one(self, node: Node, line: int) -> None:
+        """One key of a keys file, numbered after every key read before it."""
+        index = len(self.places)
+        self.places.append(line)
+        key = self.key(node, index)
+        if key is not None:
+            self.keys.append(key)
 
     def index(self, keys: tuple[Key, ...]) -> dict[bytes, Key]:
         """Digest -> key; a rotated key's older hashes map to copies that say which hash."""
@@ -165,6 +185,7 @@ class KeyReader:
             acls=acls,
             line=node.start_mark.line + 1,
             rotation=rotation,
+            file=self.file,
             **options,
         )
 
@@ -274,8 +295,13 @@ class KeyReader:
         value = clean_text(node)
         return value if value is not None else self.r.text(node, f"{where}.{name}")
 
-    def first_line(self, index: int) -> int | None:
-        return line_of(self.items[index])
+    def place(self, index: int) -> str:
+        """Where key `index` is, for a message about another: `line 12` or `keys.jsonl:12`."""
+        place = self.places[index]
+        if type(place) is not int:
+            return f"line {line_of(place)}"  # type: ignore[arg-type]  # a node
+        path = next(path for first, path in reversed(self.files) if first <= index)
+        return f"{path}:{place}"
 
     def key_id(self, node: Node | None, parent: Node, where: str, index: int) -> str | None:
         if node is None:
@@ -300,7 +326,7 @@ class KeyReader:
                 node,
                 where + ".id",
                 f"key id {key_id!r} is already used by keys[{first}] "
-                f"(line {self.first_line(first)})",
+                f"({self.place(first)})",
                 "every key needs its own id",
             )
             return None
@@ -342,7 +368,7 @@ class KeyReader:
             self.r.issue(
                 node,
                 where + field,
-                f"the same hash is already used by keys[{first}] (line {self.first_line(first)})"
+                f"the same hash is already used by keys[{first}] ({self.place(first)})"
                 if first != index
                 else "this hash appears twice in the key's hashes",
                 "every key needs its own secret: generate a new one with `keyproxy keygen`",

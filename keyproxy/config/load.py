@@ -31,6 +31,7 @@ import yaml
 from yaml.nodes import MappingNode, Node
 
 from keyproxy.config.errors import ConfigError, ConfigIssue
+from keyproxy.config.keys_file import read_keys_file
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route, Upstream
 from keyproxy.config.observe_section import read_log, read_metrics
@@ -90,6 +91,7 @@ _SECTIONS = frozenset(
         "upstream",
         "routes",
         "keys",
+        "keys_file",
         "rate_limits",
         "users",
         "roles",
@@ -163,6 +165,9 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     key_reader = KeyReader(r, acls)
     if "keys" in sections:
         key_reader.read_all(sections["keys"])
+    keys_file = None
+    if "keys_file" in sections:
+        keys_file = read_keys_file(key_reader, sections["keys_file"], os.path.dirname(source))
     rate_limits = read_rate_limits(r, sections.get("rate_limits"))
     cors = read_cors(r, sections.get("cors"), table)
     cache = read_cache(r, sections.get("cache"), table)
@@ -180,7 +185,8 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     metrics_settings = read_metrics(r, sections.get("metrics"))
     route_table = _route_table(r, table, sections.get("routes")) if acls.complete else None
     if r.issues:
-        raise ConfigError(source, sorted(r.issues, key=lambda i: i.line or 0))
+        # The configuration's own issues first, then each keys file's, each in line order.
+        raise ConfigError(source, sorted(r.issues, key=lambda i: (i.file or "", i.line or 0)))
     # No issue means every part was built; the assert only narrows the types.
     assert server and upstream and rate_limits and route_table is not None
     assert log_settings and metrics_settings
@@ -200,16 +206,18 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         users=users,
         permissions=permissions,
         cache=cache,
+        keys_file=keys_file,
     )
 
 
 def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     """Build a `Config` from YAML text, or raise `ConfigError` listing every problem.
 
-    Pure apart from reading the CA bundle `upstream.ca_file` names: `env` is the
-    only other outside input, so tests and `keyproxy check` see exactly what
-    `serve` would. The cyclic garbage collector is paused while
-    parsing: a large key list allocates millions of short-lived, acyclic
+    Pure apart from reading the files it names (the CA bundle `upstream.ca_file`,
+    the JSON-lines `keys_file`, relative to `source`): `env` is the only other
+    outside input, so tests and `keyproxy check` see exactly what `serve` would.
+    The cyclic garbage collector is paused while parsing: a large key list
+    allocates millions of short-lived, acyclic
     nodes, and repeated collections over them would cost more than the parse.
     """
     collecting = gc.isenabled()

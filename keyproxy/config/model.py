@@ -212,6 +212,7 @@ class Key(NamedTuple):
     scopes: frozenset[str] | None = None  # None: any table and operation
     roles: tuple[str, ...] | None = None  # None: admin for admin keys, guest otherwise
     fields: FieldFilter | None = None  # None: every field of a JSON answer is shown
+    file: str | None = None  # the `keys_file` this key's `line` is in; None: the YAML file
 
     def __repr__(self) -> str:  # never print the digest in logs or tracebacks
         return f"Key(id={self.id!r}, type={self.type.value})"
@@ -260,6 +261,8 @@ class Config:
     cors: CorsPolicy | None = field(default=None, compare=False)
     #: `cache:`; None: nothing is cached.
     cache: CacheSettings | None = field(default=None, compare=False)
+    #: Absolute path of `keys_file:` (watched for changes with the file itself); None: none.
+    keys_file: str | None = None
 
     def summary(self) -> str:
         keys = "1 key" if len(self.keys) == 1 else f"{len(self.keys)} keys"

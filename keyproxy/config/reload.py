@@ -26,26 +26,21 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from keyproxy.config.load import ConfigError, config_from_bytes, load_config
+from keyproxy.config.handoff import (
+    END_MARKER,
+    IN_PLACE_WITHOUT_MARKER,
+    Outcome,
+    ends_with_marker,
+    load_in_child,
+    load_outcome,
+)
+from keyproxy.config.load import ConfigError, load_config
 from keyproxy.config.model import Config
 from keyproxy.observability import log_event
 
+__all__ = ["END_MARKER", "IN_PLACE_WITHOUT_MARKER", "ConfigHolder", "ends_with_marker"]
+
 POLL_INTERVAL = 0.5  # seconds; an edit takes effect within about a second (README, Operations)
-
-#: The last line an in-place edit must end with to be read by the watcher.
-END_MARKER = b"# end"
-
-IN_PLACE_WITHOUT_MARKER = (
-    "{path} was rewritten in place and does not end with a '# end' line: not applied,"
-    " since a half-written file would look the same; write a temporary file and rename"
-    " it over {path}, end the file with '# end', or send SIGHUP when the edit is done"
-)
-
-
-def ends_with_marker(data: bytes) -> bool:
-    """Whether the last non-blank line is `# end` (any case, surrounding blanks ignored)."""
-    last = data[-4096:].rstrip().rpartition(b"\n")[2]
-    return last.strip().lower() == END_MARKER
 
 
 def _fingerprint(path: str) -> tuple[int, int, int] | None:
@@ -62,7 +57,9 @@ class ConfigHolder:
         self.path = path
         self._subscribers: list[Callable[[Config], None]] = []
         self._seen = _fingerprint(path) if path else None
-        self._changing: tuple[int, int, int] | None = None  # a change not yet settled
+        self._keys_seen = self._keys_fingerprint()  # the `keys_file`, watched with the file
+        # A change not yet settled: (the file's fingerprint, the keys file's).
+        self._changing: tuple[object, object] | None = None
         self.reloads = {"success": 0, "error": 0}
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
@@ -79,45 +76,36 @@ class ConfigHolder:
     def subscribe(self, callback: Callable[[Config], None]) -> None:
         self._subscribers.append(callback)
 
+    def _keys_fingerprint(self) -> tuple[int, int, int] | None:
+        keys_file = self._config.keys_file
+        return _fingerprint(keys_file) if keys_file else None
+
     def reload_now(self) -> bool:
         """Load the file now, on this thread (tests, and the first load)."""
         if self.path is None:
             return False
-        self._seen = _fingerprint(self.path)
+        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
         return self._apply(self._load())
 
     async def reload(self, *, in_place: bool = False) -> bool:
-        """Load the file on a worker thread, then swap on the loop.
+        """Parse the file in a child process, then swap on the loop.
 
-        A large registry takes seconds to parse; parsing on the loop would stall
-        every request in flight for that long. `in_place`: the watcher saw the
-        file rewritten in place, so it is read only if it ends with the marker.
+        A large registry takes seconds to parse; parsing on the loop, or on a thread
+        that shares the loop's GIL, would stall every request in flight for that
+        long (see `handoff`). `in_place`: the watcher saw the file rewritten in
+        place, so it is read only if it ends with the marker.
         """
         if self.path is None:
             return False
-        self._seen = _fingerprint(self.path)
+        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
         async with self._lock:  # one reload at a time; the last edit wins
-            outcome = await asyncio.get_running_loop().run_in_executor(None, self._load, in_place)
-            return self._apply(outcome)
+            return self._apply(await load_in_child(self.path, in_place))
 
-    def _load(self, in_place: bool = False) -> Config | str | ConfigError:
+    def _load(self, in_place: bool = False) -> Outcome:
         assert self.path is not None
-        try:
-            if not in_place:
-                return load_config(self.path)
-            with open(self.path, "rb") as file:
-                data = file.read()
-            if not ends_with_marker(data):
-                return IN_PLACE_WITHOUT_MARKER.format(path=self.path)
-            return config_from_bytes(data, self.path)
-        except ConfigError as exc:
-            return exc
-        except OSError as exc:
-            return f"cannot read {self.path}: {exc.strerror}"
-        except Exception as exc:  # a loader bug must cost this edit, never the watcher
-            return f"cannot load {self.path}: internal error ({type(exc).__name__})"
+        return load_outcome(self.path, in_place)
 
-    def _apply(self, outcome: Config | str | ConfigError) -> bool:
+    def _apply(self, outcome: Outcome) -> bool:
         if not isinstance(outcome, Config):
             self.reloads["error"] += 1
             if isinstance(outcome, ConfigError):
@@ -148,13 +136,24 @@ class ConfigHolder:
         asyncio.get_running_loop().create_task(self.reload())
 
     def in_place(self) -> bool:
-        """Whether the file now on disk is the same inode as the one last read."""
+        """Whether the file now on disk was changed, and is the same inode as the one last read.
+
+        A `keys_file` needs no marker: each key is one line, and a line cut short is
+        not valid JSON, so a half-written keys file can only lack whole keys, never
+        hold one with less than its finished line says.
+        """
         assert self.path is not None
         now = _fingerprint(self.path)
-        return now is not None and self._seen is not None and now[2] == self._seen[2]
+        return (
+            now is not None
+            and self._seen is not None
+            and now != self._seen
+            and now[2] == self._seen[2]
+        )
 
     def settled_change(self) -> bool:
-        """One poll: whether the file changed and then stayed the same for a whole poll.
+        """One poll: whether the file (or its `keys_file`) changed and then stayed the same
+        for a whole poll.
 
         A file rewritten in place (not replaced by a rename) is read too early
         otherwise: a half-written key list can be valid YAML that grants more than
@@ -173,11 +172,12 @@ class ConfigHolder:
         elif seen is not None and self._missing:
             self._missing = False
             log_event("config_back", path=self.path)
-        if seen is None or seen == self._seen:
+        keys = self._keys_fingerprint()
+        if seen is None or (seen, keys) == (self._seen, self._keys_seen):
             self._changing = None
             return False
-        if seen != self._changing:
-            self._changing = seen  # still being written, perhaps: look again next poll
+        if (seen, keys) != self._changing:
+            self._changing = (seen, keys)  # still being written, perhaps: look again next poll
             return False
         self._changing = None
         return True

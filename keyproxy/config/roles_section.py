@@ -210,4 +210,5 @@ def check_key_roles(r: Reader, keys: list, permissions: Permissions | None) -> N
                     f"keys[{index}].roles",
                     f"no role named {role!r}",
                     did_you_mean(role, known) or "defined roles: " + ", ".join(sorted(known)),
+                    file=key.file,
                 )

@@ -207,7 +207,9 @@ class Reader:
             if node is not None and id(node) in self._expanded:
                 message, hint = self._scrub(self._expanded[id(node)], message, hint)
             message, hint = self._scrub_elsewhere(message, hint)
-        self.issues.append(ConfigIssue(line_of(node), where, message, hint))
+        # A `keys_file` key's nodes carry their file in their mark (see `keys_file`).
+        file = None if node is None else getattr(node.start_mark, "file", None)
+        self.issues.append(ConfigIssue(line_of(node), where, message, hint, file))
 
     def _scrub_elsewhere(self, message: str, hint: str | None) -> tuple[str, str | None]:
         """An issue about one field may quote another (two listeners on one port)."""
@@ -237,10 +239,17 @@ class Reader:
                 hint = None
         return message, hint
 
-    def issue_at(self, line: int | None, where: str, message: str, hint: str | None = None) -> None:
+    def issue_at(
+        self,
+        line: int | None,
+        where: str,
+        message: str,
+        hint: str | None = None,
+        file: str | None = None,
+    ) -> None:
         if self._expanded:
             message, hint = self._scrub_elsewhere(message, hint)
-        self.issues.append(ConfigIssue(line, where, message, hint))
+        self.issues.append(ConfigIssue(line, where, message, hint, file))
 
     # ---- mappings
 

@@ -1,0 +1,212 @@
+"""Parse a reload in a child process and hand the result to the event loop in small pieces.
+
+Why a process: parsing a registry of 100,000 keys is seconds of Python work.
+On a thread it competes with the event loop for the GIL, and every request in
+flight waits for the parser's time slices: measured with `bench/reload.py`, p99
+rose about 14-fold and throughput fell by 40% for the ten seconds a reload took.
+A child process parses on another core without touching the serving process's
+GIL or memory (the YAML tree of a large file is several hundred MB, now freed
+with the child, and a child killed for memory leaves the server running).
+
+Why pieces: the result comes back as one pickle stream, written in chunks of
+keys with one shared memo, so values many keys share (ACL sets, allowlists,
+rates) stay shared. The loop reads one chunk at a time and yields between
+chunks, so no single step holds the loop for more than a few milliseconds.
+Keys travel as plain tuples: rebuilding a named tuple from a pickle would run
+Python code per key; `Key._make` over a list is a fraction of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import io
+import os
+import pickle
+import sys
+from collections.abc import Iterator
+
+from keyproxy.config.load import ConfigError, config_from_bytes, load_config
+from keyproxy.config.model import Config, Key
+
+#: Keys decoded per step on the loop (a few ms each).
+CHUNK = 1000
+
+#: The last line an in-place edit must end with to be read by the watcher.
+END_MARKER = b"# end"
+
+IN_PLACE_WITHOUT_MARKER = (
+    "{path} was rewritten in place and does not end with a '# end' line: not applied,"
+    " since a half-written file would look the same; write a temporary file and rename"
+    " it over {path}, end the file with '# end', or send SIGHUP when the edit is done"
+)
+
+Outcome = Config | str | ConfigError
+
+
+def ends_with_marker(data: bytes) -> bool:
+    """Whether the last non-blank line is `# end` (any case, surrounding blanks ignored)."""
+    last = data[-4096:].rstrip().rpartition(b"\n")[2]
+    return last.strip().lower() == END_MARKER
+
+
+def load_outcome(path: str, in_place: bool = False) -> Outcome:
+    """The file's `Config`, or why it was not applied (a `ConfigError` or one line)."""
+    try:
+        if not in_place:
+            return load_config(path)
+        with open(path, "rb") as file:
+            data = file.read()
+        if not ends_with_marker(data):
+            return IN_PLACE_WITHOUT_MARKER.format(path=path)
+        return config_from_bytes(data, path)
+    except ConfigError as exc:
+        return exc
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except Exception as exc:  # a loader bug must cost this edit, never the watcher
+        return f"cannot load {path}: internal error ({type(exc).__name__})"
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+class _Pickler(pickle.Pickler):
+    """Frozen dataclasses go back through their constructor: the default for a slotted
+    dataclass, `__setstate__`, looks up its fields again for every object, which for the
+    30,000 distinct referer patterns of a large registry was most of the decoding."""
+
+    def reducer_override(self, obj: object) -> object:
+        cls = type(obj)
+        fields = _INIT_FIELDS.get(cls)
+        if fields is None:
+            if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
+                return NotImplemented
+            declared = dataclasses.fields(cls)
+            if not all(f.init for f in declared):
+                return NotImplemented
+            fields = _INIT_FIELDS[cls] = tuple(f.name for f in declared)
+        return cls, tuple([getattr(obj, name) for name in fields])
+
+
+_INIT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def encode(outcome: Outcome) -> bytes:
+    """The outcome as one pickle stream: a head, then the keys in chunks, then the
+    index entries of rotated keys' older hashes (copies that say which hash)."""
+    out = io.BytesIO()
+    pickler = _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    if not isinstance(outcome, Config):
+        pickler.dump(("refused", outcome))
+        return out.getvalue()
+    keys = outcome.keys
+    older = [(digest, tuple(key)) for digest, key in outcome.keys_by_digest.items()
+             if digest != key.digest]  # fmt: skip
+    shell = dataclasses.replace(outcome, keys=(), keys_by_digest={})
+    chunks = range(0, len(keys), CHUNK)
+    pickler.dump(("config", shell, len(chunks)))
+    for start in chunks:
+        pickler.dump([tuple(key) for key in keys[start : start + CHUNK]])
+    pickler.dump(older)
+    return out.getvalue()
+
+
+def _pieces(data: bytes) -> Iterator[object]:
+    """Each object of the stream in turn; the memo carries over between them."""
+    unpickler = pickle.Unpickler(io.BytesIO(data))
+    while True:
+        try:
+            yield unpickler.load()
+        except EOFError:
+            return
+
+
+def decode_steps(data: bytes) -> Iterator[Outcome | None]:
+    """Rebuild the outcome one chunk per step (None: not done yet; the last value is it).
+
+    The cyclic collector is paused meanwhile, and what it would have to walk
+    afterwards is frozen (`gc.freeze`) once the keys are built: otherwise the
+    first collection after the swap walks a hundred thousand fresh objects in one
+    go, a pause of its own. Garbage is collected first, so only what the loop
+    creates during the few hundred milliseconds of decoding is frozen with them.
+    """
+    pieces = _pieces(data)
+    head = next(pieces)
+    if head[0] == "refused":  # type: ignore[index]
+        yield head[1]  # type: ignore[index]
+        return
+    _, shell, n_chunks = head  # type: ignore[misc]
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        keys: list[Key] = []
+        by_digest: dict[bytes, Key] = {}
+        make = Key._make
+        for _ in range(n_chunks):
+            chunk = [make(row) for row in next(pieces)]  # type: ignore[attr-defined]
+            keys.extend(chunk)
+            by_digest.update([(key.digest, key) for key in chunk])
+            yield None
+        for digest, row in next(pieces):  # type: ignore[attr-defined]
+            by_digest[digest] = make(row)
+        config = dataclasses.replace(shell, keys=tuple(keys), keys_by_digest=by_digest)
+        gc.freeze()
+    finally:
+        if collecting:
+            gc.enable()
+    yield config
+
+
+async def decode(data: bytes) -> Outcome:
+    """`decode_steps` on the loop, letting requests run between the steps."""
+    outcome: Outcome | None = None
+    for outcome in decode_steps(data):
+        if outcome is None:
+            await asyncio.sleep(0)
+    assert outcome is not None
+    return outcome
+
+
+# --------------------------------------------------------------------------- the child
+
+
+async def load_in_child(path: str, in_place: bool = False) -> Outcome:
+    """Parse `path` in a fresh Python process (same interpreter, same environment)."""
+    import keyproxy
+
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(keyproxy.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "keyproxy.config.handoff", path]
+    if in_place:
+        argv.append("--in-place")
+    try:
+        child = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=env
+        )
+    except OSError as exc:
+        return f"cannot load {path}: no process to parse it in ({exc.strerror or exc})"
+    try:
+        data, _ = await child.communicate()
+    except asyncio.CancelledError:
+        if child.returncode is None:
+            child.kill()
+        raise
+    if child.returncode != 0 or not data:
+        return f"cannot load {path}: the parsing process failed (exit status {child.returncode})"
+    return await decode(data)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m keyproxy.config.handoff PATH [--in-place]`: the stream on stdout."""
+    path, in_place = argv[0], "--in-place" in argv[1:]
+    sys.stdout.buffer.write(encode(load_outcome(path, in_place)))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""`keys_file:`, a registry of generated keys as JSON lines, read by the same key reader.
+
+YAML suits the keys people write by hand; a registry a program generates can
+hold 100,000 keys, and composing that much YAML takes seconds and several
+hundred MB. A JSON-lines file holds one key per line, as a JSON object with
+exactly the fields a YAML key has: orjson parses a line in about a microsecond,
+and only one line's values exist at a time.
+
+Each line is turned into the YAML nodes the key would have had (strings as
+quoted scalars, numbers and `true`/`false` as plain ones), marked with the
+file and line, and handed to `KeyReader.key`: one validator for both files,
+with the same messages and hints, pointing at `keys.jsonl:LINE`.
+
+JSON itself would let an object repeat a field and keep the last, silently
+(`"revoked": true, ..., "revoked": false`); a repeated field is refused, as in
+YAML. Values many keys share are given the same node (each node reports the
+line being read, see `_Mark`), so a line costs few objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import orjson
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from keyproxy.config.keys_section import KeyReader
+from keyproxy.config.yaml_reader import UNTAGGED
+
+_EXAMPLE = '{"id": "web", "hash": "sha256:...", "type": "read", "acls": ["get"]}'
+#: A closing quote, blanks, then a colon: a field name written `"a" : 1`.
+_SPACED_NAME = re.compile(rb'"[ \t\r]+:')
+_QUOTED = '"'
+#: Fields whose value is different for every key: not worth remembering.
+_UNIQUE = frozenset({"id", "hash", "description"})
+
+
+class _Mark:
+    """Where the key being read sits: one object per file, moved from line to line.
+
+    The nodes of a line are read, and every issue about them recorded, before the
+    next line is read, so all of them may share it; issues copy the line number.
+    """
+
+    __slots__ = ("file", "line")
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.line = 0  # 0-based, as YAML's marks
+
+
+class _Nodes:
+    """JSON values -> the nodes YAML would have composed for them."""
+
+    def __init__(self, mark: _Mark) -> None:
+        self.mark = mark
+        self.scalars: dict[str, ScalarNode] = {}  # quoted strings, names included
+        self.lists: dict[tuple[str, ...], SequenceNode] = {}
+        self.fields = 0  # object fields converted (the duplicate check counts them)
+
+    def quoted(self, text: str) -> ScalarNode:
+        node = self.scalars.get(text)
+        if node is None:
+            mark = self.mark
+            node = ScalarNode(UNTAGGED, text, mark, mark, _QUOTED)
+            if len(self.scalars) < 100_000:
+                self.scalars[text] = node
+        return node
+
+    def node(self, value: Any) -> Node:
+        kind = type(value)
+        if kind is str:
+            return self.quoted(value)
+        mark = self.mark
+        if kind is list:
+            if all(type(item) is str for item in value):
+                texts = tuple(value)
+                cached = self.lists.get(texts)
+                if cached is None:
+                    cached = SequenceNode(UNTAGGED, [self.quoted(t) for t in value], mark, mark)
+                    if len(self.lists) < 100_000:
+                        self.lists[texts] = cached
+                return cached
+            return SequenceNode(UNTAGGED, [self.node(item) for item in value], mark, mark)
+        if kind is dict:
+            self.fields += len(value)
+            pairs = [
+                (
+                    self.quoted(name),
+                    ScalarNode(UNTAGGED, item, mark, mark, _QUOTED)
+                    if name in _UNIQUE and type(item) is str
+                    else self.node(item),
+                )
+                for name, item in value.items()
+            ]
+            return MappingNode(UNTAGGED, pairs, mark, mark)
+        if kind is bool:
+            text = "true" if value else "false"
+        elif value is None:
+            text = "null"
+        else:  # a number: its text, as YAML would hold it
+            text = str(value)
+        return ScalarNode(UNTAGGED, text, mark, mark)
+
+
+def _repeated_field(line: bytes) -> str | None:
+    """The name of a field an object of this line repeats, if any (the slow, exact way)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in items]
+        if not found and len(set(names)) != len(names):
+            found.append(next(n for n in names if names.count(n) > 1))
+        return dict(items)
+
+    json.loads(line, object_pairs_hook=pairs)
+    return found[0] if found else None
+
+
+def _may_repeat(line: bytes, fields: int) -> bool:
+    """False when no object of the line can repeat a field, known without a second parse.
+
+    Without a backslash every `"` delimits a string, so each field name written
+    as `"name":` adds one `":` and a repeated name adds one more than the parsed
+    objects hold (a string value starting with `:` adds one too: then the exact
+    check runs). Names written with blanks before the colon are counted by the
+    exact check only.
+    """
+    return (
+        b"\\" in line or line.count(b'":') != fields or _SPACED_NAME.search(line) is not None
+    )
+
+
+def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None:
+    """Read every key of the file `node` names; its absolute path, or None if unreadable."""
+    r = reader.r
+    name = r.text(node, "keys_file")
+    if name is None:
+        return None
+    path = os.path.abspath(os.path.join(config_dir, name))
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        r.issue(
+            node,
+            "keys_file",
+            f"cannot read {path}: {error.strerror or error}",
+            "give the path of a JSON-lines file of keys, relative to this file "
+            "(one JSON object per line, like " + _EXAMPLE + ")",
+        )
+        return None
+    mark = _Mark(path)
+    nodes = _Nodes(mark)
+    reader.begin_file(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for number, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        mark.line = number
+        where = f"keys[{len(reader.places)}]"
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            r.issue_at(
+                number + 1,
+                where,
+                f"invalid JSON at column {error.colno}: {error.msg}",
+                "each line holds one whole JSON object, like " + _EXAMPLE,
+                file=path,
+            )
+            reader.places.append(number + 1)
+            continue
+        if type(value) is not dict:
+            r.issue_at(
+                number + 1,
+                where,
+                "expected one JSON object on this line",
+                "write each key as one object, like " + _EXAMPLE,
+                file=path,
+            )
+            reader.places.append(number + 1)
+            continue
+        nodes.fields = 0
+        key_node = nodes.node(value)
+        if _may_repeat(line, nodes.fields) and (repeated := _repeated_field(line)) is not None:
+            r.issue_at(
+                number + 1,
+                f"{where}.{repeated}",
+                f"{repeated!r} appears twice in this object",
+                "remove one of them: JSON readers silently keep only the last",
+                file=path,
+            )
+            reader.places.append(number + 1)
+            continue
+        reader.read_one(key_node, number + 1)
+    reader.end_file()
+    return path

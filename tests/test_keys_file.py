@@ -1,0 +1,298 @@
+"""`keys_file:` (keys as JSON lines) and reloads parsed in a child process.
+
+The keys file is read by the YAML key reader itself, so the same mistakes get
+the same messages; what these tests add is where the messages point (the keys
+file and its line), what JSON alone would let through (a repeated field), and
+that a running `keyproxy serve` reloads when only the keys file changes and
+keeps its last good configuration when the keys file is bad.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from keyproxy.config import ConfigError, handoff, load_config
+from keyproxy.config.model import KeyType
+from keyproxy.config.reload import ConfigHolder
+from tests.test_config import BASE, ENV, hash_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, lines: list[str | dict], yaml_keys: str = "") -> Path:
+    (tmp_path / "keys.jsonl").write_text(
+        "".join((json.dumps(line) if isinstance(line, dict) else line) + "\n" for line in lines)
+    )
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(BASE + yaml_keys + "keys_file: keys.jsonl\n")
+    return path
+
+
+def _load(path: Path):
+    return load_config(path, ENV)
+
+
+def _issues(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        _load(path)
+    return str(caught.value).splitlines()
+
+
+def test_keys_from_the_file_are_the_keys_yaml_would_give(tmp_path: Path) -> None:
+    fields = {
+        "id": "web",
+        "hash": hash_of(1),
+        "type": "read",
+        "acls": ["get", "search"],
+        "referers": ["https://*.example.com/*"],
+        "ips": ["10.0.0.0/8"],
+        "rate_limit": ["10/second", "1000/hour"],
+        "quota": "100000/month",
+        "expires": "2027-01-01T00:00:00Z",
+        "scopes": ["posts:read"],
+        "fields": {"exclude": ["email"]},
+    }
+    path = _write(
+        tmp_path, [fields, {"id": "w", "hash": hash_of(2), "type": "write", "revoked": True}]
+    )
+    from_file = _load(path)
+    yaml_text = (
+        "keys:\n  - "
+        + json.dumps(fields)
+        + "\n  - "
+        + json.dumps({"id": "w", "hash": hash_of(2), "type": "write", "revoked": True})
+        + "\n"
+    )
+    (tmp_path / "plain.yaml").write_text(BASE + yaml_text)
+    from_yaml = load_config(tmp_path / "plain.yaml", ENV)
+    strip = [key._replace(line=0, file=None) for key in from_file.keys]
+    assert strip == [key._replace(line=0) for key in from_yaml.keys]
+    assert [(k.file, k.line) for k in from_file.keys] == [(str(tmp_path / "keys.jsonl"), 1)] * 1 + [
+        (str(tmp_path / "keys.jsonl"), 2)
+    ]
+    assert from_file.keys_file == str(tmp_path / "keys.jsonl")
+    assert from_file.keys[1].revoked and from_file.keys[1].type is KeyType.WRITE
+    assert set(from_file.keys_by_digest) == {key.digest for key in from_file.keys}
+
+
+def test_yaml_keys_and_file_keys_together_and_their_lines(tmp_path: Path) -> None:
+    yaml_keys = f'keys:\n  - {{id: hand, hash: "{hash_of(0)}", type: read}}\n'
+    path = _write(tmp_path, ["", {"id": "gen", "hash": hash_of(1), "type": "read"}], yaml_keys)
+    config = _load(path)
+    assert [(k.id, k.line, k.file) for k in config.keys] == [
+        ("hand", 10, None),
+        ("gen", 2, str(tmp_path / "keys.jsonl")),  # a blank line is skipped, still counted
+    ]
+
+
+def test_errors_name_the_keys_file_and_its_line_with_the_yaml_hint(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        [
+            {"id": "a", "hash": hash_of(1), "type": "reed"},
+            {"id": "b", "hash": hash_of(2), "type": "read", "acl": ["get"]},
+            '{"id": "c", "hash": ',
+            "[1, 2]",
+            {"id": "d", "hash": hash_of(1), "type": "read", "quota": 1.5},
+        ],
+    )
+    keys = str(tmp_path / "keys.jsonl")
+    issues = _issues(path)
+    assert issues[0] == (
+        f"{keys}:1: keys[0].type: expected read, write or admin, found 'reed' "
+        "(hint: did you mean 'read'?)"
+    )
+    assert issues[1].startswith(
+        f"{keys}:2: keys[1].acl: unknown field 'acl' (hint: did you mean 'acls'?"
+    )
+    assert issues[2].startswith(f"{keys}:3: keys[2]: invalid JSON at column")
+    assert "one whole JSON object" in issues[2]
+    assert issues[3].startswith(f"{keys}:4: keys[3]: expected one JSON object on this line")
+    assert (
+        f"{keys}:5: keys[4].hash: the same hash is already used by keys[0] ({keys}:1)" in issues[4]
+    )
+    assert f"{keys}:5: keys[4].quota: expected a whole number" in "\n".join(issues)
+
+
+def test_ids_and_hashes_are_unique_across_both_files(tmp_path: Path) -> None:
+    yaml_keys = f'keys:\n  - {{id: same, hash: "{hash_of(0)}", type: read}}\n'
+    path = _write(tmp_path, [{"id": "same", "hash": hash_of(1), "type": "read"}], yaml_keys)
+    (issue,) = _issues(path)
+    keys = tmp_path / "keys.jsonl"
+    assert issue.startswith(
+        f"{keys}:1: keys[1].id: key id 'same' is already used by keys[0] (line 10)"
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"id": "k", "hash": "%s", "type": "read", "revoked": true, "revoked": false}',
+        '{"id": "k", "hash": "%s", "type": "read", "revoked" : true, "revoked":false}',
+        '{"id": "k", "hash": "%s", "type": "read", "description": "a\\"b", "type": "admin"}',
+    ],
+)
+def test_a_repeated_field_is_refused_as_in_yaml(tmp_path: Path, line: str) -> None:
+    path = _write(tmp_path, [line % hash_of(1)])
+    (issue,) = _issues(path)
+    assert "appears twice in this object" in issue and issue.startswith(
+        f"{tmp_path / 'keys.jsonl'}:1: keys[0]."
+    )
+
+
+def test_strings_that_look_like_field_names_are_not_repeats(tmp_path: Path) -> None:
+    line = '{"id": "k", "hash": "%s", "type": "read", "description": ":type\\": \\"x"}'
+    path = _write(tmp_path, [line % hash_of(1)])
+    assert [k.id for k in _load(path).keys] == ["k"]
+
+
+def test_values_are_read_as_yaml_reads_them(tmp_path: Path) -> None:
+    """JSON types do not bypass the reader: `null`, a number id, a quoted boolean."""
+    path = _write(
+        tmp_path,
+        [
+            {"id": None, "hash": hash_of(1), "type": "read"},
+            {"id": "b", "hash": hash_of(2), "type": "read", "revoked": "yes"},
+            {"id": "c", "hash": hash_of(3), "type": "read", "acls": "get"},
+        ],
+    )
+    text = "\n".join(_issues(path))
+    assert "keys[0].id: has no value" in text
+    assert "keys[1].revoked: expected true or false, found 'yes'" in text
+    assert "keys[2].acls: expected a list" in text
+
+
+def test_a_missing_keys_file_names_the_setting_and_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(BASE + "keys_file: nowhere.jsonl\n")
+    (issue,) = _issues(path)
+    assert issue.startswith(f"{path}:9: keys_file: cannot read {tmp_path / 'nowhere.jsonl'}")
+    assert "JSON-lines" in issue
+
+
+def test_check_reads_the_keys_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "read"}])
+    env = {**os.environ, **ENV}
+    ok = subprocess.run(
+        [sys.executable, "-m", "keyproxy", "check", "-c", str(path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0 and "1 key" in ok.stdout, ok
+    (tmp_path / "keys.jsonl").write_text('{"id": "a", "hash": "sha256:00", "type": "read"}\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "keyproxy", "check", "-c", str(path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert f"{tmp_path / 'keys.jsonl'}:1: keys[0].hash: expected sha256:" in bad.stdout + bad.stderr
+
+
+# --------------------------------------------------------------------------- the handoff
+
+
+def test_the_handoff_rebuilds_the_same_config_in_pieces(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(handoff, "CHUNK", 2)
+    rotated = {
+        "id": "rot",
+        "hashes": [hash_of(10), {"hash": hash_of(11), "until": "2030-01-01"}],
+        "type": "read",
+    }
+    lines = [{"id": f"k{i}", "hash": hash_of(i), "type": "read", "ips": ["10.0.0.0/8"]}
+             for i in range(5)]  # fmt: skip
+    path = _write(tmp_path, [*lines, rotated])
+    config = _load(path)
+    steps = list(handoff.decode_steps(handoff.encode(config)))
+    assert steps[:-1] == [None] * 3  # three chunks of two keys, the loop runs between them
+    decoded = steps[-1]
+    assert decoded == config and decoded.keys == config.keys
+    assert dict(decoded.keys_by_digest) == dict(config.keys_by_digest)
+    old = bytes.fromhex(hash_of(11)[7:])
+    assert decoded.keys_by_digest[old].rotation.position == 1
+    # Values the keys shared are still shared, not one copy per key.
+    assert len({id(key.ips) for key in decoded.keys if key.ips}) == 1
+
+
+def test_the_handoff_carries_a_refusal(tmp_path: Path) -> None:
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "reed"}])
+    (outcome,) = handoff.decode_steps(handoff.encode(handoff.load_outcome(str(path))))
+    assert isinstance(outcome, ConfigError) and "'reed'" in str(outcome)
+
+
+def test_a_reload_parses_in_a_child_process(tmp_path: Path, monkeypatch) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "read"}])
+    holder = ConfigHolder(_load(path), str(path))
+    children: list[list[str]] = []
+    spawn = asyncio.create_subprocess_exec
+
+    async def recording(*argv, **kwargs):
+        children.append([str(a) for a in argv])
+        return await spawn(*argv, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recording)
+    (tmp_path / "keys.jsonl").write_bytes(
+        orjson.dumps({"id": "b", "hash": hash_of(2), "type": "read"}) + b"\n"
+    )
+    assert asyncio.run(holder.reload())
+    assert [k.id for k in holder.config.keys] == ["b"]
+    assert children and children[0][1:4] == ["-m", "keyproxy.config.handoff", str(path)]
+
+
+def test_a_change_to_the_keys_file_alone_is_a_change(tmp_path: Path) -> None:
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "read"}])
+    holder = ConfigHolder(_load(path), str(path))
+    assert not holder.settled_change()
+    keys = tmp_path / "keys.jsonl"
+    tmp = tmp_path / "keys.tmp"
+    tmp.write_text(json.dumps({"id": "b", "hash": hash_of(2), "type": "read"}) + "\n")
+    tmp.replace(keys)
+    assert not holder.settled_change()  # changed: wait a poll
+    assert holder.settled_change()
+    assert not holder.in_place()  # the YAML itself is untouched: no end marker needed
+
+
+# --------------------------------------------------------------------------- keyproxy serve
+
+
+def test_serve_reloads_when_only_the_keys_file_changes_and_keeps_the_last_good(
+    tmp_path: Path, upstream
+) -> None:
+    from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
+    from tests.test_lifecycle import wait_until
+
+    newcomer = "pk_" + "8" * 64
+    keys = tmp_path / "keys.jsonl"
+
+    def write_keys(lines: list[dict | str]) -> None:
+        tmp = tmp_path / "keys.jsonl.tmp"
+        tmp.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+        tmp.replace(keys)
+
+    write_keys([{"id": "reader", "hash": digest(KEYS["reader"]), "type": "read"}])
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"] = []
+    config["keys_file"] = str(keys)
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 200
+        assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401
+        write_keys([{"id": "newcomer", "hash": digest(newcomer), "type": "read"}])
+        assert wait_until(lambda: kp.request("GET", "/echo/x", key=newcomer)[0] == 200, 10.0)
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 401  # gone from the file
+        # A bad keys file: refused whole, the last good configuration stays in force.
+        write_keys([{"id": "reader", "hash": digest(KEYS["reader"]), "type": "read"}, "{oops"])
+        assert wait_until(lambda: "invalid JSON" in kp.process.stderr, 10.0)
+        assert f"{keys}:2: keys[1]: invalid JSON" in kp.process.stderr
+        assert kp.request("GET", "/echo/x", key=newcomer)[0] == 200
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 401
+    finally:
+        kp.stop()
