@@ -296,3 +296,30 @@ def test_serve_reloads_when_only_the_keys_file_changes_and_keeps_the_last_good(
         assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 401
     finally:
         kp.stop()
+
+
+def test_keygen_rotate_prints_the_keys_file_field_that_loads(tmp_path: Path) -> None:
+    """A key from the keys file is rotated in the keys file: the printed line number is
+    that file's, and the printed `"hashes"` field, put in place of `"hash"`, loads."""
+    path = _write(
+        tmp_path,
+        [
+            {"id": "other", "hash": hash_of(2), "type": "read"},
+            {"id": "web", "hash": hash_of(1), "type": "read"},
+        ],
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "keyproxy", "keygen", "--rotate", "web", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, **ENV},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"In {tmp_path / 'keys.jsonl'}, line 2," in result.stdout
+    field = next(line for line in result.stdout.splitlines() if line.startswith('"hashes": '))
+    hashes = json.loads("{" + field + "}")["hashes"]
+    assert hashes[1] == {"hash": hash_of(1), "until": hashes[1]["until"]}
+    lines = (tmp_path / "keys.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({"id": "web", "hashes": hashes, "type": "read"})
+    (tmp_path / "keys.jsonl").write_text("\n".join(lines) + "\n")
+    loaded = _load(path)
+    by_id = sorted(key.id for key in loaded.keys_by_digest.values())
+    assert by_id == ["other", "web", "web"]  # the new hash and the old one in its grace

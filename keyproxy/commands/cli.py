@@ -70,7 +70,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if key.expires_at is not None and key.expires_at <= now and not key.revoked:
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(key.expires_at))
             print(
-                f"note: {args.config}:{key.line}: key {key.id!r} expired on {when}: "
+                f"note: {key.file or args.config}:{key.line}: key {key.id!r} expired on {when}: "
                 "every request with it is refused (TOKEN_EXPIRED); extend `expires` or remove it",
                 file=sys.stderr,
             )
@@ -109,7 +109,12 @@ def _rotate(args: argparse.Namespace) -> int:
     from keyproxy.config import ConfigError, load_config
     from keyproxy.config.model import KeyType
     from keyproxy.config.units import UnitError, parse_duration
-    from keyproxy.policy.credentials import generate_key, rotation_block, utc_text
+    from keyproxy.policy.credentials import (
+        generate_key,
+        json_hashes,
+        rotation_block,
+        utc_text,
+    )
 
     if args.config is None or args.id is not None:
         print("keygen --rotate ID needs -c FILE (and no --id)", file=sys.stderr)
@@ -148,11 +153,18 @@ def _rotate(args: argparse.Namespace) -> int:
     block, ends = rotation_block(key, [(digest, until) for _, digest, until in found], now, grace)
     print(f"The new key for {args.rotate!r} (shown once; keyproxy stores only its hash):\n")
     print(f"  {key}\n")
-    print(
-        f"In {args.config}, replace the hash of key {args.rotate!r} (line {current.line}) "
-        "with these lines:\n"
-    )
-    print(block)
+    if current.file is not None:  # a `keys_file` line: the same hashes, as its JSON field
+        print(
+            f"In {current.file}, line {current.line}, replace the key's hash with this "
+            '"hashes" field:\n'
+        )
+        print(json_hashes(block))
+    else:
+        print(
+            f"In {args.config}, replace the hash of key {args.rotate!r} "
+            f"(line {current.line}) with these lines:\n"
+        )
+        print(block)
     print(
         f"Until {utc_text(ends)} the old key works too; after that it is refused with "
         'TOKEN_EXPIRED ("this key was rotated"). Hand out the new key before then.'

@@ -129,9 +129,7 @@ def _may_repeat(line: bytes, fields: int) -> bool:
     check runs). Names written with blanks before the colon are counted by the
     exact check only.
     """
-    return (
-        b"\\" in line or line.count(b'":') != fields or _SPACED_NAME.search(line) is not None
-    )
+    return b"\\" in line or line.count(b'":') != fields or _SPACED_NAME.search(line) is not None
 
 
 def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None:

@@ -325,8 +325,7 @@ class KeyReader:
             self.r.issue(
                 node,
                 where + ".id",
-                f"key id {key_id!r} is already used by keys[{first}] "
-                f"({self.place(first)})",
+                f"key id {key_id!r} is already used by keys[{first}] ({self.place(first)})",
                 "every key needs its own id",
             )
             return None

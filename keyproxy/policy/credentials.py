@@ -361,3 +361,18 @@ def rotation_block(
         when = ends if until is None else until
         lines.append(f'      - {{hash: "sha256:{digest.hex()}", until: {utc_text(when)}}}')
     return "\n".join(lines) + "\n", ends
+
+
+_ROTATED = re.compile(r'- \{hash: "(sha256:[0-9a-f]{64})", until: (\S+)\}')
+
+
+def json_hashes(block: str) -> str:
+    """`rotation_block`'s lines as the `"hashes"` field of a `keys_file` line."""
+    entries: list[object] = []
+    for line in block.splitlines()[1:]:
+        rotated = _ROTATED.search(line)
+        if rotated is not None:
+            entries.append({"hash": rotated.group(1), "until": rotated.group(2)})
+        else:
+            entries.append(line.strip().removeprefix("- "))
+    return '"hashes": ' + json.dumps(entries)
