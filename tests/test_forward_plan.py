@@ -170,3 +170,23 @@ def test_more_spellings_of_a_secret_are_scrubbed(spelling: str) -> None:
 def test_headers_without_a_secret_are_left_alone() -> None:
     block = b"Content-Type: application/json\r\nX-Note: AbC dEf Gh Ij p@ss\r\n"
     assert not plan().scrubber.found_in(block)
+
+
+def test_clean_header_blocks_are_remembered_and_a_secret_is_still_scrubbed_each_time():
+    """Header hygiene remembers blocks it found clean; a block holding the secret is
+    never remembered, so every answer carrying it is redacted."""
+    from keyproxy.response.chain import ResponseHead
+    from keyproxy.response.links import HeaderHygiene
+
+    hygiene = HeaderHygiene(plan().scrubber)
+    clean = [b"Content-Type: application/json\r\n", b'ETag: "1"\r\n']
+    leaky = [b"Content-Type: application/json\r\n", b"X-Debug: key=AbC/dEf+Gh~Ij\r\n"]
+    for _ in range(3):
+        head = ResponseHead(200, list(clean), 0, "GET")
+        hygiene.on_head(head)
+        assert head.lines == clean
+        head = ResponseHead(200, list(leaky), 0, "GET")
+        hygiene.on_head(head)
+        assert b"AbC/dEf+Gh~Ij" not in b"".join(head.lines)
+        assert head.lines[1] == b"X-Debug: key=[REDACTED]\r\n"
+    assert hygiene.clean == {b"".join(clean)}
