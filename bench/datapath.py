@@ -13,7 +13,12 @@ on this thread after each round, so their CPU counts too).
 Times are CPU time of this process (`time.process_time`), best of 5 rounds: on a
 shared machine, time spent descheduled would swamp a difference of a few µs.
 
-Usage: python bench/datapath.py [--iterations 100000] [--full] [--profile]
+`--breakdown` prints where the microseconds go, by area of the code: cProfile's
+own time per function (built-ins charged to their caller), grouped by module and
+scaled to the unprofiled per-request time. The profiler's overhead is per call, so
+call-heavy areas come out somewhat larger than they are: a map, not a stopwatch.
+
+Usage: python bench/datapath.py [--iterations 100000] [--full] [--profile | --breakdown]
 """
 
 from __future__ import annotations
@@ -127,13 +132,52 @@ def drain_access_log(client: ClientConnection) -> None:
         log._write_records(records)
 
 
+#: Areas of the code, by module path (first match), for `--breakdown`.
+AREAS = (
+    ("keyproxy/wire/client.py", "client side: request parsing, queueing"),
+    ("keyproxy/wire/upstream.py", "upstream side: pool, parsing the answer"),
+    ("keyproxy/wire/exchange.py", "exchange: forwarding, framing the answer"),
+    ("keyproxy/checks/", "decision: memo, rate limit (and steps 0-7 on a miss)"),
+    ("keyproxy/policy/", "decision: memo, rate limit (and steps 0-7 on a miss)"),
+    ("keyproxy/ratelimit/", "decision: memo, rate limit (and steps 0-7 on a miss)"),
+    ("keyproxy/forward/", "upstream request head"),
+    ("keyproxy/response/body", "response body scan for the secret"),
+    ("keyproxy/response/", "response chain: header hygiene, limit headers"),
+    ("keyproxy/observe.py", "metrics and the access log"),
+    ("keyproxy/app.py", "server: decision meets transport"),
+    ("keyproxy/request.py", "server: decision meets transport"),
+)
+
+
+def breakdown(stats: pstats.Stats, per_request: float, requests: int) -> list[tuple[str, float]]:
+    """µs per request by area, scaled so the areas add up to `per_request`."""
+    own: dict[str, float] = {}
+
+    def area(where: str) -> str:
+        for prefix, name in AREAS:
+            if prefix in where:
+                return name
+        return "other (bench harness, interpreter)"
+
+    table = stats.stats  # type: ignore[attr-defined]  # pstats keeps its table here
+    for (file, _line, _name), (_cc, _nc, tt, _ct, callers) in table.items():
+        if file == "~":  # a built-in: charge each caller its share
+            for (caller_file, _l, _n), share in callers.items():
+                name = area(caller_file)
+                own[name] = own.get(name, 0.0) + share[2]
+        else:
+            own[area(file)] = own.get(area(file), 0.0) + tt
+    total = sum(own.values())
+    return sorted(((name, t / total * per_request) for name, t in own.items()), key=lambda x: -x[1])
+
+
 def run(
     iterations: int,
     n_keys: int,
     profile: bool,
     access_log: str | None = None,
     full: bool = False,
-) -> float:
+) -> tuple[float, pstats.Stats | None]:
     client, upstream, request, client_transport = setup(n_keys, access_log, full)
     for _ in range(100):  # warm up caches and the interpreter's specialisation
         client.data_received(request)
@@ -152,12 +196,13 @@ def run(
         drain_access_log(client)
         rounds.append(time.process_time() - start)
     elapsed = min(rounds) * 5
+    stats = None
     if profiler is not None:
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profiler)
     answered = (client_transport.written - before) // (iterations // 5 * 5)
     assert answered > len(BODY), "the proxy did not answer with the body"
-    return elapsed / iterations * 1e6
+    return elapsed / iterations * 1e6, stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=100_000)
     p.add_argument("--keys", type=int, default=10_000)
     p.add_argument("--profile", action="store_true", help="print a cProfile table as well")
+    p.add_argument("--breakdown", action="store_true", help="µs per request by area of the code")
     p.add_argument("--full", action="store_true", help="the full policy (JWT, access log, ...)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         # Both policies log to a file here (the minimal one logs to stdout by default in
         # `serve`): the lines' CPU then counts alike, and the output stays readable.
         log = str(Path(tmp) / "access.log")
-        per_request = run(args.iterations, args.keys, args.profile, log, args.full)
+        per_request, _ = run(args.iterations, args.keys, False, log, args.full)
+        if args.profile or args.breakdown:
+            _, stats = run(args.iterations, args.keys, True, log, args.full)
+            assert stats is not None
+            if args.profile:
+                stats.sort_stats("tottime").print_stats(25)
+            if args.breakdown:
+                for name, us in breakdown(stats, per_request, args.iterations):
+                    print(f"{us:7.2f} µs  {name}")
     policy = "full policy" if args.full else "minimal policy"
     print(
         f"data path + decision, no sockets: {per_request:.2f} µs per request "
