@@ -42,6 +42,9 @@ REDACTED = b"[REDACTED]"
 #: From this many bytes on, a chunk's needles are searched with `memmem` (below, the
 #: ctypes call costs more than `bytes.__contains__` saves: measured crossover ~6 KiB).
 MEMMEM_FROM = 8192
+#: A body of known length up to this size is scanned once, when its last byte is in:
+#: in 16 KiB pieces a 64 KiB JSON body cost 1.4 µs per KiB to scan, whole 0.9 µs.
+WHOLE_UP_TO = 64 * 1024
 
 
 def _libc_finder() -> Callable[[bytes], Callable[..., int]] | None:
@@ -221,7 +224,7 @@ def _holds_any(text: bytes, needles: tuple[bytes, ...]) -> bool:
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = ("found", "held", "remaining", "scrubber")
+    __slots__ = ("found", "held", "parts", "remaining", "scrubber")
 
     def __init__(self, scrubber: BodyScrubber, length: int | None = None) -> None:
         self.scrubber = scrubber
@@ -230,13 +233,23 @@ class ScrubStream:
         #: Bytes still to come when the length is known; the chunk that brings the
         #: last of them is scanned to its end, with nothing held back.
         self.remaining = -1 if length is None else length
+        self.parts: list[bytes] | None = (
+            [] if length is not None and length <= WHOLE_UP_TO else None
+        )
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self.held + chunk if self.held else chunk
-        size = len(data)
         remaining = self.remaining
         if remaining >= 0:
             remaining = self.remaining = remaining - len(chunk)
+            if self.parts is not None:
+                # A small body of known length arriving in pieces: held until its last
+                # piece, then scanned once (each piece would cost a search per needle).
+                self.parts.append(chunk)
+                if remaining > 0:
+                    return b""
+                chunk, self.parts = b"".join(self.parts), None
+        data = self.held + chunk if self.held else chunk
+        size = len(data)
         if remaining == 0:
             cut = size  # the body's last byte is here: nothing can complete a spelling later
         else:
@@ -306,6 +319,9 @@ class ScrubStream:
         return b"".join(out), keep_from
 
     def end(self) -> bytes:
+        if self.parts:  # shorter than declared (the upstream closed early)
+            self.held += b"".join(self.parts)
+        self.parts = None
         rest, self.held = self.held, b""
         if not rest:
             return b""
