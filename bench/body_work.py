@@ -129,9 +129,9 @@ def pure(rounds: int) -> None:
             body = make_body(size)
             kib = len(body) / 1024
             pieces = [body[i : i + 16384] for i in range(0, len(body), 16384)]
-            whole = best_cpu(lambda: through_link(scrub, ctx, [body], len(body)), rounds)
-            split = best_cpu(lambda: through_link(scrub, ctx, pieces, len(body)), rounds)
-            unknown = best_cpu(lambda: through_link(scrub, ctx, pieces, None), rounds)
+            whole = best_cpu(lambda b=body: through_link(scrub, ctx, [b], len(b)), rounds)
+            split = best_cpu(lambda b=body, p=pieces: through_link(scrub, ctx, p, len(b)), rounds)
+            unknown = best_cpu(lambda p=pieces: through_link(scrub, ctx, p, None), rounds)
             print(
                 f"| {kind} | {name} | {whole * 1e6:,.1f} µs | {whole * 1e6 / kib:.2f} µs "
                 f"| {split * 1e6:,.1f} µs | {split * 1e6 / kib:.2f} µs | {unknown * 1e6:,.1f} µs |"
@@ -145,8 +145,8 @@ def pure(rounds: int) -> None:
         body = json_body(size)
         kib = len(body) / 1024
         records = body.count(b'"id"')
-        out = best_cpu(lambda: through_link(fields, exclude, [body], len(body)), rounds)
-        keep = best_cpu(lambda: through_link(fields, include, [body], len(body)), rounds)
+        out = best_cpu(lambda b=body: through_link(fields, exclude, [b], len(b)), rounds)
+        keep = best_cpu(lambda b=body: through_link(fields, include, [b], len(b)), rounds)
         print(
             f"| JSON list | {name} | {records} | {out * 1e6:,.1f} µs | {out * 1e6 / kib:.2f} µs "
             f"| {keep * 1e6:,.1f} µs | {keep * 1e6 / kib:.2f} µs |"
@@ -247,7 +247,9 @@ def through_proxy(n: int) -> None:
                     f"| {plain_cpu * 1e6:,.0f} µs | {filtered_cpu * 1e6:,.0f} µs "
                     f"| {extra * 1e6 / (size / 1024):.1f} µs |"
                 )
-            print("\n| body | scrub_body: false | scanned | CPU not scanned | CPU scanned | per KiB |")
+            print(
+                "\n| body | scrub_body: false | scanned | CPU not scanned | CPU scanned | per KiB |"
+            )
             print("|---|---:|---:|---:|---:|---:|")
             for name, size in (("64 KiB", 64 * 1024), ("1 MiB", 1024 * 1024)):
                 count = n if size < 1 << 20 else max(20, n // 10)

@@ -57,9 +57,7 @@ BODY_NOT_SCANNED = Deny(
     502, "BODY_NOT_SCANNED", "the upstream's answer could not be checked for secrets"
 )
 #: Validators and range headers that describe the upstream's bytes, not the filtered ones.
-_FILTER_DROPS = frozenset(
-    (b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range")
-)
+_FILTER_DROPS = frozenset((b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range"))
 
 
 def accept_encoding(ctx: RequestContext) -> str | None:

@@ -145,9 +145,7 @@ class BodyScrubber:
         spellings = secret_spellings(secrets, basic)
         #: Raw literals every spelling without a `%` holds (its longest run without a
         #: space, which is the only byte with another raw spelling, `+`).
-        self.needles = _without_supersets(
-            a for s in spellings for a in s.anchors if a != b"%"
-        )
+        self.needles = _without_supersets(a for s in spellings for a in s.anchors if a != b"%")
         # Escaped spellings decode to a raw form: a chunk with an escape that could be
         # part of one is decoded once and searched for the forms, instead of running
         # the per-character pattern around every `%`. A `%` just before a spelling can
@@ -308,9 +306,7 @@ class ScrubStream:
                 break
             out.append(data[position : match.start()])
             out.append(
-                same_length_mask(match.end() - match.start())
-                if scrubber.same_length
-                else REDACTED
+                same_length_mask(match.end() - match.start()) if scrubber.same_length else REDACTED
             )
             self.found += 1
             position = match.end()

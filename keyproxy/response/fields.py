@@ -214,14 +214,12 @@ def _exclude_in_object(value: dict[str, Any], node: _Node) -> None:
                 _exclude(value[key], sub)
         return
     for key in node.drop:
-        if key in value:
-            del value[key]
+        value.pop(key, None)
     for key, below, sub in node.drop_below:
         child = value.get(key)
         if child.__class__ is dict:
             for name in below:
-                if name in child:
-                    del child[name]
+                child.pop(name, None)
         elif child.__class__ is list:
             _exclude_in_items(child, sub)
     for key, sub in node.walk:
@@ -247,14 +245,12 @@ def _exclude_in_items(value: list[Any], node: _Node) -> None:
     for record in value:
         if record.__class__ is dict:
             for key in drop:
-                if key in record:
-                    del record[key]
+                record.pop(key, None)
             for key, below, sub in drop_below:
                 child = record.get(key)
                 if child.__class__ is dict:
                     for name in below:
-                        if name in child:
-                            del child[name]
+                        child.pop(name, None)
                 elif child.__class__ is list:
                     _exclude_in_items(child, sub)
             for key, sub in walk:
