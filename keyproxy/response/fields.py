@@ -85,6 +85,9 @@ class _Node:
     drop_below: tuple[tuple[str, tuple[str, ...], _Node], ...] = ()
     #: keys to walk into further: (key, the child node).
     walk: tuple[tuple[str, _Node], ...] = ()
+    #: The inclusion plan of such a level, in the order the paths name the keys:
+    #: (key, None to keep its value whole, or the node to keep parts of it with).
+    pick: tuple[tuple[str, _Node | None], ...] = ()
 
 
 def _merge(a: _Node | None, b: _Node | None) -> _Node | None:
@@ -130,6 +133,7 @@ def _finish(node: _Node, depth: int = 0) -> None:
         else:
             walk.append((key, sub))
     node.drop, node.drop_below, node.walk = tuple(drop), tuple(drop_below), tuple(walk)
+    node.pick = tuple((key, None if sub.end else sub) for key, sub in node.by_key.items())
 
 
 def parse_field_path(text: str) -> tuple[str, ...]:
@@ -270,26 +274,60 @@ def _include(value: Any, node: _Node) -> Any:
         return value
     kind = type(value)
     if kind is dict:
+        if node.star is None:
+            return _pick(value, node.pick)
         by_key = node.by_key
         star = node.star
         out = {}
-        if star is None:
-            for key, sub in by_key.items():
-                if key in value:
-                    kept = _include(value[key], sub)
-                    if kept is not _DROP:
-                        out[key] = kept
-            return out
         for key, child_value in value.items():
             kept = _include(child_value, by_key.get(key, star))
             if kept is not _DROP:
                 out[key] = kept
         return out
     if kind is list:
-        item = node.item
-        assert item is not None
-        return [kept for v in value if (kept := _include(v, item)) is not _DROP]
+        return _include_items(value, node)
     return _DROP  # a scalar below the end of every path: not included
+
+
+def _pick(value: dict[str, Any], pick: tuple[tuple[str, _Node | None], ...]) -> dict[str, Any]:
+    out = {}
+    for key, sub in pick:
+        if key in value:
+            if sub is None:
+                out[key] = value[key]
+            else:
+                kept = _include(value[key], sub)
+                if kept is not _DROP:
+                    out[key] = kept
+    return out
+
+
+def _include_items(value: list[Any], node: _Node) -> list[Any]:
+    """Each item of an array kept as far as `node.item` says; scalars off every path go.
+    `_pick` written out in the loop, as for exclusion: no call per record."""
+    item = node.item
+    assert item is not None
+    if item.end:
+        return value
+    if item.star is not None:
+        return [kept for v in value if (kept := _include(v, item)) is not _DROP]
+    pick = item.pick
+    out = []
+    for record in value:
+        if record.__class__ is dict:
+            kept_record = {}
+            for key, sub in pick:
+                if key in record:
+                    if sub is None:
+                        kept_record[key] = record[key]
+                    else:
+                        kept = _include(record[key], sub)
+                        if kept is not _DROP:
+                            kept_record[key] = kept
+            out.append(kept_record)
+        elif record.__class__ is list:
+            out.append(_include_items(record, item))
+    return out
 
 
 # --------------------------------------------------------------------------- documents
