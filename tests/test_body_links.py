@@ -303,3 +303,43 @@ def test_a_route_may_opt_out_of_body_scrubbing() -> None:
     ctx.route = dataclasses.replace(ctx.route, scrub_body=False)
     assert BodyScrubFactory(SCRUBBER, 1)(ctx) is None
     assert BodyScrubFactory(SCRUBBER, 1)(ctx_for()) is not None
+
+
+def test_a_clean_body_of_known_length_leaves_whole_from_its_last_chunk() -> None:
+    """Content-Length framing: nothing held back at the end, so `on_end` adds nothing and
+    the body passes unchanged (a body in one piece: scanned once, sent as it came)."""
+    body = b'{"items": [' + b'{"id": 1, "name": "x"},' * 200 + b"{}]}"
+    link = BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())
+    assert link is not None
+    assert link.on_head(head_of(b"Content-Type: application/json", length=len(body))) is None
+    assert link.on_body(body) == body
+    assert link.on_end() == b""
+    dirty = body[:100] + SECRET.encode() + body[100:]
+    link = BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())
+    assert link is not None
+    link.on_head(head_of(b"Content-Type: application/json", length=len(dirty)))
+    out = link.on_body(dirty[:50]) + link.on_body(dirty[50:])
+    assert len(out) == len(dirty) and SECRET.encode() not in out and link.on_end() == b""
+
+
+def test_the_fields_link_edits_the_head_in_one_pass_and_keeps_other_lines_in_order() -> None:
+    head = head_of(
+        b"Server: up",
+        b'ETag: "v1"',
+        b"Content-Type: application/json",
+        b"Accept-Ranges: bytes",
+        b"X-Other: 1",
+        b'etag: "twin"',
+        b"Content-Type: text/html",  # a twin: the first one counts, as `head.get` reads it
+    )
+    link = FieldsFactory(FilterLimits())(ctx_for(fields=EXCLUDE))
+    assert link is not None and link.on_head(head) is None and head.hold
+    assert head.lines == [
+        b"Server: up\r\n",
+        b"Content-Type: application/json\r\n",
+        b"X-Other: 1\r\n",
+        b"Content-Type: text/html\r\n",
+    ]
+    body = orjson.dumps([{"id": 1, "email": "e", "author": {"phone": "p", "name": "n"}}])
+    assert link.on_body(body) == b""
+    assert orjson.loads(link.on_end()) == [{"id": 1, "author": {"name": "n"}}]  # type: ignore[arg-type]

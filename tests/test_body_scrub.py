@@ -212,3 +212,67 @@ def test_large_chunks_scan_the_same_with_and_without_memmem(monkeypatch) -> None
         assert fast == slow and len(fast) == len(body)
         for spelling in spellings:
             assert spelling.lower() not in fast.lower()
+
+
+def test_a_spelling_right_after_a_bare_percent_is_still_found() -> None:
+    """`%` + `ab` decodes as one byte: `%` + `abcdef%2Fghij-klmn` decodes to `\\xab` +
+    `cdef/ghij-klmn`, so the decoded check must not need the first two characters."""
+    scrubber = BodyScrubber(("abcdef/ghij-klmn",), None, same_length=True)
+    spelled = quote("abcdef/ghij-klmn", safe="").encode()
+    tail = b"y" * 100  # decided in `feed`, not in `end`
+    for body in (b"x%" + spelled + tail, b"%25%" + spelled + tail, b"%" * 300 + spelled + tail):
+        for length in (None, len(body)):
+            stream = scrubber.stream(length)
+            out = stream.feed(body) + stream.end()
+            assert spelled not in out and len(out) == len(body), (body, length)
+            assert stream.found == 1
+        assert spelled not in scrubber.scrub(body)
+
+
+def test_a_percent_that_cannot_begin_an_escape_of_the_secret_costs_no_pattern_run() -> None:
+    """Binary data has a `%` every 256 bytes; `%&` escapes nothing, so the chunk is clean
+    after the literal searches, and the output is the input, byte for byte."""
+    secret = "bench/body-secret-0123456789"
+    scrubber = BodyScrubber((secret,), BASIC, same_length=True)
+    body = bytes(range(256)) * 64
+    assert scrubber.anchors_in(body.lower()) == []
+    stream = scrubber.stream(len(body))
+    assert stream.feed(body) == body and stream.end() == b""
+    escaped = body + quote(secret, safe="").encode()  # a real escape of the secret's bytes
+    assert b"%" in scrubber.anchors_in(escaped.lower())
+
+
+def test_with_a_declared_length_the_last_chunk_is_scanned_to_its_end() -> None:
+    """A body of known length holds nothing back once its last byte is in: one piece
+    goes out whole from `feed`, and `end` has nothing left."""
+    body = b"z" * 500 + SECRET.encode()  # the secret in the last bytes
+    stream = SCRUBBER.stream(len(body))
+    out = stream.feed(body)
+    assert out == b"z" * 500 + REDACTED and stream.end() == b""
+    big = b"q" * 200_000 + SECRET.encode()  # over the size held whole: streamed, then ended
+    stream = SCRUBBER.stream(len(big))
+    first = stream.feed(big[:100_000])
+    assert len(first) == 100_000 - SCRUBBER.hold
+    assert first + stream.feed(big[100_000:]) == b"q" * 200_000 + REDACTED
+    assert stream.end() == b""
+    short = SCRUBBER.stream(len(body) + 10)  # the upstream closed early: `end` has it all
+    assert short.feed(body) == b"" and short.end() == b"z" * 500 + REDACTED
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b"%", b"%2", b"s3", b" ", b"+", *SPELLINGS]), max_size=30),
+    st.lists(st.integers(0, 400), max_size=8),
+    st.integers(0, 2),
+)
+def test_streaming_with_a_declared_length_equals_scrubbing_the_whole_body(
+    parts: list[bytes], cuts: list[int], short: int
+) -> None:
+    body = b"".join(parts)
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    stream = SCRUBBER.stream(len(body) + short)  # `short`: the body ends before its length
+    out = b"".join(stream.feed(c) for c in chunks) + stream.end()
+    assert out == SCRUBBER.scrub(body)
+    for spelling in SPELLINGS:
+        assert spelling not in out

@@ -346,3 +346,91 @@ def test_filter_encoded_decodes_filters_and_encodes_as_the_client_accepts() -> N
     with pytest.raises(FilterFailed):
         filter_encoded(b"garbage", "application/json", "br", None, flt)
     assert (FILTER_FAILED.status, FILTER_FAILED.code) == (502, "FILTER_FAILED")
+
+
+def _reference_exclude(value: object, paths: list[tuple[str, ...]]) -> object:
+    """What `exclude` means, written plainly: a key goes when a path ends at it; a named
+    path walks through arrays, a `*` stands for any key of an object or item of an array."""
+    if isinstance(value, dict):
+        out = {}
+        for key, child in value.items():
+            rest = [p[1:] for p in paths if p[0] in (key, "*")]
+            if () in rest:
+                continue
+            out[key] = _reference_exclude(child, rest) if rest else child
+        return out
+    if isinstance(value, list):
+        rest = [p for p in paths if p[0] != "*"] + [p[1:] for p in paths if p[0] == "*"]
+        if () in rest:
+            return []
+        return [_reference_exclude(v, rest) for v in value] if rest else value
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    json_values,
+    st.lists(
+        st.lists(st.sampled_from(["a", "b", "email", "x", "*"]), min_size=1, max_size=3),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_exclude_plan_agrees_with_the_plain_meaning(value: object, paths: list[list[str]]) -> None:
+    """The precomputed plan (keys dropped, keys losing keys of their own, keys walked
+    into, lists of records walked without a call per record) removes what the paths say."""
+    flt = exclude(*(".".join(p) for p in paths))
+    expected = _reference_exclude(value, [tuple(p) for p in paths])
+    assert flt.apply(orjson.loads(orjson.dumps(value))) == expected
+    records = [value, {"a": value, "email": 1}, [value]]  # a list of records, as bodies are
+    assert flt.apply(orjson.loads(orjson.dumps(records))) == _reference_exclude(
+        records, [tuple(p) for p in paths]
+    )
+
+
+_NOTHING = object()
+
+
+def _reference_include(value: object, paths: list[tuple[str, ...]]) -> object:
+    """What `include` means, written plainly (`_NOTHING`: no path reaches this value)."""
+    if () in paths:
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, child in value.items():
+            rest = [p[1:] for p in paths if p[0] in (key, "*")]
+            if rest:
+                kept = _reference_include(child, rest)
+                if kept is not _NOTHING:
+                    out[key] = kept
+        return out
+    if isinstance(value, list):
+        rest = [p for p in paths if p[0] != "*"] + [p[1:] for p in paths if p[0] == "*"]
+        return [k for v in value if (k := _reference_include(v, rest)) is not _NOTHING]
+    return _NOTHING
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    json_values,
+    st.lists(
+        st.lists(st.sampled_from(["a", "b", "email", "x", "*"]), min_size=1, max_size=3),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_include_plan_agrees_with_the_plain_meaning(value: object, paths: list[list[str]]) -> None:
+    flt = include(*(".".join(p) for p in paths))
+    tuples = [tuple(p) for p in paths]
+    for body in (value, [value, {"a": value, "email": 1}, [value]]):
+        expected = _reference_include(body, tuples)
+        assert flt.apply(orjson.loads(orjson.dumps(body))) == (
+            {} if expected is _NOTHING else expected
+        )
+
+
+def test_include_keeps_the_order_the_paths_name() -> None:
+    flt = include("title", "id", "author.name")
+    out = filter_body(json.dumps([RECORD, RECORD]).encode(), "application/json", flt)
+    record = b'{"title":"hello","id":1,"author":{"name":"Ann"}}'
+    assert out == b"[" + record + b"," + record + b"]"

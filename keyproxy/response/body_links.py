@@ -57,13 +57,21 @@ BODY_NOT_SCANNED = Deny(
     502, "BODY_NOT_SCANNED", "the upstream's answer could not be checked for secrets"
 )
 #: Validators and range headers that describe the upstream's bytes, not the filtered ones.
-_FILTER_DROPS = (b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range")
+_FILTER_DROPS = frozenset((b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range"))
 
 
 def accept_encoding(ctx: RequestContext) -> str | None:
     """The client's Accept-Encoding, every copy of it (a list may be split over lines)."""
     values = ctx.headers.getall("accept-encoding")
     return ", ".join(values) if values else None
+
+
+def content_coding(head: ResponseHead) -> bytes | None:
+    """The answer's Content-Encoding; one search of the joined head first, as nearly
+    every answer has none (cheaper than looking at each line by name)."""
+    if b"content-encoding" not in b"".join(head.lines).lower():
+        return None
+    return head.get(b"content-encoding")
 
 
 # --------------------------------------------------------------------------- body scrub
@@ -83,44 +91,49 @@ class BodyScrubFactory:
         route = ctx.route
         if ctx.method == "HEAD" or (route is not None and not route.scrub_body):
             return None
-        return ScrubLink(self.scrubber, self.limit, accept_encoding(ctx))
+        return ScrubLink(self.scrubber, self.limit, ctx)
 
 
 class ScrubLink:
-    __slots__ = ("accept", "coding", "decoder", "failed", "limit", "parts", "scrubber", "stream")
+    __slots__ = ("coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "stream")
 
-    def __init__(self, scrubber: BodyScrubber, limit: int, accept: str | None) -> None:
+    def __init__(self, scrubber: BodyScrubber, limit: int, ctx: RequestContext) -> None:
         self.scrubber = scrubber
         self.limit = limit
-        self.accept = accept
-        self.stream: ScrubStream = scrubber.stream()
+        self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
+        self.stream: ScrubStream | None = None
         self.decoder: Decoder | None = None
-        self.parts: list[bytes] = []
         self.failed = False
         self.coding: str | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
-        coding = head.get(b"content-encoding")
+        coding = content_coding(head)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
+            # The declared length lets the stream scan the last chunk to its end (a body
+            # in one piece: one scan, nothing held back).
+            self.stream = self.scrubber.stream(head.length)
             return None
         try:
             self.decoder = Decoder(coding.decode("latin-1"), self.limit)
         except DecodeFailed:
             return BODY_NOT_SCANNED
+        self.parts: list[bytes] = []
         # Compressed despite being asked for identity: decoded whole, scanned, then
         # encoded again as the client accepts (identity when it names no coding).
         head.hold = True
         head.remove(b"content-encoding")
         head.remove(b"etag")
-        self.coding = choose_encoding(self.accept)
+        self.coding = choose_encoding(accept_encoding(self.ctx))
         if self.coding is not None:
             head.set(b"content-encoding", self.coding.encode())
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
+        stream = self.stream
+        if stream is not None:
+            return stream.feed(chunk)
         decoder = self.decoder
-        if decoder is None:
-            return self.stream.feed(chunk)
+        assert decoder is not None
         if not self.failed:
             try:
                 self.parts.append(decoder.feed(chunk))
@@ -130,9 +143,11 @@ class ScrubLink:
         return b""
 
     def on_end(self) -> bytes | Deny:
+        stream = self.stream
+        if stream is not None:
+            return stream.end()
         decoder = self.decoder
-        if decoder is None:
-            return self.stream.end()
+        assert decoder is not None
         if not self.failed:
             try:
                 self.parts.append(decoder.end())
@@ -161,34 +176,68 @@ class FieldsFactory:
             return None
         route = ctx.route
         at = route.fields_at if route is not None else ()
-        return FieldsLink(key.fields, at, self.limits, accept_encoding(ctx))
+        return FieldsLink(key.fields, at, self.limits, ctx)
+
+
+def _edit_for_filtering(lines: list[bytes]) -> tuple[bytes | None, bytes | None]:
+    """Drop the validators and range headers of the upstream's bytes from `lines`, in one
+    pass that also reads the first Content-Type and Content-Encoding."""
+    content_type = coding = None
+    kept = []
+    for line in lines:
+        colon = line.find(b":")
+        if colon > 0:
+            name = line[:colon].strip().lower()
+            if name in _FILTER_DROPS:
+                continue
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = line[colon + 1 :].strip()
+            elif name == b"content-encoding" and coding is None:
+                coding = line[colon + 1 :].strip()
+        kept.append(line)
+    lines[:] = kept
+    return content_type, coding
 
 
 class FieldsLink:
     """One filtered answer: held whole, filtered, then sent with its new length."""
 
-    __slots__ = ("accept", "at", "drop", "flt", "head", "limits", "over", "parts", "received")
+    __slots__ = (
+        "at",
+        "coding",
+        "content_type",
+        "ctx",
+        "drop",
+        "flt",
+        "head",
+        "limits",
+        "over",
+        "parts",
+        "received",
+    )
 
     def __init__(
         self,
         flt: object,
         at: tuple[DocumentPath, ...],
         limits: FilterLimits,
-        accept: str | None,
+        ctx: RequestContext,
     ) -> None:
         self.flt = flt
         self.at = at
         self.limits = limits
-        self.accept = accept
+        self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
         self.parts: list[bytes] = []
         self.received = 0
         self.over = False
         self.drop = False  # a redirect: its body is not sent at all
         self.head: ResponseHead | None = None
+        self.content_type: str | None = None
+        self.coding: str | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
-        for name in _FILTER_DROPS:
-            head.remove(name)
+        content_type, coding = _edit_for_filtering(head.lines)
         if head.method == "HEAD" or head.status in (204, 304):
             # No body: but no length or validator that the GET's filtered body would not have.
             head.length = None
@@ -202,12 +251,15 @@ class FieldsLink:
             # document: it is dropped, so the redirect still works and nothing unfiltered
             # leaves.
             head.hold = True
-            head.remove(b"content-encoding")
+            if coding is not None:
+                head.remove(b"content-encoding")
             self.drop = True
             return None
-        content_type = head.get(b"content-type")
-        if body_kind(content_type.decode("latin-1") if content_type else None) is None:
+        self.content_type = content_type.decode("latin-1") if content_type else None
+        if body_kind(self.content_type) is None:
             return FILTER_FAILED  # not JSON: nothing here can be filtered
+        if coding is not None:
+            self.coding = coding.decode("latin-1")
         head.hold = True
         self.head = head
         return None
@@ -232,31 +284,32 @@ class FieldsLink:
             return b""
         if self.over:
             return FILTER_FAILED
-        body, self.parts = b"".join(self.parts), []
-        coding = head.get(b"content-encoding")
-        content_type = head.get(b"content-type")
+        parts, self.parts = self.parts, []
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        coding = self.coding
         try:
             filtered, out_coding = filter_encoded(
                 body,
-                content_type.decode("latin-1") if content_type is not None else None,
-                coding.decode("latin-1") if coding is not None else None,
-                self.accept,
+                self.content_type,
+                coding,
+                accept_encoding(self.ctx) if coding is not None else None,
                 self.flt,  # type: ignore[arg-type]
                 self.at,
                 self.limits,
             )
         except FilterFailed:
             return FILTER_FAILED
+        if coding is None:
+            return filtered  # identity in, identity out: the head needs no other edit
         if out_coding is None:
             head.remove(b"content-encoding")
         else:
             head.set(b"content-encoding", out_coding.encode())
-        if coding is not None:
-            vary = head.get(b"vary")
-            if vary is None:
-                head.set(b"vary", b"Accept-Encoding")
-            elif b"accept-encoding" not in vary.lower():
-                head.set(b"vary", vary + b", Accept-Encoding")
+        vary = head.get(b"vary")
+        if vary is None:
+            head.set(b"vary", b"Accept-Encoding")
+        elif b"accept-encoding" not in vary.lower():
+            head.set(b"vary", vary + b", Accept-Encoding")
         return filtered
 
 

@@ -6,17 +6,22 @@ secret to any client. Every body is scanned for every spelling the header
 scrubber knows (`keyproxy.response.headers.secret_spellings`), and each occurrence is
 replaced by a fixed redaction.
 
-Cheap when clean: every spelling declares anchors (a `%`, or a literal such
-as the secret's longest run without a space), and a window with none of them
-is passed after a few substring searches; the pattern runs only from just
-before the first anchor.
+Cheap when clean, which is nearly always: a chunk is lower-cased once and
+searched for a few literal needles (each spelling's longest run of raw bytes:
+the secret, its hex, its base64 at each alignment). Only an escaped spelling
+has none of them, and it holds a `%` followed by the hex of one of the
+secret's bytes; a chunk with such an escape is decoded once and searched for
+the same literals. A chunk with neither is passed on after those few
+searches; otherwise the exact pattern runs from just before each needle found.
 
 Streaming without letting a byte out before it is known clean: each call to
 `ScrubStream.feed` returns the bytes that can no longer be the start of a
 spelling, and holds back the last `longest - 1` bytes (the longest text a
 spelling can match), which the next chunk completes. `end` releases the rest.
 A match that starts before the held tail always lies wholly within the bytes
-seen, so the regular expression decides it on complete data.
+seen, so the regular expression decides it on complete data. A stream told
+the body's length (`Content-Length`) scans its last chunk to the end at once:
+a body that arrives in one piece is scanned once and passed on whole.
 
 With `same_length` each occurrence becomes a mask of its own byte length, so
 the body keeps its length and its framing (the data path uses this); otherwise
@@ -28,20 +33,26 @@ the client will read them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from keyproxy.response.headers import secret_forms, secret_spellings
 
 REDACTED = b"[REDACTED]"
+#: From this many bytes on, a chunk's needles are searched with `memmem` (below, the
+#: ctypes call costs more than `bytes.__contains__` saves: measured crossover ~6 KiB).
+MEMMEM_FROM = 8192
+#: A body of known length up to this size is scanned once, when its last byte is in:
+#: in 16 KiB pieces a 64 KiB JSON body cost 1.4 µs per KiB to scan, whole 0.9 µs.
+WHOLE_UP_TO = 64 * 1024
 
 
 def _libc_finder() -> Callable[[bytes], Callable[..., int]] | None:
     """glibc's `memmem` (two-way search with SIMD) where the platform has it.
 
-    `bytes.find` slows down badly on long needles whose characters are common in the
-    body (its skip filter fills up): the six anchors of one secret took 213 µs on a
-    64 KiB JSON body, `memmem` 30 µs, measured in-process on the benchmark machine.
+    `bytes.find` slows down on long needles whose characters are common in the
+    body (its skip filter fills up): the five needles of one secret took 52 µs on a
+    64 KiB JSON body, `memmem` 20 µs, measured in-process on the benchmark machine.
     """
     try:
         import ctypes
@@ -85,10 +96,44 @@ def same_length_mask(size: int) -> bytes:
     return (REDACTED + b"*" * (size - len(REDACTED)))[:size]
 
 
+def _without_supersets(needles: Iterable[bytes]) -> tuple[bytes, ...]:
+    """The needles none of the others is part of (a needle holding another is found
+    wherever that one is: one search less per chunk), longest first."""
+    unique = set(needles)
+    kept = [n for n in unique if not any(m != n and m in n for m in unique)]
+    return tuple(sorted(kept, key=lambda n: (-len(n), n)))
+
+
+def _escape_pattern(forms: Iterable[bytes]) -> re.Pattern[bytes]:
+    """`%` and the lower-cased hex of a byte a form holds (or of its upper-case twin:
+    `%41` stays `%41` in lower-cased text, yet decodes to `A`). Every escaped spelling
+    holds one; a `%` without one cannot begin to spell a secret."""
+    codes: set[int] = set()
+    for form in forms:
+        for byte in form:
+            codes.add(byte)
+            codes.add(bytes([byte]).upper()[0])
+    by_high: dict[str, list[str]] = {}
+    for code in sorted(codes):
+        high, low = f"{code:02x}"
+        by_high.setdefault(high, []).append(low)
+    branches = [re.escape(high) + "[" + "".join(lows) + "]" for high, lows in by_high.items()]
+    return re.compile(("%(?:" + "|".join(branches) + ")").encode())
+
+
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
-    __slots__ = ("anchors", "hold", "pattern", "plain", "same_length", "without_percent")
+    __slots__ = (
+        "decoded_needles",
+        "escapes",
+        "hold",
+        "needles",
+        "pattern",
+        "percent_always",
+        "plus_is_space",
+        "same_length",
+    )
 
     def __init__(
         self,
@@ -98,23 +143,21 @@ class BodyScrubber:
     ) -> None:
         self.same_length = same_length
         spellings = secret_spellings(secrets, basic)
-        anchors = tuple(dict.fromkeys(a for s in spellings for a in s.anchors))
-        # An anchor holding another is found wherever that one is: one search less per chunk.
-        self.anchors = tuple(a for a in anchors if not any(b != a and b in a for b in anchors))
-        # Escaped spellings decode to a raw form: a chunk full of `%` (binary data,
-        # URL-encoded text) is checked by decoding it once and searching the raw forms,
-        # instead of running the per-character pattern around every `%`. A `%` and one hex
-        # digit just before a spelling can swallow its first character when decoded, so
-        # each form is searched without its first character too. Not for a secret holding
-        # `%` (its raw `%` would decode) or both `+` and a space (only the pattern tells
-        # those spellings apart).
-        forms = sorted(secret_forms(secrets, basic), key=len, reverse=True)
-        self.plain: re.Pattern[bytes] | None = None
-        self.without_percent = self.anchors
-        if forms and not any("%" in x or ("+" in x and " " in x) for x in secrets):
-            heads_cut = [form[1:] for form in forms if len(form) > 1]
-            self.plain = re.compile(b"|".join(map(re.escape, forms + heads_cut)))
-            self.without_percent = tuple(a for a in self.anchors if a != b"%")
+        #: Raw literals every spelling without a `%` holds (its longest run without a
+        #: space, which is the only byte with another raw spelling, `+`).
+        self.needles = _without_supersets(a for s in spellings for a in s.anchors if a != b"%")
+        # Escaped spellings decode to a raw form: a chunk with an escape that could be
+        # part of one is decoded once and searched for the forms, instead of running
+        # the per-character pattern around every `%`. A `%` just before a spelling can
+        # swallow its first two characters when decoded (`%` + `ab` is one byte), so each
+        # form is searched without them. Not for a secret holding `%` (its raw
+        # `%` would decode) or both `+` and a space (only the pattern tells those
+        # spellings apart): there every `%` is a place the pattern runs from.
+        forms = secret_forms(secrets, basic)
+        self.percent_always = any("%" in x or ("+" in x and " " in x) for x in secrets)
+        self.decoded_needles = _without_supersets(f[2:] if len(f) > 2 else f for f in forms)
+        self.plus_is_space = any(b" " in f for f in forms)
+        self.escapes = _escape_pattern(forms)
         if spellings:
             patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
@@ -126,72 +169,116 @@ class BodyScrubber:
     def __bool__(self) -> bool:
         return self.pattern is not None
 
-    def stream(self) -> ScrubStream:
+    def stream(self, length: int | None = None) -> ScrubStream:
+        """A stream for one body; `length`: its declared size, when known."""
         assert self.pattern is not None
-        stream = ScrubStream(self.pattern, self.hold, self.anchors, self.same_length)
-        stream.plain = self.plain
-        stream.without_percent = self.without_percent
-        return stream
+        return ScrubStream(self, length)
+
+    def anchors_in(self, low: bytes) -> list[bytes]:
+        """The needles `low` (lower-cased text) holds, with `%` when an escaped spelling
+        may lie in it: empty for a clean text, which is the common case."""
+        found: list[bytes] = []
+        if len(low) >= MEMMEM_FROM and _FINDER is not None:
+            find = _FINDER(low)
+            for needle in self.needles:
+                if find(needle) >= 0:
+                    found.append(needle)
+        else:
+            for needle in self.needles:
+                if needle in low:
+                    found.append(needle)
+        if b"%" in low and (self.percent_always or self._escaped_in(low)):
+            found.append(b"%")
+        return found
+
+    def _escaped_in(self, low: bytes) -> bool:
+        """Whether an escaped spelling may lie in `low`: it has an escape of a secret's
+        byte, and, decoded, one of the forms (less its first two characters)."""
+        if self.escapes.search(low) is None:
+            return False
+        decoded = unquote_to_bytes(low).lower()
+        if _holds_any(decoded, self.decoded_needles):
+            return True
+        return (
+            self.plus_is_space
+            and b"+" in decoded
+            and _holds_any(decoded.replace(b"+", b" "), self.decoded_needles)
+        )
 
     def scrub(self, body: bytes) -> bytes:
         """A whole body at once (a buffered or cached one)."""
-        if self.pattern is None:
+        if self.pattern is None or not self.anchors_in(body.lower()):
             return body
         return _redact(self.pattern, body, self.same_length)[0]
+
+
+def _holds_any(text: bytes, needles: tuple[bytes, ...]) -> bool:
+    if len(text) >= MEMMEM_FROM and _FINDER is not None:
+        find = _FINDER(text)
+        return any(find(needle) >= 0 for needle in needles)
+    return any(needle in text for needle in needles)
 
 
 class ScrubStream:
     """One response body: `feed` each chunk, then `end`; the concatenation is the clean body."""
 
-    __slots__ = (
-        "anchors",
-        "found",
-        "held",
-        "hold",
-        "pattern",
-        "plain",
-        "same_length",
-        "without_percent",
-    )
+    __slots__ = ("found", "held", "parts", "remaining", "scrubber")
 
-    def __init__(
-        self,
-        pattern: re.Pattern[bytes],
-        hold: int,
-        anchors: tuple[bytes, ...],
-        same_length: bool = False,
-    ) -> None:
-        self.same_length = same_length
-        self.pattern = pattern
-        self.hold = hold
-        self.anchors = anchors
+    def __init__(self, scrubber: BodyScrubber, length: int | None = None) -> None:
+        self.scrubber = scrubber
         self.held = b""
         self.found = 0  # occurrences redacted so far (for a log line or a metric)
-        self.plain: re.Pattern[bytes] | None = None  # the raw forms (see BodyScrubber)
-        self.without_percent = anchors
+        #: Bytes still to come when the length is known; the chunk that brings the
+        #: last of them is scanned to its end, with nothing held back.
+        self.remaining = -1 if length is None else length
+        self.parts: list[bytes] | None = (
+            [] if length is not None and length <= WHOLE_UP_TO else None
+        )
 
     def feed(self, chunk: bytes) -> bytes:
+        remaining = self.remaining
+        if remaining >= 0:
+            remaining = self.remaining = remaining - len(chunk)
+            if self.parts is not None:
+                # A small body of known length arriving in pieces: held until its last
+                # piece, then scanned once (each piece would cost a search per needle).
+                self.parts.append(chunk)
+                if remaining > 0:
+                    return b""
+                chunk, self.parts = b"".join(self.parts), None
         data = self.held + chunk if self.held else chunk
         size = len(data)
-        hold = self.hold
-        cut = size - hold  # bytes before `cut` cannot begin a spelling the next chunk completes
-        if cut <= 0:
-            self.held = data
-            return b""
-        anchors = self.anchors
+        if remaining == 0:
+            cut = size  # the body's last byte is here: nothing can complete a spelling later
+        else:
+            cut = size - self.scrubber.hold  # bytes before `cut` cannot begin a spelling
+            if cut <= 0:  # the next chunk completes
+                self.held = data
+                return b""
         low = data.lower()  # the spellings are lower-cased; bytes.lower keeps every offset
-        find = _FINDER(low) if _FINDER is not None and size > 2048 else low.find
-        plain = self.plain
-        if plain is not None and find(b"%") >= 0:
-            decoded = unquote_to_bytes(low).lower()
-            if plain.search(decoded) is None and (
-                b"+" not in decoded or plain.search(decoded.replace(b"+", b" ")) is None
-            ):
-                # No escaped spelling lies wholly in `data`: `%` cannot start a match that
-                # must be decided now (one reaching past `data` starts in the held tail).
-                anchors = self.without_percent
+        anchors = self.scrubber.anchors_in(low)
+        if not anchors:
+            if cut == size:
+                self.held = b""
+                return data
+            self.held = data[cut:]
+            return data[:cut]
+        clean, keep_from = self._redact_before(data, low, cut, anchors)
+        self.held = data[keep_from:]
+        return clean
+
+    def _redact_before(
+        self, data: bytes, low: bytes, cut: int, anchors: list[bytes]
+    ) -> tuple[bytes, int]:
+        """`data` up to where it is decided (at least `cut`), spellings starting before
+        `cut` redacted; the offset where the undecided rest begins."""
+        scrubber = self.scrubber
+        pattern = scrubber.pattern
+        assert pattern is not None
+        hold = scrubber.hold
+        size = len(data)
+        find = _FINDER(low) if _FINDER is not None and size >= MEMMEM_FROM else low.find
         upcoming = [find(anchor) for anchor in anchors]
-        pattern = self.pattern
         out: list[bytes] = []
         position = 0
         while True:
@@ -219,23 +306,26 @@ class ScrubStream:
                 break
             out.append(data[position : match.start()])
             out.append(
-                same_length_mask(match.end() - match.start()) if self.same_length else REDACTED
+                same_length_mask(match.end() - match.start()) if scrubber.same_length else REDACTED
             )
             self.found += 1
             position = match.end()
         keep_from = max(position, cut)
         out.append(data[position:keep_from])
-        self.held = data[keep_from:]
-        return b"".join(out)
+        return b"".join(out), keep_from
 
     def end(self) -> bytes:
+        if self.parts:  # shorter than declared (the upstream closed early)
+            self.held += b"".join(self.parts)
+        self.parts = None
         rest, self.held = self.held, b""
         if not rest:
             return b""
-        low = rest.lower()
-        if not any(anchor in low for anchor in self.anchors):
+        scrubber = self.scrubber
+        if not scrubber.anchors_in(rest.lower()):
             return rest  # every match holds an anchor: clean without running the pattern
-        clean, count = _redact(self.pattern, rest, self.same_length)
+        assert scrubber.pattern is not None
+        clean, count = _redact(scrubber.pattern, rest, scrubber.same_length)
         self.found += count
         return clean
 

@@ -77,6 +77,17 @@ class _Node:
     by_key: dict[str, _Node] = field(default_factory=dict)
     #: the node each array item is filtered with: star merged with the named children.
     item: _Node | None = None
+    # The exclusion plan of a level without `*` (set by `_finish`), so the walk over a
+    # list of records does per record only what the paths ask, with no call per record:
+    #: keys removed here;
+    drop: tuple[str, ...] = ()
+    #: keys whose value loses only keys of its own: (key, those keys, the child node);
+    drop_below: tuple[tuple[str, tuple[str, ...], _Node], ...] = ()
+    #: keys to walk into further: (key, the child node).
+    walk: tuple[tuple[str, _Node], ...] = ()
+    #: The inclusion plan of such a level, in the order the paths name the keys:
+    #: (key, None to keep its value whole, or the node to keep parts of it with).
+    pick: tuple[tuple[str, _Node | None], ...] = ()
 
 
 def _merge(a: _Node | None, b: _Node | None) -> _Node | None:
@@ -113,6 +124,16 @@ def _finish(node: _Node, depth: int = 0) -> None:
     else:
         node.by_key = node.children
         node.item = node
+    drop, drop_below, walk = [], [], []
+    for key, sub in node.by_key.items():
+        if sub.end:
+            drop.append(key)
+        elif sub.star is None and sub.children and all(c.end for c in sub.children.values()):
+            drop_below.append((key, tuple(sub.children), sub))
+        else:
+            walk.append((key, sub))
+    node.drop, node.drop_below, node.walk = tuple(drop), tuple(drop_below), tuple(walk)
+    node.pick = tuple((key, None if sub.end else sub) for key, sub in node.by_key.items())
 
 
 def parse_field_path(text: str) -> tuple[str, ...]:
@@ -174,41 +195,74 @@ _DROP = object()
 
 
 def _exclude(value: Any, node: _Node) -> Any:
-    """Remove the paths, in place: the value is a body just parsed, owned by the caller.
-
-    Without a `*` at this level only the named keys are visited, so a large
-    record costs as many steps as the filter has paths, not as it has keys.
-    """
+    """Remove the paths, in place: the value is a body just parsed, owned by the caller."""
     kind = type(value)
     if kind is dict:
-        star = node.star
-        if star is None:
-            for key, sub in node.by_key.items():
-                if key in value:
-                    if sub.end:
-                        del value[key]
-                    else:
-                        value[key] = _exclude(value[key], sub)
-            return value
+        _exclude_in_object(value, node)
+    elif kind is list:
+        _exclude_in_items(value, node)
+    return value
+
+
+def _exclude_in_object(value: dict[str, Any], node: _Node) -> None:
+    """Without a `*` at this level only the named keys are visited, so a large record
+    costs as many steps as the filter has paths, not as it has keys."""
+    if node.star is not None:
         by_key = node.by_key
+        star = node.star
         for key in list(value):
             sub = by_key.get(key, star)
             if sub.end:
                 del value[key]
             else:
-                value[key] = _exclude(value[key], sub)
-        return value
-    if kind is list:
-        item = node.item
-        assert item is not None
-        if item.end:
-            return []
-        for index, child in enumerate(value):
-            child_kind = type(child)
-            if child_kind is dict or child_kind is list:
-                value[index] = _exclude(child, item)
-        return value
-    return value
+                _exclude(value[key], sub)
+        return
+    for key in node.drop:
+        value.pop(key, None)
+    for key, below, sub in node.drop_below:
+        child = value.get(key)
+        if child.__class__ is dict:
+            for name in below:
+                child.pop(name, None)
+        elif child.__class__ is list:
+            _exclude_in_items(child, sub)
+    for key, sub in node.walk:
+        child = value.get(key)
+        if child is not None:
+            _exclude(child, sub)
+
+
+def _exclude_in_items(value: list[Any], node: _Node) -> None:
+    """Each item of an array filtered with `node.item`: the body of `_exclude_in_object`
+    written out in the loop, as a list of records is the shape nearly every filtered
+    body has and a call per record would cost more than the filtering itself."""
+    item = node.item
+    assert item is not None
+    if item.end:
+        value.clear()
+        return
+    if item.star is not None:
+        for child in value:
+            _exclude(child, item)
+        return
+    drop, drop_below, walk = item.drop, item.drop_below, item.walk
+    for record in value:
+        if record.__class__ is dict:
+            for key in drop:
+                record.pop(key, None)
+            for key, below, sub in drop_below:
+                child = record.get(key)
+                if child.__class__ is dict:
+                    for name in below:
+                        child.pop(name, None)
+                elif child.__class__ is list:
+                    _exclude_in_items(child, sub)
+            for key, sub in walk:
+                child = record.get(key)
+                if child is not None:
+                    _exclude(child, sub)
+        elif record.__class__ is list:
+            _exclude_in_items(record, item)
 
 
 def _include(value: Any, node: _Node) -> Any:
@@ -220,26 +274,60 @@ def _include(value: Any, node: _Node) -> Any:
         return value
     kind = type(value)
     if kind is dict:
+        if node.star is None:
+            return _pick(value, node.pick)
         by_key = node.by_key
         star = node.star
         out = {}
-        if star is None:
-            for key, sub in by_key.items():
-                if key in value:
-                    kept = _include(value[key], sub)
-                    if kept is not _DROP:
-                        out[key] = kept
-            return out
         for key, child_value in value.items():
             kept = _include(child_value, by_key.get(key, star))
             if kept is not _DROP:
                 out[key] = kept
         return out
     if kind is list:
-        item = node.item
-        assert item is not None
-        return [kept for v in value if (kept := _include(v, item)) is not _DROP]
+        return _include_items(value, node)
     return _DROP  # a scalar below the end of every path: not included
+
+
+def _pick(value: dict[str, Any], pick: tuple[tuple[str, _Node | None], ...]) -> dict[str, Any]:
+    out = {}
+    for key, sub in pick:
+        if key in value:
+            if sub is None:
+                out[key] = value[key]
+            else:
+                kept = _include(value[key], sub)
+                if kept is not _DROP:
+                    out[key] = kept
+    return out
+
+
+def _include_items(value: list[Any], node: _Node) -> list[Any]:
+    """Each item of an array kept as far as `node.item` says; scalars off every path go.
+    `_pick` written out in the loop, as for exclusion: no call per record."""
+    item = node.item
+    assert item is not None
+    if item.end:
+        return value
+    if item.star is not None:
+        return [kept for v in value if (kept := _include(v, item)) is not _DROP]
+    pick = item.pick
+    out = []
+    for record in value:
+        if record.__class__ is dict:
+            kept_record = {}
+            for key, sub in pick:
+                if key in record:
+                    if sub is None:
+                        kept_record[key] = record[key]
+                    else:
+                        kept = _include(record[key], sub)
+                        if kept is not _DROP:
+                            kept_record[key] = kept
+            out.append(kept_record)
+        elif record.__class__ is list:
+            out.append(_include_items(record, item))
+    return out
 
 
 # --------------------------------------------------------------------------- documents
@@ -412,14 +500,16 @@ def filter_encoded(
     encoded and the client's `Accept-Encoding` allows a coding; otherwise identity.
     Every failure, decoding included, is `FilterFailed`.
     """
+    encoded_upstream = content_encoding is not None and content_encoding.strip().lower() not in (
+        "",
+        "identity",
+    )
+    if not encoded_upstream:
+        return filter_body(body, content_type, flt, at, limits), None  # checks the size
     try:
         decoded = decode(body, content_encoding, limits.max_bytes)
     except DecodeFailed as error:
         raise FilterFailed(error.reason) from None
     filtered = filter_body(decoded, content_type, flt, at, limits)
-    encoded_upstream = content_encoding is not None and content_encoding.strip().lower() not in (
-        "",
-        "identity",
-    )
-    coding = choose_encoding(accept_encoding) if encoded_upstream else None
+    coding = choose_encoding(accept_encoding)
     return encode(filtered, coding), coding
