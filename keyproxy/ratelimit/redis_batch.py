@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import (
@@ -76,10 +76,10 @@ class ScriptBatcher:
     def __init__(
         self, url: str, script: str, sha: str, prefix: list[str], width: int, timeout: float
     ) -> None:
-        settings = dict(parse_url(url))
-        connection_class = settings.pop("connection_class", None)
+        settings: dict[str, Any] = dict(parse_url(url))
+        connection_class = cast("type[Connection]", settings.pop("connection_class", Connection))
         # Built only to read the URL's settings the way redis-py does; never connected.
-        self._settings = (connection_class or Connection)(**settings)
+        self._settings = connection_class(**settings)
         self._script = script.encode()
         self._sha = sha.encode()
         self._prefix = prefix
@@ -141,7 +141,8 @@ class ScriptBatcher:
             keys += hit_keys
             args += hit_args
         command = b"EVALSHA" if script is self._sha else b"EVAL"
-        return hiredis.pack_command((command, script, len(keys), *keys, *self._prefix, *args))
+        packed = (command, script, len(keys), *keys, *self._prefix, *args)
+        return hiredis.pack_command(packed)  # type: ignore[arg-type]  # hiredis's stub types the command as a 1-tuple
 
     def _arm(self) -> None:
         """One timer for what is in flight, due when its oldest hit's time is up."""
@@ -246,7 +247,7 @@ class ScriptBatcher:
                     answered = loop.create_future()
                     self._in_flight.append((None, answered))
                     assert wire.transport is not None
-                    wire.transport.write(hiredis.pack_command(command))
+                    wire.transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]  # hiredis's stub types the command as a 1-tuple
                     await answered
         except (OSError, TimeoutError, RedisConnectionError, ResponseError) as exc:
             if wire.transport is not None:
@@ -277,7 +278,7 @@ class ScriptBatcher:
                 raise RedisConnectionError("cannot connect to Redis")
             answered = loop.create_future()
             self._in_flight.append((None, answered))
-            wire.transport.write(hiredis.pack_command(args))
+            wire.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]  # hiredis's stub types the command as a 1-tuple
             if self._timer is None:  # else the batch in flight is answered before it
                 self._timer = loop.call_at(loop.time() + self._timeout, self._expired)
             return await answered

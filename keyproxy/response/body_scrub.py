@@ -115,8 +115,8 @@ def _escape_pattern(forms: Iterable[bytes]) -> re.Pattern[bytes]:
             codes.add(bytes([byte]).upper()[0])
     by_high: dict[str, list[str]] = {}
     for code in sorted(codes):
-        high, low = f"{code:02x}"
-        by_high.setdefault(high, []).append(low)
+        high, low = divmod(code, 16)
+        by_high.setdefault(f"{high:x}", []).append(f"{low:x}")
     branches = [re.escape(high) + "[" + "".join(lows) + "]" for high, lows in by_high.items()]
     return re.compile(("%(?:" + "|".join(branches) + ")").encode())
 

@@ -312,7 +312,7 @@ def _include_items(value: list[Any], node: _Node) -> list[Any]:
     if item.star is not None:
         return [kept for v in value if (kept := _include(v, item)) is not _DROP]
     pick = item.pick
-    out = []
+    out: list[Any] = []
     for record in value:
         if record.__class__ is dict:
             kept_record = {}
