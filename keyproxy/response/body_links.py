@@ -163,12 +163,14 @@ class ScrubLink:
 
 
 class FieldsFactory:
-    """Field filtering: the key says which fields, its route where documents sit."""
+    """Field filtering: the key says which fields, its route where documents sit.
+    `scrubber`: the body scrubber, run again over the filter's output (`filter_encoded`)."""
 
-    __slots__ = ("limits",)
+    __slots__ = ("limits", "scrubber")
 
-    def __init__(self, limits: FilterLimits) -> None:
+    def __init__(self, limits: FilterLimits, scrubber: BodyScrubber | None = None) -> None:
         self.limits = limits
+        self.scrubber = scrubber
 
     def __call__(self, ctx: RequestContext) -> FieldsLink | None:
         key = ctx.key
@@ -176,7 +178,11 @@ class FieldsFactory:
             return None
         route = ctx.route
         at = route.fields_at if route is not None else ()
-        return FieldsLink(key.fields, at, self.limits, ctx)
+        scrubber = self.scrubber
+        clean = (
+            scrubber.scrub if scrubber is not None and (route is None or route.scrub_body) else None
+        )
+        return FieldsLink(key.fields, at, self.limits, ctx, clean)
 
 
 def _edit_for_filtering(lines: list[bytes]) -> tuple[bytes | None, bytes | None]:
@@ -205,6 +211,7 @@ class FieldsLink:
 
     __slots__ = (
         "at",
+        "clean",
         "coding",
         "content_type",
         "ctx",
@@ -223,9 +230,11 @@ class FieldsLink:
         at: tuple[DocumentPath, ...],
         limits: FilterLimits,
         ctx: RequestContext,
+        clean: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.flt = flt
         self.at = at
+        self.clean = clean
         self.limits = limits
         self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
         self.parts: list[bytes] = []
@@ -296,6 +305,7 @@ class FieldsLink:
                 self.flt,  # type: ignore[arg-type]
                 self.at,
                 self.limits,
+                self.clean,
             )
         except FilterFailed:
             return FILTER_FAILED
@@ -552,10 +562,11 @@ def body_factories(config: Config, cache: ResponseCache | None) -> list[LinkFact
     up = config.upstream
     limits = FilterLimits(config.server.filter_max_body, config.server.filter_max_depth)
     scrubber = BodyScrubber(up.secrets, up.inject_basic, same_length=True)
-    if scrubber and any(route.scrub_body for route in config.routes):
+    scanning = bool(scrubber) and any(route.scrub_body for route in config.routes)
+    if scanning:
         factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
     if cache is not None:
         factories.append(cache)
     if any(key.fields is not None for key in config.keys):
-        factories.append(FieldsFactory(limits))
+        factories.append(FieldsFactory(limits, scrubber if scanning else None))
     return factories

@@ -27,7 +27,7 @@ that large should travel as strings).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -492,8 +492,13 @@ def filter_encoded(
     flt: FieldFilter,
     at: tuple[DocumentPath, ...] = (),
     limits: FilterLimits = FilterLimits(),
+    clean: Callable[[bytes], bytes] | None = None,
 ) -> tuple[bytes, str | None]:
     """A whole upstream body as received -> (the filtered body, its Content-Encoding or None).
+
+    `clean` (the secret scrubber) runs over the filtered JSON before it is encoded: the
+    filter writes strings afresh, so a secret the upstream sent JSON-escaped (`\\u0041`,
+    `\\/`), which no scan of its bytes finds, would come out spelled plainly.
 
     Decodes whatever `Content-Encoding` the upstream used (bounded: a bomb stops
     at `limits.max_bytes`), filters, and encodes again only if the upstream had
@@ -505,11 +510,14 @@ def filter_encoded(
         "identity",
     )
     if not encoded_upstream:
-        return filter_body(body, content_type, flt, at, limits), None  # checks the size
+        filtered = filter_body(body, content_type, flt, at, limits)  # checks the size
+        return (clean(filtered) if clean is not None else filtered), None
     try:
         decoded = decode(body, content_encoding, limits.max_bytes)
     except DecodeFailed as error:
         raise FilterFailed(error.reason) from None
     filtered = filter_body(decoded, content_type, flt, at, limits)
+    if clean is not None:
+        filtered = clean(filtered)
     coding = choose_encoding(accept_encoding)
     return encode(filtered, coding), coding
