@@ -18,7 +18,11 @@ own time per function (built-ins charged to their caller), grouped by module and
 scaled to the unprofiled per-request time. The profiler's overhead is per call, so
 call-heavy areas come out somewhat larger than they are: a map, not a stopwatch.
 
-Usage: python bench/datapath.py [--iterations 100000] [--full] [--profile | --breakdown]
+`--opcodes` counts the Python bytecodes and Python calls of one request instead
+(`sys.settrace`): a deterministic figure, unlike time on a shared machine, for
+telling whether a change removed work (C code, syscalls not included).
+
+Usage: python bench/datapath.py [--iterations 100000] [--full] [--profile | --breakdown | --opcodes]
 """
 
 from __future__ import annotations
@@ -205,18 +209,53 @@ def run(
     return elapsed / iterations * 1e6, stats
 
 
+def count_opcodes(access_log: str, full: bool, requests: int = 200) -> tuple[float, float]:
+    """Python bytecodes and Python calls per request, after a warm-up."""
+    client, upstream, request, _ = setup(10_000, access_log, full)
+    for _ in range(300):
+        client.data_received(request)
+        upstream.data_received(RESPONSE)
+    counts = [0, 0]
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "opcode":
+            counts[0] += 1
+        elif event == "call":
+            counts[1] += 1
+            frame.f_trace_opcodes = True
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(requests):
+            client.data_received(request)
+            upstream.data_received(RESPONSE)
+        drain_access_log(client)
+    finally:
+        sys.settrace(None)
+    return counts[0] / requests, counts[1] / requests
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=100_000)
     p.add_argument("--keys", type=int, default=10_000)
     p.add_argument("--profile", action="store_true", help="print a cProfile table as well")
     p.add_argument("--breakdown", action="store_true", help="µs per request by area of the code")
+    p.add_argument("--opcodes", action="store_true", help="Python bytecodes per request")
     p.add_argument("--full", action="store_true", help="the full policy (JWT, access log, ...)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         # Both policies log to a file here (the minimal one logs to stdout by default in
         # `serve`): the lines' CPU then counts alike, and the output stays readable.
         log = str(Path(tmp) / "access.log")
+        if args.opcodes:
+            opcodes, calls = count_opcodes(log, args.full)
+            policy = "full policy" if args.full else "minimal policy"
+            print(
+                f"{opcodes:.0f} Python bytecodes, {calls:.1f} Python calls per request ({policy})"
+            )
+            return 0
         per_request, _ = run(args.iterations, args.keys, False, log, args.full)
         if args.profile or args.breakdown:
             _, stats = run(args.iterations, args.keys, True, log, args.full)
