@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import orjson
 
 from keyproxy.request import Deny
@@ -159,9 +158,6 @@ class FieldFilter:
     mode: str
     paths: tuple[str, ...]
     root: _Node = field(repr=False, compare=False)
-    #: No `*` in any path: the filter reaches only named keys, so a body can be filtered
-    #: without parsing the values no path reaches (`_filter_raw`).
-    named_only: bool = field(default=False, repr=False, compare=False)
 
     def apply(self, value: Any) -> Any:
         """The document with the paths kept (include) or removed (exclude).
@@ -192,8 +188,7 @@ def compile_fields(mode: str, paths: Iterable[str]) -> FieldFilter:
                 node = node.children.setdefault(segment, _Node())
         node.end = True
     _finish(root)
-    named_only = all("*" not in parse_field_path(text) for text in texts)
-    return FieldFilter(mode, texts, root, named_only)
+    return FieldFilter(mode, texts, root)
 
 
 _DROP = object()
@@ -465,169 +460,6 @@ def _dump(value: Any, limits: FilterLimits) -> bytes:
         raise FilterFailed(f"the body nests deeper than {limits.max_depth} levels") from None
 
 
-# --------------------------------------------------------------------------- raw values
-#
-# A list of records loses a few keys per record, yet parsing it whole builds every string,
-# number and object of the body only to write them out again. msgspec decodes a level as
-# `dict[str, Raw]` / `list[Raw]`: the keys become strings (escapes decoded, duplicates
-# resolved as JSON.parse does: the last copy wins) and each value stays a validated slice
-# of the body, written back verbatim by the encoder. A value is decoded only where a path
-# goes on into it. orjson stays the path for everything this one does not cover.
-
-_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw] | list[msgspec.Raw])
-_encode_raw = msgspec.json.Encoder().encode
-_RAW_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
-
-
-class _NotCovered(Exception):
-    """The body is not one the raw path filters; the parsed path decides."""
-
-
-def _level(raw: Any) -> Any:
-    """A container's own level, its values raw; `_DROP` for a scalar."""
-    try:
-        return _LEVEL.decode(raw)
-    except msgspec.ValidationError:  # a scalar, valid (it was validated as part of the body)
-        return _DROP
-
-
-def _exclude_raw(raw: Any, node: _Node) -> Any:
-    level = _level(raw)
-    if level is _DROP:
-        return raw
-    return _exclude_level(level, node)
-
-
-def _exclude_level(level: Any, node: _Node) -> Any:
-    if type(level) is dict:
-        for key in node.drop:
-            level.pop(key, None)
-        for key, _below, sub in node.drop_below:
-            child = level.get(key)
-            if child is not None:
-                level[key] = _exclude_raw(child, sub)
-        for key, sub in node.walk:
-            child = level.get(key)
-            if child is not None:
-                level[key] = _exclude_raw(child, sub)
-        return level
-    item = node.item
-    assert item is not None
-    if item.end:
-        return []
-    try:  # a list of records, as nearly every filtered body is: each decoded in one C loop
-        items = list(map(_LEVEL.decode, level))
-    except msgspec.ValidationError:  # a scalar among the items: one by one
-        return [_exclude_raw(raw, item) for raw in level]
-    records = [r for r in items if r.__class__ is dict]
-    for key in item.drop:
-        for record in records:
-            record.pop(key, None)
-    for key, sub in (*((k, s) for k, _b, s in item.drop_below), *item.walk):
-        _exclude_children(records, key, sub)
-    for i, value in enumerate(items):
-        if value.__class__ is list:
-            items[i] = _exclude_level(value, item)
-    return items
-
-
-def _exclude_children(records: list[dict[str, Any]], key: str, node: _Node) -> None:
-    """`key`'s value filtered in each record, decoded in one C loop as well."""
-    holders = [record for record in records if key in record]
-    try:
-        levels = list(map(_LEVEL.decode, [record[key] for record in holders]))
-    except msgspec.ValidationError:
-        for record in holders:
-            record[key] = _exclude_raw(record[key], node)
-        return
-    below = node.drop if node.star is None and not node.walk and not node.drop_below else None
-    for record, level in zip(holders, levels, strict=True):
-        if below is not None and level.__class__ is dict:
-            for name in below:
-                level.pop(name, None)
-            record[key] = level
-        else:
-            record[key] = _exclude_level(level, node)
-
-
-def _include_raw(raw: Any, node: _Node) -> Any:
-    if node.end:
-        return raw
-    level = _level(raw)
-    if level is _DROP:
-        return _DROP
-    return _include_level(level, node)
-
-
-def _include_level(level: Any, node: _Node) -> Any:
-    if node.end:
-        return level
-    if type(level) is dict:
-        out = {}
-        for key, sub in node.pick:
-            if key in level:
-                if sub is None:
-                    out[key] = level[key]
-                else:
-                    kept = _include_raw(level[key], sub)
-                    if kept is not _DROP:
-                        out[key] = kept
-        return out
-    item = node.item
-    assert item is not None
-    if item.end:
-        return level
-    return [kept for raw in level if (kept := _include_raw(raw, item)) is not _DROP]
-
-
-def _shallow_enough(values: Any, limit: int) -> bool:
-    """Whether no value nests deeper than `limit`, from lengths alone (a value nesting d
-    levels takes at least 2·d bytes, and at least d opening brackets): the values passed
-    through raw are never parsed, so this is how the depth cap still holds for them. A
-    value these bounds cannot clear sends the body to the parsed path, which measures."""
-    longest = max(map(len, values), default=0)
-    if longest // 2 <= limit:
-        return True
-    for value in values:
-        if len(value) // 2 > limit:
-            text = bytes(value)
-            if text.count(b"[") + text.count(b"{") > limit:
-                return False
-    return True
-
-
-def _filter_raw(data: bytes, flt: FieldFilter, limits: FilterLimits) -> bytes:
-    """One document filtered level by level over raw values, or `_NotCovered`."""
-    if not data.isascii():
-        try:
-            data.decode()  # values passed through raw are not checked for UTF-8 by msgspec
-        except UnicodeDecodeError:
-            raise _NotCovered from None
-    try:
-        top = _LEVEL.decode(data)
-        if not _shallow_enough(top.values() if type(top) is dict else top, limits.max_depth - 1):
-            raise _NotCovered
-        if flt.mode == "exclude":
-            out = _exclude_level(top, flt.root)
-        else:
-            out = _include_level(top, flt.root)
-    except _RAW_ERRORS:
-        raise _NotCovered from None
-    return _encode_raw(out)
-
-
-def _filter_one(
-    data: bytes, flt: FieldFilter, at: tuple[DocumentPath, ...], limits: FilterLimits
-) -> bytes:
-    """One JSON document: over raw values where the paths allow, else parsed whole."""
-    if flt.named_only and not at:
-        try:
-            return _filter_raw(data, flt, limits)
-        except _NotCovered:
-            pass
-    return _dump(filter_document(_parse(data, limits), flt, at), limits)
-
-
 def filter_body(
     body: bytes,
     content_type: str | None,
@@ -644,11 +476,11 @@ def filter_body(
     if not body.strip():
         return b""  # nothing to hide in an empty body
     if kind == "json":
-        return _filter_one(body, flt, at, limits)
+        return _dump(filter_document(_parse(body, limits), flt, at), limits)
     out = []
     for line in body.split(b"\n"):
         if line.strip():
-            out.append(_filter_one(line, flt, at, limits))
+            out.append(_dump(filter_document(_parse(line, limits), flt, at), limits))
     return b"\n".join(out) + b"\n"
 
 
