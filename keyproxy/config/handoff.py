@@ -26,6 +26,7 @@ import os
 import pickle
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from keyproxy.config.load import ConfigError, config_from_bytes, load_config
 from keyproxy.config.model import Config, Key
@@ -77,7 +78,7 @@ class _Pickler(pickle.Pickler):
     dataclass, `__setstate__`, looks up its fields again for every object, which for the
     30,000 distinct referer patterns of a large registry was most of the decoding."""
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:
         cls = type(obj)
         fields = _INIT_FIELDS.get(cls)
         if fields is None:
@@ -113,7 +114,7 @@ def encode(outcome: Outcome) -> bytes:
     return out.getvalue()
 
 
-def _pieces(data: bytes) -> Iterator[object]:
+def _pieces(data: bytes) -> Iterator[Any]:
     """Each object of the stream in turn; the memo carries over between them."""
     unpickler = pickle.Unpickler(io.BytesIO(data))
     while True:
@@ -134,10 +135,11 @@ def decode_steps(data: bytes) -> Iterator[Outcome | None]:
     """
     pieces = _pieces(data)
     head = next(pieces)
-    if head[0] == "refused":  # type: ignore[index]
-        yield head[1]  # type: ignore[index]
+    if head[0] == "refused":
+        yield head[1]
         return
-    _, shell, n_chunks = head  # type: ignore[misc]
+    shell: Config = head[1]
+    n_chunks: int = head[2]
     collecting = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -146,11 +148,11 @@ def decode_steps(data: bytes) -> Iterator[Outcome | None]:
         by_digest: dict[bytes, Key] = {}
         make = Key._make
         for _ in range(n_chunks):
-            chunk = [make(row) for row in next(pieces)]  # type: ignore[attr-defined]
+            chunk = [make(row) for row in next(pieces)]
             keys.extend(chunk)
             by_digest.update([(key.digest, key) for key in chunk])
             yield None
-        for digest, row in next(pieces):  # type: ignore[attr-defined]
+        for digest, row in next(pieces):
             by_digest[digest] = make(row)
         config = dataclasses.replace(shell, keys=tuple(keys), keys_by_digest=by_digest)
         gc.freeze()
