@@ -376,6 +376,7 @@ def test_keys_that_share_values_are_the_keys_yaml_would_give(tmp_path: Path) -> 
         {"revoked": 1},  # `true` was accepted before: 1 is not true
         {"revoked": "true"},
         {"acls": ["get", "get"]},  # the same names as an accepted list, one twice
+        {"type": "write", "acls": ["index", "index"]},
         {"acls": ["index"]},  # accepted for a write key before, not for a read key
         {"acls": None},
         {"rate_limit": "10/fortnight"},
