@@ -112,6 +112,11 @@ _PER_KEY = frozenset({"id", "hash", "type", "description"})
 _EXPIRY = ("expires", "ttl", "created")
 _STR = frozenset({str})
 _ABSENT = object()
+#: `Key` built from a list of its fields in order, as its own constructor does with keywords.
+_FIELD_AT = {name: at for at, name in enumerate(Key._fields)}
+_BLANK_KEY = [Key._field_defaults.get(name) for name in Key._fields]
+_LINE_AT, _FILE_AT, _EXPIRES_AT = _FIELD_AT["line"], _FIELD_AT["file"], _FIELD_AT["expires_at"]
+assert Key._fields[:4] == ("id", "digest", "type", "acls")
 
 
 class _Direct:
@@ -130,8 +135,8 @@ class _Direct:
         self.reader = reader
         self.nodes = nodes
         self.types: dict[str, KeyType] = {}
-        # (name, JSON type, value) -> the `Key` fields it sets; acls: (type, texts) -> set.
-        self.values: dict[tuple[Any, ...], tuple[tuple[str, Any], ...]] = {}
+        # (name, JSON type, value) -> the `Key` fields it sets, by position; acls: by type too.
+        self.values: dict[tuple[Any, ...], tuple[tuple[int, Any], ...]] = {}
         self.acls: dict[tuple[KeyType, Any], frozenset[str]] = {}
         self.expiries: dict[tuple[Any, ...], float | None] = {}
 
@@ -157,7 +162,7 @@ class _Direct:
             if key_type is None:
                 return False
             self.types[type_text] = key_type
-        options: dict[str, Any] = {}
+        settings: list[tuple[int, Any]] = []
         acls: Any = _ABSENT
         expiry: list[Any] | None = None
         values = self.values
@@ -192,8 +197,7 @@ class _Direct:
                 if found is None:
                     return False
                 values[cache_key] = found
-            for field, field_value in found:
-                options[field] = field_value
+            settings += found
         acl_key = (key_type, acls)
         key_acls = self.acls.get(acl_key)
         if key_acls is None:
@@ -217,7 +221,7 @@ class _Direct:
                     del reader.r.issues[before:]
                     return False
                 self.expiries[expiry_key] = expires_at
-            options["expires_at"] = expires_at
+            settings.append((_EXPIRES_AT, expires_at))
         # Every shared value is valid: the key's own ones decide, as in `KeyReader.key`.
         reader.places.append(line)
         issues = reader.r.issues
@@ -233,23 +237,19 @@ class _Direct:
             )
         if len(issues) != before or checked_id is None or digest is None:
             return True
-        reader.keys.append(
-            Key(
-                id=checked_id,
-                digest=digest,
-                type=key_type,
-                acls=key_acls,
-                line=line,
-                file=reader.file,
-                **options,
-            )
-        )
+        row = _BLANK_KEY.copy()
+        row[0], row[1], row[2], row[3] = checked_id, digest, key_type, key_acls
+        row[_LINE_AT] = line
+        row[_FILE_AT] = reader.file
+        for at, setting in settings:
+            row[at] = setting
+        reader.keys.append(tuple.__new__(Key, row))
         return True
 
-    def option(self, name: str, node: Node, where: str) -> tuple[tuple[str, Any], ...] | None:
+    def option(self, name: str, node: Node, where: str) -> tuple[tuple[int, Any], ...] | None:
         options: dict[str, Any] = {}
         self.reader.option(name, node, where, options)
-        return tuple(options.items())
+        return tuple((_FIELD_AT[field], value) for field, value in options.items())
 
     def miss(self, read: Any, item: Any) -> Any:
         """`read` the node of a value not seen before; None if it was refused (issues undone)."""
@@ -285,7 +285,11 @@ def _may_repeat(line: bytes, fields: int) -> bool:
     check runs). Names written with blanks before the colon are counted by the
     exact check only.
     """
-    return b"\\" in line or line.count(b'":') != fields or _SPACED_NAME.search(line) is not None
+    if b"\\" in line or line.count(b'":') != fields:
+        return True
+    # Without a blank after a quote the pattern cannot match: spare most lines the search.
+    blank_after_quote = b'" ' in line or b'"\t' in line or b'"\r' in line
+    return blank_after_quote and _SPACED_NAME.search(line) is not None
 
 
 def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None:
