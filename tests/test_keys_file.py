@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,96 @@ def test_keygen_rotate_prints_the_keys_file_field_that_loads(tmp_path: Path) -> 
     loaded = _load(path)
     by_id = sorted(key.id for key in loaded.keys_by_digest.values())
     assert by_id == ["other", "web", "web"]  # the new hash and the old one in its grace
+
+
+def _both(tmp_path: Path, lines: list[dict]):
+    """The same keys as a keys file and as YAML flow mappings (JSON is YAML): both loads."""
+    file_path = _write(tmp_path, lines)
+    yaml_path = tmp_path / "plain.yaml"
+    yaml_path.write_text(BASE + "keys:\n" + "".join(f"  - {json.dumps(k)}\n" for k in lines))
+    results = []
+    for path in (file_path, yaml_path):
+        try:
+            results.append(_load(path).keys)
+        except ConfigError as error:
+            results.append([(i.line, i.where, i.message, i.hint) for i in error.issues])
+    return results
+
+
+_SHARED = [
+    {"type": "read", "acls": ["get", "search"], "rate_limit": "10/second"},
+    {"type": "read", "acls": ["search", "get"], "referers": ["https://*.example.com/*"]},
+    {"type": "write", "acls": ["index"], "ips": ["10.0.0.0/8", "::1"], "quota": 5000},
+    {"type": "write", "quota": "100/month", "rate_limit": ["10/second", "1000/hour"]},
+    {"type": "admin", "revoked": True, "mode": "report", "description": "ops"},
+    {"type": "read", "expires": "2027-01-01T00:00:00Z", "scopes": ["posts:read"]},
+    {"type": "read", "created": "2026-01-01T00:00:00Z", "ttl": "30d", "roles": ["user"]},
+    {
+        "type": "write",
+        "acls": ["index", "delete"],
+        "revoked": False,
+        "fields": {"exclude": ["email"]},
+    },
+]
+
+
+def test_keys_that_share_values_are_the_keys_yaml_would_give(tmp_path: Path) -> None:
+    """Values read once and reused for later keys give each key exactly its own fields."""
+    lines = [
+        {"id": f"k{n}", "hash": hash_of(n), **_SHARED[(n * 5) % len(_SHARED)]} for n in range(40)
+    ]
+    from_file, from_yaml = _both(tmp_path, lines)
+    assert len(from_file) == 40
+    assert [k._replace(line=0, file=None) for k in from_file] == [
+        k._replace(line=0) for k in from_yaml
+    ]
+    assert [k.line for k in from_file] == list(range(1, 41))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"revoked": 1},  # `true` was accepted before: 1 is not true
+        {"revoked": "true"},
+        {"acls": ["get", "get"]},  # the same names as an accepted list, one twice
+        {"type": "write", "acls": ["index", "index"]},
+        {"acls": ["index"]},  # accepted for a write key before, not for a read key
+        {"acls": None},
+        {"rate_limit": "10/fortnight"},
+        {"quota": 5000.0},
+        {"expires": "2027-01-01T00:00:00Z", "ttl": "30d"},
+        {"referers": ["https://*.example.com/*", "ftp://x"]},
+        {"hashes": [hash_of(99)]},
+        {"id": "k0"},  # an id used by the first key
+        {"hash": hash_of(0)},
+        {"description": "${TOKEN}"},
+        {"nickname": "x"},
+    ],
+)
+def test_a_value_next_to_accepted_ones_is_read_as_in_yaml(tmp_path: Path, bad: dict) -> None:
+    """Remembered values never let a different one through: every line says what YAML says."""
+    good = {"type": "read", "acls": ["get", "search"], "revoked": True}
+    lines = [
+        {"id": "k0", "hash": hash_of(0), **good},
+        {"id": "k1", "hash": hash_of(1), "type": "write", "acls": ["index"]},
+        {"id": "k2", "hash": hash_of(2), **good, **bad},
+        {"id": "k3", "hash": hash_of(3), **good, **bad},
+        {"id": "k4", "hash": hash_of(4), **good},
+    ]
+    from_file, from_yaml = _both(tmp_path, lines)
+    if bad == {"revoked": "true"}:  # a quoted true is true, in YAML too
+        assert [k._replace(line=0, file=None) for k in from_file] == [
+            k._replace(line=0) for k in from_yaml
+        ]
+        assert from_file[2].revoked is True
+        return
+    assert from_file and isinstance(from_file[0], tuple), from_file
+    # An earlier key is `keys.jsonl:1` in one file, `line 10` in the other.
+    place = re.compile(re.escape(str(tmp_path / "keys.jsonl")) + r":(\d+)")
+    from_file = [
+        (line, where, place.sub(lambda m: f"line {int(m.group(1)) + 9}", message), hint)
+        for line, where, message, hint in from_file
+    ]
+    yaml_lines = [(line - 9 if line else line, *rest) for line, *rest in from_yaml]
+    assert from_file == yaml_lines
+    assert {issue[0] for issue in from_file} == {3, 4}

@@ -27,7 +27,8 @@ from typing import Any
 import orjson
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from keyproxy.config.keys_section import KeyReader
+from keyproxy.config.keys_section import OPTION_FIELDS, KeyReader
+from keyproxy.config.model import Key, KeyType
 from keyproxy.config.yaml_reader import UNTAGGED
 
 _EXAMPLE = '{"id": "web", "hash": "sha256:...", "type": "read", "acls": ["get"]}'
@@ -106,6 +107,161 @@ class _Nodes:
         return ScalarNode(UNTAGGED, text, mark, mark)
 
 
+#: Read for every key: never the same value twice (description: free text, only checked).
+_PER_KEY = frozenset({"id", "hash", "type", "description"})
+_EXPIRY = ("expires", "ttl", "created")
+_STR = frozenset({str})
+_ABSENT = object()
+#: `Key` built from a list of its fields in order, as its own constructor does with keywords.
+_FIELD_AT = {name: at for at, name in enumerate(Key._fields)}
+_BLANK_KEY = [Key._field_defaults.get(name) for name in Key._fields]
+_LINE_AT, _FILE_AT, _EXPIRES_AT = _FIELD_AT["line"], _FIELD_AT["file"], _FIELD_AT["expires_at"]
+assert Key._fields[:4] == ("id", "digest", "type", "acls")
+
+
+class _Direct:
+    """Builds a key from its JSON values, without nodes, when its other values were read before.
+
+    A registry's keys repeat a few values (a type, ACL lists, rates, dates): each
+    distinct value is read once, by `KeyReader`'s own readers, from the node it
+    would have had, and what they made of it is remembered under the value and
+    its JSON type (`true` is not `1`). Only successes are remembered; a value
+    that fails is handed back (`read` returns False) and its issues undone, so the
+    whole key is read the usual way and reports exactly what it always did. The
+    id, hash and description are checked for every key, by the same readers.
+    """
+
+    def __init__(self, reader: KeyReader, nodes: _Nodes) -> None:
+        self.reader = reader
+        self.nodes = nodes
+        self.types: dict[str, KeyType] = {}
+        # (name, JSON type, value) -> the `Key` fields it sets, by position; acls: by type too.
+        self.values: dict[tuple[Any, ...], tuple[tuple[int, Any], ...]] = {}
+        self.acls: dict[tuple[KeyType, Any], frozenset[str]] = {}
+        self.expiries: dict[tuple[Any, ...], float | None] = {}
+
+    def read(self, value: dict[str, Any], line: int) -> bool:
+        """Read one key (appending it, or its id/hash issues); False: read it the usual way."""
+        key_id = value.get("id")
+        digest_text = value.get("hash")
+        type_text = value.get("type")
+        description = value.get("description", _ABSENT)
+        if (
+            type(key_id) is not str
+            or type(digest_text) is not str
+            or type(type_text) is not str
+            or not (description is _ABSENT or type(description) is str)
+        ):
+            return False
+        reader = self.reader
+        index = len(reader.places)
+        where = f"keys[{index}]"
+        key_type = self.types.get(type_text)
+        if key_type is None:
+            key_type = self.miss(lambda node: reader.key_type(node, node, where), type_text)
+            if key_type is None:
+                return False
+            self.types[type_text] = key_type
+        settings: list[tuple[int, Any]] = []
+        acls: Any = _ABSENT
+        expiry: list[Any] | None = None
+        values = self.values
+        for name, item in value.items():
+            if name in _PER_KEY:
+                continue
+            kind = type(item)
+            if kind is list:
+                texts = tuple(item)
+                if not _STR.issuperset(map(type, texts)):
+                    return False
+                cache_key: tuple[Any, ...] = (name, kind, texts)
+            elif kind is dict:
+                return False
+            else:
+                cache_key = (name, kind, item)
+            if name == "acls":
+                # Read alone, each name is checked on its own: the order cannot matter.
+                names = frozenset(texts) if kind is list else None
+                acls = (kind, names if names and len(names) == len(texts) else cache_key[2])
+                continue
+            if name in _EXPIRY:
+                if expiry is None:
+                    expiry = [None, None, None]
+                expiry[_EXPIRY.index(name)] = cache_key
+                continue
+            found = values.get(cache_key)
+            if found is None:
+                if name not in OPTION_FIELDS:
+                    return False  # unknown, or `hashes`: the usual way says what to do
+                found = self.miss(lambda node, n=name: self.option(n, node, where), item)
+                if found is None:
+                    return False
+                values[cache_key] = found
+            settings += found
+        acl_key = (key_type, acls)
+        key_acls = self.acls.get(acl_key)
+        if key_acls is None:
+            if acls is _ABSENT:  # the type's default ACLs
+                key_acls = self.miss(lambda node: reader.acls(None, node, key_type, where), "")
+            else:
+                key_acls = self.miss(
+                    lambda node: reader.acls(node, node, key_type, where), value["acls"]
+                )
+            if key_acls is None:
+                return False
+            self.acls[acl_key] = key_acls
+        if expiry is not None:
+            expiry_key = tuple(expiry)
+            expires_at = self.expiries.get(expiry_key, _ABSENT)
+            if expires_at is _ABSENT:
+                before = len(reader.r.issues)
+                nodes = {n: self.nodes.node(value[n]) for n in _EXPIRY if n in value}
+                expires_at = reader.expiry(nodes, where)
+                if len(reader.r.issues) != before:
+                    del reader.r.issues[before:]
+                    return False
+                self.expiries[expiry_key] = expires_at
+            settings.append((_EXPIRES_AT, expires_at))
+        # Every shared value is valid: the key's own ones decide, as in `KeyReader.key`.
+        reader.places.append(line)
+        issues = reader.r.issues
+        before = len(issues)
+        mark = self.nodes.mark
+        id_node = ScalarNode(UNTAGGED, key_id, mark, mark, _QUOTED)
+        digest_node = ScalarNode(UNTAGGED, digest_text, mark, mark, _QUOTED)
+        checked_id = reader.key_id(id_node, id_node, where, index)
+        digest = reader.digest(digest_node, digest_node, where, index)
+        if description is not _ABSENT:
+            reader.option(
+                "description", ScalarNode(UNTAGGED, description, mark, mark, _QUOTED), where, {}
+            )
+        if len(issues) != before or checked_id is None or digest is None:
+            return True
+        row = _BLANK_KEY.copy()
+        row[0], row[1], row[2], row[3] = checked_id, digest, key_type, key_acls
+        row[_LINE_AT] = line
+        row[_FILE_AT] = reader.file
+        for at, setting in settings:
+            row[at] = setting
+        reader.keys.append(tuple.__new__(Key, row))
+        return True
+
+    def option(self, name: str, node: Node, where: str) -> tuple[tuple[int, Any], ...] | None:
+        options: dict[str, Any] = {}
+        self.reader.option(name, node, where, options)
+        return tuple((_FIELD_AT[field], value) for field, value in options.items())
+
+    def miss(self, read: Any, item: Any) -> Any:
+        """`read` the node of a value not seen before; None if it was refused (issues undone)."""
+        issues = self.reader.r.issues
+        before = len(issues)
+        result = read(self.nodes.node(item))
+        if len(issues) != before:
+            del issues[before:]
+            return None
+        return result
+
+
 def _repeated_field(line: bytes) -> str | None:
     """The name of a field an object of this line repeats, if any (the slow, exact way)."""
     found: list[str] = []
@@ -129,7 +285,11 @@ def _may_repeat(line: bytes, fields: int) -> bool:
     check runs). Names written with blanks before the colon are counted by the
     exact check only.
     """
-    return b"\\" in line or line.count(b'":') != fields or _SPACED_NAME.search(line) is not None
+    if b"\\" in line or line.count(b'":') != fields:
+        return True
+    # Without a blank after a quote the pattern cannot match: spare most lines the search.
+    blank_after_quote = b'" ' in line or b'"\t' in line or b'"\r' in line
+    return blank_after_quote and _SPACED_NAME.search(line) is not None
 
 
 def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None:
@@ -153,6 +313,7 @@ def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None
         return None
     mark = _Mark(path)
     nodes = _Nodes(mark)
+    direct = _Direct(reader, nodes)
     reader.begin_file(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -182,6 +343,8 @@ def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None
                 file=path,
             )
             reader.places.append(number + 1)
+            continue
+        if not _may_repeat(line, len(value)) and direct.read(value, number + 1):
             continue
         nodes.fields = 0
         key_node = nodes.node(value)

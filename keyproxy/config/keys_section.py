@@ -196,16 +196,20 @@ class KeyReader:
         for name, node in fields.items():
             if name in _KEY_CORE or name in _KEY_EXPIRY or name == "hashes":
                 continue
-            value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
-            if name == "quota" and value is not None:
-                options["quota"], options["quota_period"] = value  # type: ignore[misc]  # quota reads a pair
-            elif name == "mode":
-                options["report"] = value
-            elif name != "description":
-                options[name] = value
+            self.option(name, node, where, options)
         if not fields.keys().isdisjoint(_KEY_EXPIRY):
             options["expires_at"] = self.expiry(fields, where)
         return options
+
+    def option(self, name: str, node: Node, where: str, options: dict[str, Any]) -> None:
+        """Read one optional field (not the expiry group) into `options`, by `Key` field name."""
+        value = _KEY_OPTION_READERS[name](self, node, f"{where}.{name}")
+        if name == "quota" and value is not None:
+            options["quota"], options["quota_period"] = value  # type: ignore[misc]  # quota reads a pair
+        elif name == "mode":
+            options["report"] = value
+        elif name != "description":
+            options[name] = value
 
     def quota(self, node: Node, where: str) -> tuple[int, str | None] | None:
         """A lifetime total (`5000`) or a count that refills each UTC period (`100000/month`)."""
@@ -610,6 +614,9 @@ _KEY_OPTION_READERS: dict[str, Callable[[KeyReader, Node, str], object]] = {
     "roles": lambda reader, node, where: _roles(reader.r, node, where),
     "fields": lambda reader, node, where: read_fields(reader.r, node, where),
 }
+
+#: The optional fields `KeyReader.option` reads.
+OPTION_FIELDS = frozenset(_KEY_OPTION_READERS)
 
 _SCOPE = re.compile(r"(\*|[a-z0-9_-]{1,64}):(\*|create|read|update|delete|list)")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
