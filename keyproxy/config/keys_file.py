@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -30,6 +30,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from keyproxy.config.keys_section import OPTION_FIELDS, KeyReader
 from keyproxy.config.model import Key, KeyType
 from keyproxy.config.yaml_reader import UNTAGGED
+
+if TYPE_CHECKING:
+    from yaml.error import Mark
 
 _EXAMPLE = '{"id": "web", "hash": "sha256:...", "type": "read", "acls": ["get"]}'
 #: A closing quote, blanks, then a colon: a field name written `"a" : 1`.
@@ -57,7 +60,9 @@ class _Nodes:
     """JSON values -> the nodes YAML would have composed for them."""
 
     def __init__(self, mark: _Mark) -> None:
-        self.mark = mark
+        # Nodes take a yaml `Mark`; the readers use only its `line` (and the file), which
+        # this stand-in has: one object for a whole file instead of two per node.
+        self.mark = cast("Mark", mark)
         self.scalars: dict[str, ScalarNode] = {}  # quoted strings, names included
         self.lists: dict[tuple[str, ...], SequenceNode] = {}
         self.fields = 0  # object fields converted (the duplicate check counts them)
