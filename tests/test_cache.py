@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -22,7 +22,7 @@ from keyproxy.response.cache import (
     eviction_paths,
     storable,
 )
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 
 T0 = 1.8e9
 ENTRY = CachedResponse(
@@ -160,12 +160,6 @@ async def test_memory_store_bounds_variants_per_path() -> None:
 
 
 # ------------------------------------------------------------------------ redis store
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
 
 
 @pytest.fixture

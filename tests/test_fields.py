@@ -440,8 +440,7 @@ def test_a_key_spelled_with_escapes_is_the_key_it_spells() -> None:
     """A filter matching key bytes instead of parsed keys would let `em\\u0061il` (or its
     duplicate) through, which the client's JSON.parse reads as `email`."""
     body = (
-        b'{"em\\u0061il":"hidden-1","id":1,"\\u0065mail":"hidden-2",'
-        b'"author":{"ph\\u006fne":"3"}}'
+        b'{"em\\u0061il":"hidden-1","id":1,"\\u0065mail":"hidden-2","author":{"ph\\u006fne":"3"}}'
     )
     out = filter_body(body, "application/json", exclude("email", "author.phone"))
     assert out == b'{"id":1,"author":{}}' and b"hidden" not in out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -13,24 +13,10 @@ from keyproxy.config.model import Rate
 from keyproxy.ratelimit import QuotaWindow
 from keyproxy.ratelimit.memory import MemoryLimiter
 from keyproxy.ratelimit.redis import QUOTA_GRACE_MS, RedisLimiter
-from tests.redis_server import RedisServer, running_redis
+from tests.redis_server import RedisServer
 
 T0 = 1.8e9
 WINDOWS = (Rate(3, 1.0, "3/second"), Rate(5, 60.0, "5/minute"), Rate(20, 3600.0, "20/hour"))
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

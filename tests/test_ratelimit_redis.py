@@ -11,7 +11,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -20,26 +20,12 @@ from keyproxy.config.model import Rate
 from keyproxy.ratelimit import UNLIMITED, LimitResult, StoreUnavailable
 from keyproxy.ratelimit.memory import MemoryLimiter
 from keyproxy.ratelimit.redis import RedisLimiter
-from tests.redis_server import RedisServer, free_port, running_redis
+from tests.redis_server import RedisServer, free_port
 
 T0 = 1.8e9  # epoch-like seconds: the script must stay exact at this magnitude
 PER_MINUTE_10 = Rate(10, 60.0, "10/minute")
 PER_SECOND_10 = Rate(10, 1.0, "10/second")
 GENEROUS = 2.0  # upper bound for "did not hang"; the configured timeouts are 0.2 s
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -20,26 +20,18 @@ from keyproxy.config.model import Rate
 from keyproxy.ratelimit import LimitResult, QuotaWindow, StoreUnavailable
 from keyproxy.ratelimit.redis import RedisLimiter
 from keyproxy.ratelimit.redis_batch import MAX_BATCH
-from tests.redis_server import RedisServer, free_port, running_redis
+from tests.redis_server import RedisServer, free_port
 
 T0 = 1.8e9
 PER_MINUTE_3 = Rate(3, 60.0, "3/minute")
 GENEROUS = 2.0  # upper bound for "did not hang" on a loaded machine
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
 @pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    await client.flushall()
-    await client.config_resetstat()
-    yield client
-    await client.aclose()
+async def redis_client(redis_client: Redis) -> Redis:
+    """The shared client, with Redis's command counts reset: tests count round trips."""
+    await redis_client.config_resetstat()
+    return redis_client
 
 
 @pytest.fixture

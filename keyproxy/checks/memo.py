@@ -22,6 +22,7 @@ What makes a hit exact:
 from __future__ import annotations
 
 import math
+import operator
 from typing import TYPE_CHECKING, Any
 
 from keyproxy.policy.headers import MEMO_IGNORED_HEADERS
@@ -29,6 +30,25 @@ from keyproxy.policy.headers import MEMO_IGNORED_HEADERS
 if TYPE_CHECKING:
     from keyproxy.config.model import Config
     from keyproxy.request import RequestContext
+
+#: What steps 0–7 set on the context, which a hit copies back.
+ESTABLISHED = (
+    "effective_method",
+    "key",
+    "credential_source",
+    "client_ip",
+    "target",
+    "route",
+    "access",
+    "user",
+    "token_roles",
+    "token_until",
+    "table",
+    "roles",
+    "self_only",
+    "owner_filter",
+)
+_established = operator.attrgetter(*ESTABLISHED)
 
 #: Entries per snapshot; when full the memo starts over (a dict's clear is cheaper
 #: per request than any LRU bookkeeping, and a flood of distinct requests only
@@ -65,6 +85,8 @@ class DecisionMemo:
             self.misses += 1
             return False
         self.hits += 1
+        # In `ESTABLISHED` order (tests/test_decision_memo.py compares a hit with a fresh
+        # decision field by field); unpacked by name, as this runs for every repeat.
         (
             _,
             _,
@@ -94,24 +116,7 @@ class DecisionMemo:
         entries = self.entries
         if len(entries) >= MAX_ENTRIES:
             entries.clear()
-        entries[key] = (
-            _valid_until(ctx),
-            _jwks_generation(ctx.config),
-            ctx.effective_method,
-            ctx.key,
-            ctx.credential_source,
-            ctx.client_ip,
-            ctx.target,
-            ctx.route,
-            ctx.access,
-            ctx.user,
-            ctx.token_roles,
-            ctx.token_until,
-            ctx.table,
-            ctx.roles,
-            ctx.self_only,
-            ctx.owner_filter,
-        )
+        entries[key] = (_valid_until(ctx), _jwks_generation(ctx.config), *_established(ctx))
 
 
 def _valid_until(ctx: RequestContext) -> float:

@@ -78,7 +78,7 @@ class _Node:
     #: the node each array item is filtered with: star merged with the named children.
     item: _Node | None = None
     # The exclusion plan of a level without `*` (set by `_finish`), so the walk over a
-    # list of records does per record only what the paths ask, with no call per record:
+    # list of records does per record only what the paths ask:
     #: keys removed here;
     drop: tuple[str, ...] = ()
     #: keys whose value loses only keys of its own: (key, those keys, the child node);
@@ -233,9 +233,7 @@ def _exclude_in_object(value: dict[str, Any], node: _Node) -> None:
 
 
 def _exclude_in_items(value: list[Any], node: _Node) -> None:
-    """Each item of an array filtered with `node.item`: the body of `_exclude_in_object`
-    written out in the loop, as a list of records is the shape nearly every filtered
-    body has and a call per record would cost more than the filtering itself."""
+    """Each item of an array filtered with `node.item`."""
     item = node.item
     assert item is not None
     if item.end:
@@ -245,22 +243,9 @@ def _exclude_in_items(value: list[Any], node: _Node) -> None:
         for child in value:
             _exclude(child, item)
         return
-    drop, drop_below, walk = item.drop, item.drop_below, item.walk
     for record in value:
         if record.__class__ is dict:
-            for key in drop:
-                record.pop(key, None)
-            for key, below, sub in drop_below:
-                child = record.get(key)
-                if child.__class__ is dict:
-                    for name in below:
-                        child.pop(name, None)
-                elif child.__class__ is list:
-                    _exclude_in_items(child, sub)
-            for key, sub in walk:
-                child = record.get(key)
-                if child is not None:
-                    _exclude(child, sub)
+            _exclude_in_object(record, item)
         elif record.__class__ is list:
             _exclude_in_items(record, item)
 
@@ -303,8 +288,7 @@ def _pick(value: dict[str, Any], pick: tuple[tuple[str, _Node | None], ...]) -> 
 
 
 def _include_items(value: list[Any], node: _Node) -> list[Any]:
-    """Each item of an array kept as far as `node.item` says; scalars off every path go.
-    `_pick` written out in the loop, as for exclusion: no call per record."""
+    """Each item of an array kept as far as `node.item` says; scalars off every path go."""
     item = node.item
     assert item is not None
     if item.end:
@@ -315,16 +299,7 @@ def _include_items(value: list[Any], node: _Node) -> list[Any]:
     out: list[Any] = []
     for record in value:
         if record.__class__ is dict:
-            kept_record = {}
-            for key, sub in pick:
-                if key in record:
-                    if sub is None:
-                        kept_record[key] = record[key]
-                    else:
-                        kept = _include(record[key], sub)
-                        if kept is not _DROP:
-                            kept_record[key] = kept
-            out.append(kept_record)
+            out.append(_pick(record, pick))
         elif record.__class__ is list:
             out.append(_include_items(record, item))
     return out
