@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
@@ -21,14 +20,11 @@ from keyproxy.config import parse_config
 from keyproxy.policy.headers import MEMO_IGNORED_HEADERS
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, RequestContext
+from tests.proxy_process import digest
 
 SECRET = "memo-test-secret-0123456789abcdef0123456789"
 KEYS = {name: f"pk_{name}_" + "0" * 40 for name in ("reader", "fenced", "soon", "watch", "user")}
 NOW = time.time()
-
-
-def _hash(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 CONFIG = f"""\
@@ -38,18 +34,14 @@ routes:
   - {{match: "GET /v1/data/{{table}}/{{id}}", acl: get, op: read}}
   - {{match: "POST /v1/data/{{table}}", acl: write, op: create}}
 keys:
-  - {{id: reader, hash: {_hash(KEYS["reader"])}, type: read, acls: [get], rate_limit: 1000/second}}
-  - id: fenced
-    hash: {_hash(KEYS["fenced"])}
-    type: read
-    acls: [get]
-    ips: [10.0.0.0/8]
-    referers: ["https://app.example/*"]
-  - {{id: soon, hash: {_hash(KEYS["soon"])}, type: read, acls: [get],
+  - {{id: reader, hash: {digest(KEYS["reader"])}, type: read, acls: [get], rate_limit: 1000/second}}
+  - {{id: fenced, hash: {digest(KEYS["fenced"])}, type: read, acls: [get], ips: [10.0.0.0/8],
+      referers: ["https://app.example/*"]}}
+  - {{id: soon, hash: {digest(KEYS["soon"])}, type: read, acls: [get],
       expires: {time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW + 60))}}}
-  - {{id: watch, hash: {_hash(KEYS["watch"])}, type: read, acls: [get], mode: report,
+  - {{id: watch, hash: {digest(KEYS["watch"])}, type: read, acls: [get], mode: report,
       ips: [192.0.2.0/24]}}
-  - {{id: user, hash: {_hash(KEYS["user"])}, type: admin, roles: [guest]}}
+  - {{id: user, hash: {digest(KEYS["user"])}, type: admin, roles: [guest]}}
 users:
   jwt: {{algorithms: [HS256], secret: {SECRET}, issuer: idp, audience: api}}
 roles:

@@ -267,6 +267,12 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
+#: Up to four dotted paths over a few names, `*` included.
+field_paths = st.lists(
+    st.lists(st.sampled_from(["a", "b", "email", "x", "*"]), min_size=1, max_size=3),
+    min_size=1,
+    max_size=4,
+)
 
 
 def _keys(value: object) -> set[str]:
@@ -368,14 +374,7 @@ def _reference_exclude(value: object, paths: list[tuple[str, ...]]) -> object:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    json_values,
-    st.lists(
-        st.lists(st.sampled_from(["a", "b", "email", "x", "*"]), min_size=1, max_size=3),
-        min_size=1,
-        max_size=4,
-    ),
-)
+@given(json_values, field_paths)
 def test_exclude_plan_agrees_with_the_plain_meaning(value: object, paths: list[list[str]]) -> None:
     """The precomputed plan (keys dropped, keys losing keys of their own, keys walked
     into, lists of records walked without a call per record) removes what the paths say."""
@@ -411,14 +410,7 @@ def _reference_include(value: object, paths: list[tuple[str, ...]]) -> object:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    json_values,
-    st.lists(
-        st.lists(st.sampled_from(["a", "b", "email", "x", "*"]), min_size=1, max_size=3),
-        min_size=1,
-        max_size=4,
-    ),
-)
+@given(json_values, field_paths)
 def test_include_plan_agrees_with_the_plain_meaning(value: object, paths: list[list[str]]) -> None:
     flt = include(*(".".join(p) for p in paths))
     tuples = [tuple(p) for p in paths]
