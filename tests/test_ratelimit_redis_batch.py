@@ -242,3 +242,15 @@ async def test_redis_restarted_after_a_failed_batch_is_used_again() -> None:
     finally:
         await limiter.aclose()
         server.stop()
+
+
+async def test_a_connection_that_cannot_even_start_fails_the_waiters() -> None:
+    """A host name that cannot be encoded raises ValueError, not OSError: the waiters
+    must still fail (and fail closed), never wait for good."""
+    limiter = RedisLimiter("redis://a..b:6379/0", timeout=0.1)
+    try:
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(limiter.hit("k", "ip", PER_MINUTE_3, None, T0), 2.0)
+    finally:
+        await limiter.aclose()

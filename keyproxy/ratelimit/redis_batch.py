@@ -249,7 +249,7 @@ class ScriptBatcher:
                     assert wire.transport is not None
                     wire.transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]  # hiredis's stub types the command as a 1-tuple
                     await answered
-        except (OSError, TimeoutError, RedisConnectionError, ResponseError) as exc:
+        except Exception as exc:  # any failure (a bad host name too) fails every waiter
             if wire.transport is not None:
                 wire.transport.abort()
             error = RedisConnectionError("cannot connect to Redis")
