@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from policy import SMALL_PATH, Features, build_policy
 
@@ -45,6 +46,7 @@ from keyproxy.config import parse_config
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.wire.client import ClientConnection
 from keyproxy.wire.upstream import UpstreamConnection
+from tests.memory_transport import MemoryTransport
 
 ENV = {"UPSTREAM_SECRET": "bench-upstream-secret-0123456789"}
 BODY = b'[{"id": 0, "title": "post 0", "author": {"name": "alice", "phone": "555"}}]' * 4
@@ -55,43 +57,6 @@ RESPONSE = (
     b"Last-Modified: Thu, 26 Nov 2026 10:00:00 GMT\r\nConnection: keep-alive\r\n"
     b'ETag: "6745a2b0-12d"\r\nAccept-Ranges: bytes\r\n\r\n' % len(BODY)
 ) + BODY
-
-
-class MemoryTransport(asyncio.Transport):
-    """Collects what is written; reports a loopback peer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = 0
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written += len(data)
-
-    def writelines(self, parts) -> None:  # type: ignore[no-untyped-def]
-        for part in parts:
-            self.written += len(part)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
 
 
 def setup(
@@ -112,11 +77,11 @@ def setup(
         loop = uvloop.new_event_loop()
     proxy = ProxyServer(ConfigHolder(config), loop)
     client = ClientConnection(proxy)
-    client_transport = MemoryTransport()
+    client_transport = MemoryTransport(keep=False)
     client.connection_made(client_transport)
     pool = proxy.serving.pool
     upstream = UpstreamConnection(pool)
-    upstream.connection_made(MemoryTransport())
+    upstream.connection_made(MemoryTransport(keep=False))
     pool._open += 1
     pool.release(upstream, True)
     request = (

@@ -18,6 +18,7 @@ import pytest
 from keyproxy.request import Deny, RequestContext
 from keyproxy.response.chain import ResponseHead
 from keyproxy.wire.exchange import UPSTREAM_BACKPRESSURE, Exchange
+from tests.memory_transport import MemoryTransport
 
 
 class Client:
@@ -382,43 +383,6 @@ def test_an_upstream_sending_into_a_holding_link_is_not_silent(loop) -> None:
     ex.on_response_body(b"67890")
     ex.on_response_end(True)
     assert client.response()[::2] == (200, b"1234567890!")
-
-
-class MemoryTransport(asyncio.Transport):
-    """A client socket in memory: what keyproxy writes, and whether it closed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-        self.closing = False
-
-    def write(self, data: bytes) -> None:  # type: ignore[override]
-        self.data += data
-
-    def writelines(self, parts) -> None:  # type: ignore[no-untyped-def, override]
-        for part in parts:
-            self.data += part
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
 
 
 def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
