@@ -382,6 +382,21 @@ def _unverified_tls() -> ssl.SSLContext:
 
 
 @contextmanager
+def start_demo(port: int) -> Iterator[Process]:
+    """`keyproxy demo` on `port`, as a user starts it; yields it once it says it is ready."""
+    process, _ = spawn(
+        [sys.executable, "-m", "keyproxy", "demo", "--port", str(port)],
+        ready=r"Press Ctrl-C",
+        name="demo",
+        timeout=20,
+    )
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@contextmanager
 def start_demo_backend(secret: str) -> Iterator[int]:
     """The real demo REST backend (records with an owner field) on a free port; yields it."""
     process, match = spawn(

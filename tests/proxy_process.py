@@ -24,6 +24,15 @@ KEYS = {
     "expired": "pk_" + "6" * 64,
 }
 
+#: A REST table's five operations, each on its own ACL and `op` (steps 6-7).
+CRUD_ROUTES = [
+    {"match": "GET /v1/data/{table}", "acl": "search", "op": "list"},
+    {"match": "GET /v1/data/{table}/{id}", "acl": "get", "op": "read"},
+    {"match": "POST /v1/data/{table}", "acl": "index", "op": "create"},
+    {"match": "PATCH /v1/data/{table}/{id}", "acl": "index", "op": "update"},
+    {"match": "DELETE /v1/data/{table}/{id}", "acl": "delete", "op": "delete"},
+]
+
 ROUTES = [
     {"match": "GET /v1/data/{table}", "acl": "search", "op": "list"},
     {"match": "GET /v1/data/{table}/{id}", "acl": "get", "op": "read"},

@@ -167,18 +167,11 @@ def test_upstream_saw_one_read_with_the_custom_header_and_never_the_key(
 def test_the_demo_page_tells_the_browser_story(chromium: str) -> None:
     """`keyproxy demo` prints a page URL: opened in Chromium, its script reads the browser
     key's filtered posts, the rate-limit header and a refusal's JSON, through the preflight."""
-    import sys
 
-    from tests.procs import free_port, spawn
+    from tests.procs import free_port, start_demo
 
     port = free_port()
-    proc, _ = spawn(
-        [sys.executable, "-m", "keyproxy", "demo", "--port", str(port)],
-        ready=r"Press Ctrl-C",
-        name="demo",
-        timeout=20,
-    )
-    try:
+    with start_demo(port) as proc:
         page = re.search(r"open (http://127\.0\.0\.1:\d+/)", proc.stdout)
         assert page is not None, proc.stdout
         run = run_chromium(chromium, page.group(1))
@@ -191,5 +184,3 @@ def test_the_demo_page_tells_the_browser_story(chromium: str) -> None:
         refusal = re.search(r'<pre id="refusal">(.*?)</pre>', run.dom, re.S)
         assert refusal is not None and refusal.group(1).startswith("403"), run.dom
         assert "PERMISSION_DENIED" in html.unescape(refusal.group(1))
-    finally:
-        proc.stop()

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from keyproxy.commands.demo import DEMO_KEYS, DEMO_REFERER
-from tests.procs import free_port, spawn
+from tests.procs import free_port, start_demo
 from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
 
 
@@ -117,13 +117,7 @@ def test_workers_share_one_port(tmp_path, upstream):
 
 def test_demo_prints_working_curl_lines(tmp_path):
     port = free_port()
-    proc, _ = spawn(
-        [sys.executable, "-m", "keyproxy", "demo", "--port", str(port)],
-        ready=r"Press Ctrl-C",
-        name="demo",
-        timeout=20,
-    )
-    try:
+    with start_demo(port) as proc:
         out = proc.stdout
         assert DEMO_KEYS["website"] in out and DEMO_KEYS["admin"] in out
         assert f"http://127.0.0.1:{port}/v1/data/posts" in out
@@ -202,8 +196,6 @@ def test_demo_prints_working_curl_lines(tmp_path):
         assert "verdict: DENY 403 PERMISSION_DENIED" in explained.stdout
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
-    finally:
-        proc.stop()
 
 
 @pytest.mark.parametrize("trusted", [0, 1, "other"])

@@ -20,18 +20,12 @@ from keyproxy.policy.permissions import SelfRecords, upstream_user_id
 from keyproxy.policy.users import JwtSettings, TokenVerifier
 from keyproxy.request import Deny
 from tests.procs import start_demo_backend, start_upstream
-from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
+from tests.proxy_process import CRUD_ROUTES, Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "hs256-secret-for-self-identity-0123456789"
 DEMO_SECRET = "demo-backend-secret-for-self-identity"
 APP_KEY = "sk_" + "d" * 64
-ROUTES = [
-    {"match": "GET /v1/data/{table}", "acl": "search", "op": "list"},
-    {"match": "GET /v1/data/{table}/{id}", "acl": "get", "op": "read"},
-    {"match": "POST /v1/data/{table}", "acl": "index", "op": "create"},
-    {"match": "PATCH /v1/data/{table}/{id}", "acl": "index", "op": "update"},
-    {"match": "DELETE /v1/data/{table}/{id}", "acl": "delete", "op": "delete"},
-]
+ROUTES = [*CRUD_ROUTES]
 
 
 def token(sub: str) -> str:

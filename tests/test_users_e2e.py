@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.procs import Process, UpstreamServer, spawn, start_demo_backend, start_upstream
-from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
+from tests.proxy_process import CRUD_ROUTES, Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "hs256-secret-for-tests-0123456789abcdef"
 ISSUER = "https://auth.test/"
@@ -36,14 +36,7 @@ KEYS = {
     "two-roles": "sk_" + "e" * 64,
 }
 
-ROUTES = [
-    {"match": "GET /v1/data/{table}", "acl": "search", "op": "list"},
-    {"match": "GET /v1/data/{table}/{id}", "acl": "get", "op": "read"},
-    {"match": "POST /v1/data/{table}", "acl": "index", "op": "create"},
-    {"match": "PATCH /v1/data/{table}/{id}", "acl": "index", "op": "update"},
-    {"match": "DELETE /v1/data/{table}/{id}", "acl": "delete", "op": "delete"},
-    {"match": "GET /_stream/**", "acl": "stream"},
-]
+ROUTES = [*CRUD_ROUTES, {"match": "GET /_stream/**", "acl": "stream"}]
 
 OP_REQUESTS = {
     "create": ("POST", "/v1/data/posts", b"{}"),
