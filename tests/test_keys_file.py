@@ -417,3 +417,74 @@ def test_a_value_next_to_accepted_ones_is_read_as_in_yaml(tmp_path: Path, bad: d
     yaml_lines = [(line - 9 if line else line, *rest) for line, *rest in from_yaml]
     assert from_file == yaml_lines
     assert {issue[0] for issue in from_file} == {3, 4}
+
+
+def test_the_handoff_rebuilds_a_fields_filter_that_refers_to_itself(tmp_path: Path) -> None:
+    """A key's `fields` compiles to nodes that point back at themselves: the stream must
+    carry them (a reload with any filtered key used to fail in the child)."""
+    key = {"id": "f", "hash": hash_of(1), "type": "read", "fields": {"exclude": ["email"]}}
+    config = _load(_write(tmp_path, [key]))
+    (decoded,) = [s for s in handoff.decode_steps(handoff.encode(config)) if s is not None]
+    flt = decoded.keys[0].fields
+    assert flt.apply([{"id": 1, "email": "x"}]) == [{"id": 1}]
+
+
+class _Calls:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.getpid, ())
+
+
+def test_the_stream_builds_data_never_calls_a_function() -> None:
+    import pickle
+
+    forged = pickle.dumps(("refused", _Calls()))
+    with pytest.raises(pickle.UnpicklingError, match=r"posix\.getpid"):
+        list(handoff.decode_steps(forged))
+
+
+def test_a_parse_that_hangs_is_given_up_and_the_old_config_stays(
+    tmp_path: Path, monkeypatch
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "read"}])
+    holder = ConfigHolder(_load(path), str(path))
+    keys = tmp_path / "keys.jsonl"
+    keys.unlink()
+    os.mkfifo(keys)  # nobody writes it: reading blocks, as a hung mount does
+    monkeypatch.setattr(handoff, "CHILD_TIMEOUT", 1.0)
+    outcome = asyncio.run(handoff.load_in_child(str(path)))
+    assert isinstance(outcome, str) and "parsing took over 1s" in outcome
+    assert not asyncio.run(holder.reload())
+    assert [k.id for k in holder.config.keys] == ["a"]
+
+
+def test_serve_reloads_a_configuration_whose_key_filters_fields(tmp_path: Path, upstream) -> None:
+    """Through a real `keyproxy serve`: a filtered key survives the reload's handoff."""
+    from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
+    from tests.test_lifecycle import wait_until
+
+    newcomer = "pk_" + "7" * 64
+    keys = tmp_path / "keys.jsonl"
+
+    def write_keys(lines: list[dict]) -> None:
+        tmp = tmp_path / "keys.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        tmp.replace(keys)
+
+    reader = {"id": "reader", "hash": digest(KEYS["reader"]), "type": "read",
+              "fields": {"exclude": ["path"]}}  # fmt: skip
+    write_keys([reader])
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"] = []
+    config["keys_file"] = str(keys)
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        status, _, body, _ = kp.request("GET", "/echo/x", key=KEYS["reader"])
+        assert status == 200 and b'"path"' not in body
+        write_keys([reader, {"id": "newcomer", "hash": digest(newcomer), "type": "read"}])
+        assert wait_until(lambda: kp.request("GET", "/echo/x", key=newcomer)[0] == 200, 10.0)
+        status, _, body, _ = kp.request("GET", "/echo/x", key=KEYS["reader"])
+        assert status == 200 and b'"path"' not in body
+    finally:
+        kp.stop()

@@ -82,7 +82,13 @@ class _Pickler(pickle.Pickler):
         cls = type(obj)
         fields = _INIT_FIELDS.get(cls)
         if fields is None:
-            if not dataclasses.is_dataclass(cls) or "__slots__" not in cls.__dict__:
+            if (
+                not dataclasses.is_dataclass(cls)
+                or "__slots__" not in cls.__dict__
+                # A mutable one may refer to itself (a fields filter's node does), which
+                # a constructor call cannot rebuild: pickle's own way handles cycles.
+                or not cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+            ):
                 return NotImplemented
             declared = dataclasses.fields(cls)
             if not all(f.init for f in declared):
@@ -114,9 +120,44 @@ def encode(outcome: Outcome) -> bytes:
     return out.getvalue()
 
 
+#: What a configuration is made of besides keyproxy's own classes: anything else in the
+#: stream is refused, so the stream can only ever build data, never call a function.
+_STDLIB = frozenset(
+    {
+        ("builtins", "frozenset"),
+        ("builtins", "set"),
+        ("builtins", "complex"),
+        ("builtins", "slice"),
+        ("builtins", "object"),
+        ("copyreg", "_reconstructor"),
+        ("re", "_compile"),
+        ("collections", "OrderedDict"),
+        ("ipaddress", "IPv4Address"),
+        ("ipaddress", "IPv6Address"),
+        ("ipaddress", "IPv4Network"),
+        ("ipaddress", "IPv6Network"),
+        ("ipaddress", "IPv4Interface"),
+        ("ipaddress", "IPv6Interface"),
+    }
+)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Rebuilds only keyproxy's classes and the few plain types listed in `_STDLIB`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _STDLIB:
+            return super().find_class(module, name)
+        if module == "keyproxy" or module.startswith("keyproxy."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        raise pickle.UnpicklingError(f"the configuration stream holds {module}.{name}")
+
+
 def _pieces(data: bytes) -> Iterator[Any]:
     """Each object of the stream in turn; the memo carries over between them."""
-    unpickler = pickle.Unpickler(io.BytesIO(data))
+    unpickler = _Unpickler(io.BytesIO(data))
     while True:
         try:
             yield unpickler.load()
@@ -174,6 +215,10 @@ async def decode(data: bytes) -> Outcome:
 
 # --------------------------------------------------------------------------- the child
 
+#: A parse that takes longer (a keys file on a hung mount, a FIFO) is given up, so the
+#: next reload can run; 100,000 keys take a few seconds.
+CHILD_TIMEOUT = 120.0
+
 
 async def load_in_child(path: str, in_place: bool = False) -> Outcome:
     """Parse `path` in a fresh Python process (same interpreter, same environment)."""
@@ -182,6 +227,9 @@ async def load_in_child(path: str, in_place: bool = False) -> Outcome:
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(keyproxy.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    # As `-P`: the working directory is not put first on sys.path, so a stray `keyproxy/`
+    # or `yaml.py` there is never what the child imports.
+    env["PYTHONSAFEPATH"] = "1"
     argv = [sys.executable, "-m", "keyproxy.config.handoff", path]
     if in_place:
         argv.append("--in-place")
@@ -192,14 +240,22 @@ async def load_in_child(path: str, in_place: bool = False) -> Outcome:
     except OSError as exc:
         return f"cannot load {path}: no process to parse it in ({exc.strerror or exc})"
     try:
-        data, _ = await child.communicate()
+        async with asyncio.timeout(CHILD_TIMEOUT):
+            data, _ = await child.communicate()
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        return f"cannot load {path}: parsing took over {CHILD_TIMEOUT:.0f}s (is the file readable?)"
     except asyncio.CancelledError:
         if child.returncode is None:
             child.kill()
         raise
     if child.returncode != 0 or not data:
         return f"cannot load {path}: the parsing process failed (exit status {child.returncode})"
-    return await decode(data)
+    try:
+        return await decode(data)
+    except Exception as exc:  # a stream this process cannot rebuild: the old config stays
+        return f"cannot load {path}: the parsed configuration could not be read back ({exc})"
 
 
 def main(argv: list[str]) -> int:
