@@ -110,6 +110,21 @@ def test_a_compressed_body_is_decoded_scrubbed_and_sent_identity(coding: tuple) 
     assert head.hold and head.get(b"content-encoding") is None and head.get(b"etag") is None
 
 
+def test_every_content_encoding_line_counts() -> None:
+    """`identity` then `gzip` on two lines is a gzip body: read by its first line only, it
+    would pass unscanned; two real codings on two lines cannot be scanned: refused."""
+    body = b"<p>" + SECRET.encode() + b"</p>"
+    head = head_of(b"Content-Encoding: identity", b"Content-Encoding: gzip")
+    out = run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, [gzip.compress(body)])
+    assert out == b"<p>[REDACTED]****************</p>"
+    assert head.get(b"content-encoding") is None
+    stacked = head_of(b"Content-Encoding: gzip", b"Content-Encoding: br")
+    data = brotli.compress(gzip.compress(body))
+    assert run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], stacked, [data]) == (
+        BODY_NOT_SCANNED
+    )
+
+
 def test_a_compressed_body_is_encoded_again_for_a_client_that_accepts_it() -> None:
     body = b"<p>" + SECRET.encode() + b"</p>"
     head = head_of(b"Content-Encoding: br")

@@ -67,11 +67,18 @@ def accept_encoding(ctx: RequestContext) -> str | None:
 
 
 def content_coding(head: ResponseHead) -> bytes | None:
-    """The answer's Content-Encoding; one search of the joined head first, as nearly
-    every answer has none (cheaper than looking at each line by name)."""
+    """The answer's Content-Encoding, every line of it: `identity` then `gzip` on two
+    lines is a gzip body, which the first line alone would let pass unscanned. The
+    codings other than identity, comma-joined (more than one is refused by the decoder).
+    One search of the joined head first, as nearly every answer has none."""
     if b"content-encoding" not in b"".join(head.lines).lower():
         return None
-    return head.get(b"content-encoding")
+    codings = []
+    for line in head.lines:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-encoding":
+            codings += [c.strip() for c in value.split(b",")]
+    return b", ".join(c for c in codings if c and c.lower() != b"identity") or None
 
 
 # --------------------------------------------------------------------------- body scrub
