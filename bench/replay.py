@@ -28,7 +28,7 @@ from policy import BENCH_REFERER, build_policy
 from keyproxy.checks import Pipeline, build_checks
 from keyproxy.commands.replay import read_lines, replay
 from keyproxy.config import parse_config
-from keyproxy.observe import lines
+from keyproxy.observe import describe_verdict, lines
 from keyproxy.ratelimit import open_limiter
 from keyproxy.request import Deny, Headers, RequestContext
 
@@ -64,30 +64,23 @@ def record(config_text: str, bench_key: str, n_lines: int, path: Path) -> float:
         deciding += time.perf_counter() - began
         deny = outcome if isinstance(outcome, Deny) else None
         path_only, _, query = target.partition("?")
-        records.append(
-            (
-                when,
-                f"r{i}",
-                ctx.key.id if ctx.key else None,
-                None,
-                ctx.peer_ip,
-                method,
-                path_only,
-                ctx.route.match if ctx.route else None,
-                "deny" if deny else "allow",
-                deny.code if deny else None,
-                deny.status if deny else 200,
-                120,
-                0.0004,
-                0.0006,
-                BENCH_REFERER,
-                ctx.credential_source,
-                query,
-                ctx.roles or None,
-                (),
-                ctx.key,
-            )
+        verdict = describe_verdict(
+            ctx.key.id if ctx.key else "-",
+            ctx.key,
+            None,
+            ctx.peer_ip,
+            method,
+            path_only,
+            ctx.route.match if ctx.route else None,
+            "deny" if deny else "allow",
+            deny.code if deny else None,
+            BENCH_REFERER,
+            ctx.credential_source,
+            query,
+            ctx.roles or None,
+            (),
         )
+        records.append((when, f"r{i}", deny.status if deny else 200, 120, 0.0004, 0.0006, verdict))
     path.write_bytes(lines(records))
     return deciding / n_lines * 1e6
 

@@ -73,7 +73,8 @@ from keyproxy.config.model import ROUTE_METHODS
 from keyproxy.observability import log_event
 
 if TYPE_CHECKING:
-    from keyproxy.config.model import Config
+    from keyproxy.config.model import Config, Key
+    from keyproxy.request import RequestContext
     from keyproxy.wire.exchange import Exchange
 
 #: Bucket bounds in seconds: fine below 10 ms, where a proxy's own latency lives.
@@ -90,8 +91,6 @@ MAX_PENDING = 200_000
 FLUSH_INTERVAL = 0.5
 SNAPSHOT_INTERVAL = 1.0
 METRICS_DIR_ENV = "KEYPROXY_METRICS_DIR"
-# Fields other parts of keyproxy add to the context (end users, report mode); looked up
-# once here, since a missing attribute on a slotted object costs an exception per request.
 
 
 class Metrics:
@@ -418,64 +417,116 @@ _origins: dict[str, str | None] = {}
 _ORIGINS_MAX = 4096
 
 
+class Verdict:
+    """What the metrics and the log line say of one verdict, apart from the request's own
+    figures (time, id, status, bytes, durations).
+
+    A remembered verdict's repeats share it (`RequestContext.notes`), so a repeat pays
+    for its labels and the JSON of its sixteen fields once; a fresh verdict makes one.
+    """
+
+    __slots__ = ("head", "labels", "tail")
+
+    def __init__(self, labels: tuple[str, str, str], head: bytes, tail: bytes) -> None:
+        #: key, route and method labels of `keyproxy_requests_total`.
+        self.labels = labels
+        #: The log line's fields from `key` to `reason`, as JSON object members between
+        #: commas.
+        self.head = head
+        #: The fields from `referer_origin` to `key_hash` after a comma, with the closing
+        #: brace and the newline.
+        self.tail = tail
+
+
+def describe_verdict(
+    key_label: str,
+    key: Key | None,
+    user: str | None,
+    client_ip: object,
+    method: str,
+    path: str,
+    route: str | None,
+    decision: str,
+    reason: str | None,
+    referer: str | None,
+    source: str | None,
+    query: str | None,
+    roles: tuple[str, ...] | None,
+    user_roles: tuple[str, ...] | None,
+) -> Verdict:
+    origin = None
+    if referer:
+        origin = _origins.get(referer, "")
+        if origin == "":
+            if len(_origins) >= _ORIGINS_MAX:
+                _origins.clear()
+            origin = _origins[referer] = _referer_origin(referer)
+    head = orjson.dumps(
+        {
+            "key": key.id if key is not None else None,
+            "user": user,
+            "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
+            "method": method,
+            "path": path,
+            "route": route,
+            "decision": decision,
+            "reason": reason,
+        }
+    )
+    tail = orjson.dumps(
+        {
+            "referer_origin": origin,
+            "credential_source": source,
+            "query_names": _query_names(query),
+            "roles": None if roles is None else list(roles),
+            # The verified token's own roles, apart from the key's: replay re-decides
+            # steps 6-7 under a candidate that may change the key's roles.
+            "user_roles": list(user_roles) if user_roles else None,
+            # Which of the key's hashes was presented (a label, never the key): so a
+            # rotation's progress shows, and replay can tell an old hash from the new.
+            "key_hash": None
+            if key is None
+            else key.rotation.label
+            if key.rotation is not None
+            else "sha256:" + key.digest[:4].hex(),
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
+    labels = (key_label, route or "-", method if method in KNOWN_METHODS else "OTHER")
+    return Verdict(labels, b"," + head[1:-1] + b",", b"," + tail[1:])
+
+
 def lines(records: list[tuple[Any, ...]]) -> bytes:
-    """The queued records as JSON lines, in one loop (this runs once per flush, on the loop)."""
-    dumps, option = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-    origins = _origins
+    """The queued records as JSON lines, in one loop (this runs once per flush).
+
+    A line is the request's own figures serialised around its verdict's prepared JSON
+    (`Verdict`), in the order the fields have always had.
+    """
+    dumps = orjson.dumps
     # Each line is written into one buffer and dropped at once: keeping thousands of
     # small bytes objects alive until a join costs more than serialising them.
     buffer = io.BytesIO()
     write = buffer.write
     second, stamp = -1, ""
-    for (
-        when, request_id, key_id, user, client_ip, method, path, route, decision, reason,
-        status, sent, upstream_s, total_s, referer, source, query, roles, user_roles, key,
-    ) in records:  # fmt: skip
+    for when, request_id, status, sent, upstream_s, total_s, verdict in records:
         whole = int(when)
         if whole != second:
             second, stamp = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        origin = None
-        if referer:
-            origin = origins.get(referer, "")
-            if origin == "":
-                if len(origins) >= _ORIGINS_MAX:
-                    origins.clear()
-                origin = origins[referer] = _referer_origin(referer)
-        write(
-            dumps(
-                {
-                    "time": f"{stamp}.{int((when - whole) * 1000):03d}Z",
-                    "request_id": request_id,
-                    "key": key_id,
-                    "user": user,
-                    "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
-                    "method": method,
-                    "path": path,
-                    "route": route,
-                    "decision": decision,
-                    "reason": reason,
-                    "status": status,
-                    "bytes": sent,
-                    "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
-                    "total_ms": int(total_s * 1e6) / 1000,
-                    "referer_origin": origin,
-                    "credential_source": source,
-                    "query_names": _query_names(query),
-                    "roles": None if roles is None else list(roles),
-                    # The verified token's own roles, apart from the key's: replay re-decides
-                    # steps 6-7 under a candidate that may change the key's roles.
-                    "user_roles": list(user_roles) if user_roles else None,
-                    # Which of the key's hashes was presented (a label, never the key): so a
-                    # rotation's progress shows, and replay can tell an old hash from the new.
-                    "key_hash": None
-                    if key is None
-                    else key.rotation.label
-                    if key.rotation is not None
-                    else "sha256:" + key.digest[:4].hex(),
-                },
-                option=option,
-            )
+        first = dumps(
+            {"time": f"{stamp}.{int((when - whole) * 1000):03d}Z", "request_id": request_id}
         )
+        figures = dumps(
+            {
+                "status": status,
+                "bytes": sent,
+                "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
+                "total_ms": int(total_s * 1e6) / 1000,
+            }
+        )
+        write(first[:-1])
+        write(verdict.head)
+        write(figures[1:-1])
+        write(verdict.tail)
     return buffer.getvalue()
 
 
@@ -593,47 +644,32 @@ class Observer:
         ctx = ex.ctx
         status = ex.status or CLIENT_CLOSED
         reason = ex.reason
-        method = ex.method
         if ctx is None:
-            key = key_id = route = source = query = referer = user = roles = user_roles = None
             path, _, query = ex.target.partition("?")
-            client_ip: object = ex.conn.peer_ip  # below: an address object, str() at flush
             when = time.time()
             decision = "deny"
+            verdict = describe_verdict(
+                NO_KEY, None, None, ex.conn.peer_ip, ex.method, path, None, decision, reason,
+                None, None, query, None, None,
+            )  # fmt: skip
         else:
-            key = ctx.key
-            key_id = key.id if key is not None else None
-            route = ctx.route.match if ctx.route is not None else None
-            target = ctx.target
-            if target is not None:
-                path, query = target.path, target.query
-            else:
-                path, _, query = ex.target.partition("?")
-            source = ctx.credential_source
-            # The socket peer unless trusted proxies name another (an address object: str() at
-            # flush).
-            client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
             when = ctx.now
-            referer = ctx.headers.get("referer")
-            user = ctx.user
-            roles = ctx.roles
-            user_roles = ctx.token_roles
-            would = ctx.would_deny
+            decision = "deny"
             if ex.forwarding:
                 decision = "allow"
+                would = ctx.would_deny
                 if would is not None:
                     decision = "would_deny"
                     reason = getattr(would, "code", str(would))
-            else:
-                decision = "deny"
-        labels = (
-            m.key_label(key_id),
-            route or "-",
-            method if method in KNOWN_METHODS else "OTHER",
-            status,
-            decision,
-        )
+            notes = ctx.notes
+            seen: Verdict | None = notes.get((decision, reason)) if notes is not None else None
+            if seen is None:
+                seen = self._describe(ex, ctx, decision, reason)
+                if notes is not None:  # the same for every repeat of this verdict
+                    notes[(decision, reason)] = seen
+            verdict = seen
         requests = m.requests
+        labels = (*verdict.labels, status, decision)
         requests[labels] = requests.get(labels, 0) + 1
         if decision == "deny" and reason is not None:
             m.denials[reason] = m.denials.get(reason, 0) + 1
@@ -648,12 +684,35 @@ class Observer:
             m.upstream_sum += upstream
         log = self.access_log
         if log is not None:
-            record = (
-                when, ex.request_id, key_id, user, client_ip, method, path, route, decision,
-                reason, status, ex.sent, upstream, total, referer, source, query, roles,
-                user_roles, key,
-            )  # fmt: skip
-            log.pending.append(record)
+            log.pending.append((when, ex.request_id, status, ex.sent, upstream, total, verdict))
+
+    def _describe(
+        self, ex: Exchange, ctx: RequestContext, decision: str, reason: str | None
+    ) -> Verdict:
+        key = ctx.key
+        target = ctx.target
+        if target is not None:
+            path, query = target.path, target.query
+        else:
+            path, _, query = ex.target.partition("?")
+        # The socket peer unless trusted proxies name another (an address object: str()ed).
+        client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
+        return describe_verdict(
+            metrics.key_label(key.id if key is not None else None),
+            key,
+            ctx.user,
+            client_ip,
+            ex.method,
+            path,
+            ctx.route.match if ctx.route is not None else None,
+            decision,
+            reason,
+            ctx.headers.get("referer"),
+            ctx.credential_source,
+            query,
+            ctx.roles,
+            ctx.token_roles,
+        )
 
 
 #: The process's counts: see the module docstring for the calls other parts may make.

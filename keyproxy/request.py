@@ -165,6 +165,10 @@ class RequestContext:
     #: The response cache's key for this request (a `CacheKey`), once looked up.
     cache_key: Any = None
     vouched: Vouched | None = None  # explain/replay only: who step 1 takes the caller to be
+    #: Shared by every repeat of a remembered verdict (`keyproxy.checks.memo`): what the
+    #: metrics and the access log derive from the verdict is kept here once. None when
+    #: the verdict is not remembered.
+    notes: dict[Any, Any] | None = None
 
     @property
     def params(self) -> dict[str, str]:

@@ -71,7 +71,7 @@ def request(config, key: str, path: str = "/v1/data/posts", **extra: str):
 
 
 def fields(ctx: RequestContext) -> dict[str, object]:
-    skip = {"limit", "request_id", "cache_key", "now", "headers"}
+    skip = {"limit", "request_id", "cache_key", "now", "headers", "notes"}
     return {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.name not in skip}
 
 
@@ -102,6 +102,8 @@ def test_a_hit_sets_what_a_fresh_decision_sets(config, key: str, extra: dict[str
     assert plain.decide(fresh) is None
     assert fields(again) == fields(fresh)
     assert again.limit is not None or again.key.rate_limit is None  # step 8 still ran
+    # Every repeat shares the first request's notes; an unremembered decision has none.
+    assert again.notes is first.notes and again.notes is not None and fresh.notes is None
 
 
 def test_the_rate_limit_still_counts_every_hit(config):

@@ -17,6 +17,10 @@ What makes a hit exact:
   entry, as it voids the token cache;
 - only verdicts reached synchronously and in full are kept: no refusal, no report-
   mode finding, no owner read (a self-only write reads the record every time).
+
+An entry also carries `notes`, a dict every repeat shares (`RequestContext.notes`):
+what is derived from the verdict alone, such as its access-log fields
+(`keyproxy.observe.Verdict`), is computed for the first request and reused.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class DecisionMemo:
             ctx.roles,
             ctx.self_only,
             ctx.owner_filter,
+            ctx.notes,
         ) = entry
         return True
 
@@ -116,7 +121,10 @@ class DecisionMemo:
         entries = self.entries
         if len(entries) >= MAX_ENTRIES:
             entries.clear()
-        entries[key] = (_valid_until(ctx), _jwks_generation(ctx.config), *_established(ctx))
+        ctx.notes = {}
+        entries[key] = (
+            _valid_until(ctx), _jwks_generation(ctx.config), *_established(ctx), ctx.notes
+        )  # fmt: skip
 
 
 def _valid_until(ctx: RequestContext) -> float:
