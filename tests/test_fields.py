@@ -437,3 +437,21 @@ def test_a_key_spelled_with_escapes_is_the_key_it_spells() -> None:
     out = filter_body(body, "application/json", exclude("email", "author.phone"))
     assert out == b'{"id":1,"author":{}}' and b"hidden" not in out
     assert filter_body(body, "application/json", include("email")) == b'{"email":"hidden-2"}'
+
+
+def test_the_collector_pause_ends_with_the_filter_whatever_happens() -> None:
+    import gc
+
+    assert gc.isenabled()
+    body = orjson.dumps([{"id": i, "email": "e"} for i in range(2000)])
+    assert orjson.loads(filter_body(body, "application/json", exclude("email")))[0] == {"id": 0}
+    assert gc.isenabled()
+    with pytest.raises(FilterFailed):
+        filter_body(b'[{"id": 1}, {"email": ', "application/json", exclude("email"))
+    assert gc.isenabled()
+    gc.disable()  # a process that runs without the collector keeps it off
+    try:
+        filter_body(body, "application/json", exclude("email"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

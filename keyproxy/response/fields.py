@@ -26,6 +26,7 @@ that large should travel as strings).
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -450,13 +451,22 @@ def filter_body(
         raise FilterFailed(f"the body is not JSON (Content-Type {media_type(content_type)!r})")
     if not body.strip():
         return b""  # nothing to hide in an empty body
-    if kind == "json":
-        return _dump(filter_document(_parse(body, limits), flt, at), limits)
-    out = []
-    for line in body.split(b"\n"):
-        if line.strip():
-            out.append(_dump(filter_document(_parse(line, limits), flt, at), limits))
-    return b"\n".join(out) + b"\n"
+    # A parsed document holds no reference cycles, yet its thousands of new containers
+    # set off the cyclic collector's young-generation passes: paused while it lives
+    # (json64k array of 406 records, exclude 2 paths: 598 -> 565 µs).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if kind == "json":
+            return _dump(filter_document(_parse(body, limits), flt, at), limits)
+        out = []
+        for line in body.split(b"\n"):
+            if line.strip():
+                out.append(_dump(filter_document(_parse(line, limits), flt, at), limits))
+        return b"\n".join(out) + b"\n"
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def filter_encoded(
