@@ -507,6 +507,7 @@ def test_hop_by_hop_response_headers_are_dropped(proxy: Keyproxy):
     assert s == 200
     for name in ("x-private", "keep-alive", "proxy-authenticate", "upgrade"):
         assert name not in h
+    assert h["x-end-to-end"] == "kept"  # only what Connection names goes
 
 
 def test_no_body_statuses(proxy: Keyproxy):

@@ -74,7 +74,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_counted_out",
         "_eof_delimited",
         "_head_budget",
-        "_header_names",
         "_header_parts",
         "_headers_done",
         "_interim",
@@ -101,7 +100,6 @@ class UpstreamConnection(asyncio.Protocol):
         # The response's end-to-end headers, already serialised (b"Name: value\r\n"),
         # and their lower-case names in step, for the rare Connection-listed removal.
         self._header_parts: list[bytes] = []
-        self._header_names: list[bytes] = []
         self._length: bytes | None = None
         self._connection_tokens: frozenset[bytes] = frozenset()
         self._interim = False
@@ -231,8 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
                         t.strip() for t in tokens.split(b",")
                     )
             return
-        self._header_parts.append(name + b": " + value + b"\r\n")
-        self._header_names.append(lname)
+        self._header_parts.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -257,15 +254,11 @@ class UpstreamConnection(asyncio.Protocol):
     def _without_listed(self, parts: list[bytes]) -> list[bytes]:
         """Drop the headers the response's Connection header names (hop-by-hop by listing)."""
         listed = self._connection_tokens
-        kept: list[bytes] = []
-        for i, lname in enumerate(self._header_names):
-            if lname not in listed:
-                kept.append(parts[i])
-        return kept
+        # Each part is `name: value` as `on_header` wrote it; names hold no colon.
+        return [part for part in parts if part[: part.index(b":")].lower() not in listed]
 
     def _reset_head(self) -> None:
         self._header_parts = []
-        self._header_names = []
         self._length = None
         self._connection_tokens = frozenset()
         self._eof_delimited = True
