@@ -14,7 +14,10 @@ Hence this harness:
 * targets are interleaved (A B C A B C ...) and medians reported, so a noisy
   neighbour or thermal drift hits every target alike;
 * before each target is loaded, one request must answer 200 with the full body:
-  a benchmark of 401s is worthless.
+  a benchmark of 401s is worthless;
+* `lean-relay` (bench/lean_relay.py) is the floor of a Python proxy on keyproxy's own
+  stack (httptools, uvloop) with no policy at all: the distance from it to keyproxy
+  is keyproxy's own per-request work, the distance from it to nginx is Python's.
 
     python bench/run.py                         # full run: every target, both bodies
     python bench/run.py --smoke                 # seconds: proves the harness works
@@ -65,6 +68,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = (
     "direct",
     "plain",
+    "lean-relay",
     "keyproxy",
     "keyproxy-full",
     "keyproxy-redis",
@@ -516,6 +520,22 @@ def start_target(env: Env, name: str, workers: int) -> Target:
             name,
             "bench/plain_proxy.py: aiohttp app + one ClientSession"
             + (" + uvloop" if _version("uvloop") else ""),
+            port,
+            m.pid,
+            describe_cpus(env.proxy_cpus),
+            [m],
+            env.proxy_cpus,
+        )
+    if name == "lean-relay":
+        argv = [
+            sys.executable, str(BENCH_DIR / "lean_relay.py"), "--port", str(port),
+            "--upstream", upstream_url, "--key", env.key,
+        ]  # fmt: skip
+        m = env.start(name, argv, env.proxy_cpus, {"BENCH_SECRET": env.secret})
+        wait_until(name, lambda: port_open(port), m, env.startup_timeout)
+        return Target(
+            name,
+            "bench/lean_relay.py: the floor, a bare httptools + uvloop relay with no policy",
             port,
             m.pid,
             describe_cpus(env.proxy_cpus),
