@@ -77,7 +77,8 @@ ALL_TARGETS = (
     "nginx-proxy",
 )
 SMOKE_TARGETS = (
-    "direct", "plain", "keyproxy", "keyproxy-full", "keyproxy-redis", "keyproxy-fields",
+    "direct", "plain", "lean-relay", "keyproxy", "keyproxy-full", "keyproxy-redis",
+    "keyproxy-fields",
 )  # fmt: skip
 #: keyproxy targets and the policy each runs (the `keyproxy-wN` targets run `keyproxy`'s).
 POLICIES = ("keyproxy", "keyproxy-full", "keyproxy-redis", "keyproxy-fields")
