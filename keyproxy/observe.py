@@ -423,19 +423,72 @@ class Verdict:
 
     A remembered verdict's repeats share it (`RequestContext.notes`), so a repeat pays
     for its labels and the JSON of its sixteen fields once; a fresh verdict makes one.
+    The JSON is made by the log's writer (`lines`), the first time a line needs it: the
+    loop only keeps the fields, and with the access log off nothing is serialised.
     """
 
-    __slots__ = ("head", "labels", "tail")
+    __slots__ = ("fields", "head", "labels", "tail")
 
-    def __init__(self, labels: tuple[str, str, str], head: bytes, tail: bytes) -> None:
+    def __init__(self, labels: tuple[str, str, str], fields: tuple[Any, ...]) -> None:
         #: key, route and method labels of `keyproxy_requests_total`.
         self.labels = labels
+        #: `describe_verdict`'s arguments from `key` on, for `serialise`.
+        self.fields = fields
         #: The log line's fields from `key` to `reason`, as JSON object members between
-        #: commas.
-        self.head = head
+        #: commas; None until `serialise` has run.
+        self.head: bytes | None = None
         #: The fields from `referer_origin` to `key_hash` after a comma, with the closing
         #: brace and the newline.
-        self.tail = tail
+        self.tail = b""
+
+    def serialise(self) -> bytes:
+        """Make `head` and `tail` and return `head`. Only the log's writer calls it; should
+        two callers race, both write the same bytes, `tail` before `head`."""
+        (
+            key, user, client_ip, method, path, route, decision, reason, referer, source,
+            query, roles, user_roles,
+        ) = self.fields  # fmt: skip
+        origin = None
+        if referer:
+            origin = _origins.get(referer, "")
+            if origin == "":
+                if len(_origins) >= _ORIGINS_MAX:
+                    _origins.clear()
+                origin = _origins[referer] = _referer_origin(referer)
+        head = orjson.dumps(
+            {
+                "key": key.id if key is not None else None,
+                "user": user,
+                "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
+                "method": method,
+                "path": path,
+                "route": route,
+                "decision": decision,
+                "reason": reason,
+            }
+        )
+        tail = orjson.dumps(
+            {
+                "referer_origin": origin,
+                "credential_source": source,
+                "query_names": _query_names(query),
+                "roles": None if roles is None else list(roles),
+                # The verified token's own roles, apart from the key's: replay re-decides
+                # steps 6-7 under a candidate that may change the key's roles.
+                "user_roles": list(user_roles) if user_roles else None,
+                # Which of the key's hashes was presented (a label, never the key): so a
+                # rotation's progress shows, and replay can tell an old hash from the new.
+                "key_hash": None
+                if key is None
+                else key.rotation.label
+                if key.rotation is not None
+                else "sha256:" + key.digest[:4].hex(),
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        self.tail = b"," + tail[1:]
+        members = self.head = b"," + head[1:-1] + b","
+        return members
 
 
 def describe_verdict(
@@ -454,53 +507,23 @@ def describe_verdict(
     roles: tuple[str, ...] | None,
     user_roles: tuple[str, ...] | None,
 ) -> Verdict:
-    origin = None
-    if referer:
-        origin = _origins.get(referer, "")
-        if origin == "":
-            if len(_origins) >= _ORIGINS_MAX:
-                _origins.clear()
-            origin = _origins[referer] = _referer_origin(referer)
-    head = orjson.dumps(
-        {
-            "key": key.id if key is not None else None,
-            "user": user,
-            "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
-            "method": method,
-            "path": path,
-            "route": route,
-            "decision": decision,
-            "reason": reason,
-        }
-    )
-    tail = orjson.dumps(
-        {
-            "referer_origin": origin,
-            "credential_source": source,
-            "query_names": _query_names(query),
-            "roles": None if roles is None else list(roles),
-            # The verified token's own roles, apart from the key's: replay re-decides
-            # steps 6-7 under a candidate that may change the key's roles.
-            "user_roles": list(user_roles) if user_roles else None,
-            # Which of the key's hashes was presented (a label, never the key): so a
-            # rotation's progress shows, and replay can tell an old hash from the new.
-            "key_hash": None
-            if key is None
-            else key.rotation.label
-            if key.rotation is not None
-            else "sha256:" + key.digest[:4].hex(),
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    """The verdict's labels now; its log fields kept as they are, serialised only when
+    a line is written (`Verdict.serialise`)."""
     labels = (key_label, route or "-", method if method in KNOWN_METHODS else "OTHER")
-    return Verdict(labels, b"," + head[1:-1] + b",", b"," + tail[1:])
+    return Verdict(
+        labels,
+        (
+            key, user, client_ip, method, path, route, decision, reason, referer, source,
+            query, roles, user_roles,
+        ),
+    )  # fmt: skip
 
 
 def lines(records: list[tuple[Any, ...]]) -> bytes:
     """The queued records as JSON lines, in one loop (this runs once per flush).
 
-    A line is the request's own figures serialised around its verdict's prepared JSON
-    (`Verdict`), in the order the fields have always had.
+    A line is the request's own figures serialised around its verdict's JSON (made
+    once per `Verdict`, here), in the order the fields have always had.
     """
     dumps = orjson.dumps
     # Each line is written into one buffer and dropped at once: keeping thousands of
@@ -523,8 +546,11 @@ def lines(records: list[tuple[Any, ...]]) -> bytes:
                 "total_ms": int(total_s * 1e6) / 1000,
             }
         )
+        head = verdict.head
+        if head is None:
+            head = verdict.serialise()
         write(first[:-1])
-        write(verdict.head)
+        write(head)
         write(figures[1:-1])
         write(verdict.tail)
     return buffer.getvalue()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SMOKE_TARGETS = ("direct", "plain", "keyproxy", "keyproxy-full", "keyproxy-redis")
+SMOKE_TARGETS = ("direct", "plain", "lean-relay", "keyproxy", "keyproxy-full", "keyproxy-redis")
 #: Measured once this build accepts the key's `fields:`; until then reported as unavailable.
 OPTIONAL_TARGETS = ("keyproxy-fields",)
 

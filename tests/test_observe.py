@@ -431,3 +431,90 @@ def test_admin_listen_off_loopback_logs_a_warning_at_start(upstream, tmp_path, m
     quiet = make(config_for(upstream, tmp_path))
     assert answer(quiet, "GET", "/echo/a", KEYS["reader"])[0] == 200
     assert "admin_listen" not in quiet.process.stderr
+
+
+def test_a_verdict_is_serialised_by_the_writer_once_and_in_the_documented_order():
+    """The loop only keeps a verdict's fields: with the access log off nothing is turned
+    into JSON, and with it on the writer does it once per verdict, whatever its repeats."""
+    import orjson
+
+    from keyproxy.config.model import Key, KeyType
+    from keyproxy.observe import describe_verdict, lines
+
+    key = Key(id="reader", digest=bytes(range(32)), type=KeyType.READ, acls=frozenset())
+    verdict = describe_verdict(
+        "reader", key, "alice", "10.0.0.7", "PROPFIND", "/v1/é", "GET /v1/{x}", "would_deny",
+        "RATE_LIMITED", "https://u:p@App.example/p?s=1", "basic", "a=1&b&page=2",
+        ("editor",), ("auditor",),
+    )  # fmt: skip
+    assert verdict.labels == ("reader", "GET /v1/{x}", "OTHER")
+    assert verdict.head is None  # nothing serialised on the loop
+    records = [
+        (1_800_000_000.25, "r1", 200, 12, 0.0015, 0.002, verdict),
+        (1_800_000_001.5, "r2", 429, 0, None, 0.0004, verdict),
+    ]
+    text = lines(records)
+    head = verdict.head
+    assert head is not None
+    expected = b"".join(
+        orjson.dumps(
+            {
+                "time": time_text, "request_id": rid, "key": "reader", "user": "alice",
+                "client_ip": "10.0.0.7", "method": "PROPFIND", "path": "/v1/é",
+                "route": "GET /v1/{x}", "decision": "would_deny", "reason": "RATE_LIMITED",
+                "status": status, "bytes": sent, "upstream_ms": up, "total_ms": total,
+                "referer_origin": "https://app.example", "credential_source": "basic",
+                "query_names": ["a", "page"], "roles": ["editor"], "user_roles": ["auditor"],
+                "key_hash": "sha256:00010203",
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        for time_text, rid, status, sent, up, total in [
+            ("2027-01-15T08:00:00.250Z", "r1", 200, 12, 1.5, 2.0),
+            ("2027-01-15T08:00:01.500Z", "r2", 429, 0, None, 0.4),
+        ]
+    )  # fmt: skip
+    assert text == expected
+    lines(records)
+    assert verdict.head is head  # the second flush reuses the first's JSON
+
+
+def test_repeats_of_a_remembered_verdict_each_log_their_own_client_and_referer(
+    upstream, tmp_path, make
+):
+    """The decision memo shares a verdict's log fields between repeats: what differs
+    between two requests (Referer, X-Forwarded-For behind trusted proxies, the
+    credential's form) must still show in each one's line, before and after a reload."""
+    config = config_for(upstream, tmp_path)
+    config["server"]["trusted_proxies"] = ["127.0.0.0/8"]
+    kp = make(config)
+    basic = base64.b64encode(f"reader:{KEYS['reader']}".encode()).decode()
+    by_header = ("X-API-Key", KEYS["reader"])
+    sent = [
+        (("Referer", "https://a.example/x"), "10.0.0.1", "https://a.example", "header"),
+        (("Referer", "https://b.example/y"), "10.0.0.1", "https://b.example", "header"),
+        (("Referer", "https://a.example/x"), "10.0.0.2", "https://a.example", "header"),
+        (("Referer", "https://a.example/x"), "10.0.0.1", "https://a.example", "header"),
+        (("Authorization", f"Basic {basic}"), "10.0.0.1", None, "basic"),
+    ]
+
+    def round_of(expect_forwarded: bool) -> list[tuple]:
+        for header, xff, _, source in sent:
+            credential = [by_header] if source == "header" else []
+            headers = [*credential, header, ("X-Forwarded-For", xff)]
+            assert kp.request("GET", "/echo/same", headers)[0] == 200
+        return [
+            (xff if expect_forwarded else "127.0.0.1", origin, source)
+            for _, xff, origin, source in sent
+        ]
+
+    expected = round_of(True) + round_of(True)
+    moved = dict(kp.config, server=dict(kp.config["server"]))
+    del moved["server"]["trusted_proxies"]
+    kp.rewrite_config(moved)
+    kp.process.wait_for_line(r'"config_reload".*"success"', stream="stderr")
+    expected += round_of(False) + round_of(False)
+    found = read_log(tmp_path / "access.log", len(expected))
+    assert [
+        (line["client_ip"], line["referer_origin"], line["credential_source"]) for line in found
+    ] == expected

@@ -97,8 +97,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener: ResponseListener | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._stale_parser = False
-        # The response's end-to-end headers, already serialised (b"Name: value\r\n"),
-        # and their lower-case names in step, for the rare Connection-listed removal.
+        # The response's end-to-end headers, already serialised (b"Name: value\r\n"); the
+        # rare Connection-listed removal reads each name back up to its colon.
         self._header_parts: list[bytes] = []
         self._length: bytes | None = None
         self._connection_tokens: frozenset[bytes] = frozenset()
