@@ -51,6 +51,8 @@ _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
+#: A key id and a `hash` as the readers accept them (the keys file checks its own with them).
+KEY_ID_PATTERN, HASH_PATTERN = _KEY_ID, _HASH
 _KEY_TYPES = {t.value: t for t in KeyType}
 _QUOTA_PERIODS = ("day", "week", "month")
 _QUOTA = re.compile(r"([0-9]+)/([A-Za-z]+)")
@@ -482,6 +484,30 @@ class KeyReader:
         return self.allowlist(
             node, where, self.referer_cache, "omit referers to allow any referer", self._patterns
         )
+
+    def referers_of_texts(
+        self, texts: tuple[str, ...]
+    ) -> tuple[allowlists.RefererPattern, ...] | None:
+        """`referers` for a list of quoted texts, without nodes; None where the node
+        reader has something to say (it is then asked, to say it).
+
+        Such texts are each read as written unless they hold a `$`, so the rules
+        left are `texts`' (1 to 100 entries, none twice) and each pattern's own.
+        """
+        cached = self.referer_cache.get(texts)
+        if cached is not None:
+            return cached
+        if (
+            not 0 < len(texts) <= _MAX_ALLOWLIST
+            or len(set(texts)) != len(texts)
+            or any("$" in text for text in texts)
+        ):
+            return None
+        try:
+            patterns = tuple([allowlists.RefererPattern.parse(text) for text in texts])
+        except ValueError:
+            return None
+        return patterns
 
     def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
         return self.allowlist(
