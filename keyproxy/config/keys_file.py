@@ -157,7 +157,8 @@ class _Direct:
         self.fields: dict[str, Any] = {name: {} for name in OPTION_FIELDS - {"description"}}
         self.fields.update(id=_SKIP, hash=_SKIP, type=_SKIP, acls=_ACLS, description=_DESCRIPTION)
         self.fields.update(dict.fromkeys(_EXPIRY, _TIME))
-        # ACLs by (key type, *names as listed); the type alone: the type's default ACLs.
+        # ACLs by (type as written, *names as listed); the type alone: its default ACLs.
+        # Keyed by the type's text: a `KeyType` is hashed by a Python-level method.
         self.acl_lists: dict[Any, frozenset[str]] = {}
         self.acl_sets: dict[frozenset[str], frozenset[str]] = {}  # one object per set
         self.expiries: dict[tuple[Any, ...], float | None] = {}
@@ -241,16 +242,16 @@ class _Direct:
             for at, setting in found:
                 row[at] = setting
         if acls is _ABSENT:
-            key_acls = self.acl_lists.get(key_type)
+            key_acls = self.acl_lists.get(type_text)
         elif type(acls) is list:
             try:
-                key_acls = self.acl_lists.get((key_type, *acls))
+                key_acls = self.acl_lists.get((type_text, *acls))
             except TypeError:  # a list or object in the list: the usual way refuses it
                 return False
         else:
             return False  # not a list: the usual way says so
         if key_acls is None:
-            key_acls = self.new_acls(key_type, acls)
+            key_acls = self.new_acls(type_text, key_type, acls)
             if key_acls is None:
                 return False
         if expiry is not None:
@@ -273,13 +274,13 @@ class _Direct:
         reader.keys.append(tuple.__new__(Key, row))
         return True
 
-    def new_acls(self, key_type: KeyType, acls: Any) -> frozenset[str] | None:
+    def new_acls(self, type_text: str, key_type: KeyType, acls: Any) -> frozenset[str] | None:
         """The ACLs of a list (or, `_ABSENT`, of a type) not seen before; None if refused."""
         reader = self.reader
         if acls is _ABSENT:  # the type's default ACLs
             found = self.miss("", lambda node, where: reader.acls(None, node, key_type, where))
             if found is not None:
-                self.acl_lists[key_type] = found
+                self.acl_lists[type_text] = found
             return found
         if not _STR.issuperset(map(type, acls)):
             return None
@@ -295,7 +296,7 @@ class _Direct:
             found = self.miss(acls, lambda node, where: reader.acls(node, node, key_type, where))
             if found is None:
                 return None
-        self.acl_lists[(key_type, *acls)] = found
+        self.acl_lists[(type_text, *acls)] = found
         return found
 
     def option(

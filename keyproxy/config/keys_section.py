@@ -497,17 +497,17 @@ class KeyReader:
         cached = self.referer_cache.get(texts)
         if cached is not None:
             return cached
-        if (
-            not 0 < len(texts) <= _MAX_ALLOWLIST
-            or len(set(texts)) != len(texts)
-            or any("$" in text for text in texts)
-        ):
+        if not 0 < len(texts) <= _MAX_ALLOWLIST or len(set(texts)) != len(texts):
             return None
-        try:
-            patterns = tuple([allowlists.RefererPattern.parse(text) for text in texts])
-        except ValueError:
-            return None
-        return patterns
+        patterns = []
+        for text in texts:
+            if "$" in text:
+                return None
+            try:
+                patterns.append(allowlists.RefererPattern.parse(text))
+            except ValueError:
+                return None
+        return tuple(patterns)
 
     def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
         return self.allowlist(
