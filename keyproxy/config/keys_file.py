@@ -299,9 +299,7 @@ class _Direct:
         self.acl_lists[(type_text, *acls)] = found
         return found
 
-    def option(
-        self, name: str, item: Any, cache_key: Any
-    ) -> tuple[tuple[int, Any], ...] | None:
+    def option(self, name: str, item: Any, cache_key: Any) -> tuple[tuple[int, Any], ...] | None:
         """The `Key` fields a value not seen before sets, or None if it is refused."""
         reader = self.reader
         if name == "referers" and type(cache_key) is tuple:
