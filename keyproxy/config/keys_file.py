@@ -29,7 +29,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from keyproxy.config.keys_section import HASH_PATTERN, KEY_ID_PATTERN, OPTION_FIELDS, KeyReader
 from keyproxy.config.model import Key, KeyType
-from keyproxy.config.yaml_reader import UNTAGGED
+from keyproxy.config.yaml_reader import NULLS, UNTAGGED
 
 if TYPE_CHECKING:
     from yaml.error import Mark
@@ -40,6 +40,57 @@ _SPACED_NAME = re.compile(rb'"[ \t\r]+:')
 _QUOTED = '"'
 #: Fields whose value is different for every key: not worth remembering.
 _UNIQUE = frozenset({"id", "hash", "description"})
+
+
+def _plain_text(node: Node) -> str | None:
+    """The text of a scalar that means just what it says (untagged, no `${`, not a null)."""
+    if type(node) is not ScalarNode or node.tag is not UNTAGGED:
+        return None
+    text: str = node.value
+    if "$" in text or (not node.style and text in NULLS):
+        return None
+    return text
+
+
+def _plain_values(node: Node) -> dict[str, Any] | None:
+    """A YAML key as the JSON object a keys file would hold for it, when every field is
+    a plain text or a list of them; else None (merges, tags, nulls, `${VAR}`, a field
+    twice, a mapping inside): the reader reads such a key from its nodes.
+
+    Where the readers care, they read a scalar the same whether it was quoted or
+    not; a text as a JSON string, the shortcut remembers it apart from JSON's
+    numbers and booleans, and reads it, the first time, as a quoted scalar.
+    """
+    if type(node) is not MappingNode or node.tag is not UNTAGGED:
+        return None
+    value: dict[str, Any] = {}
+    for key, item in node.value:
+        name = _plain_text(key)
+        if name is None or name == "<<":
+            return None
+        if type(item) is SequenceNode:
+            if item.tag is not UNTAGGED:
+                return None
+            texts = [_plain_text(entry) for entry in item.value]
+            if None in texts:
+                return None
+            value[name] = texts
+        else:
+            text = _plain_text(item)
+            if text is None:
+                return None
+            value[name] = text
+    return value if len(value) == len(node.value) else None
+
+
+def read_yaml_keys(reader: KeyReader, node: Node) -> None:
+    """The YAML file's `keys:` list: keys of plain values by the shortcut the keys file
+    takes (see `_Direct`), every other key, and every refused one, by the node reader."""
+    direct = _Direct(reader, _Nodes(_Mark("")))
+    for item in reader.r.sequence(node, "keys") or []:
+        value = _plain_values(item)
+        if value is None or not direct.read(value, item.start_mark.line + 1, item):
+            reader.read_one(item, item)
 
 
 class _Mark:
@@ -175,8 +226,12 @@ class _Direct:
             else {}
         )
 
-    def read(self, value: dict[str, Any], line: int) -> bool:
-        """Read one key and append it; False: nothing was recorded, read it the usual way."""
+    def read(self, value: dict[str, Any], line: int, place: Node | int | None = None) -> bool:
+        """Read one key and append it; False: nothing was recorded, read it the usual way.
+
+        `place` is what messages about a later key point back at: the key's node in
+        the YAML file; by default its `line` (of the keys file).
+        """
         reader = self.reader
         key_id = value.get("id")
         digest_text = value.get("hash")
@@ -265,7 +320,7 @@ class _Direct:
             row[_EXPIRES_AT] = expires_at
         # Every value is valid: record the key as `KeyReader.key` would.
         index = len(reader.places)
-        reader.places.append(line)
+        reader.places.append(line if place is None else place)
         reader.ids[key_id] = index
         reader.digests[digest] = index
         row[0], row[1], row[2], row[3] = key_id, digest, key_type, key_acls

@@ -123,13 +123,6 @@ class KeyReader:
         self.file: str | None = None  # the keys file being read; None: the YAML file
         self.keys: list[Key] = []
 
-    def read_all(self, node: Node) -> None:
-        self.places = list(self.r.sequence(node, "keys") or [])
-        for index, item in enumerate(self.places):
-            key = self.key(item, index)  # type: ignore[arg-type]  # nodes, while only YAML
-            if key is not None:
-                self.keys.append(key)
-
     def begin_file(self, path: str) -> None:
         """The keys read next come from the `keys_file` at `path`."""
         self.file = path
@@ -138,8 +131,9 @@ class KeyReader:
     def end_file(self) -> None:
         self.file = None
 
-    def read_one(self, node: Node, line: int) -> None:
-        """One key of a keys file, numbered after every key read before it."""
+    def read_one(self, node: Node, line: Node | int) -> None:
+        """One key, numbered after every key read before it; `line`: its line in a keys
+        file, or its node in the YAML file (what messages about later keys point at)."""
         index = len(self.places)
         self.places.append(line)
         key = self.key(node, index)
