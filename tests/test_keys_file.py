@@ -536,6 +536,56 @@ def test_many_keys_sharing_few_values_are_the_keys_yaml_would_give(tmp_path: Pat
     assert len({id(names) for names in listed}) == 3  # one set object per distinct set
 
 
+_YAML_KEYS = [
+    "{id: a, hash: H0, type: read, acls: [~]}",  # a YAML null in a list
+    "{id: null, hash: H0, type: read}",
+    '{id: "null", hash: H0, type: read}',  # quoted: a text
+    "&base {id: a, hash: H0, type: read, revoked: true}\n  - {<<: *base, id: b, hash: H1}",
+    '{id: a, hash: H0, type: !!str read, "<<": x}',
+    "{id: a, hash: H0, type: read, type: write}",
+    '{id: a, hash: H0, type: read, description: "${TOKEN}"}',
+    "{id: a, hash: H0, type: read, acls: &l [get]}\n  - {id: b, hash: H1, type: read, acls: *l}",
+    "{id: a, hash: H0, type: read, acls: [get]}\n  - {id: b, hash: H0, type: read}",
+    "{id: a, hash: H0, type: read, acls: [get]}\n  - {id: a, hash: H1, type: read}",
+    "{id: a, hash: H0, type: read, revoked: yes}\n  - {id: b, hash: H1, type: read, revoked: yes}",
+    "{id: a, hash: H0, type: read, ttl: 30d, created: 2026-01-01}",
+    "{id: a, hash: H0, type: write, acls: [get]}",
+    "{id: a, hash: H0, type: read, acls: [search, get], referers: [https://x.example/*]}",
+    "{id: a, hash: H0, type: read, rate_limit: [10/second, 1000/hour], quota: 100/month}",
+    "{id: a, hash: H0, type: read, rate_limit: [10/second, 20/second]}",
+    "{id: a, hash: H0, type: read, fields: {exclude: [email]}}",
+    "{id: a, hash: H0, type: read, acls: []}",
+    "{id: a, hash: H0, type: read, acls: {get: 1}}",
+    "{id: a, hash: H0, type: read, [x]: 1}",
+]
+
+
+@pytest.mark.parametrize("keys", _YAML_KEYS)
+def test_yaml_keys_read_by_the_shortcut_are_the_keys_the_node_reader_gives(
+    keys: str, monkeypatch
+) -> None:
+    """The YAML key list takes the keys file's shortcut for keys of plain values: with it
+    and without it (every key read from its nodes) the same keys, or the same issues."""
+    from keyproxy.config import keys_file, parse_config
+
+    text = (
+        BASE
+        + "keys:\n  - "
+        + keys.replace("H0", f'"{hash_of(0)}"').replace("H1", f'"{hash_of(1)}"')
+        + "\n"
+    )
+
+    def load() -> object:
+        try:
+            return parse_config(text, "test.yaml", ENV).keys
+        except ConfigError as error:
+            return [(i.line, i.where, i.message, i.hint) for i in error.issues]
+
+    with_shortcut = load()
+    monkeypatch.setattr(keys_file, "_plain_values", lambda node: None)
+    assert with_shortcut == load()
+
+
 def test_the_handoff_rebuilds_a_fields_filter_that_refers_to_itself(tmp_path: Path) -> None:
     """A key's `fields` compiles to nodes that point back at themselves: the stream must
     carry them (a reload with any filtered key used to fail in the child)."""
