@@ -15,6 +15,14 @@ JSON itself would let an object repeat a field and keep the last, silently
 (`"revoked": true, ..., "revoked": false`); a repeated field is refused, as in
 YAML. Values many keys share are given the same node (each node reports the
 line being read, see `_Mark`), so a line costs few objects.
+
+Most lines never become nodes: `_Direct` builds the key from the JSON values,
+reading each distinct shared value once and checking what is new on every line
+(id, hash, ACL names, referers) by the readers' own rules; a line it does not
+accept is read from nodes as above, so every message stays the reader's. The
+YAML file's own `keys:` list takes the same shortcut for keys of plain values
+(`read_yaml_keys`). In a 100,000-key file (bench/decision.py) the load is then
+mostly orjson, the id/hash checks, the referer patterns and building the keys.
 """
 
 from __future__ import annotations
