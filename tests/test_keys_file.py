@@ -419,6 +419,173 @@ def test_a_value_next_to_accepted_ones_is_read_as_in_yaml(tmp_path: Path, bad: d
     assert {issue[0] for issue in from_file} == {3, 4}
 
 
+def _same_as_yaml(tmp_path: Path, lines: list[dict]) -> list:
+    """Load `lines` both ways and check they agree: the same keys, or the same issues
+    (an earlier key is `keys.jsonl:1` in one file, `line 10` in the other)."""
+    from_file, from_yaml = _both(tmp_path, lines)
+    if from_file and isinstance(from_file[0], tuple) and not hasattr(from_file[0], "digest"):
+        place = re.compile(re.escape(str(tmp_path / "keys.jsonl")) + r":(\d+)")
+        from_file = [
+            (line, where, place.sub(lambda m: f"line {int(m.group(1)) + 9}", message), hint)
+            for line, where, message, hint in from_file
+        ]
+        assert from_file == [(line - 9 if line else line, *rest) for line, *rest in from_yaml]
+    else:
+        assert [k._replace(line=0, file=None) for k in from_file] == [
+            k._replace(line=0) for k in from_yaml
+        ]
+    return from_file
+
+
+@pytest.mark.parametrize(
+    ("changed", "accepted"),
+    [
+        ({"acls": ["search", "get"]}, True),  # an accepted set, in another order
+        ({"acls": []}, False),
+        ({"acls": ["search", "search"]}, False),
+        ({"acls": ["search", "get", "nope"]}, False),  # accepted names and one no route has
+        ({"acls": [1]}, False),
+        ({"acls": ["get", True]}, False),
+        ({"acls": [["get"]]}, False),  # a list in the list
+        ({"acls": [{"a": 1}]}, False),
+        ({"type": "write"}, False),  # `get` only reads: never for a write key
+        ({"type": ["read"]}, False),
+        ({"type": None}, False),
+        ({"referers": ["https://*.example.com/*", "https://app.example.com/*"]}, True),
+        ({"referers": ["https://*.example.com/*", "https://*.example.com/*"]}, False),
+        ({"referers": []}, False),
+        ({"referers": ["https://${TOKEN}.example.com/*"]}, False),
+        ({"referers": ["https://example.com/${TOKEN}/*"]}, False),  # no ${VAR} in keys
+        ({"referers": ["https://example.com/$${x}/*"]}, True),  # `$${` is a literal `${`
+        ({"referers": [f"https://h{n}.example.com/*" for n in range(101)]}, False),
+        ({"referers": [f"https://h{n}.example.com/*" for n in range(100)]}, True),
+        ({"referers": ["https://*.example.com/*", 1]}, False),
+        ({"referers": ["https://user@example.com/*"]}, False),
+        ({"hash": "sha256:" + "A" * 64}, True),  # upper-case hex is hex
+        ({"hash": "SHA256:" + "a" * 64}, False),
+        ({"hash": "sha256:" + "a" * 62 + " a"}, False),
+        ({"hash": "sha256:" + "a" * 65}, False),
+        ({"id": "has space"}, False),
+        ({"id": "k" * 64}, True),
+        ({"id": "k" * 65}, False),
+        ({"id": "null"}, True),  # a JSON string, never a YAML null
+        ({"description": 5}, True),  # YAML reads a number as its text
+        ({"description": "costs $5"}, True),
+        ({"description": None}, False),
+        ({"ttl": 86400, "created": "2026-01-01T00:00:00Z"}, False),  # a duration has a unit
+        ({"ttl": "1d", "created": "2026-01-01T00:00:00Z"}, True),
+        ({"expires": ["2027-01-01"]}, False),
+        ({"expires": 2027}, False),
+    ],
+)
+def test_values_checked_without_nodes_are_read_as_in_yaml(
+    tmp_path: Path, changed: dict, accepted: bool
+) -> None:
+    """The id, hash, ACLs and referers of every key are checked without the node reader:
+    each line still loads, or is refused with the same issues, exactly as in YAML, also
+    after the same value was accepted for an earlier key."""
+    good = {"type": "read", "acls": ["get", "search"], "referers": ["https://*.example.com/*"]}
+    lines = [
+        {"id": "k0", "hash": hash_of(0), **good},
+        {"id": "k1", "hash": hash_of(1), **good, **changed},
+        {"id": "k2", "hash": hash_of(2), **good},
+    ]
+    result = _same_as_yaml(tmp_path, lines)
+    assert bool(result) and hasattr(result[0], "digest") is accepted, result
+    if not accepted:
+        assert {issue[0] for issue in result} == {2}, result
+
+
+def test_acls_are_read_as_in_yaml_when_a_route_is_unreadable(tmp_path: Path) -> None:
+    """With a route unreadable no ACL is known: names are not checked, in either file."""
+    base = BASE.replace("acl: delete}", "acl: Bad Name}")
+    lines = [
+        {"id": "k0", "hash": hash_of(0), "type": "read", "acls": ["nope"]},
+        {"id": "k1", "hash": hash_of(1), "type": "read", "acls": ["nope", "nope"]},
+    ]
+    (tmp_path / "keys.jsonl").write_text("".join(json.dumps(k) + "\n" for k in lines))
+    (tmp_path / "a.yaml").write_text(base + "keys_file: keys.jsonl\n")
+    (tmp_path / "b.yaml").write_text(
+        base + "keys:\n" + "".join(f"  - {json.dumps(k)}\n" for k in lines)
+    )
+    found = []
+    for name in ("a.yaml", "b.yaml"):
+        with pytest.raises(ConfigError) as caught:
+            _load(tmp_path / name)
+        found.append([(i.where, i.message) for i in caught.value.issues])
+    assert found[0] == found[1]
+    assert [where for where, _ in found[0]] == ["routes[3].acl", "keys[1].acls[1]"]
+
+
+def test_many_keys_sharing_few_values_are_the_keys_yaml_would_give(tmp_path: Path) -> None:
+    """Lists remembered by value: every key still gets its own, in any order of names."""
+    acls = [["get", "search"], ["search", "get"], ["get"], ["search"]]
+    lines = [
+        {
+            "id": f"k{n}",
+            "hash": hash_of(n),
+            "type": "read",
+            **({"acls": acls[n % 4]} if n % 5 else {}),
+            **({"referers": [f"https://c{n % 3}.example.com/*"]} if n % 2 else {}),
+        }
+        for n in range(60)
+    ]
+    keys = _same_as_yaml(tmp_path, lines)
+    assert [sorted(k.acls) for k in keys[:4]] == [["get", "search"]] * 2 + [["get"], ["search"]]
+    listed = [k.acls for n, k in enumerate(keys) if n % 5]
+    assert len({id(names) for names in listed}) == 3  # one set object per distinct set
+
+
+_YAML_KEYS = [
+    "{id: a, hash: H0, type: read, acls: [~]}",  # a YAML null in a list
+    "{id: null, hash: H0, type: read}",
+    '{id: "null", hash: H0, type: read}',  # quoted: a text
+    "&base {id: a, hash: H0, type: read, revoked: true}\n  - {<<: *base, id: b, hash: H1}",
+    '{id: a, hash: H0, type: !!str read, "<<": x}',
+    "{id: a, hash: H0, type: read, type: write}",
+    '{id: a, hash: H0, type: read, description: "${TOKEN}"}',
+    "{id: a, hash: H0, type: read, acls: &l [get]}\n  - {id: b, hash: H1, type: read, acls: *l}",
+    "{id: a, hash: H0, type: read, acls: [get]}\n  - {id: b, hash: H0, type: read}",
+    "{id: a, hash: H0, type: read, acls: [get]}\n  - {id: a, hash: H1, type: read}",
+    "{id: a, hash: H0, type: read, revoked: yes}\n  - {id: b, hash: H1, type: read, revoked: yes}",
+    "{id: a, hash: H0, type: read, ttl: 30d, created: 2026-01-01}",
+    "{id: a, hash: H0, type: write, acls: [get]}",
+    "{id: a, hash: H0, type: read, acls: [search, get], referers: [https://x.example/*]}",
+    "{id: a, hash: H0, type: read, rate_limit: [10/second, 1000/hour], quota: 100/month}",
+    "{id: a, hash: H0, type: read, rate_limit: [10/second, 20/second]}",
+    "{id: a, hash: H0, type: read, fields: {exclude: [email]}}",
+    "{id: a, hash: H0, type: read, acls: []}",
+    "{id: a, hash: H0, type: read, acls: {get: 1}}",
+    "{id: a, hash: H0, type: read, [x]: 1}",
+]
+
+
+@pytest.mark.parametrize("keys", _YAML_KEYS)
+def test_yaml_keys_read_by_the_shortcut_are_the_keys_the_node_reader_gives(
+    keys: str, monkeypatch
+) -> None:
+    """The YAML key list takes the keys file's shortcut for keys of plain values: with it
+    and without it (every key read from its nodes) the same keys, or the same issues."""
+    from keyproxy.config import keys_file, parse_config
+
+    text = (
+        BASE
+        + "keys:\n  - "
+        + keys.replace("H0", f'"{hash_of(0)}"').replace("H1", f'"{hash_of(1)}"')
+        + "\n"
+    )
+
+    def load() -> object:
+        try:
+            return parse_config(text, "test.yaml", ENV).keys
+        except ConfigError as error:
+            return [(i.line, i.where, i.message, i.hint) for i in error.issues]
+
+    with_shortcut = load()
+    monkeypatch.setattr(keys_file, "_plain_values", lambda node: None)
+    assert with_shortcut == load()
+
+
 def test_the_handoff_rebuilds_a_fields_filter_that_refers_to_itself(tmp_path: Path) -> None:
     """A key's `fields` compiles to nodes that point back at themselves: the stream must
     carry them (a reload with any filtered key used to fail in the child)."""

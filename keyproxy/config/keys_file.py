@@ -15,6 +15,14 @@ JSON itself would let an object repeat a field and keep the last, silently
 (`"revoked": true, ..., "revoked": false`); a repeated field is refused, as in
 YAML. Values many keys share are given the same node (each node reports the
 line being read, see `_Mark`), so a line costs few objects.
+
+Most lines never become nodes: `_Direct` builds the key from the JSON values,
+reading each distinct shared value once and checking what is new on every line
+(id, hash, ACL names, referers) by the readers' own rules; a line it does not
+accept is read from nodes as above, so every message stays the reader's. The
+YAML file's own `keys:` list takes the same shortcut for keys of plain values
+(`read_yaml_keys`). In a 100,000-key file (bench/decision.py) the load is then
+mostly orjson, the id/hash checks, the referer patterns and building the keys.
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from keyproxy.config.keys_section import OPTION_FIELDS, KeyReader
+from keyproxy.config.keys_section import HASH_PATTERN, KEY_ID_PATTERN, OPTION_FIELDS, KeyReader
 from keyproxy.config.model import Key, KeyType
-from keyproxy.config.yaml_reader import UNTAGGED
+from keyproxy.config.yaml_reader import NULLS, UNTAGGED
 
 if TYPE_CHECKING:
     from yaml.error import Mark
@@ -40,6 +48,57 @@ _SPACED_NAME = re.compile(rb'"[ \t\r]+:')
 _QUOTED = '"'
 #: Fields whose value is different for every key: not worth remembering.
 _UNIQUE = frozenset({"id", "hash", "description"})
+
+
+def _plain_text(node: Node) -> str | None:
+    """The text of a scalar that means just what it says (untagged, no `${`, not a null)."""
+    if type(node) is not ScalarNode or node.tag is not UNTAGGED:
+        return None
+    text: str = node.value
+    if "$" in text or (not node.style and text in NULLS):
+        return None
+    return text
+
+
+def _plain_values(node: Node) -> dict[str, Any] | None:
+    """A YAML key as the JSON object a keys file would hold for it, when every field is
+    a plain text or a list of them; else None (merges, tags, nulls, `${VAR}`, a field
+    twice, a mapping inside): the reader reads such a key from its nodes.
+
+    Where the readers care, they read a scalar the same whether it was quoted or
+    not; a text as a JSON string, the shortcut remembers it apart from JSON's
+    numbers and booleans, and reads it, the first time, as a quoted scalar.
+    """
+    if type(node) is not MappingNode or node.tag is not UNTAGGED:
+        return None
+    value: dict[str, Any] = {}
+    for key, item in node.value:
+        name = _plain_text(key)
+        if name is None or name == "<<":
+            return None
+        if type(item) is SequenceNode:
+            if item.tag is not UNTAGGED:
+                return None
+            texts = [_plain_text(entry) for entry in item.value]
+            if None in texts:
+                return None
+            value[name] = texts
+        else:
+            text = _plain_text(item)
+            if text is None:
+                return None
+            value[name] = text
+    return value if len(value) == len(node.value) else None
+
+
+def read_yaml_keys(reader: KeyReader, node: Node) -> None:
+    """The YAML file's `keys:` list: keys of plain values by the shortcut the keys file
+    takes (see `_Direct`), every other key, and every refused one, by the node reader."""
+    direct = _Direct(reader, _Nodes(_Mark("")))
+    for item in reader.r.sequence(node, "keys") or []:
+        value = _plain_values(item)
+        if value is None or not direct.read(value, item.start_mark.line + 1, item):
+            reader.read_one(item, item)
 
 
 class _Mark:
@@ -112,16 +171,20 @@ class _Nodes:
         return ScalarNode(UNTAGGED, text, mark, mark)
 
 
-#: Read for every key: never the same value twice (description: free text, only checked).
-_PER_KEY = frozenset({"id", "hash", "type", "description"})
-_EXPIRY = ("expires", "ttl", "created")
 _STR = frozenset({str})
 _ABSENT = object()
 #: `Key` built from a list of its fields in order, as its own constructor does with keywords.
 _FIELD_AT = {name: at for at, name in enumerate(Key._fields)}
 _BLANK_KEY = [Key._field_defaults.get(name) for name in Key._fields]
 _LINE_AT, _FILE_AT, _EXPIRES_AT = _FIELD_AT["line"], _FIELD_AT["file"], _FIELD_AT["expires_at"]
+_REFERERS_AT = _FIELD_AT["referers"]
 assert Key._fields[:4] == ("id", "digest", "type", "acls")
+_EXPIRY = ("expires", "ttl", "created")
+# What `_Direct.read` does with a field other than the optional ones it remembers by value.
+_SKIP = object()  # id, hash, type: read before the fields are walked
+_ACLS = object()  # read with the key's type, once every field is known
+_TIME = object()  # the expiry group: read together
+_DESCRIPTION = object()  # free text: only checked
 
 
 class _Direct:
@@ -132,135 +195,207 @@ class _Direct:
     would have had, and what they made of it is remembered under the value and
     its JSON type (`true` is not `1`). Only successes are remembered; a value
     that fails is handed back (`read` returns False) and its issues undone, so the
-    whole key is read the usual way and reports exactly what it always did. The
-    id, hash and description are checked for every key, by the same readers.
+    whole key is read the usual way and reports exactly what it always did.
+
+    What differs for every key is checked here without nodes, by the readers' own
+    rules: an id or hash of the readers' exact pattern, not used before, is all
+    they would accept (such text holds no `$`, and a JSON string is never a null);
+    a new ACL list is checked against the names the routes allow the key's type;
+    a new referer list is parsed by `RefererPattern.parse`. Anything these
+    shortcuts do not accept, a duplicate included, is left to the usual way,
+    which says why.
     """
 
     def __init__(self, reader: KeyReader, nodes: _Nodes) -> None:
         self.reader = reader
         self.nodes = nodes
         self.types: dict[str, KeyType] = {}
-        # (name, JSON type, value) -> the `Key` fields it sets, by position; acls: by type too.
-        self.values: dict[tuple[Any, ...], tuple[tuple[int, Any], ...]] = {}
-        self.acls: dict[tuple[KeyType, Any], frozenset[str]] = {}
+        # Field name -> what to do with it: for an optional field, the values read so far
+        # (a text, a tuple of texts, or (JSON type, value)) -> the `Key` fields it sets,
+        # by position; else one of the markers above. A name not here: the usual way.
+        self.fields: dict[str, Any] = {name: {} for name in OPTION_FIELDS - {"description"}}
+        self.fields.update(id=_SKIP, hash=_SKIP, type=_SKIP, acls=_ACLS, description=_DESCRIPTION)
+        self.fields.update(dict.fromkeys(_EXPIRY, _TIME))
+        # ACLs by (type as written, *names as listed); the type alone: its default ACLs.
+        # Keyed by the type's text: a `KeyType` is hashed by a Python-level method.
+        self.acl_lists: dict[Any, frozenset[str]] = {}
+        self.acl_sets: dict[frozenset[str], frozenset[str]] = {}  # one object per set
         self.expiries: dict[tuple[Any, ...], float | None] = {}
+        index = reader.acl_index
+        # The ACL names a key of each type may list, when the routes were all read
+        # (else each new list is read by the reader, which then checks nothing).
+        self.allowed: dict[KeyType, frozenset[str]] = (
+            {
+                KeyType.READ: frozenset(index.known & index.read),
+                KeyType.WRITE: frozenset(index.known & index.write),
+                KeyType.ADMIN: frozenset(index.known),
+            }
+            if index.complete
+            else {}
+        )
 
-    def read(self, value: dict[str, Any], line: int) -> bool:
-        """Read one key (appending it, or its id/hash issues); False: read it the usual way."""
+    def read(self, value: dict[str, Any], line: int, place: Node | int | None = None) -> bool:
+        """Read one key and append it; False: nothing was recorded, read it the usual way.
+
+        `place` is what messages about a later key point back at: the key's node in
+        the YAML file; by default its `line` (of the keys file).
+        """
+        reader = self.reader
         key_id = value.get("id")
         digest_text = value.get("hash")
-        type_text = value.get("type")
-        description = value.get("description", _ABSENT)
         if (
             type(key_id) is not str
+            or KEY_ID_PATTERN.fullmatch(key_id) is None
+            or key_id in reader.ids
             or type(digest_text) is not str
-            or type(type_text) is not str
-            or not (description is _ABSENT or type(description) is str)
+            or (match := HASH_PATTERN.fullmatch(digest_text)) is None
         ):
             return False
-        reader = self.reader
-        index = len(reader.places)
-        where = f"keys[{index}]"
+        digest = bytes.fromhex(match.group(1))
+        if digest in reader.digests:
+            return False
+        type_text = value.get("type")
+        if type(type_text) is not str:
+            return False
         key_type = self.types.get(type_text)
         if key_type is None:
-            key_type = self.miss(lambda node: reader.key_type(node, node, where), type_text)
+            key_type = self.miss(type_text, lambda node, where: reader.key_type(node, node, where))
             if key_type is None:
                 return False
             self.types[type_text] = key_type
-        settings: list[tuple[int, Any]] = []
+        row = _BLANK_KEY.copy()
         acls: Any = _ABSENT
         expiry: list[Any] | None = None
-        values = self.values
+        fields = self.fields
         for name, item in value.items():
-            if name in _PER_KEY:
+            cache = fields.get(name)
+            if cache is _SKIP:
                 continue
+            if cache is _ACLS:
+                acls = item
+                continue
+            if cache is None:
+                return False  # unknown, or `hashes`: the usual way says what to do
             kind = type(item)
-            if kind is list:
-                texts = tuple(item)
-                if not _STR.issuperset(map(type, texts)):
-                    return False
-                cache_key: tuple[Any, ...] = (name, kind, texts)
-            elif kind is dict:
+            if kind is dict:
                 return False
+            if kind is str:
+                cache_key: Any = item
+            elif kind is list:
+                if not _STR.issuperset(map(type, item)):
+                    return False
+                cache_key = tuple(item)
             else:
-                cache_key = (name, kind, item)
-            if name == "acls":
-                # Read alone, each name is checked on its own: the order cannot matter.
-                names = frozenset(texts) if kind is list else None
-                acls = (kind, names if names and len(names) == len(texts) else cache_key[2])
-                continue
-            if name in _EXPIRY:
+                cache_key = (kind, item)
+            if cache is _TIME:
                 if expiry is None:
                     expiry = [None, None, None]
                 expiry[_EXPIRY.index(name)] = cache_key
                 continue
-            found = values.get(cache_key)
+            if cache is _DESCRIPTION:
+                if kind is not str or "$" in item:
+                    return False  # the usual way says what is wrong with it
+                continue
+            found = cache.get(cache_key)
             if found is None:
-                if name not in OPTION_FIELDS:
-                    return False  # unknown, or `hashes`: the usual way says what to do
-                found = self.miss(lambda node, n=name: self.option(n, node, where), item)
+                found = self.option(name, item, cache_key)
                 if found is None:
                     return False
-                values[cache_key] = found
-            settings += found
-        acl_key = (key_type, acls)
-        key_acls = self.acls.get(acl_key)
+                cache[cache_key] = found
+            for at, setting in found:
+                row[at] = setting
+        if acls is _ABSENT:
+            key_acls = self.acl_lists.get(type_text)
+        elif type(acls) is list:
+            try:
+                key_acls = self.acl_lists.get((type_text, *acls))
+            except TypeError:  # a list or object in the list: the usual way refuses it
+                return False
+        else:
+            return False  # not a list: the usual way says so
         if key_acls is None:
-            if acls is _ABSENT:  # the type's default ACLs
-                key_acls = self.miss(lambda node: reader.acls(None, node, key_type, where), "")
-            else:
-                key_acls = self.miss(
-                    lambda node: reader.acls(node, node, key_type, where), value["acls"]
-                )
+            key_acls = self.new_acls(type_text, key_type, acls)
             if key_acls is None:
                 return False
-            self.acls[acl_key] = key_acls
         if expiry is not None:
             expiry_key = tuple(expiry)
             expires_at = self.expiries.get(expiry_key, _ABSENT)
             if expires_at is _ABSENT:
-                before = len(reader.r.issues)
-                nodes = {n: self.nodes.node(value[n]) for n in _EXPIRY if n in value}
-                expires_at = reader.expiry(nodes, where)
-                if len(reader.r.issues) != before:
-                    del reader.r.issues[before:]
+                expires_at = self.read_expiry(value)
+                if expires_at is _ABSENT:
                     return False
                 self.expiries[expiry_key] = expires_at
-            settings.append((_EXPIRES_AT, expires_at))
-        # Every shared value is valid: the key's own ones decide, as in `KeyReader.key`.
-        reader.places.append(line)
-        issues = reader.r.issues
-        before = len(issues)
-        mark = self.nodes.mark
-        id_node = ScalarNode(UNTAGGED, key_id, mark, mark, _QUOTED)
-        digest_node = ScalarNode(UNTAGGED, digest_text, mark, mark, _QUOTED)
-        checked_id = reader.key_id(id_node, id_node, where, index)
-        digest = reader.digest(digest_node, digest_node, where, index)
-        if description is not _ABSENT:
-            reader.option(
-                "description", ScalarNode(UNTAGGED, description, mark, mark, _QUOTED), where, {}
-            )
-        if len(issues) != before or checked_id is None or digest is None:
-            return True
-        row = _BLANK_KEY.copy()
-        row[0], row[1], row[2], row[3] = checked_id, digest, key_type, key_acls
+            row[_EXPIRES_AT] = expires_at
+        # Every value is valid: record the key as `KeyReader.key` would.
+        index = len(reader.places)
+        reader.places.append(line if place is None else place)
+        reader.ids[key_id] = index
+        reader.digests[digest] = index
+        row[0], row[1], row[2], row[3] = key_id, digest, key_type, key_acls
         row[_LINE_AT] = line
         row[_FILE_AT] = reader.file
-        for at, setting in settings:
-            row[at] = setting
         reader.keys.append(tuple.__new__(Key, row))
         return True
 
-    def option(self, name: str, node: Node, where: str) -> tuple[tuple[int, Any], ...] | None:
-        options: dict[str, Any] = {}
-        self.reader.option(name, node, where, options)
-        return tuple((_FIELD_AT[field], value) for field, value in options.items())
+    def new_acls(self, type_text: str, key_type: KeyType, acls: Any) -> frozenset[str] | None:
+        """The ACLs of a list (or, `_ABSENT`, of a type) not seen before; None if refused."""
+        reader = self.reader
+        if acls is _ABSENT:  # the type's default ACLs
+            found = self.miss("", lambda node, where: reader.acls(None, node, key_type, where))
+            if found is not None:
+                self.acl_lists[type_text] = found
+            return found
+        if not _STR.issuperset(map(type, acls)):
+            return None
+        allowed = self.allowed.get(key_type)
+        if allowed is not None:
+            # Names the routes allow this type, each listed once: all the reader checks
+            # in a list of JSON strings (an ACL name holds no `$`, so none is expanded).
+            names = frozenset(acls)
+            if not (names and len(names) == len(acls) and names <= allowed):
+                return None
+            found = self.acl_sets.setdefault(names, names)
+        else:
+            found = self.miss(acls, lambda node, where: reader.acls(node, node, key_type, where))
+            if found is None:
+                return None
+        self.acl_lists[(type_text, *acls)] = found
+        return found
 
-    def miss(self, read: Any, item: Any) -> Any:
-        """`read` the node of a value not seen before; None if it was refused (issues undone)."""
-        issues = self.reader.r.issues
+    def option(self, name: str, item: Any, cache_key: Any) -> tuple[tuple[int, Any], ...] | None:
+        """The `Key` fields a value not seen before sets, or None if it is refused."""
+        reader = self.reader
+        if name == "referers" and type(cache_key) is tuple:
+            # Usually different for every key: parsed without nodes. The usual way
+            # reads a list this refuses again, from nodes, to say what is wrong.
+            patterns = reader.referers_of_texts(cache_key)
+            return None if patterns is None else ((_REFERERS_AT, patterns),)
+
+        def read(node: Node, where: str) -> tuple[tuple[int, Any], ...]:
+            options: dict[str, Any] = {}
+            reader.option(name, node, where, options)
+            return tuple((_FIELD_AT[field], value) for field, value in options.items())
+
+        return self.miss(item, read)
+
+    def read_expiry(self, value: dict[str, Any]) -> Any:
+        """The expiry group's time, by the reader; `_ABSENT` if refused (issues undone)."""
+        reader = self.reader
+        issues = reader.r.issues
         before = len(issues)
-        result = read(self.nodes.node(item))
+        nodes = {n: self.nodes.node(value[n]) for n in _EXPIRY if n in value}
+        expires_at = reader.expiry(nodes, f"keys[{len(reader.places)}]")
+        if len(issues) != before:
+            del issues[before:]
+            return _ABSENT
+        return expires_at
+
+    def miss(self, item: Any, read: Any) -> Any:
+        """`read` the node of a value not seen before; None if it was refused (issues undone)."""
+        reader = self.reader
+        issues = reader.r.issues
+        before = len(issues)
+        result = read(self.nodes.node(item), f"keys[{len(reader.places)}]")
         if len(issues) != before:
             del issues[before:]
             return None
@@ -322,17 +457,18 @@ def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None
     reader.begin_file(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    # Without a backslash or a blank after a quote anywhere, `_may_repeat` is the count.
+    plain = not (b"\\" in data or b'" ' in data or b'"\t' in data or b'"\r' in data)
     for number, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
         mark.line = number
-        where = f"keys[{len(reader.places)}]"
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as error:
+            if not line.strip():
+                continue
             r.issue_at(
                 number + 1,
-                where,
+                f"keys[{len(reader.places)}]",
                 f"invalid JSON at column {error.colno}: {error.msg}",
                 "each line holds one whole JSON object, like " + _EXAMPLE,
                 file=path,
@@ -342,21 +478,23 @@ def read_keys_file(reader: KeyReader, node: Node, config_dir: str) -> str | None
         if type(value) is not dict:
             r.issue_at(
                 number + 1,
-                where,
+                f"keys[{len(reader.places)}]",
                 "expected one JSON object on this line",
                 "write each key as one object, like " + _EXAMPLE,
                 file=path,
             )
             reader.places.append(number + 1)
             continue
-        if not _may_repeat(line, len(value)) and direct.read(value, number + 1):
+        if (
+            line.count(b'":') == len(value) if plain else not _may_repeat(line, len(value))
+        ) and direct.read(value, number + 1):
             continue
         nodes.fields = 0
         key_node = nodes.node(value)
         if _may_repeat(line, nodes.fields) and (repeated := _repeated_field(line)) is not None:
             r.issue_at(
                 number + 1,
-                f"{where}.{repeated}",
+                f"keys[{len(reader.places)}].{repeated}",
                 f"{repeated!r} appears twice in this object",
                 "remove one of them: JSON readers silently keep only the last",
                 file=path,

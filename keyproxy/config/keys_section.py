@@ -51,6 +51,8 @@ _KEY_EXPIRY = frozenset({"expires", "ttl", "created"})
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
+#: A key id and a `hash` as the readers accept them (the keys file checks its own with them).
+KEY_ID_PATTERN, HASH_PATTERN = _KEY_ID, _HASH
 _KEY_TYPES = {t.value: t for t in KeyType}
 _QUOTA_PERIODS = ("day", "week", "month")
 _QUOTA = re.compile(r"([0-9]+)/([A-Za-z]+)")
@@ -121,13 +123,6 @@ class KeyReader:
         self.file: str | None = None  # the keys file being read; None: the YAML file
         self.keys: list[Key] = []
 
-    def read_all(self, node: Node) -> None:
-        self.places = list(self.r.sequence(node, "keys") or [])
-        for index, item in enumerate(self.places):
-            key = self.key(item, index)  # type: ignore[arg-type]  # nodes, while only YAML
-            if key is not None:
-                self.keys.append(key)
-
     def begin_file(self, path: str) -> None:
         """The keys read next come from the `keys_file` at `path`."""
         self.file = path
@@ -136,8 +131,9 @@ class KeyReader:
     def end_file(self) -> None:
         self.file = None
 
-    def read_one(self, node: Node, line: int) -> None:
-        """One key of a keys file, numbered after every key read before it."""
+    def read_one(self, node: Node, line: Node | int) -> None:
+        """One key, numbered after every key read before it; `line`: its line in a keys
+        file, or its node in the YAML file (what messages about later keys point at)."""
         index = len(self.places)
         self.places.append(line)
         key = self.key(node, index)
@@ -482,6 +478,30 @@ class KeyReader:
         return self.allowlist(
             node, where, self.referer_cache, "omit referers to allow any referer", self._patterns
         )
+
+    def referers_of_texts(
+        self, texts: tuple[str, ...]
+    ) -> tuple[allowlists.RefererPattern, ...] | None:
+        """`referers` for a list of quoted texts, without nodes; None where the node
+        reader has something to say (it is then asked, to say it).
+
+        Such texts are each read as written unless they hold a `$`, so the rules
+        left are `texts`' (1 to 100 entries, none twice) and each pattern's own.
+        """
+        cached = self.referer_cache.get(texts)
+        if cached is not None:
+            return cached
+        if not 0 < len(texts) <= _MAX_ALLOWLIST or len(set(texts)) != len(texts):
+            return None
+        patterns = []
+        for text in texts:
+            if "$" in text:
+                return None
+            try:
+                patterns.append(allowlists.RefererPattern.parse(text))
+            except ValueError:
+                return None
+        return tuple(patterns)
 
     def ips(self, node: Node, where: str) -> allowlists.IpAllowlist | None:
         return self.allowlist(

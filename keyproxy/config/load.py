@@ -31,7 +31,7 @@ import yaml
 from yaml.nodes import MappingNode, Node
 
 from keyproxy.config.errors import ConfigError, ConfigIssue
-from keyproxy.config.keys_file import read_keys_file
+from keyproxy.config.keys_file import read_keys_file, read_yaml_keys
 from keyproxy.config.keys_section import KeyReader
 from keyproxy.config.model import Config, Route, Upstream
 from keyproxy.config.observe_section import read_log, read_metrics
@@ -164,7 +164,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
     table, acls = read_routes(r, sections.get("routes"), root)
     key_reader = KeyReader(r, acls)
     if "keys" in sections:
-        key_reader.read_all(sections["keys"])
+        read_yaml_keys(key_reader, sections["keys"])
     keys_file = None
     if "keys_file" in sections:
         keys_file = read_keys_file(key_reader, sections["keys_file"], os.path.dirname(source))
