@@ -202,7 +202,9 @@ class Exchange:
         self.plan: Plan | None = None
         self.ctx: RequestContext | None = None
         self.request_head = b""
-        self.forwarding = False  # the decision allowed it and forwarding has begun
+        #: The decision allowed it: forwarding has begun, or a stored answer is served
+        #: (the metrics and the access log count it as allowed).
+        self.forwarding = False
         self.reused = False  # the upstream socket had served an earlier exchange
         self.retried = False
         self.done = False  # answered (or abandoned); the connection has been told
@@ -580,6 +582,7 @@ class Exchange:
         on, exactly as if the upstream had sent it; the upstream and its pool are untouched."""
         if self.done:
             return
+        self.forwarding = True
         try:
             links = self._make_links(self.chain, start) if self.chain else []
             head = ResponseHead(status, list(lines), len(body), self.method)
