@@ -30,15 +30,11 @@ RESPONSE_DROPPED = frozenset(
 )
 
 
-class Upstream(asyncio.Protocol):
-    """The client connection's own upstream connection; answers go back to `client`."""
+class _Parsed(asyncio.Protocol):
+    """A connection whose bytes go to its httptools parser; a parse error is `broken`."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.lines: list[bytes] = []
-        self.body: list[bytes] = []
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+    transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -47,7 +43,25 @@ class Upstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.client.fail()
+            self.broken()
+
+    def broken(self) -> None:
+        raise NotImplementedError
+
+
+class Upstream(_Parsed):
+    """The client connection's own upstream connection; answers go back to `client`."""
+
+    parser: httptools.HttpResponseParser
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.parser = httptools.HttpResponseParser(self)
+        self.lines: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def broken(self) -> None:
+        self.client.fail()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream = None
@@ -72,24 +86,19 @@ class Upstream(asyncio.Protocol):
         self.client.answer(head + body)
 
 
-class Client(asyncio.Protocol):
+class Client(_Parsed):
+    parser: httptools.HttpRequestParser
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
         self.url = b""
         self.headers: list[bytes] = []
         self.authorised = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail()
+    def broken(self) -> None:
+        self.fail()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.upstream is not None and self.upstream.transport is not None:

@@ -510,39 +510,26 @@ def start_target(env: Env, name: str, workers: int) -> Target:
         )
     port = free_port()
     upstream_url = f"http://127.0.0.1:{env.upstream_port}"
-    if name == "plain":
-        argv = [
-            sys.executable, str(BENCH_DIR / "plain_proxy.py"), "--port", str(port),
-            "--upstream", upstream_url, "--key", env.key,
-        ]  # fmt: skip
-        m = env.start(name, argv, env.proxy_cpus, {"BENCH_SECRET": env.secret})
-        wait_until(name, lambda: port_open(port), m, env.startup_timeout)
-        return Target(
-            name,
+    baselines = {
+        "plain": (
+            "plain_proxy.py",
             "bench/plain_proxy.py: aiohttp app + one ClientSession"
             + (" + uvloop" if _version("uvloop") else ""),
-            port,
-            m.pid,
-            describe_cpus(env.proxy_cpus),
-            [m],
-            env.proxy_cpus,
-        )
-    if name == "lean-relay":
+        ),
+        "lean-relay": (
+            "lean_relay.py",
+            "bench/lean_relay.py: the floor, a bare httptools + uvloop relay with no policy",
+        ),
+    }
+    if name in baselines:
+        script, what = baselines[name]
         argv = [
-            sys.executable, str(BENCH_DIR / "lean_relay.py"), "--port", str(port),
+            sys.executable, str(BENCH_DIR / script), "--port", str(port),
             "--upstream", upstream_url, "--key", env.key,
         ]  # fmt: skip
         m = env.start(name, argv, env.proxy_cpus, {"BENCH_SECRET": env.secret})
         wait_until(name, lambda: port_open(port), m, env.startup_timeout)
-        return Target(
-            name,
-            "bench/lean_relay.py: the floor, a bare httptools + uvloop relay with no policy",
-            port,
-            m.pid,
-            describe_cpus(env.proxy_cpus),
-            [m],
-            env.proxy_cpus,
-        )
+        return Target(name, what, port, m.pid, describe_cpus(env.proxy_cpus), [m], env.proxy_cpus)
     if name.startswith("keyproxy"):
         if name not in POLICIES and not re.fullmatch(r"keyproxy-w\d+", name):
             raise BenchError(f"unknown target {name!r}")
