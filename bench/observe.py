@@ -57,7 +57,7 @@ def decided_exchange(loop: asyncio.AbstractEventLoop) -> Exchange:
     conn = SimpleNamespace(loop=loop, peer_ip="127.0.0.1", proxy=proxy)
     ex = Exchange(conn, "GET", target, [], True, True, "0123456789ab00000001")  # type: ignore[arg-type]
     ex.ctx = ctx
-    ex.forwarding = True
+    ex.allowed = True
     ex.status = 200
     ex.sent = 512
     ex.upstream_started = ex.started

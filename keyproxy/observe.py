@@ -681,7 +681,7 @@ class Observer:
         else:
             when = ctx.now
             decision = "deny"
-            if ex.forwarding:
+            if ex.allowed:
                 decision = "allow"
                 would = ctx.would_deny
                 if would is not None:

@@ -359,7 +359,7 @@ def test_a_stored_answer_runs_the_links_after_start_and_never_the_pool(loop) -> 
     assert (status, body, headers["content-length"]) == (200, b"CACHED!", "7")
     assert tee.calls == 0 and ex.upstream is None and ex.pool is None
     assert client.done == [True]
-    assert ex.forwarding  # logged and counted as allowed, as replay reads it
+    assert ex.allowed  # logged and counted as allowed, as replay reads it
 
 
 def test_a_stored_answer_to_head_has_the_length_and_no_body(loop) -> None:

@@ -110,6 +110,7 @@ class Exchange:
     """One request/response pair on a client connection."""
 
     __slots__ = (
+        "allowed",
         "answer",
         "body_buffered",
         "body_chunks",
@@ -126,7 +127,6 @@ class Exchange:
         "done",
         "early_deny",
         "expect_continue",
-        "forwarding",
         "headers",
         "held",
         "held_head",
@@ -204,7 +204,7 @@ class Exchange:
         self.request_head = b""
         #: The decision allowed it: forwarding has begun, or a stored answer is served
         #: (the metrics and the access log count it as allowed).
-        self.forwarding = False
+        self.allowed = False
         self.reused = False  # the upstream socket had served an earlier exchange
         self.retried = False
         self.done = False  # answered (or abandoned); the connection has been told
@@ -288,7 +288,7 @@ class Exchange:
         self.body_wait = False
         if self.upstream is not None:
             self._drop_upstream()
-        if self.forwarding and not self.done:
+        if self.allowed and not self.done:
             if self.answer != NOT_STARTED:
                 self.conn.abort()
                 self._finish(False)
@@ -306,7 +306,7 @@ class Exchange:
         self.ctx = ctx
         self.plan = plan
         self.pool = pool
-        self.forwarding = True
+        self.allowed = True
         if self.too_large or (
             self.content_length is not None and self.content_length > plan.max_body
         ):
@@ -582,7 +582,7 @@ class Exchange:
         on, exactly as if the upstream had sent it; the upstream and its pool are untouched."""
         if self.done:
             return
-        self.forwarding = True
+        self.allowed = True
         try:
             links = self._make_links(self.chain, start) if self.chain else []
             head = ResponseHead(status, list(lines), len(body), self.method)
