@@ -444,10 +444,18 @@ class Verdict:
     def serialise(self) -> bytes:
         """Make `head` and `tail` and return `head`. Only the log's writer calls it; should
         two callers race, both write the same bytes, `tail` before `head`."""
+        try:
+            return self._serialise(self.fields)
+        except orjson.JSONEncodeError:
+            # A string orjson will not write (a lone surrogate, which Python strings can
+            # hold): the line is written with it escaped rather than the batch lost.
+            return self._serialise(tuple(_writable(field) for field in self.fields))
+
+    def _serialise(self, fields: tuple[Any, ...]) -> bytes:
         (
             key, user, client_ip, method, path, route, decision, reason, referer, source,
             query, roles, user_roles,
-        ) = self.fields  # fmt: skip
+        ) = fields  # fmt: skip
         origin = None
         if referer:
             origin = _origins.get(referer, "")
@@ -489,6 +497,15 @@ class Verdict:
         self.tail = b"," + tail[1:]
         members = self.head = b"," + head[1:-1] + b","
         return members
+
+
+def _writable(value: Any) -> Any:
+    """`value` with every string made encodable as UTF-8 (lone surrogates as `\\udXXX`)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, tuple):
+        return tuple(_writable(item) for item in value)
+    return value
 
 
 def describe_verdict(

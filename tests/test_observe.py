@@ -518,3 +518,28 @@ def test_repeats_of_a_remembered_verdict_each_log_their_own_client_and_referer(
     assert [
         (line["client_ip"], line["referer_origin"], line["credential_source"]) for line in found
     ] == expected
+
+
+def test_a_string_orjson_cannot_write_costs_neither_its_line_nor_the_batch():
+    """Python strings may hold lone surrogates, which orjson refuses: such a verdict is
+    written with them escaped, and the lines queued with it are all written."""
+    import orjson
+
+    from keyproxy.observe import describe_verdict, lines
+
+    def verdict(user: str, roles: tuple[str, ...]):
+        return describe_verdict(
+            "-", None, user, "10.0.0.7", "GET", "/v1/x", None, "allow", None, None, None,
+            None, roles, None,
+        )  # fmt: skip
+
+    records = [
+        (1_800_000_000.0, f"r{i}", 200, 1, None, 0.001, v)
+        for i, v in enumerate(
+            [verdict("alice", ()), verdict("a\ud800b", ("r\udfff",)), verdict("bob", ())]
+        )
+    ]
+    parsed = [orjson.loads(line) for line in lines(records).splitlines()]
+    assert [p["request_id"] for p in parsed] == ["r0", "r1", "r2"]
+    assert [p["user"] for p in parsed] == ["alice", "a\\ud800b", "bob"]
+    assert parsed[1]["roles"] == ["r\\udfff"]
