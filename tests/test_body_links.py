@@ -354,6 +354,13 @@ def test_a_clean_body_of_known_length_leaves_whole_from_its_last_chunk() -> None
     link.on_head(head_of(b"Content-Type: application/json", length=len(dirty)))
     out = link.on_body(dirty[:50]) + link.on_body(dirty[50:])
     assert len(out) == len(dirty) and SECRET.encode() not in out and link.on_end() == b""
+    for spelled in (SECRET.encode(), SECRET.upper().encode(), SECRET.encode().hex().encode()):
+        dirty = body[:100] + spelled + body[100:]  # in one piece: scanned whole, no stream
+        link = BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())
+        assert link is not None
+        link.on_head(head_of(b"Content-Type: application/json", length=len(dirty)))
+        out = link.on_body(dirty)
+        assert len(out) == len(dirty) and spelled not in out and link.on_end() == b""
 
 
 def test_the_fields_link_edits_the_head_in_one_pass_and_keeps_other_lines_in_order() -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
 from keyproxy.request import Deny, RequestContext
-from keyproxy.response.body_scrub import BodyScrubber, ScrubStream
+from keyproxy.response.body_scrub import WHOLE_UP_TO, BodyScrubber, ScrubStream
 from keyproxy.response.cache import (
     CachedResponse,
     CacheKey,
@@ -102,13 +102,18 @@ class BodyScrubFactory:
 
 
 class ScrubLink:
-    __slots__ = ("coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "stream")
+    __slots__ = (
+        "coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "stream", "whole",
+    )  # fmt: skip
 
     def __init__(self, scrubber: BodyScrubber, limit: int, ctx: RequestContext) -> None:
         self.scrubber = scrubber
         self.limit = limit
         self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
         self.stream: ScrubStream | None = None
+        #: The declared length of a small identity body not yet seen: one that arrives in
+        #: one piece is scanned whole, without a stream (-1: none, or a stream took over).
+        self.whole = -1
         self.decoder: Decoder | None = None
         self.failed = False
         self.coding: str | None = None
@@ -116,9 +121,12 @@ class ScrubLink:
     def on_head(self, head: ResponseHead) -> Deny | None:
         coding = content_coding(head)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
-            # The declared length lets the stream scan the last chunk to its end (a body
-            # in one piece: one scan, nothing held back).
-            self.stream = self.scrubber.stream(head.length)
+            length = head.length
+            if length is not None and length <= WHOLE_UP_TO:
+                self.whole = length  # most answers: a small body that comes in one read
+            else:
+                # The declared length lets the stream scan the last chunk to its end.
+                self.stream = self.scrubber.stream(length)
             return None
         try:
             self.decoder = Decoder(coding.decode("latin-1"), self.limit)
@@ -139,6 +147,13 @@ class ScrubLink:
         stream = self.stream
         if stream is not None:
             return stream.feed(chunk)
+        whole = self.whole
+        if whole >= 0:
+            self.whole = -1
+            if len(chunk) == whole:  # the whole body at once: one scan, nothing held back
+                return self.scrubber.scrub(chunk)
+            stream = self.stream = self.scrubber.stream(whole)  # in pieces: streamed
+            return stream.feed(chunk)
         decoder = self.decoder
         assert decoder is not None
         if not self.failed:
@@ -154,7 +169,8 @@ class ScrubLink:
         if stream is not None:
             return stream.end()
         decoder = self.decoder
-        assert decoder is not None
+        if decoder is None:
+            return b""  # an identity body scanned whole, or none came
         if not self.failed:
             try:
                 self.parts.append(decoder.end())
