@@ -418,3 +418,68 @@ def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
     assert transport2.data.startswith(b"HTTP/1.1 401 ") and not transport2.closing
     for conn in (broken, fine):
         conn.connection_lost(None)
+
+
+@pytest.mark.parametrize("piece", [7, 100, 1 << 20], ids=["7-byte reads", "100-byte reads", "one read"])
+def test_the_head_limit_counts_the_head_exactly_however_it_is_read(loop, piece: int) -> None:
+    """`max_header_size` counts the URL and each `name: value` line (ignored underscore
+    headers too), whether the head comes in one read, in many, or followed by a body."""
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    config = base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}})
+    config["server"]["max_header_size"] = "1KiB"
+    proxy = ProxyServer(ConfigHolder(parse_config(yaml.safe_dump(config), "t.yaml", {})), loop)
+    url = b"/v1/data/posts"
+
+    def answer(pad: int, underscore: int = 0, body: bytes = b"") -> bytes:
+        # The URL, then each line's name and value + 4: "Host" (4 + 1), "X-Pad" (5 + pad),
+        # "X_U" (3 + underscore), "Content-Length" (14 + its digits).
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n" % (url, b"a" * pad)
+        if underscore:
+            head += b"X_U: %s\r\n" % (b"u" * underscore)
+        data = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        conn, transport = ClientConnection(proxy), MemoryTransport()
+        conn.connection_made(transport)
+        for at in range(0, len(data), piece):
+            conn.data_received(data[at : at + piece])
+        conn.connection_lost(None)
+        return bytes(transport.data[:12])
+
+    at_limit = 1024 - (len(url) + (4 + 1 + 4) + (5 + 4) + (14 + 1 + 4))  # the pad that fills it
+    assert answer(at_limit) == b"HTTP/1.1 401"  # decided (no key): the head was accepted
+    assert answer(at_limit + 1) == b"HTTP/1.1 431"
+    assert answer(at_limit - 20, underscore=13) == b"HTTP/1.1 401"
+    assert answer(at_limit - 20, underscore=14) == b"HTTP/1.1 431"  # ignored, still counted
+    body = b"b" * 5000  # a read far longer than the limit, yet only its head counts
+    assert answer(at_limit - 3, body=body) == b"HTTP/1.1 401"
+
+
+def test_a_head_begun_after_a_long_body_in_the_same_read_is_not_charged_for_it(loop) -> None:
+    """Pipelined: a read holding a request's whole body and the start of the next head
+    counts only that start toward the next head's limit."""
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    config = base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}})
+    config["server"]["max_header_size"] = "1KiB"
+    proxy = ProxyServer(ConfigHolder(parse_config(yaml.safe_dump(config), "t.yaml", {})), loop)
+    conn, transport = ClientConnection(proxy), MemoryTransport()
+    conn.connection_made(transport)
+    body = b"b" * 5000
+    first = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + body
+    second = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 500 + b"\r\n\r\n"
+    conn.data_received(first + second[:60])
+    conn.data_received(second[60:])
+    conn.connection_lost(None)
+    assert transport.data.count(b"HTTP/1.1 401 ") == 2, transport.data

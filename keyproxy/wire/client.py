@@ -63,6 +63,10 @@ MIN_AVERAGE_CHUNK = 32
 #: while it holds an upstream connection (Apache's mod_reqtimeout uses 500): one byte
 #: every few seconds would otherwise keep a pool slot for as long as `max_body` lasts.
 MIN_BODY_RATE = 500
+#: Bytes a head's request line and line ends add to what `max_header_size` counts (the
+#: URL and each `name: value` line + 4): a head still arriving is bounded by the bytes
+#: received, a complete one by its counted size.
+HEAD_FRAMING = 64
 #: Request headers the parser itself acts on (framing, Host, Expect, Connection) or
 #: notes for the decision memo.
 PARSER_READS = (
@@ -102,7 +106,11 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = True
         self.head_begun = False  # a first byte of the next request has arrived
         self.head_started = 0.0
-        self.head_bytes = 0  # bytes received while the head was incomplete
+        #: Bytes of the reads during which the head was incomplete: at least its size.
+        self.head_bytes = 0
+        self.head_seen = 0  # at most its size so far: what limits a head still arriving
+        self.read_size = 0  # bytes of the read being parsed
+        self.dropped_bytes = 0  # of header lines ignored for an underscore in the name
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.lowered: list[tuple[str, str]] = []  # the same headers, as the checks read them
@@ -147,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         if self.ignore_input:
             return
         self.last_read = self.loop.time()
+        self.read_size = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -164,10 +173,16 @@ class ClientConnection(asyncio.Protocol):
             self.to_flush = None
             ex.flush_body()  # all request body bytes of this read in one upstream write
         if self.in_head and self.head_begun:
-            # A head still incomplete after this chunk: bound what llhttp and
-            # httptools may be accumulating for it.
+            # A head still incomplete after this chunk: bound what llhttp and httptools
+            # may be accumulating for it. Of the read it began in, what the callbacks
+            # have seen (the read may have begun with an earlier request and its body);
+            # of each later read, every byte.
+            if self.head_bytes:
+                self.head_seen += len(data)
+            else:
+                self.head_seen = self._head_size()
             self.head_bytes += len(data)
-            if self.head_bytes > self.max_header_size:
+            if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
                 return
         if self.active is None and self.queue:
@@ -225,6 +240,7 @@ class ClientConnection(asyncio.Protocol):
             self.head_started = self.loop.time()
         self.head_begun = True
         self.head_bytes = 0
+        self.dropped_bytes = 0
         self.url_parts = []
         self.raw_headers = []
         self.lowered = []
@@ -237,24 +253,19 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url_parts.append(url)
-        self.head_bytes += len(url)
-        if self.head_bytes > self.max_header_size:
-            raise _HeadRefused(HEADERS_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
             return  # a chunked body's trailer: never read, never forwarded
         headers = self.raw_headers
-        if len(headers) >= MAX_HEADERS:
-            raise _HeadRefused(HEADERS_TOO_LARGE)
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.max_header_size:
+        if len(headers) >= MAX_HEADERS:  # per header: a read of tiny ones stops here
             raise _HeadRefused(HEADERS_TOO_LARGE)
         if b"_" in name:
             # CGI, WSGI, Rack and Puma read `X-API_Key` or `X-Forwarded_For` as the
             # hyphenated header, so no list of names to drop could cover every mix of
             # the two. Such headers are ignored altogether, neither decided on nor
             # forwarded, as nginx does by default (`underscores_in_headers off`).
+            self.dropped_bytes += len(name) + len(value) + 4
             return
         headers.append((name, value))
         lname = name.lower()
@@ -283,6 +294,13 @@ class ClientConnection(asyncio.Protocol):
             self.varying = True  # the decision memo's key leaves it out
 
     def on_headers_complete(self) -> None:
+        # The head came within the bytes read since it began: only when those could
+        # exceed the limit is its size added up (per header, this cost ~3% of a request).
+        if (
+            self.head_bytes + self.read_size > self.max_header_size
+            and self._head_size() > self.max_header_size
+        ):
+            raise _HeadRefused(HEADERS_TOO_LARGE)
         self.in_head = False
         self.head_begun = False
         parser = self.parser
@@ -315,6 +333,13 @@ class ClientConnection(asyncio.Protocol):
         self.queue.append(ex)
         if len(self.queue) > MAX_QUEUED:
             self.pause_reading(PIPELINE_FULL)
+
+    def _head_size(self) -> int:
+        """The head's bytes as the limit counts them: the URL and each `name: value` line."""
+        size = self.dropped_bytes + sum(map(len, self.url_parts))
+        for name, value in self.raw_headers:
+            size += len(name) + len(value) + 4
+        return size
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
