@@ -420,7 +420,9 @@ def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
         conn.connection_lost(None)
 
 
-@pytest.mark.parametrize("piece", [7, 100, 1 << 20], ids=["7-byte reads", "100-byte reads", "one read"])
+@pytest.mark.parametrize(
+    "piece", [7, 100, 1 << 20], ids=["7-byte reads", "100-byte reads", "one read"]
+)
 def test_the_head_limit_counts_the_head_exactly_however_it_is_read(loop, piece: int) -> None:
     """`max_header_size` counts the URL and each `name: value` line (ignored underscore
     headers too), whether the head comes in one read, in many, or followed by a body."""
