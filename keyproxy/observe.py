@@ -539,38 +539,48 @@ def describe_verdict(
 def lines(records: list[tuple[Any, ...]]) -> bytes:
     """The queued records as JSON lines, in one loop (this runs once per flush).
 
-    A line is the request's own figures serialised around its verdict's JSON (made
-    once per `Verdict`, here), in the order the fields have always had.
+    A line is the request's own figures written around its verdict's JSON (made once
+    per `Verdict`, by orjson), in the order the fields have always had. The figures are
+    numbers, keyproxy's own hex request id and a timestamp, none of which JSON escapes,
+    so they are formatted directly: one format per line instead of two dicts and two
+    serialiser calls (the bytes are orjson's, which a test holds).
     """
-    dumps = orjson.dumps
     # Each line is written into one buffer and dropped at once: keeping thousands of
     # small bytes objects alive until a join costs more than serialising them.
     buffer = io.BytesIO()
     write = buffer.write
-    second, stamp = -1, ""
+    second, stamp = -1, b""
     for when, request_id, status, sent, upstream_s, total_s, verdict in records:
         whole = int(when)
         if whole != second:
-            second, stamp = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        first = dumps(
-            {"time": f"{stamp}.{int((when - whole) * 1000):03d}Z", "request_id": request_id}
-        )
-        figures = dumps(
-            {
-                "status": status,
-                "bytes": sent,
-                "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
-                "total_ms": int(total_s * 1e6) / 1000,
-            }
-        )
+            second = whole
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode()
         head = verdict.head
         if head is None:
             head = verdict.serialise()
-        write(first[:-1])
-        write(head)
-        write(figures[1:-1])
-        write(verdict.tail)
+        write(
+            _LINE
+            % (
+                stamp,
+                int((when - whole) * 1000),
+                request_id.encode(),
+                head,
+                status,
+                sent,
+                b"null" if upstream_s is None else b"%r" % (int(upstream_s * 1e6) / 1000),
+                int(total_s * 1e6) / 1000,
+                verdict.tail,
+            )
+        )
     return buffer.getvalue()
+
+
+#: A log line: time, request id, the verdict's members, status, bytes, the two durations
+#: in milliseconds (floats written as `repr`, which is orjson's shortest form too), then
+#: the verdict's closing members.
+_LINE = (
+    b'{"time":"%s.%03dZ","request_id":"%s"%s"status":%d,"bytes":%d,"upstream_ms":%s,"total_ms":%r%s'
+)
 
 
 class Observer:

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.observe import BUCKETS, Metrics, _query_names, _referer_origin, merge
@@ -543,3 +545,43 @@ def test_a_string_orjson_cannot_write_costs_neither_its_line_nor_the_batch():
     assert [p["request_id"] for p in parsed] == ["r0", "r1", "r2"]
     assert [p["user"] for p in parsed] == ["alice", "a\\ud800b", "bob"]
     assert parsed[1]["roles"] == ["r\\udfff"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    when=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    status=st.integers(min_value=0, max_value=999),
+    sent=st.integers(min_value=0, max_value=1 << 62),
+    upstream_s=st.none() | st.floats(min_value=0, max_value=1e7, allow_nan=False),
+    total_s=st.floats(min_value=0, max_value=1e7, allow_nan=False),
+)
+def test_a_line_is_byte_for_byte_what_orjson_writes_for_its_figures(
+    when: float, status: int, sent: int, upstream_s: float | None, total_s: float
+) -> None:
+    """The figures are formatted directly; the line must be the one orjson would write."""
+    import orjson
+
+    from keyproxy.observe import describe_verdict, lines
+
+    verdict = describe_verdict(
+        "-", None, None, "10.0.0.7", "GET", "/v1/x", None, "allow", None, None, None,
+        None, None, None,
+    )  # fmt: skip
+    line = lines([(when, "0a1b2c3d4e5f00000001", status, sent, upstream_s, total_s, verdict)])
+    whole = int(when)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    expected = orjson.dumps(
+        {
+            "time": f"{stamp}.{int((when - whole) * 1000):03d}Z",
+            "request_id": "0a1b2c3d4e5f00000001",
+            "key": None, "user": None, "client_ip": "10.0.0.7", "method": "GET",
+            "path": "/v1/x", "route": None, "decision": "allow", "reason": None,
+            "status": status, "bytes": sent,
+            "upstream_ms": None if upstream_s is None else int(upstream_s * 1e6) / 1000,
+            "total_ms": int(total_s * 1e6) / 1000,
+            "referer_origin": None, "credential_source": None, "query_names": None,
+            "roles": None, "user_roles": None, "key_hash": None,
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )  # fmt: skip
+    assert line == expected
