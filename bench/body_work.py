@@ -13,9 +13,11 @@ size.
   in one chunk (a `Content-Length` body read at once), in 16 KiB chunks, and
   without a declared length (chunked framing, 16 KiB chunks);
 * filtering: the same JSON lists read with `fields: {exclude: [email,
-  author.phone]}` and `{include: [id, title, author.name]}`, and `bench/run.py`'s
-  json64k body with its `{exclude: [author.email, internal]}` (the `keyproxy-fields`
-  target).
+  author.phone]}` and `{include: [id, title, author.name]}`, each body new to the
+  filter's memo (the filtering itself), and `bench/run.py`'s json64k body with its
+  `{exclude: [author.email, internal]}` (the `keyproxy-fields` target): answered from
+  the memo (the same bytes again), missed (every body differs, as json64k-varied), and
+  with no memo at all.
 
 Through a real `keyproxy serve` (skipped with `--pure`): one keep-alive client
 sends requests one after another to keyproxy in front of tests/upstream_server.py,
@@ -47,14 +49,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import FIELDS_EXCLUDE, _json_array
+from run import FIELDS_EXCLUDE, VARY_MARK, _json_array
 
 from keyproxy.config.model import Key, KeyType, Route
 from keyproxy.request import Deny, Headers, RequestContext
 from keyproxy.response.body_links import BodyScrubFactory, FieldsFactory
 from keyproxy.response.body_scrub import BodyScrubber
 from keyproxy.response.chain import ResponseHead
-from keyproxy.response.fields import FilterLimits, compile_fields
+from keyproxy.response.fields import FilterLimits, FilterMemo, compile_fields
 from tests.procs import start_upstream
 from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
 from tests.upstream_server import big_body, json_body
@@ -136,7 +138,7 @@ def pure(rounds: int) -> None:
                 f"| {kind} | {name} | {whole * 1e6:,.1f} µs | {whole * 1e6 / kib:.2f} µs "
                 f"| {split * 1e6:,.1f} µs | {split * 1e6 / kib:.2f} µs | {unknown * 1e6:,.1f} µs |"
             )
-    fields = FieldsFactory(FilterLimits())
+    fields = FieldsFactory(FilterLimits(), memo=FilterMemo(0))  # the filtering, every time
     exclude = context(compile_fields("exclude", ["email", "author.phone"]))
     include = context(compile_fields("include", ["id", "title", "author.name"]))
     print("\n| fields | size | records | exclude | per KiB | include | per KiB |")
@@ -158,8 +160,26 @@ def pure(rounds: int) -> None:
         lambda: through_link(fields, target, [scrubbed(scrub, ctx, body)], len(body)), rounds
     )
     print(
-        f"\nbench/run.py json64k, exclude {list(FIELDS_EXCLUDE)}: filter {out * 1e6:,.1f} µs "
-        f"({out * 1e6 / 64:.2f} µs/KiB); scrub + filter {both * 1e6:,.1f} µs"
+        f"\nbench/run.py json64k, exclude {list(FIELDS_EXCLUDE)}, no memo: filter "
+        f"{out * 1e6:,.1f} µs ({out * 1e6 / 64:.2f} µs/KiB); scrub + filter {both * 1e6:,.1f} µs"
+    )
+    # The snapshot's factory, memo included: the same bytes again hit; 64 bodies that
+    # differ by a counter (as json64k-varied), taken in turn, outnumber what the memo
+    # holds (~30 such answers), so each one misses.
+    memoised = FieldsFactory(FilterLimits())
+    hit = best_cpu(lambda: through_link(memoised, target, [body], len(body)), rounds)
+    template = _json_array(64 * 1024, VARY_MARK)
+    varied = [template.replace(VARY_MARK, b"%016d" % i) for i in range(64)]
+    turn = iter(range(1 << 62))
+
+    def next_varied() -> int:
+        data = varied[next(turn) % len(varied)]
+        return through_link(memoised, target, [data], len(data))
+
+    miss = best_cpu(next_varied, rounds)
+    print(
+        f"with the memo: hit {hit * 1e6:,.1f} µs, miss {miss * 1e6:,.1f} µs "
+        f"(memo holds {len(memoised.memo)} answers, {memoised.memo.size / 1024:,.0f} KiB)"
     )
 
 

@@ -19,7 +19,7 @@ Hence this harness:
   stack (httptools, uvloop) with no policy at all: the distance from it to keyproxy
   is keyproxy's own per-request work, the distance from it to nginx is Python's.
 
-    python bench/run.py                         # full run: every target, both bodies
+    python bench/run.py                         # full run: every target, every body
     python bench/run.py --smoke                 # seconds: proves the harness works
     python bench/run.py --targets plain,keyproxy --duration 5 --repeats 5
 """
@@ -60,6 +60,7 @@ from policy import (
     Features,
     build_policy,
 )
+from upstream import VARY_MARK
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -83,6 +84,9 @@ SMOKE_TARGETS = (
 #: keyproxy targets and the policy each runs (the `keyproxy-wN` targets run `keyproxy`'s).
 POLICIES = ("keyproxy", "keyproxy-full", "keyproxy-redis", "keyproxy-fields")
 JSON_ARRAY_PATH = "/v1/data/events/2024"  # matches the benchmarked route, like the others
+VARIED_ARRAY_PATH = "/v1/data/events/2025"
+#: The targets a body that only some targets need runs, when `--targets` is not given.
+VARIED_TARGETS = ("plain", "keyproxy-fields")
 
 #: What wrk prints at the end, in a form that needs no screen-scraping.
 WRK_LUA = r"""
@@ -119,6 +123,11 @@ class Body:
     name: str
     path: str  # URL path on the upstream and through every proxy
     data: bytes
+    #: The upstream writes a new 16-digit counter over `VARY_MARK` in every answer: no
+    #: two answers are the same bytes, so nothing can answer it from a memo.
+    varies: bool = False
+    #: The targets measured on this body unless `--targets` names them (empty: all).
+    targets: tuple[str, ...] = ()
 
 
 def _padded_json(obj: dict[str, Any], pad_field: str, size: int) -> bytes:
@@ -151,12 +160,22 @@ def make_bodies() -> dict[str, Body]:
         "small": Body("small", SMALL_PATH, _padded_json(post, "body", 300)),
         "large": Body("large", LARGE_PATH, _padded_json(report, "note", 64 * 1024)),
         "json64k": Body("json64k", JSON_ARRAY_PATH, _json_array(64 * 1024)),
+        # The same records, a counter in the last one's padding: every answer differs, so
+        # the filter runs in full each time (json64k's identical answers are filtered once).
+        "json64k-varied": Body(
+            "json64k-varied",
+            VARIED_ARRAY_PATH,
+            _json_array(64 * 1024, VARY_MARK),
+            varies=True,
+            targets=VARIED_TARGETS,
+        ),
     }
 
 
-def _json_array(size: int) -> bytes:
+def _json_array(size: int, mark: bytes = b"") -> bytes:
     """A JSON array of records of exactly `size` bytes: what a list endpoint returns, and
-    what field filtering (`author.email`, `internal`) walks item by item."""
+    what field filtering (`author.email`, `internal`) walks item by item. `mark` starts the
+    last record's padding (where a varying upstream writes its counter)."""
     records: list[dict[str, Any]] = []
     i = 0
     while True:
@@ -175,10 +194,19 @@ def _json_array(size: int) -> bytes:
         i += 1
     last = records[-1]
     base = len(json.dumps(records, separators=(",", ":")).encode())
-    last["pad"] = "x" * (size - base)
+    last["pad"] = mark.decode() + "x" * (size - base - len(mark))
     data = json.dumps(records, separators=(",", ":")).encode()
     assert len(data) == size, (len(data), size)
     return data
+
+
+_COUNTER = re.compile(rb'"pad":"\d{%d}' % len(VARY_MARK))
+
+
+def unvary(data: bytes) -> bytes:
+    """An answer of a varying body with its counter put back to `VARY_MARK`: the bytes the
+    upstream's file holds (or their filtered form), to compare with what was expected."""
+    return _COUNTER.sub(b'"pad":"' + VARY_MARK, data, count=1)
 
 
 def drop_fields(document: Any, paths: Sequence[str]) -> Any:
@@ -480,21 +508,54 @@ def start_upstream(env: Env, bodies: dict[str, Body], prefer: str) -> tuple[Mana
     # nginx workers drop root privileges: they must be able to read what they serve.
     for path in [env.tmp, *www.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+    def route(b: Body) -> str:
+        return f"--{'vary-' if b.varies else ''}route={b.path}={www / b.path.lstrip('/')}"
+
+    python_kind = "bench/upstream.py (asyncio + httptools" + (
+        ", uvloop)" if _version("uvloop") else ")"
+    )
+    script = [sys.executable, str(BENCH_DIR / "upstream.py"), "--port"]
     if prefer != "python" and env.nginx:
+        varied = [b for b in bodies.values() if b.varies]
+        pool = locations = ""
+        if varied:
+            # nginx serves files as they are: a body that varies comes from bench/upstream.py
+            # behind it, with its Content-Length framing kept (buffered, no temp files).
+            port = free_port()
+            helper = env.start(
+                "upstream-varied", [*script, str(port), *map(route, varied)], env.load_cpus
+            )
+            wait_until("upstream-varied", lambda: port_open(port), helper, env.startup_timeout)
+            pool = f"""\
+    upstream bench_varied {{
+        server 127.0.0.1:{port};
+        keepalive 16;
+        keepalive_requests 100000000;
+    }}
+"""
+            for b in varied:
+                locations += f"""
+        location = {b.path} {{
+            proxy_pass http://bench_varied;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffers 32 8k;
+            proxy_max_temp_file_size 0;
+        }}"""
         server = f"""\
-    server {{
+{pool}    server {{
         listen 127.0.0.1:{env.upstream_port};
-        root {www};
+        root {www};{locations}
     }}"""
         m = env.start("upstream", nginx_argv(env, "upstream", server), env.load_cpus)
         kind = "nginx (static files, 1 worker, access_log off)"
+        if varied:
+            kind += f"; {', '.join(b.name for b in varied)} from {python_kind} behind it"
     else:
-        routes = [f"--route={b.path}={www / b.path.lstrip('/')}" for b in bodies.values()]
-        argv = [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(env.upstream_port)]
-        m = env.start("upstream", [*argv, *routes], env.load_cpus)
-        kind = "bench/upstream.py (asyncio + httptools" + (
-            ", uvloop)" if _version("uvloop") else ")"
-        )
+        argv = [*script, str(env.upstream_port), *map(route, bodies.values())]
+        m = env.start("upstream", argv, env.load_cpus)
+        kind = python_kind
     wait_until("upstream", lambda: port_open(env.upstream_port), m, env.startup_timeout)
     return m, kind
 
@@ -673,9 +734,20 @@ def start_redis(env: Env, name: str) -> tuple[Managed, str]:
 
 
 def check_target(env: Env, target: Target, body: Body) -> None:
-    """One real request first: the run only counts if it measures 200s with the full body."""
+    """One real request first: the run only counts if it measures 200s with the full body.
+    A varying body is asked for twice: the two answers must differ (else the run would
+    measure something that can be served from memory), and each is compared with its
+    counter put back to the mark."""
     url = f"http://127.0.0.1:{target.port}{body.path}"
     status, data = http_get(url, {**env.client_headers, **target.headers})
+    if body.varies and status == 200:
+        again_status, again = http_get(url, {**env.client_headers, **target.headers})
+        if again_status == 200 and again == data:
+            raise BenchError(
+                f"{target.name}: two answers for {body.path} were the same bytes; "
+                f"{body.name} must differ on every answer"
+            )
+        data = unvary(data)
     if target.exclude:
         expected = drop_fields(json.loads(body.data), target.exclude)
         try:
@@ -921,7 +993,7 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
     def rps(body: str, target: str) -> float | None:
         return res.get(body, {}).get(target, {}).get("rps")
 
-    for body, goal in (("small", 2.0), ("large", 1.5), ("json64k", 1.5)):
+    for body, goal in (("small", 2.0), ("large", 1.5), ("json64k", 1.5), ("json64k-varied", 1.5)):
         kp, plain = rps(body, "keyproxy"), rps(body, "plain")
         if kp and plain:
             verdict = "met" if kp / plain >= goal else "not met"
@@ -958,11 +1030,12 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
                 f"{verdict}"
             )
         fields = rps(body, "keyproxy-fields")
-        if body == "json64k" and fields and plain:
+        if body in ("json64k", "json64k-varied") and fields and plain:
             verdict = "met" if fields / plain >= 1.0 else "not met"
+            how = "identical answers" if body == "json64k" else "every answer differs"
             out.append(
                 f"- {body}: keyproxy-fields {fields / plain:.2f}x plain req/s (plain unfiltered; "
-                f"goal ≥ 1.0x): {verdict}"
+                f"{how}; goal ≥ 1.0x): {verdict}"
             )
         multi = [t for t in res.get(body, {}) if t.startswith("keyproxy-w")]
         for t in multi:
@@ -999,7 +1072,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--targets", help=f"comma list; default all: {','.join(ALL_TARGETS)}")
     p.add_argument(
-        "--bodies", default="small,large,json64k", help="comma list of small,large,json64k"
+        "--bodies",
+        default="small,large,json64k,json64k-varied",
+        help="comma list of small,large,json64k,json64k-varied (json64k with a counter that "
+        f"makes every answer differ; without --targets it runs {'+'.join(VARIED_TARGETS)} only)",
     )
     p.add_argument("--workers", type=int, default=2, help="workers of the keyproxy-wN target")
     p.add_argument("--keys", type=int, default=10_000, help="keys in the generated policy")
@@ -1153,6 +1229,8 @@ def run_all(
         # Fresh processes per body: peak RSS is then that body's, not the run's.
         targets: dict[str, Target] = {}
         for name in target_names:
+            if body.targets and args.targets is None and name not in body.targets:
+                continue
             target = None
             try:
                 target = start_target(env, name, args.workers)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,6 +122,69 @@ def test_bench_check_refuses_a_wrong_answer(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _import_run() -> Any:
+    import importlib
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        return importlib.import_module("run")
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+
+
+@pytest.mark.parametrize("prefer", ["python", "auto"])
+def test_the_varied_body_differs_on_every_answer_and_the_check_insists(prefer: str) -> None:
+    """json64k-varied: 64 KiB exactly, a new counter in every answer (through nginx too,
+    when it is the upstream), and a check that refuses a target whose answers repeat."""
+    run = _import_run()
+    bodies = run.make_bodies()
+    # Where bench/run.py keeps its files: nginx's workers (another user) read them there,
+    # which pytest's own private directory would not let them.
+    with run.scratch_dir(False) as scratch:
+        _varied_body_checks(run, bodies, scratch, prefer)
+
+
+def _varied_body_checks(run: Any, bodies: dict[str, Any], scratch: Path, prefer: str) -> None:
+    varied, array = bodies["json64k-varied"], bodies["json64k"]
+    assert varied.varies and len(varied.data) == 64 * 1024
+    assert json.loads(varied.data)[:-1] == json.loads(array.data)[:-1]
+    env = run.Env(
+        tmp=scratch, proxy_cpus=None, load_cpus=None, multi_cpus=None, key="k",
+        referer="r", secret="s", upstream_port=run.free_port(), upstream_kind="",
+        upstream_pid=0, nginx=shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin"),
+        policy_keys=1, startup_timeout=30.0,
+    )  # fmt: skip
+    # The varied body's path also serves the static bytes on a second upstream: a target
+    # in front of it answers the same bytes twice.
+    static = run.Body(varied.name, varied.path, varied.data)
+    try:
+        run.start_upstream(env, bodies, prefer)
+        url = f"http://127.0.0.1:{env.upstream_port}{varied.path}"
+        answers = [run.http_get(url, {})[1] for _ in range(3)]
+        assert len(set(answers)) == 3
+        assert all(len(a) == 64 * 1024 and run.unvary(a) == varied.data for a in answers)
+        direct = run.Target("direct", "", env.upstream_port, 0, "")
+        run.check_target(env, direct, varied)
+        run.check_target(env, direct, array)
+        fields = run.Target("f", "", env.upstream_port, 0, "", exclude=("author.email",))
+        with pytest.raises(run.BenchError, match=r"not the body without author\.email"):
+            run.check_target(env, fields, varied)
+        other = run.Env(**{**env.__dict__, "upstream_port": run.free_port(), "managed": []})
+        other.tmp = scratch / "static"
+        other.tmp.mkdir()
+        try:
+            run.start_upstream(other, {"static": static}, "python")
+            repeating = run.Target("r", "", other.upstream_port, 0, "")
+            with pytest.raises(run.BenchError, match="were the same bytes"):
+                run.check_target(other, repeating, varied)
+        finally:
+            for m in other.managed:
+                m.stop()
+    finally:
+        for m in env.managed:
+            m.stop()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import gzip
 import http.client
 import json
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -146,6 +147,57 @@ def test_include_keeps_only_the_named_fields(kp: Keyproxy) -> None:
         {"id": 1, "title": "Post 1"},
         {"id": 2, "title": "Post 2"},
     ]
+
+
+def _without(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as the exclude key sees it: no email, no author.phone."""
+    out = {k: v for k, v in record.items() if k != "email"}
+    out["author"] = {k: v for k, v in record["author"].items() if k != "phone"}
+    return out
+
+
+def test_keys_with_other_filters_each_get_their_own_answer_again_and_again(kp: Keyproxy) -> None:
+    """The same upstream bytes, filtered once per filter and then answered from the
+    memo: no key, route or coding ever gets another's output."""
+    from tests.upstream_server import json_body, shaped_body
+
+    records = json.loads(json_body(16 * 1024))
+    wanted = {
+        FILTERED_KEY: [_without(r) for r in records],
+        INCLUDE_KEY: [{"id": r["id"], "title": r["title"]} for r in records],
+        KEYS["reader"]: records,
+    }
+    envelope, _ = shaped_body("envelope")
+    items = json.loads(envelope)["data"]
+    heads: dict[str | None, str | None] = {}
+    for _ in range(3):
+        for key, expected in wanted.items():
+            status, headers, body, _ = kp.request(
+                "GET", "/json/16384", {"Accept-Encoding": "gzip"}, key=key
+            )
+            assert status == 200 and "content-encoding" not in headers
+            assert json.loads(body) == expected
+        # One compressed body, three codings chosen for three clients.
+        for accept, sent in (("gzip", "gzip"), (None, None), ("br", "br"), ("identity", None)):
+            status, headers, body, _ = kp.request(
+                "GET",
+                "/shaped/array?coding=gzip",
+                {"Accept-Encoding": accept} if accept else {},
+                key=FILTERED_KEY,
+            )
+            assert status == 200 and headers.get("content-encoding") == sent
+            assert heads.setdefault(accept, headers.get("vary")) == headers.get("vary")
+            assert json.loads(DECODE[sent](body)) == [_without(r) for r in items]
+        # The same bytes on two routes: documents at `data[*]` on one, the body whole on
+        # the other (whose top level has no email to hide).
+        status, _, body, _ = kp.request("GET", "/shaped/envelope", key=FILTERED_KEY)
+        assert status == 200 and json.loads(body) == {
+            "data": [_without(r) for r in items],
+            "total": 2,
+        }
+        text = urllib.parse.quote(envelope.decode())
+        status, _, body, _ = kp.request("GET", f"/body?text={text}", key=FILTERED_KEY)
+        assert status == 200 and json.loads(body) == json.loads(envelope)
 
 
 def test_the_upstream_is_asked_for_identity_and_whole_bodies(

@@ -45,8 +45,8 @@ from keyproxy.response.fields import (
     DocumentPath,
     FilterFailed,
     FilterLimits,
+    FilterMemo,
     body_kind,
-    filter_encoded,
 )
 
 if TYPE_CHECKING:
@@ -187,13 +187,21 @@ class ScrubLink:
 
 class FieldsFactory:
     """Field filtering: the key says which fields, its route where documents sit.
-    `scrubber`: the body scrubber, run again over the filter's output (`filter_encoded`)."""
+    `scrubber`: the body scrubber, run again over the filter's output (`filter_encoded`).
+    `memo`: this snapshot's filtered answers (a reload builds a new factory, so it starts
+    empty), so a body served again byte for byte is filtered once per key's filter."""
 
-    __slots__ = ("limits", "scrubber")
+    __slots__ = ("limits", "memo", "scrubber")
 
-    def __init__(self, limits: FilterLimits, scrubber: BodyScrubber | None = None) -> None:
+    def __init__(
+        self,
+        limits: FilterLimits,
+        scrubber: BodyScrubber | None = None,
+        memo: FilterMemo | None = None,
+    ) -> None:
         self.limits = limits
         self.scrubber = scrubber
+        self.memo = memo if memo is not None else FilterMemo()
 
     def __call__(self, ctx: RequestContext) -> FieldsLink | None:
         key = ctx.key
@@ -205,7 +213,7 @@ class FieldsFactory:
         clean = (
             scrubber.scrub if scrubber is not None and (route is None or route.scrub_body) else None
         )
-        return FieldsLink(key.fields, at, self.limits, ctx, clean)
+        return FieldsLink(key.fields, at, self.limits, ctx, clean, self.memo)
 
 
 def _edit_for_filtering(lines: list[bytes]) -> tuple[bytes | None, bytes | None]:
@@ -242,6 +250,7 @@ class FieldsLink:
         "flt",
         "head",
         "limits",
+        "memo",
         "over",
         "parts",
         "received",
@@ -254,10 +263,12 @@ class FieldsLink:
         limits: FilterLimits,
         ctx: RequestContext,
         clean: Callable[[bytes], bytes] | None = None,
+        memo: FilterMemo | None = None,
     ) -> None:
         self.flt = flt
         self.at = at
         self.clean = clean
+        self.memo = memo if memo is not None else FilterMemo(0)
         self.limits = limits
         self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
         self.parts: list[bytes] = []
@@ -320,7 +331,9 @@ class FieldsLink:
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         coding = self.coding
         try:
-            filtered, out_coding = filter_encoded(
+            # The whole body was received and counted above; the memo only spares the
+            # filtering of bytes it has filtered before for the same filter and coding.
+            filtered, out_coding = self.memo.filter(
                 body,
                 self.content_type,
                 coding,

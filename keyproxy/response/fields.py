@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from cachetools import LRUCache
 
 from keyproxy.request import Deny
 from keyproxy.response.codings import DecodeFailed, choose_encoding, decode, encode
@@ -490,11 +491,30 @@ def filter_encoded(
     encoded and the client's `Accept-Encoding` allows a coding; otherwise identity.
     Every failure, decoding included, is `FilterFailed`.
     """
-    encoded_upstream = content_encoding is not None and content_encoding.strip().lower() not in (
+    out_coding = choose_encoding(accept_encoding) if _encoded(content_encoding) else None
+    return _filter_to(body, content_type, content_encoding, out_coding, flt, at, limits, clean)
+
+
+def _encoded(content_encoding: str | None) -> bool:
+    return content_encoding is not None and content_encoding.strip().lower() not in (
         "",
         "identity",
     )
-    if not encoded_upstream:
+
+
+def _filter_to(
+    body: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
+    out_coding: str | None,
+    flt: FieldFilter,
+    at: tuple[DocumentPath, ...],
+    limits: FilterLimits,
+    clean: Callable[[bytes], bytes] | None,
+) -> tuple[bytes, str | None]:
+    """`filter_encoded` with the output coding already chosen (None when the upstream
+    sent identity, whatever the client accepts)."""
+    if not _encoded(content_encoding):
         filtered = filter_body(body, content_type, flt, at, limits)  # checks the size
         return (clean(filtered) if clean is not None else filtered), None
     try:
@@ -504,5 +524,93 @@ def filter_encoded(
     filtered = filter_body(decoded, content_type, flt, at, limits)
     if clean is not None:
         filtered = clean(filtered)
-    coding = choose_encoding(accept_encoding)
-    return encode(filtered, coding), coding
+    return encode(filtered, out_coding), out_coding
+
+
+# --------------------------------------------------------------------------- memo
+
+#: What one process keeps of filtered answers per configuration snapshot: the upstream
+#: bodies (keys) and the filtered bodies (values) together, in bytes.
+DEFAULT_MEMO_BYTES = 4 * MiB
+#: An answer whose body and filtered body together are larger than this is filtered every
+#: time (and its body never hashed): a few large answers would push out many small ones.
+DEFAULT_MEMO_ENTRY_BYTES = 512 * 1024
+#: Counted per entry besides its bytes: the key tuple, the value tuple, the LRU links.
+_ENTRY_OVERHEAD = 256
+
+
+def _entry_size(entry: tuple[bytes, str | None, int]) -> int:
+    return entry[2]
+
+
+class FilterMemo:
+    """The last filtered answers of one snapshot, so a body served again is not parsed again.
+
+    List endpoints polled by many clients answer with the same bytes until something
+    changes, and filtering (parse, filter, serialise, rescan, re-encode) is the whole cost
+    of such an answer. The output is a pure function of what the key holds: the exact body
+    bytes (compared whole by the dict: no digest, so no collision can hand one body's
+    output to another), its Content-Encoding, the JSON kind of its Content-Type, the
+    filter, the route's document paths, the limits, the scrubber and the coding chosen
+    for the client. A body that cannot be filtered is not kept: it fails again, the same
+    way, each time. Bounded by `max_bytes` of bodies and outputs together, least
+    recently used first out; not shared between processes or snapshots (a reload starts
+    empty, so a changed filter can never meet an old output).
+    """
+
+    __slots__ = ("entries", "max_entry_bytes")
+
+    def __init__(
+        self, max_bytes: int = DEFAULT_MEMO_BYTES, max_entry_bytes: int = DEFAULT_MEMO_ENTRY_BYTES
+    ) -> None:
+        self.entries: LRUCache[tuple[object, ...], tuple[bytes, str | None, int]] = LRUCache(
+            max_bytes, getsizeof=_entry_size
+        )
+        self.max_entry_bytes = min(max_entry_bytes, max_bytes)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes held: bodies, outputs and the per-entry overhead."""
+        return int(self.entries.currsize)
+
+    def filter(
+        self,
+        body: bytes,
+        content_type: str | None,
+        content_encoding: str | None,
+        accept_encoding: str | None,
+        flt: FieldFilter,
+        at: tuple[DocumentPath, ...] = (),
+        limits: FilterLimits = FilterLimits(),
+        clean: Callable[[bytes], bytes] | None = None,
+    ) -> tuple[bytes, str | None]:
+        """`filter_encoded`, answered from the memo when the same inputs were seen."""
+        out_coding = choose_encoding(accept_encoding) if _encoded(content_encoding) else None
+        if len(body) + _ENTRY_OVERHEAD > self.max_entry_bytes:
+            return _filter_to(
+                body, content_type, content_encoding, out_coding, flt, at, limits, clean
+            )
+        key = (
+            body,
+            body_kind(content_type),
+            content_encoding,
+            out_coding,
+            flt,
+            at,
+            limits,
+            clean,
+        )
+        entries = self.entries
+        entry = entries.get(key)
+        if entry is not None:
+            return entry[0], entry[1]
+        filtered, coding = _filter_to(
+            body, content_type, content_encoding, out_coding, flt, at, limits, clean
+        )
+        size = len(body) + len(filtered) + _ENTRY_OVERHEAD
+        if size <= self.max_entry_bytes:
+            entries[key] = (filtered, coding, size)
+        return filtered, coding
