@@ -132,6 +132,11 @@ def test_a_compressed_body_is_encoded_again_for_a_client_that_accepts_it() -> No
     out = run([link], head, [brotli.compress(body)])
     assert head.get(b"content-encoding") == b"gzip"
     assert isinstance(out, bytes) and gzip.decompress(out) == b"<p>[REDACTED]****************</p>"
+    assert head.get(b"vary") == b"Accept-Encoding"  # chosen for this client: caches must know
+    for vary, expected in ((b"Origin", b"Origin, Accept-Encoding"), (b"*", b"*")):
+        head = head_of(b"Content-Encoding: br", b"Vary: " + vary)
+        run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, [brotli.compress(body)])
+        assert head.get(b"vary") == expected and head.get(b"content-encoding") is None
 
 
 @pytest.mark.parametrize(

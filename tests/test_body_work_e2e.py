@@ -186,6 +186,7 @@ def test_keys_with_other_filters_each_get_their_own_answer_again_and_again(kp: K
                 key=FILTERED_KEY,
             )
             assert status == 200 and headers.get("content-encoding") == sent
+            assert "accept-encoding" in headers.get("vary", "").lower()
             assert heads.setdefault(accept, headers.get("vary")) == headers.get("vary")
             assert json.loads(DECODE[sent](body)) == [_without(r) for r in items]
         # The same bytes on two routes: documents at `data[*]` on one, the body whole on

@@ -81,6 +81,16 @@ def content_coding(head: ResponseHead) -> bytes | None:
     return b", ".join(c for c in codings if c and c.lower() != b"identity") or None
 
 
+def vary_on_accept_encoding(head: ResponseHead) -> None:
+    """An answer encoded as the client's Accept-Encoding chose says so to caches, or a
+    shared cache could hand a gzip body to a client that cannot read it."""
+    vary = head.get(b"vary")
+    if vary is None:
+        head.set(b"vary", b"Accept-Encoding")
+    elif b"accept-encoding" not in vary.lower() and vary.strip() != b"*":
+        head.set(b"vary", vary + b", Accept-Encoding")
+
+
 # --------------------------------------------------------------------------- body scrub
 
 
@@ -141,6 +151,7 @@ class ScrubLink:
         self.coding = choose_encoding(accept_encoding(self.ctx))
         if self.coding is not None:
             head.set(b"content-encoding", self.coding.encode())
+        vary_on_accept_encoding(head)  # re-encoded for this client's Accept-Encoding
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
@@ -351,11 +362,7 @@ class FieldsLink:
             head.remove(b"content-encoding")
         else:
             head.set(b"content-encoding", out_coding.encode())
-        vary = head.get(b"vary")
-        if vary is None:
-            head.set(b"vary", b"Accept-Encoding")
-        elif b"accept-encoding" not in vary.lower():
-            head.set(b"vary", vary + b", Accept-Encoding")
+        vary_on_accept_encoding(head)
         return filtered
 
 
