@@ -250,9 +250,8 @@ class ProxyServer:
 
     def _allow(self, ex: Exchange, ctx: RequestContext, serving: Serving) -> None:
         """The decision said yes: a cache hit is served here, anything else forwarded."""
-        route = ctx.route
         plan = serving.plan
-        ex.chain = plan.chain_for(route) if plan.route_chains else plan.chain
+        ex.chain = plan.chain
         cache = plan.cache
         if cache is not None and cache.applies(ctx):
             found = cache.find(ctx)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
-from keyproxy.config.model import Config, KeyType, Route
+from keyproxy.config.model import Config, KeyType
 from keyproxy.policy.clientip import peer_is_trusted
 from keyproxy.policy.credentials import strip_query_param
 from keyproxy.policy.headers import DROPPED_PREFIXES, METHOD_OVERRIDE, REQUEST_DROP
@@ -148,7 +148,6 @@ class ForwardPlan:
         #: Where a cache hit enters the chain: the link after the cache's.
         self.cache_start = self.chain.index(self.cache) + 1 if self.cache is not None else 0
         #: Routes whose response chain differs from `chain`, by route text.
-        self.route_chains: dict[str, Chain] = {}
         #: Upstream heads of repeated requests, split around the request id, by the
         #: decision memo's key (see `request_head`).
         self.heads: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
@@ -181,12 +180,6 @@ class ForwardPlan:
         or `/\\host/...`, which browsers read as another origin (see `OriginRewriter`).
         """
         return self.origin.rewrite_location(value)
-
-    def chain_for(self, route: Route | None) -> Chain:
-        """The response chain for `route`: the snapshot's, unless the route has its own."""
-        if self.route_chains and route is not None:
-            return self.route_chains.get(route.match, self.chain)
-        return self.chain
 
     def request_head(self, ctx: RequestContext, request: ClientRequest) -> bytes:
         """The head sent upstream (see `build_head`). A request the decision memo knows,

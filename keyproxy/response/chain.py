@@ -2,8 +2,9 @@
 
 Every piece of response-side work (header hygiene, body scrubbing, the cache tee,
 fields filtering, limit headers, CORS) is one link. The chain is built once per
-configuration snapshot per route, so a route with nothing to do has an empty
-chain and the exchange pays one `if` for it. A link sees the head before it
+configuration snapshot (a link's factory may decline a request, e.g. on a route
+with `scrub_body: false`), so a snapshot with nothing to do has an empty chain
+and the exchange pays one `if` for it. A link sees the head before it
 leaves and every body chunk in order; links that need the whole body first set
 `head.hold`, and the exchange then buffers and sends head + body together with a
 computed Content-Length — or the link's Deny instead, so no unfiltered byte ever
