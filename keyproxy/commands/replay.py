@@ -78,10 +78,6 @@ AFTER_DECISION_CODES = frozenset(
 VERDICTS = frozenset({"allow", "deny", "would_deny"})
 
 
-class BadInput(Exception):
-    """The log or the configuration cannot be read: one line for the operator."""
-
-
 @dataclass(slots=True)
 class Group:
     count: int = 0

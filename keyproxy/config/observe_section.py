@@ -9,7 +9,6 @@ from keyproxy.config.yaml_reader import Reader
 
 _LOG_FIELDS = frozenset({"access"})
 _METRICS_FIELDS = frozenset({"per_key"})
-ACCESS_TARGETS = ("stdout", "stderr", "off")
 
 
 def read_log(r: Reader, node: Node | None) -> LogSettings | None:

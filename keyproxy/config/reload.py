@@ -80,13 +80,6 @@ class ConfigHolder:
         keys_file = self._config.keys_file
         return _fingerprint(keys_file) if keys_file else None
 
-    def reload_now(self) -> bool:
-        """Load the file now, on this thread (tests, and the first load)."""
-        if self.path is None:
-            return False
-        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
-        return self._apply(self._load())
-
     async def reload(self, *, in_place: bool = False) -> bool:
         """Parse the file in a child process, then swap on the loop.
 

@@ -207,10 +207,6 @@ _TOLERANCE_ARG = repr(TOLERANCE)
 _REPLY_WIDTH = 6
 
 
-def bucket_key(key_id: str, client_ip: str) -> str:
-    return f"keyproxy:rl:{key_id}:{client_ip}"
-
-
 def quota_key(key_id: str, window: QuotaWindow | None = None) -> str:
     """A lifetime quota's counter, or the counter of one period of a refilling quota."""
     if window is None:
@@ -291,7 +287,7 @@ class RedisLimiter:
         window: QuotaWindow | None,
     ) -> Awaitable[list[int]]:
         """Queue this hit's part of the next batch; its six reply values when answered."""
-        bucket = f"keyproxy:rl:{key_id}:{client_ip}"  # bucket_key, inlined
+        bucket = f"keyproxy:rl:{key_id}:{client_ip}"  # the bucket's counter
         keys = [quota_key(key_id, window)]
         args: list[str | int] = [
             len(rates),

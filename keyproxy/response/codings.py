@@ -16,8 +16,6 @@ from typing import Protocol
 
 import brotli
 
-#: What keyproxy can decode, by `Content-Encoding` token.
-DECODABLE = frozenset({"gzip", "x-gzip", "deflate", "br", "identity"})
 #: Encodings offered toward clients, preferred first: gzip is the cheapest to produce.
 ENCODE_PREFERENCE = ("gzip", "br", "deflate")
 _STEP = 64 * 1024  # output produced per decompression call
