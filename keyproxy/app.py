@@ -154,7 +154,8 @@ class ProxyServer:
     def _plan(self, config: Config) -> ForwardPlan:
         """The snapshot's plan, with the response cache's store (opened, kept or replaced)."""
         store = self.cache_stores.update(config)
-        return ForwardPlan(config, store, self.observer.metrics.cache)
+        metrics = self.observer.metrics
+        return ForwardPlan(config, store, metrics.cache, metrics.fields_memo)
 
     def _warn_if_over_fd_limit(self, config: Config) -> None:
         """A `max_connections` set above what the descriptor limit allows would end in

@@ -27,6 +27,7 @@ in the process; all through the module-level `metrics` object)::
     from keyproxy.observe import metrics
     metrics.jwks_refresh("success")       # or "error": keyproxy_jwks_refreshes_total{result}
     metrics.cache("hit")                  # hit | miss | bypass: keyproxy_cache_requests_total
+    metrics.fields_memo("hit")            # hit | miss | bypass: keyproxy_fields_memo_requests_total
     metrics.would_deny(key_id, "ACL")     # report mode: keyproxy_would_deny_total{key,reason}
 
 A request decided in report mode is logged with `decision: would_deny` when its
@@ -104,6 +105,7 @@ class Metrics:
         self.denials: dict[str, int] = {}
         self.would_denies: dict[tuple[str, str], int] = {}
         self.cache_results: dict[str, int] = {}
+        self.fields_memo_results: dict[str, int] = {}
         self.jwks_refreshes: dict[str, int] = {}
         self.rate_limited = 0
         self.access_log_dropped = 0
@@ -135,6 +137,9 @@ class Metrics:
     def cache(self, result: str) -> None:
         self.cache_results[result] = self.cache_results.get(result, 0) + 1
 
+    def fields_memo(self, result: str) -> None:
+        self.fields_memo_results[result] = self.fields_memo_results.get(result, 0) + 1
+
     def would_deny(self, key_id: str | None, reason: str) -> None:
         labels = (self.key_label(key_id), reason)
         self.would_denies[labels] = self.would_denies.get(labels, 0) + 1
@@ -147,6 +152,7 @@ class Metrics:
             "denials": dict(self.denials),
             "would_deny": [[*k, v] for k, v in self.would_denies.items()],
             "cache": dict(self.cache_results),
+            "fields_memo": dict(self.fields_memo_results),
             "jwks": dict(self.jwks_refreshes),
             "reloads": dict(self.reloads),
             "rate_limited": self.rate_limited,
@@ -165,6 +171,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "denials": {},
         "would_deny": {},
         "cache": {},
+        "fields_memo": {},
         "jwks": {},
         "reloads": {},
         "rate_limited": 0,
@@ -180,7 +187,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             for *labels, value in snap.get(name, ()):
                 key = tuple(str(v) for v in labels)
                 into[key] = into.get(key, 0) + value
-        for name in ("denials", "cache", "jwks", "reloads"):
+        for name in ("denials", "cache", "fields_memo", "jwks", "reloads"):
             into = total[name]
             for label, value in snap.get(name, {}).items():
                 into[label] = into.get(label, 0) + value
@@ -264,6 +271,13 @@ class MetricsCollector(Collector):
         )
         yield _counter(
             "keyproxy_cache_requests", "Response cache lookups, by result.", "result", data["cache"]
+        )
+        yield _counter(
+            "keyproxy_fields_memo_requests",
+            "Answers to filter, by whether the memo of filtered answers had them "
+            "(hit, miss, or bypass: too large to keep).",
+            "result",
+            data["fields_memo"],
         )
         reloads = {"success": 0, "error": 0, **data["reloads"]}
         yield _counter(

@@ -415,3 +415,31 @@ def wait_for(condition: Any, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_memo_of_filtered_answers_is_counted_in_metrics(kp: Keyproxy) -> None:
+    """`keyproxy_fields_memo_requests_total{result}`: an operator sees whether repeated
+    answers are served from the memo (hit) or filtered again (miss)."""
+    import re
+
+    def counts() -> dict[str, float]:
+        conn = http.client.HTTPConnection(kp.admin_host, kp.admin_port, timeout=5)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        found = re.findall(
+            r'^keyproxy_fields_memo_requests_total\{result="(\w+)"\} (\S+)$', text, re.M
+        )
+        return {result: float(value) for result, value in found}
+
+    before = counts()
+    for _ in range(3):
+        status, _, body, _ = kp.request("GET", "/shaped/array", key=FILTERED_KEY)
+        assert status == 200 and b"email" not in body
+    status, _, _, _ = kp.request("GET", "/shaped/array", key=KEYS["reader"])  # no filter
+    assert status == 200
+    after = counts()
+    delta = {r: after.get(r, 0) - before.get(r, 0) for r in ("hit", "miss", "bypass")}
+    assert sum(delta.values()) == 3 and delta["hit"] >= 2 and delta["bypass"] == 0, delta

@@ -258,3 +258,18 @@ def test_the_upstream_coding_is_part_of_the_key() -> None:
         with pytest.raises(FilterFailed):
             memo.filter(body, JSON, coding, None, EXCLUDE)
     assert len(memo) == 1
+
+
+def test_each_answer_is_counted_as_a_hit_a_miss_or_a_bypass() -> None:
+    """What `keyproxy_fields_memo_requests_total{result}` counts, summed over workers."""
+    from keyproxy.observe import Metrics, merge
+
+    metrics = Metrics()
+    memo = FilterMemo(
+        max_bytes=1 << 20, max_entry_bytes=len(records(50)), count=metrics.fields_memo
+    )
+    for body in (records(), records(), records(note="x"), records(200), records()):
+        memo.filter(body, JSON, None, None, EXCLUDE)
+    assert metrics.fields_memo_results == {"miss": 2, "hit": 2, "bypass": 1}
+    summed = merge([metrics.snapshot(), metrics.snapshot()])
+    assert summed["fields_memo"] == {"miss": 4, "hit": 4, "bypass": 2}

@@ -95,7 +95,10 @@ class ForwardPlan:
         config: Config,
         cache_store: Store | None = None,
         count: Callable[[str], None] | None = None,
+        count_memo: Callable[[str], None] | None = None,
     ) -> None:
+        """`count`: the response cache's lookups by result; `count_memo`: the field
+        filter's memo of answers by result (both `keyproxy.observe.Metrics` methods)."""
         up = config.upstream
         self.base_path = up.base_path
         self.max_body = config.server.max_body
@@ -132,7 +135,7 @@ class ForwardPlan:
                 count or (lambda result: None),
                 identity=(lambda ctx: identity_block(ctx, names)) if names else None,
             )
-        body = body_factories(config, self.cache)
+        body = body_factories(config, self.cache, count_memo)
         #: Whether answers are scanned for the secret (some route keeps scrub_body on).
         self.scans_bodies = any(isinstance(f, BodyScrubFactory) for f in body)
         #: Request headers dropped, by (method override allowed, body work): see SCAN_DROP.
@@ -147,7 +150,6 @@ class ForwardPlan:
         self.chain: Chain = build_chain(config, self.scrubber, body)
         #: Where a cache hit enters the chain: the link after the cache's.
         self.cache_start = self.chain.index(self.cache) + 1 if self.cache is not None else 0
-        #: Routes whose response chain differs from `chain`, by route text.
         #: Upstream heads of repeated requests, split around the request id, by the
         #: decision memo's key (see `request_head`).
         self.heads: dict[tuple[object, ...], tuple[bytes, bytes]] = {}

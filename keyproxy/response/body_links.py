@@ -595,7 +595,11 @@ class Evict:
 # --------------------------------------------------------------------------- the chain
 
 
-def body_factories(config: Config, cache: ResponseCache | None) -> list[LinkFactory]:
+def body_factories(
+    config: Config,
+    cache: ResponseCache | None,
+    count_memo: Callable[[str], None] | None = None,
+) -> list[LinkFactory]:
     """The body links of a snapshot, in chain order: scrub → cache → fields.
 
     The cache sits after the scrub (no secret is ever stored) and before the
@@ -611,5 +615,6 @@ def body_factories(config: Config, cache: ResponseCache | None) -> list[LinkFact
     if cache is not None:
         factories.append(cache)
     if any(key.fields is not None for key in config.keys):
-        factories.append(FieldsFactory(limits, scrubber if scanning else None))
+        memo = FilterMemo(count=count_memo) if count_memo is not None else None
+        factories.append(FieldsFactory(limits, scrubber if scanning else None, memo))
     return factories

@@ -558,15 +558,20 @@ class FilterMemo:
     empty, so a changed filter can never meet an old output).
     """
 
-    __slots__ = ("entries", "max_entry_bytes")
+    __slots__ = ("count", "entries", "max_entry_bytes")
 
     def __init__(
-        self, max_bytes: int = DEFAULT_MEMO_BYTES, max_entry_bytes: int = DEFAULT_MEMO_ENTRY_BYTES
+        self,
+        max_bytes: int = DEFAULT_MEMO_BYTES,
+        max_entry_bytes: int = DEFAULT_MEMO_ENTRY_BYTES,
+        count: Callable[[str], None] = lambda result: None,
     ) -> None:
         self.entries: LRUCache[tuple[object, ...], tuple[bytes, str | None, int]] = LRUCache(
             max_bytes, getsizeof=_entry_size
         )
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
+        #: Told "hit", "miss" or "bypass" (an answer too large to keep) per answer.
+        self.count = count
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -590,6 +595,7 @@ class FilterMemo:
         """`filter_encoded`, answered from the memo when the same inputs were seen."""
         out_coding = choose_encoding(accept_encoding) if _encoded(content_encoding) else None
         if len(body) + _ENTRY_OVERHEAD > self.max_entry_bytes:
+            self.count("bypass")
             return _filter_to(
                 body, content_type, content_encoding, out_coding, flt, at, limits, clean
             )
@@ -606,7 +612,9 @@ class FilterMemo:
         entries = self.entries
         entry = entries.get(key)
         if entry is not None:
+            self.count("hit")
             return entry[0], entry[1]
+        self.count("miss")
         filtered, coding = _filter_to(
             body, content_type, content_encoding, out_coding, flt, at, limits, clean
         )
