@@ -458,14 +458,15 @@ class Exchange:
         self.answer = HEAD_QUEUED
         self.status = status
         self.out.append(
-            b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
-            + b"".join(lines)
-            + b"X-Request-Id: "
-            + self.request_id.encode()
-            + b"\r\n"
-            + framing
-            + self.conn.connection_header(self)
-            + b"\r\n"
+            b"HTTP/1.1 %d %s\r\n%sX-Request-Id: %s\r\n%s%s\r\n"
+            % (
+                status,
+                reason(status),
+                b"".join(lines),
+                self.request_id.encode(),
+                framing,
+                self.conn.connection_header(self),
+            )
         )
 
     def on_response_body(self, data: bytes) -> None:
