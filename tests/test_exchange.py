@@ -485,3 +485,56 @@ def test_a_head_begun_after_a_long_body_in_the_same_read_is_not_charged_for_it(l
     conn.data_received(second[60:])
     conn.connection_lost(None)
     assert transport.data.count(b"HTTP/1.1 401 ") == 2, transport.data
+
+
+def _small_head_proxy(loop: asyncio.AbstractEventLoop):  # type: ignore[no-untyped-def]
+    """A proxy whose heads may count 1 KiB, and a function feeding it reads on a fresh
+    connection that returns what was written back and whether it closed."""
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    config = base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}})
+    config["server"]["max_header_size"] = "1KiB"
+    proxy = ProxyServer(ConfigHolder(parse_config(yaml.safe_dump(config), "t.yaml", {})), loop)
+
+    def feed(*reads: bytes, kind: type[ClientConnection] = ClientConnection) -> tuple[bytes, bool]:
+        conn, transport = kind(proxy), MemoryTransport()
+        conn.connection_made(transport)
+        for data in reads:
+            conn.data_received(data)
+        closing = transport.closing
+        conn.connection_lost(None)
+        return bytes(transport.data), closing
+
+    return feed
+
+
+def test_a_head_read_whole_is_counted_when_its_lines_are_shorter_than_counted(loop) -> None:
+    """Lines without the space after the colon, or ignored underscore ones, take fewer
+    bytes on the wire than the limit counts for them: a head that fits in the bytes
+    read may still count more than `max_header_size`, and is refused all the same."""
+    feed = _small_head_proxy(loop)
+    url = b"/v1/data/posts"
+    start = b"GET %s HTTP/1.1\r\nHost:x\r\n" % url
+    counted = len(url) + (4 + 1 + 4)
+    lines = []
+    while counted < 1024 + 40:  # 40 bytes over the limit as counted
+        lines.append(b"A%02d:%s\r\n" % (len(lines), b"v" * 4))
+        counted += 3 + 4 + 4
+    head = start + b"".join(lines) + b"\r\n"
+    assert len(head) <= 1024, len(head)  # within the limit on the wire, in one read
+    answer, closed = feed(head)
+    assert answer.startswith(b"HTTP/1.1 431 ") and closed, answer[:80]
+    # The same shape within the limit as counted is decided (401: no key).
+    assert feed(start + b"".join(lines[:-8]) + b"\r\n")[0].startswith(b"HTTP/1.1 401 ")
+
+    # Underscore lines `_:` (4 bytes, counted 5) mixed with ordinary ones.
+    mixed = start + b"_:\r\n" * 150 + b"X-Pad: " + b"p" * 300 + b"\r\n\r\n"
+    assert len(mixed) <= 1024 and len(url) + 9 + 150 * 5 + 5 + 300 + 4 > 1024
+    assert feed(mixed)[0].startswith(b"HTTP/1.1 431 ")
+
