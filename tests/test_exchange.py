@@ -538,3 +538,21 @@ def test_a_head_read_whole_is_counted_when_its_lines_are_shorter_than_counted(lo
     assert len(mixed) <= 1024 and len(url) + 9 + 150 * 5 + 5 + 300 + 4 > 1024
     assert feed(mixed)[0].startswith(b"HTTP/1.1 431 ")
 
+
+
+def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
+    """Underscore headers are not among the 100 kept: their bytes are added up as each
+    arrives, so one read of thousands stops at the limit instead of running them all."""
+    feed = _small_head_proxy(loop)
+    calls = []
+    from keyproxy.wire.client import ClientConnection
+
+    class Counting(ClientConnection):
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append(name)
+            super().on_header(name, value)
+
+    head = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n" + b"_:\r\n" * 60_000
+    answer, closed = feed(head, kind=Counting)
+    assert answer.startswith(b"HTTP/1.1 431 ") and closed
+    assert len(calls) <= 1024 // 5 + 2, len(calls)  # not 60,000 callbacks

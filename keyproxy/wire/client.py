@@ -270,6 +270,8 @@ class ClientConnection(asyncio.Protocol):
             # the two. Such headers are ignored altogether, neither decided on nor
             # forwarded, as nginx does by default (`underscores_in_headers off`).
             self.dropped_bytes += len(name) + len(value) + 4
+            if self.dropped_bytes > self.max_header_size:  # a read of tiny ones stops here
+                raise _HeadRefused(HEADERS_TOO_LARGE)
             return
         headers.append((name, value))
         lname = name.lower()
