@@ -539,6 +539,24 @@ def test_a_head_read_whole_is_counted_when_its_lines_are_shorter_than_counted(lo
     assert feed(mixed)[0].startswith(b"HTTP/1.1 431 ")
 
 
+def test_a_long_header_line_in_the_first_read_counts_toward_the_head_at_once(loop) -> None:
+    """httptools holds a header line until it ends: one far over the limit in the read
+    its head began in is refused after that read, not after another limit's worth of
+    reads (each of which copies all of it again), also after a pipelined request."""
+    feed = _small_head_proxy(loop)
+    start = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+    answer, closed = feed(start)
+    assert answer.startswith(b"HTTP/1.1 431 ") and closed, answer[:80]
+    answer, closed = feed(start, *[b"a"] * 500)
+    assert answer.startswith(b"HTTP/1.1 431 ") and closed
+    first = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, closed = feed(first + start, *[b"a"] * 500)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"HTTP/1.1 431 " in answer and closed
+    # A body before the head in the same read is still not charged to it.
+    body = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"b" * 5000
+    answer, closed = feed(body + first[:20], first[20:])
+    assert answer.count(b"HTTP/1.1 401 ") == 2 and not closed
+
 
 def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
     """Underscore headers are not among the 100 kept: their bytes are added up as each

@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.head_seen = 0  # at most its size so far: what limits a head still arriving
         self.read_size = 0  # bytes of the read being parsed
+        self.read_body = 0  # of them, request body bytes (of the requests before a head)
         self.dropped_bytes = 0  # of header lines ignored for an underscore in the name
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -160,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.last_read = self.loop.time()
         self.read_size = len(data)
+        self.read_body = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -178,13 +180,14 @@ class ClientConnection(asyncio.Protocol):
             ex.flush_body()  # all request body bytes of this read in one upstream write
         if self.in_head and self.head_begun:
             # A head still incomplete after this chunk: bound what llhttp and httptools
-            # may be accumulating for it. Of the read it began in, what the callbacks
-            # have seen (the read may have begun with an earlier request and its body);
+            # may be accumulating for it. Of the read it began in, every byte but the
+            # bodies of the requests before it (httptools holds a header line until it
+            # ends, so what the callbacks have seen would miss a long one in progress);
             # of each later read, every byte.
             if self.head_bytes:
                 self.head_seen += len(data)
             else:
-                self.head_seen = self._head_size()
+                self.head_seen = len(data) - self.read_body
             self.head_bytes += len(data)
             if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
@@ -348,6 +351,7 @@ class ClientConnection(asyncio.Protocol):
         return size
 
     def on_body(self, body: bytes) -> None:
+        self.read_body += len(body)
         ex = self.parsing
         if ex is not None:
             if ex.chunked:
