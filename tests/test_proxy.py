@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import UPSTREAM_SECRET
 from tests.procs import UpstreamServer
-from tests.proxy_process import KEYS, Keyproxy
+from tests.proxy_process import KEYS, Keyproxy, error_of
 
 
 def last_record(upstream: UpstreamServer) -> dict:
@@ -707,3 +707,28 @@ def test_request_trailers_are_never_forwarded(proxy: Keyproxy, upstream):
     names = [n.lower() for n, _ in last_record(upstream)["headers"]]
     assert "x-trailer-smuggled" not in names
     assert "x-http-method-override" not in names
+
+
+def test_a_chunked_bodys_trailer_is_bounded_like_a_head(proxy: Keyproxy):
+    """Trailer fields are held by the parser until each ends (and then ignored): one that
+    keeps growing is refused at `max_header_size`, not buffered for as long as it comes."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            + f"X-API-Key: {KEYS['admin']}\r\n\r\n".encode()
+            + b"5\r\nhello\r\n0\r\nX-Trailer: "
+        )
+        try:
+            for _ in range(40):  # 40 reads of 4 KiB: 160 KiB, five times the 32 KiB limit
+                time.sleep(0.005)
+                sock.sendall(b"t" * 4096)
+        except OSError:
+            pass  # refused and closed while still sending: the answer is read below
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert error_of(answer.split(b"\r\n\r\n", 1)[1]) == "HEADERS_TOO_LARGE"

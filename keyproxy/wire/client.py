@@ -111,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_seen = 0  # at most its size so far: what limits a head still arriving
         self.read_size = 0  # bytes of the read being parsed
         self.read_body = 0  # of them, request body bytes (of the requests before a head)
+        self.trailer_seen = 0  # bytes of a chunked body's reads that brought no body byte
         self.dropped_bytes = 0  # of header lines ignored for an underscore in the name
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -192,6 +193,16 @@ class ClientConnection(asyncio.Protocol):
             if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
                 return
+        elif self.chunked and self.parsing is not None:
+            # A chunked body's trailer fields are held by httptools like a head's (and
+            # then ignored): the reads that bring no body byte are bounded as a head is.
+            if self.read_body:
+                self.trailer_seen = 0
+            else:
+                self.trailer_seen += len(data)
+                if self.trailer_seen > self.max_header_size + HEAD_FRAMING:
+                    self._parse_failed(HEADERS_TOO_LARGE, self.parsing)
+                    return
         if self.active is None and self.queue:
             # After the whole read is parsed, so a refused request whose body came
             # in the same packet is known to be complete and the connection can stay.
@@ -248,6 +259,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_begun = True
         self.head_bytes = 0
         self.dropped_bytes = 0
+        self.trailer_seen = 0
         self.url_parts = []
         self.raw_headers = []
         self.lowered = []
