@@ -47,12 +47,12 @@ def records(n: int = 20, note: str = "") -> bytes:
 def test_a_body_seen_again_is_answered_from_the_memo() -> None:
     memo = FilterMemo()
     body = records()
-    first = memo.filter(body, JSON, None, None, EXCLUDE)
+    first = filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)
     assert first == filter_encoded(body, JSON, None, None, EXCLUDE)
     assert len(memo) == 1
     # A new bytes object with the same content (as the next response brings) hits:
     # the very output object comes back, so nothing was parsed or written again.
-    again = memo.filter(bytes(bytearray(body)), JSON, None, None, EXCLUDE)
+    again = filter_encoded(bytes(bytearray(body)), JSON, None, None, EXCLUDE, memo=memo)
     assert again[0] is first[0] and again[1] is None
     assert len(memo) == 1
 
@@ -62,12 +62,12 @@ def test_one_byte_changed_is_a_miss_with_its_own_output() -> None:
     body = records()
     changed = body.replace(b'"t7"', b'"t8"', 1)
     assert len(changed) == len(body) and changed != body
-    out, _ = memo.filter(body, JSON, None, None, EXCLUDE)
-    out_changed, _ = memo.filter(changed, JSON, None, None, EXCLUDE)
+    out, _ = filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)
+    out_changed, _ = filter_encoded(changed, JSON, None, None, EXCLUDE, memo=memo)
     assert len(memo) == 2
     assert orjson.loads(out)[7]["title"] == "t7"
     assert orjson.loads(out_changed)[7]["title"] == "t8"
-    assert memo.filter(body, JSON, None, None, EXCLUDE)[0] is out
+    assert filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)[0] is out
 
 
 @pytest.mark.parametrize(
@@ -93,18 +93,18 @@ def test_each_input_of_the_output_is_part_of_the_key(other: dict[str, object]) -
     varied = {**base, **other}
     memo = FilterMemo()
     for _ in range(2):  # each answer again, in turn, from the memo
-        assert memo.filter(body, **base) == filter_encoded(body, **base)  # type: ignore[arg-type]
-        assert memo.filter(body, **varied) == filter_encoded(body, **varied)  # type: ignore[arg-type]
+        assert filter_encoded(body, **base, memo=memo) == filter_encoded(body, **base)  # type: ignore[arg-type]
+        assert filter_encoded(body, **varied, memo=memo) == filter_encoded(body, **varied)  # type: ignore[arg-type]
     assert len(memo) == 2
 
 
 def test_a_secret_the_filter_would_spell_plainly_is_scrubbed_on_every_hit() -> None:
     body = ('[{"note": "\\u0075' + SECRET[1:] + '", "email": "x"}]').encode()
     memo = FilterMemo()
-    plain = memo.filter(body, JSON, None, None, EXCLUDE)[0]
+    plain = filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)[0]
     assert SECRET.encode() in plain  # unscrubbed route: the filter's output as it is
     for _ in range(2):
-        out = memo.filter(body, JSON, None, None, EXCLUDE, clean=SCRUBBER.scrub)[0]
+        out = filter_encoded(body, JSON, None, None, EXCLUDE, clean=SCRUBBER.scrub, memo=memo)[0]
         assert SECRET.encode() not in out and b"[REDACTED]" in out
 
 
@@ -112,43 +112,47 @@ def test_the_coding_chosen_for_the_client_is_part_of_the_key() -> None:
     body = gzip.compress(records())
     memo = FilterMemo()
     for _ in range(2):
-        zipped, coding = memo.filter(body, JSON, "gzip", "gzip, br", EXCLUDE)
+        zipped, coding = filter_encoded(body, JSON, "gzip", "gzip, br", EXCLUDE, memo=memo)
         assert coding == "gzip" and b"email" not in gzip.decompress(zipped)
-        plain, coding = memo.filter(body, JSON, "gzip", None, EXCLUDE)
+        plain, coding = filter_encoded(body, JSON, "gzip", None, EXCLUDE, memo=memo)
         assert coding is None and plain[:1] == b"[" and b"email" not in plain
-        refused, coding = memo.filter(body, JSON, "gzip", "gzip;q=0, br;q=0", EXCLUDE)
+        refused, coding = filter_encoded(body, JSON, "gzip", "gzip;q=0, br;q=0", EXCLUDE, memo=memo)
         assert coding is None and refused == plain
     # Two spellings of one choice share an entry: the key holds the coding chosen.
-    memo.filter(body, JSON, "gzip", "GZIP;q=0.5", EXCLUDE)
+    filter_encoded(body, JSON, "gzip", "GZIP;q=0.5", EXCLUDE, memo=memo)
     assert len(memo) == 2
     # An identity upstream body is answered in identity whatever the client accepts.
     identity = records()
-    assert memo.filter(identity, JSON, None, "gzip", EXCLUDE)[1] is None
-    assert memo.filter(identity, JSON, "identity", "gzip", EXCLUDE)[1] is None
+    assert filter_encoded(identity, JSON, None, "gzip", EXCLUDE, memo=memo)[1] is None
+    assert filter_encoded(identity, JSON, "identity", "gzip", EXCLUDE, memo=memo)[1] is None
 
 
 def test_the_bound_evicts_the_least_recently_used() -> None:
     bodies = [records(40, note=str(i)) for i in range(8)]
     entry = len(bodies[0]) + len(filter_encoded(bodies[0], JSON, None, None, EXCLUDE)[0]) + 256
     memo = FilterMemo(max_bytes=3 * entry + 100, max_entry_bytes=10 * entry)
-    outs = [memo.filter(b, JSON, None, None, EXCLUDE)[0] for b in bodies[:3]]
+    outs = [filter_encoded(b, JSON, None, None, EXCLUDE, memo=memo)[0] for b in bodies[:3]]
     assert len(memo) == 3
-    assert memo.filter(bodies[0], JSON, None, None, EXCLUDE)[0] is outs[0]  # now the newest
-    memo.filter(bodies[3], JSON, None, None, EXCLUDE)  # pushes out bodies[1], the oldest
+    assert (
+        filter_encoded(bodies[0], JSON, None, None, EXCLUDE, memo=memo)[0] is outs[0]
+    )  # now the newest
+    filter_encoded(
+        bodies[3], JSON, None, None, EXCLUDE, memo=memo
+    )  # pushes out bodies[1], the oldest
     assert len(memo) == 3 and memo.size <= 3 * entry + 100
-    assert memo.filter(bodies[0], JSON, None, None, EXCLUDE)[0] is outs[0]
-    again = memo.filter(bodies[1], JSON, None, None, EXCLUDE)[0]
+    assert filter_encoded(bodies[0], JSON, None, None, EXCLUDE, memo=memo)[0] is outs[0]
+    again = filter_encoded(bodies[1], JSON, None, None, EXCLUDE, memo=memo)[0]
     assert again == outs[1] and again is not outs[1]  # filtered anew
     for body in bodies:
-        memo.filter(body, JSON, None, None, EXCLUDE)
+        filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)
         assert memo.size <= 3 * entry + 100
 
 
 def test_an_answer_over_the_entry_bound_is_filtered_every_time() -> None:
     body = records(200)
     memo = FilterMemo(max_bytes=1 << 20, max_entry_bytes=len(body))
-    first = memo.filter(body, JSON, None, None, EXCLUDE)[0]
-    second = memo.filter(body, JSON, None, None, EXCLUDE)[0]
+    first = filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)[0]
+    second = filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)[0]
     assert first == second and first is not second and len(memo) == 0
 
 
@@ -167,7 +171,7 @@ def test_a_failure_is_not_remembered_and_fails_every_time(
     memo = FilterMemo()
     for _ in range(2):
         with pytest.raises(FilterFailed):
-            memo.filter(body, JSON, None, None, EXCLUDE, limits=limits)
+            filter_encoded(body, JSON, None, None, EXCLUDE, limits=limits, memo=memo)
     assert len(memo) == 0
 
 
@@ -253,10 +257,10 @@ def test_the_upstream_coding_is_part_of_the_key() -> None:
     """The same bytes declared gzip are not the JSON they were as identity: refused."""
     body = records()
     memo = FilterMemo()
-    memo.filter(body, JSON, None, None, EXCLUDE)
+    filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)
     for coding in ("gzip", "br"):
         with pytest.raises(FilterFailed):
-            memo.filter(body, JSON, coding, None, EXCLUDE)
+            filter_encoded(body, JSON, coding, None, EXCLUDE, memo=memo)
     assert len(memo) == 1
 
 
@@ -269,7 +273,7 @@ def test_each_answer_is_counted_as_a_hit_a_miss_or_a_bypass() -> None:
         max_bytes=1 << 20, max_entry_bytes=len(records(50)), count=metrics.fields_memo
     )
     for body in (records(), records(), records(note="x"), records(200), records()):
-        memo.filter(body, JSON, None, None, EXCLUDE)
+        filter_encoded(body, JSON, None, None, EXCLUDE, memo=memo)
     assert metrics.fields_memo_results == {"miss": 2, "hit": 2, "bypass": 1}
     summed = merge([metrics.snapshot(), metrics.snapshot()])
     assert summed["fields_memo"] == {"miss": 4, "hit": 4, "bypass": 2}

@@ -47,6 +47,7 @@ from keyproxy.response.fields import (
     FilterLimits,
     FilterMemo,
     body_kind,
+    filter_encoded,
 )
 
 if TYPE_CHECKING:
@@ -279,7 +280,7 @@ class FieldsLink:
         self.flt = flt
         self.at = at
         self.clean = clean
-        self.memo = memo if memo is not None else FilterMemo(0)
+        self.memo = memo  # None: every answer is filtered afresh
         self.limits = limits
         self.ctx = ctx  # its Accept-Encoding is read only for a body that came compressed
         self.parts: list[bytes] = []
@@ -344,7 +345,7 @@ class FieldsLink:
         try:
             # The whole body was received and counted above; the memo only spares the
             # filtering of bytes it has filtered before for the same filter and coding.
-            filtered, out_coding = self.memo.filter(
+            filtered, out_coding = filter_encoded(
                 body,
                 self.content_type,
                 coding,
@@ -353,6 +354,7 @@ class FieldsLink:
                 self.at,
                 self.limits,
                 self.clean,
+                self.memo,
             )
         except FilterFailed:
             return FILTER_FAILED

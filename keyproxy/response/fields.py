@@ -479,6 +479,7 @@ def filter_encoded(
     at: tuple[DocumentPath, ...] = (),
     limits: FilterLimits = FilterLimits(),
     clean: Callable[[bytes], bytes] | None = None,
+    memo: FilterMemo | None = None,
 ) -> tuple[bytes, str | None]:
     """A whole upstream body as received -> (the filtered body, its Content-Encoding or None).
 
@@ -489,42 +490,34 @@ def filter_encoded(
     Decodes whatever `Content-Encoding` the upstream used (bounded: a bomb stops
     at `limits.max_bytes`), filters, and encodes again only if the upstream had
     encoded and the client's `Accept-Encoding` allows a coding; otherwise identity.
-    Every failure, decoding included, is `FilterFailed`.
+    Every failure, decoding included, is `FilterFailed`. With a `memo`, an answer whose
+    inputs were all seen before is the one made then.
     """
-    out_coding = choose_encoding(accept_encoding) if _encoded(content_encoding) else None
-    return _filter_to(body, content_type, content_encoding, out_coding, flt, at, limits, clean)
-
-
-def _encoded(content_encoding: str | None) -> bool:
-    return content_encoding is not None and content_encoding.strip().lower() not in (
+    encoded = content_encoding is not None and content_encoding.strip().lower() not in (
         "",
         "identity",
     )
+    # The coding chosen for the client, not its Accept-Encoding: two spellings of one
+    # choice share a memo entry. None when the upstream sent identity, whatever it accepts.
+    out_coding = choose_encoding(accept_encoding) if encoded else None
 
+    def run() -> tuple[bytes, str | None]:
+        if not encoded:
+            filtered = filter_body(body, content_type, flt, at, limits)  # checks the size
+            return (clean(filtered) if clean is not None else filtered), None
+        try:
+            decoded = decode(body, content_encoding, limits.max_bytes)
+        except DecodeFailed as error:
+            raise FilterFailed(error.reason) from None
+        filtered = filter_body(decoded, content_type, flt, at, limits)
+        if clean is not None:
+            filtered = clean(filtered)
+        return encode(filtered, out_coding), out_coding
 
-def _filter_to(
-    body: bytes,
-    content_type: str | None,
-    content_encoding: str | None,
-    out_coding: str | None,
-    flt: FieldFilter,
-    at: tuple[DocumentPath, ...],
-    limits: FilterLimits,
-    clean: Callable[[bytes], bytes] | None,
-) -> tuple[bytes, str | None]:
-    """`filter_encoded` with the output coding already chosen (None when the upstream
-    sent identity, whatever the client accepts)."""
-    if not _encoded(content_encoding):
-        filtered = filter_body(body, content_type, flt, at, limits)  # checks the size
-        return (clean(filtered) if clean is not None else filtered), None
-    try:
-        decoded = decode(body, content_encoding, limits.max_bytes)
-    except DecodeFailed as error:
-        raise FilterFailed(error.reason) from None
-    filtered = filter_body(decoded, content_type, flt, at, limits)
-    if clean is not None:
-        filtered = clean(filtered)
-    return encode(filtered, out_coding), out_coding
+    if memo is None:
+        return run()
+    inputs = (body, body_kind(content_type), content_encoding, out_coding, flt, at, limits, clean)
+    return memo.answer(inputs, len(body), run)
 
 
 # --------------------------------------------------------------------------- memo
@@ -581,44 +574,25 @@ class FilterMemo:
         """Bytes held: bodies, outputs and the per-entry overhead."""
         return int(self.entries.currsize)
 
-    def filter(
+    def answer(
         self,
-        body: bytes,
-        content_type: str | None,
-        content_encoding: str | None,
-        accept_encoding: str | None,
-        flt: FieldFilter,
-        at: tuple[DocumentPath, ...] = (),
-        limits: FilterLimits = FilterLimits(),
-        clean: Callable[[bytes], bytes] | None = None,
+        inputs: tuple[object, ...],
+        body_size: int,
+        run: Callable[[], tuple[bytes, str | None]],
     ) -> tuple[bytes, str | None]:
-        """`filter_encoded`, answered from the memo when the same inputs were seen."""
-        out_coding = choose_encoding(accept_encoding) if _encoded(content_encoding) else None
-        if len(body) + _ENTRY_OVERHEAD > self.max_entry_bytes:
-            self.count("bypass")
-            return _filter_to(
-                body, content_type, content_encoding, out_coding, flt, at, limits, clean
-            )
-        key = (
-            body,
-            body_kind(content_type),
-            content_encoding,
-            out_coding,
-            flt,
-            at,
-            limits,
-            clean,
-        )
+        """The answer remembered for `inputs` (the body first, then all the output depends
+        on), or `run`'s, kept when it fits; `run`'s `FilterFailed` is never kept."""
+        if body_size + _ENTRY_OVERHEAD > self.max_entry_bytes:
+            self.count("bypass")  # never kept, so not hashed either
+            return run()
         entries = self.entries
-        entry = entries.get(key)
+        entry = entries.get(inputs)
         if entry is not None:
             self.count("hit")
             return entry[0], entry[1]
         self.count("miss")
-        filtered, coding = _filter_to(
-            body, content_type, content_encoding, out_coding, flt, at, limits, clean
-        )
-        size = len(body) + len(filtered) + _ENTRY_OVERHEAD
+        filtered, coding = run()
+        size = body_size + len(filtered) + _ENTRY_OVERHEAD
         if size <= self.max_entry_bytes:
-            entries[key] = (filtered, coding, size)
+            entries[inputs] = (filtered, coding, size)
         return filtered, coding
