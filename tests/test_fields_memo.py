@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from keyproxy.response.body_links import FieldsFactory, body_factories
-from keyproxy.response.body_scrub import BodyScrubber
 from keyproxy.response.chain import ResponseHead
 from keyproxy.response.fields import (
     FILTER_FAILED,
@@ -20,11 +19,8 @@ from keyproxy.response.fields import (
     filter_encoded,
     parse_document_path,
 )
-from tests.test_body_links import ctx_for, head_of, run
+from tests.test_body_links import EXCLUDE, SCRUBBER, SECRET, ctx_for, head_of, run
 
-SECRET = "upstream-secret-0123456789"
-SCRUBBER = BodyScrubber((SECRET,), None, same_length=True)
-EXCLUDE = compile_fields("exclude", ["email", "author.phone"])
 INCLUDE = compile_fields("include", ["id", "title"])
 JSON = "application/json"
 
