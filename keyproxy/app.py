@@ -226,7 +226,6 @@ class ProxyServer:
         serving = self.serving  # one snapshot for the whole request
         config = serving.config
         conn.max_body = config.server.max_body
-        conn.max_header_size = config.server.max_header_size
         ctx = RequestContext(
             config,
             ex.method,

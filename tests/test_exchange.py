@@ -574,3 +574,32 @@ def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
     answer, closed = feed(head, kind=Counting)
     assert answer.startswith(b"HTTP/1.1 431 ") and closed
     assert len(calls) <= 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
+
+
+def test_a_lowered_head_limit_applies_to_connections_open_before_the_reload(loop) -> None:
+    """`max_header_size` is read from the snapshot each request is decided under, so a
+    reload that lowers it binds a kept-alive connection's next head, read whole or not."""
+    import yaml
+
+    from keyproxy.app import ProxyServer
+    from keyproxy.config import parse_config
+    from keyproxy.config.reload import ConfigHolder
+    from keyproxy.wire.client import ClientConnection
+    from tests.proxy_process import base_config
+
+    def config(limit: str):
+        text = base_config("http://127.0.0.1:9", {"headers": {"K": "v" * 24}})
+        text["server"]["max_header_size"] = limit
+        return parse_config(yaml.safe_dump(text), "t.yaml", {})
+
+    proxy = ProxyServer(ConfigHolder(config("8KiB")), loop)
+    conn, transport = ClientConnection(proxy), MemoryTransport()
+    conn.connection_made(transport)
+    conn.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")  # under 8 KiB
+    assert transport.data.count(b"HTTP/1.1 401 ") == 1
+    proxy._on_config(config("1KiB"))
+    conn.data_received(
+        b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1100 + b"\r\n\r\n"
+    )
+    conn.connection_lost(None)
+    assert b"HTTP/1.1 431 " in transport.data, transport.data

@@ -125,10 +125,6 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.max_body = proxy.serving.config.server.max_body
         self.max_header_size = proxy.serving.config.server.max_header_size
-        #: What the reads since a head began may hold before its size is added up: each
-        #: line may count a byte more than it takes (`a:` and CRLF are 4 bytes, counted
-        #: 5), the 100 kept and the ignored underscore ones (5 bytes counted at least).
-        self.head_gate = self.max_header_size - MAX_HEADERS - self.max_header_size // 5
 
     # -- asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -257,6 +253,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.head_started = self.loop.time()
         self.head_begun = True
+        # The limit of the snapshot being served as the head begins: after a reload that
+        # lowered it, a kept-alive connection's next head is held to the new one.
+        self.max_header_size = self.proxy.serving.config.server.max_header_size
         self.head_bytes = 0
         self.dropped_bytes = 0
         self.trailer_seen = 0
@@ -317,9 +316,14 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         # The head came within the bytes read since it began: only when those could
         # exceed the limit is its size added up (per header, this cost ~3% of a request).
+        # What those reads may hold before the size is added up: each line may count a
+        # byte more than it takes (`a:` and CRLF are 4 bytes, counted 5), the 100 kept and
+        # the ignored underscore ones (5 bytes counted at least). From the limit of this
+        # request's snapshot: a reload may have lowered it.
+        limit = self.max_header_size
         if (
-            self.head_bytes + self.read_size > self.head_gate
-            and self._head_size() > self.max_header_size
+            self.head_bytes + self.read_size > limit - MAX_HEADERS - limit // 5
+            and self._head_size() > limit
         ):
             raise _HeadRefused(HEADERS_TOO_LARGE)
         self.in_head = False
