@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import gzip
+import html
+import json
 import re
 from urllib.parse import quote
 
@@ -75,7 +77,10 @@ def test_clean_bodies_come_back_identical_and_held_tail_is_bounded() -> None:
     assert first + stream.end() == body
     assert (
         SCRUBBER.hold
-        == max(s.longest for s in secret_spellings((SECRET, "other-secret-xyz"), BASIC)) - 1
+        == max(
+            s.longest for s in secret_spellings((SECRET, "other-secret-xyz"), BASIC, markup=True)
+        )
+        - 1
     )
 
 
@@ -276,3 +281,108 @@ def test_streaming_with_a_declared_length_equals_scrubbing_the_whole_body(
     assert out == SCRUBBER.scrub(body)
     for spelling in SPELLINGS:
         assert spelling not in out
+
+
+# ------------------------------------------------- JSON and HTML escapes of the secret
+
+#: A secret with every character JSON or HTML encoders like to escape.
+ODD_SECRET = "k3y/with&odd<chars>\"'+plus"
+ODD = BodyScrubber((ODD_SECRET,), None, same_length=True)
+
+
+def _every_byte(text: str, template: str) -> str:
+    return "".join(template % ord(c) for c in text)
+
+
+#: How common encoders write the secret into a JSON string or an HTML page.
+JSON_STYLES = {
+    "python json.dumps": json.dumps(ODD_SECRET)[1:-1],
+    "php json_encode": json.dumps(ODD_SECRET)[1:-1].replace("/", "\\/"),
+    "go encoding/json": json.dumps(ODD_SECRET)[1:-1]
+    .replace("<", "\\u003c")
+    .replace(">", "\\u003e")
+    .replace("&", "\\u0026"),
+    "every byte": _every_byte(ODD_SECRET, "\\u%04x"),
+    "every byte, upper-case hex": _every_byte(ODD_SECRET, "\\u%04X"),
+}
+HTML_STYLES = {
+    "python html.escape": html.escape(ODD_SECRET),
+    "php htmlspecialchars": html.escape(ODD_SECRET).replace("&#x27;", "&#039;"),
+    "every byte, decimal": _every_byte(ODD_SECRET, "&#%d;"),
+    "every byte, hex": _every_byte(ODD_SECRET, "&#X%02X;"),
+    "every byte, padded hex": _every_byte(ODD_SECRET, "&#x00%02x;"),
+}
+
+
+@pytest.mark.parametrize("style", JSON_STYLES)
+def test_a_json_escaped_secret_is_redacted_split_anywhere(style: str) -> None:
+    """A JSON client reads `\\u0026` or `\\/` as the character: the redaction must too."""
+    body = b'{"echo":"' + JSON_STYLES[style].encode() + b'","tail":"' + b"t" * 40 + b'"}'
+    assert json.loads(body)["echo"] == ODD_SECRET
+    for cut in range(len(body) + 1):
+        stream = ODD.stream()
+        out = stream.feed(body[:cut]) + stream.feed(body[cut:]) + stream.end()
+        assert len(out) == len(body) and stream.found == 1, cut
+        assert ODD_SECRET not in json.loads(out)["echo"], cut
+    assert json.loads(ODD.scrub(body))["echo"].startswith("[REDACTED]")
+
+
+@pytest.mark.parametrize("style", HTML_STYLES)
+def test_an_html_escaped_secret_is_redacted_split_anywhere(style: str) -> None:
+    """A browser shows `&amp;` or `&#107;` as the character: the redaction must see it so."""
+    body = b"<td>" + HTML_STYLES[style].encode() + b"</td>" + b"<p>more</p>" * 10
+    assert ODD_SECRET in html.unescape(body.decode())
+    for cut in range(len(body) + 1):
+        stream = ODD.stream(len(body) if cut % 2 else None)
+        out = stream.feed(body[:cut]) + stream.feed(body[cut:]) + stream.end()
+        assert len(out) == len(body) and stream.found == 1, cut
+        assert ODD_SECRET not in html.unescape(out.decode()), cut
+        assert out.endswith(b"<p>more</p>" * 10)
+
+
+@st.composite
+def markup_spelling(draw: st.DrawFn) -> bytes:
+    """The secret with each byte raw, percent-, JSON- or HTML-escaped, chosen at random."""
+    out = []
+    for byte in ODD_SECRET.encode():
+        options = [bytes([byte]), b"%%%02X" % byte, b"\\u%04x" % byte, b"\\u%04X" % byte]
+        options += [b"&#%d;" % byte, b"&#x%x;" % byte, b"&#0%d;" % byte]
+        out.append(draw(st.sampled_from(options)))
+    return b"".join(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        markup_spelling() | st.sampled_from([b"\\", b"&", b"&#", b"\\u00", b"k3y", b"%"]),
+        max_size=10,
+    ),
+    st.lists(st.integers(0, 900), max_size=6),
+)
+def test_mixed_escapes_stream_as_they_scrub_whole(parts: list[bytes], cuts: list[int]) -> None:
+    body = b"".join(parts)
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    stream = ODD.stream()
+    out = b"".join(stream.feed(c) for c in chunks) + stream.end()
+    assert out == ODD.scrub(body) and len(out) == len(body)
+    assert ODD.scrub(out) == out  # nothing left to find
+    for part in parts:
+        if len(part) > 20:  # a whole spelling
+            assert part not in out
+
+
+def test_escapes_that_cannot_spell_the_secret_cost_no_pattern_run() -> None:
+    """JSON full of `\\"` and `\\n`, HTML full of `&amp;` and `&nbsp;`: the secret holds none
+    of those characters, so the chunk is clean after the literal searches."""
+    scrubber = BodyScrubber(("bench-body-secret-0123456789",), None, same_length=True)
+    json_body = json.dumps([{"quote": 'say "hi"\n', "url": "a/b"}] * 200).encode()
+    html_body = b"<p>fish &amp; chips&nbsp;&lt;3</p>" * 200
+    for body in (json_body, html_body, json_body + b"\\u0062ench", html_body + b"&#98;ench"):
+        assert scrubber.anchors_in(body.lower()) == [], body[-20:]
+        stream = scrubber.stream(len(body))
+        assert stream.feed(body) == body and stream.end() == b""
+    escaped = json_body + _every_byte("bench-body-secret-0123456789", "\\u%04x").encode()
+    assert b"\\" in scrubber.anchors_in(escaped.lower())
+    mask = b"[REDACTED]" + b"*" * (len(escaped) - len(json_body) - 10)
+    assert scrubber.scrub(escaped).endswith(mask)

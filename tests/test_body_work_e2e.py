@@ -9,10 +9,12 @@ is seen as a request the upstream never got).
 from __future__ import annotations
 
 import gzip
+import html
 import http.client
 import json
 import time
 import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +49,7 @@ def kp(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> It
     config["routes"] = [
         {"match": "GET|HEAD /shaped/{shape}", "acl": "get", "fields_at": ["data[*]"]},
         {"match": "GET /echo-page", "acl": "get"},
+        {"match": "GET /echo-escaped", "acl": "get"},
         {"match": "GET /express-redirect", "acl": "get"},
         {"match": "GET /unscanned/**", "acl": "get", "scrub_body": False},
         {"match": "GET /body", "acl": "get"},
@@ -267,6 +270,27 @@ def test_the_secret_inside_a_compressed_body_is_masked(kp: Keyproxy, coding: str
     assert status == 200 and "content-encoding" not in headers
     assert SECRET.encode() not in body and b"[REDACTED]" in body
     assert body.startswith(b"<html>")
+
+
+@pytest.mark.parametrize("key", [KEYS["reader"], FILTERED_KEY])
+def test_a_secret_escaped_for_json_or_html_is_masked(
+    kp: Keyproxy, upstream: UpstreamServer, key: str
+) -> None:
+    """Every character `\\u00hh` or `&#ddd;`: the bytes hold no spelling, the reader does."""
+    direct = urllib.request.Request(
+        f"{upstream.url}/echo-escaped?style=json", headers={"X-Upstream-Key": SECRET}
+    )
+    with urllib.request.urlopen(direct, timeout=5) as answer:
+        assert json.loads(answer.read())["key"] == SECRET  # unmasked at the source
+    status, _, body, _ = kp.request("GET", "/echo-escaped?style=json", key=key)
+    assert status == 200 and SECRET not in json.loads(body)["key"]
+    assert json.loads(body)["key"].startswith("[REDACTED]")
+    status, _, body, _ = kp.request("GET", "/echo-escaped?style=html", key=key)
+    if key == FILTERED_KEY:  # a page is no JSON: a key with fields never gets it
+        assert status == 502 and json.loads(body)["error"] == "FILTER_FAILED"
+        return
+    assert status == 200 and SECRET not in html.unescape(body.decode())
+    assert body.startswith(b"<p>key: [REDACTED]")
 
 
 def test_an_express_redirect_body_is_masked(kp: Keyproxy) -> None:

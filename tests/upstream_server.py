@@ -453,6 +453,17 @@ async def echo_page(request: web.Request) -> web.StreamResponse:
     return await _send(request, response, [data[:cut], data[cut:]], delay_ms=20)
 
 
+async def echo_escaped(request: web.Request) -> web.Response:
+    """The secret quoted as encoders escape it: `?style=json` every character as
+    `\\u00hh` in a JSON string, `?style=html` every character as `&#ddd;` in a page."""
+    secret = request.app[CONFIG].secret_values()[0]
+    if request.query.get("style") == "html":
+        page = "".join(f"&#{ord(c)};" for c in secret)
+        return web.Response(text=f"<p>key: {page}</p>", content_type="text/html")
+    escaped = "".join(f"\\u{ord(c):04x}" for c in secret)
+    return web.Response(text=f'{{"key":"{escaped}"}}', content_type="application/json")
+
+
 async def literal_body(request: web.Request) -> web.Response:
     """`/body?type=...&text=...`: exactly that body with that Content-Type."""
     return web.Response(
@@ -513,6 +524,7 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/gzip", gzipped),
         ("/shaped/{shape}", shaped),
         ("/echo-page", echo_page),
+        ("/echo-escaped", echo_escaped),
         ("/express-redirect", express_redirect),
         ("/body", literal_body),
     ]:

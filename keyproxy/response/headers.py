@@ -9,11 +9,41 @@ import re
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
+#: What HTML escapes by name, as `&name;`.
+HTML_NAMED = {
+    ord("&"): b"amp",
+    ord("<"): b"lt",
+    ord(">"): b"gt",
+    ord('"'): b"quot",
+    ord("'"): b"apos",
+}
+#: What JSON may escape with a backslash and the byte itself.
+JSON_SHORT = frozenset(b'/"\\')
+#: The longest text one byte of a form can take: `&#x00hh;` or `&#00ddd;`.
+LONGEST_BYTE_SPELLING = 8
 
-def _any_spelling(form: bytes) -> bytes:
+
+def markup_escapes(byte: int) -> list[bytes]:
+    """Lower-cased texts a JSON string or an HTML page may write an ASCII `byte` as, which
+    a client's `JSON.parse` or a browser turns back into it: `\\u00hh`, `\\/`, `&#ddd;`,
+    `&#xhh;` (up to two leading zeros, as PHP writes `&#039;`) and the named `&amp;`..."""
+    if byte >= 0x80:  # these escapes name code points, not a UTF-8 sequence's bytes
+        return []
+    texts = [b"\\u00%02x" % byte]
+    for zeros in (b"", b"0", b"00"):
+        texts += (b"&#%s%d;" % (zeros, byte), b"&#x%s%02x;" % (zeros, byte))
+    if byte in JSON_SHORT:
+        texts.append(b"\\" + bytes([byte]))
+    if byte in HTML_NAMED:
+        texts.append(b"&" + HTML_NAMED[byte] + b";")
+    return list(dict.fromkeys(texts))
+
+
+def _any_spelling(form: bytes, markup: bool = False) -> bytes:
     """A regex for a lower-cased `form` with any of its bytes raw or percent-escaped
     (hex digits lower-cased too), and a space also as `+`: every way a URL or form
-    may write it, once the text searched is lower-cased as well."""
+    may write it, once the text searched is lower-cased as well. With `markup`, also
+    every byte as a JSON string or an HTML page may escape it (a body's spellings)."""
     parts = []
     for byte in form:
         spellings = [re.escape(bytes([byte])), b"%" + f"{byte:02x}".encode()]
@@ -22,6 +52,9 @@ def _any_spelling(form: bytes) -> bytes:
             spellings.append(b"%" + f"{upper:02x}".encode())
         if byte == 0x20:
             spellings.append(rb"\+")
+        if markup:
+            for code in dict.fromkeys((byte, upper)):
+                spellings += map(re.escape, markup_escapes(code))
         parts.append(b"(?:" + b"|".join(spellings) + b")")
     return b"".join(parts)
 
@@ -95,16 +128,19 @@ def _longest_run_without_space(raw: bytes) -> bytes:
 
 
 def secret_spellings(
-    secrets: tuple[str, ...], basic: tuple[str, str] | None = None
+    secrets: tuple[str, ...], basic: tuple[str, str] | None = None, markup: bool = False
 ) -> list[Spelling]:
-    """Every spelling of the secrets to search for, shared by the header and body scrubbers."""
+    """Every spelling of the secrets to search for, shared by the header and body scrubbers
+    (`markup`: also JSON and HTML escapes, for bodies)."""
     spellings = []
+    per_byte = LONGEST_BYTE_SPELLING if markup else 3
+    escapes = (b"%", b"\\", b"&") if markup else (b"%",)
     for form in sorted(secret_forms(secrets, basic), key=len, reverse=True):
         run = _longest_run_without_space(form)
-        # Each byte at most `%XX`; a match without any `%` holds the longest
-        # space-free run of the form as it is.
-        anchors = (b"%", run) if run else (b"%", b" ", b"+")
-        spellings.append(Spelling(_any_spelling(form), 3 * len(form), anchors))
+        # Each byte at most `%XX` (or `&#x00hh;`); a match without any escape holds the
+        # longest space-free run of the form as it is.
+        anchors = (*escapes, run) if run else (*escapes, b" ", b"+")
+        spellings.append(Spelling(_any_spelling(form, markup), per_byte * len(form), anchors))
     return spellings
 
 
