@@ -8,8 +8,9 @@ upstream of the tests serves. Figures are CPU time of this process
 descheduled would swamp the difference. Per KiB is the cost divided by the body's
 size.
 
-* scrubbing: a JSON list and a binary body (every byte value, so a `%` every 256
-  bytes) of 1 KiB, 64 KiB and 1 MiB, with the upstream secret of the proxy part,
+* scrubbing: a JSON list, the same with PHP's `\\/` escapes, an HTML table dense with
+  `&amp;`, and a binary body (every byte value, so a `%` every 256 bytes) of 1 KiB,
+  64 KiB and 1 MiB, with the upstream secret of the proxy part,
   in one chunk (a `Content-Length` body read at once), in 16 KiB chunks, and
   without a declared length (chunked framing, 16 KiB chunks);
 * filtering: the same JSON lists read with `fields: {exclude: [email,
@@ -75,6 +76,19 @@ HEAD_LINES = (
 )
 
 
+def php_json_body(size: int) -> bytes:
+    """A JSON list as PHP's `json_encode` writes it: every `/` of its URLs as `\\/` (a
+    backslash every ~15 bytes: the dense case for the scan's JSON-escape check)."""
+    record = b'{"id":1,"url":"https:\\/\\/example.com\\/a\\/b\\/c","title":"say \\"hi\\""},'
+    return (b"[" + record * (size // len(record) + 1))[:size]
+
+
+def html_body(size: int) -> bytes:
+    """An HTML table dense with `&amp;` and `&nbsp;` (the dense case for the HTML check)."""
+    row = b"<tr><td>fish &amp; chips</td><td>&nbsp;&lt;3</td></tr>\n"
+    return (b"<table>" + row * (size // len(row) + 1))[:size]
+
+
 # --------------------------------------------------------------------------- in-process
 
 
@@ -126,7 +140,13 @@ def pure(rounds: int) -> None:
     print(f"In-process, CPU time per body, best of {rounds} rounds\n")
     print("| body scrub | size | one chunk | per KiB | 16 KiB chunks | per KiB | no length |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for kind, make_body in (("JSON", json_body), ("binary", big_body)):
+    kinds = (
+        ("JSON", json_body),
+        ("JSON, `\\/` escapes", php_json_body),
+        ("HTML, `&amp;`", html_body),
+        ("binary", big_body),
+    )
+    for kind, make_body in kinds:
         for name, size in SIZES.items():
             body = make_body(size)
             kib = len(body) / 1024
