@@ -13,7 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyproxy.response.body_scrub import REDACTED, BodyScrubber
+from keyproxy.response.body_scrub import (
+    REDACTED,
+    REMEMBERED_CLEAN_BODIES,
+    REMEMBERED_CLEAN_BODY,
+    BodyScrubber,
+)
 from keyproxy.response.codings import Decoder
 from keyproxy.response.headers import secret_spellings
 
@@ -386,3 +391,20 @@ def test_escapes_that_cannot_spell_the_secret_cost_no_pattern_run() -> None:
     assert b"\\" in scrubber.anchors_in(escaped.lower())
     mask = b"[REDACTED]" + b"*" * (len(escaped) - len(json_body) - 10)
     assert scrubber.scrub(escaped).endswith(mask)
+
+
+def test_small_clean_bodies_are_remembered_and_bounded() -> None:
+    scrubber = BodyScrubber((SECRET,), BASIC, same_length=True)
+    clean = b'{"id": 1, "title": "post"}'
+    assert scrubber.scrub(clean) is clean and clean in scrubber.clean
+    assert scrubber.scrub(bytes(bytearray(clean))) == clean  # a repeat: remembered
+    leaked = b'{"echo": "' + SECRET.encode() + b'"}'
+    for _ in range(2):  # a body with a spelling is redacted every time, never remembered
+        assert SECRET.encode() not in scrubber.scrub(leaked)
+    assert leaked not in scrubber.clean
+    big = b"x" * (REMEMBERED_CLEAN_BODY + 1)
+    assert scrubber.scrub(big) is big and big not in scrubber.clean
+    for i in range(REMEMBERED_CLEAN_BODIES + 5):
+        scrubber.scrub(b"body %d" % i)
+    assert len(scrubber.clean) <= REMEMBERED_CLEAN_BODIES
+    assert BodyScrubber((SECRET,), BASIC).clean == set()  # each snapshot starts empty

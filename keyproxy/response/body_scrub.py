@@ -197,6 +197,7 @@ class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
     __slots__ = (
+        "clean",
         "decoded_needles",
         "escapes",
         "hold",
@@ -216,6 +217,8 @@ class BodyScrubber:
         same_length: bool = False,
     ) -> None:
         self.same_length = same_length
+        #: Small bodies already found clean (`scrub`).
+        self.clean: set[bytes] = set()
         spellings = secret_spellings(secrets, basic, markup=True)
         #: Raw literals every spelling without an escape holds (its longest run without a
         #: space, which is the only byte with another raw spelling, `+`).
@@ -301,10 +304,28 @@ class BodyScrubber:
         )
 
     def scrub(self, body: bytes) -> bytes:
-        """A whole body at once (a buffered or cached one)."""
-        if self.pattern is None or not self.anchors_in(body.lower()):
+        """A whole body at once (a buffered or cached one, or one that came in one read)."""
+        if self.pattern is None:
+            return body
+        small = len(body) <= REMEMBERED_CLEAN_BODY
+        if small and body in self.clean:
+            return body
+        if not self.anchors_in(body.lower()):
+            if small:
+                clean = self.clean
+                if len(clean) >= REMEMBERED_CLEAN_BODIES:
+                    clean.clear()
+                clean.add(body)
             return body
         return _redact(self.pattern, body, self.same_length)[0]
+
+
+#: Small bodies found clean, remembered per snapshot (as header blocks are): an API serves
+#: the same few answers over and over, and the scan of a repeat is then one hash and one
+#: set probe (300 B of JSON: 2.9 µs scanned, 0.3 µs remembered). At most this many
+#: bodies of at most this size, so under 4 MiB; when full it starts over.
+REMEMBERED_CLEAN_BODIES = 1024
+REMEMBERED_CLEAN_BODY = 4096
 
 
 #: What every escaped spelling holds (raw spellings hold the needles instead).
