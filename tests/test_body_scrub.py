@@ -345,6 +345,17 @@ def test_an_html_escaped_secret_is_redacted_split_anywhere(style: str) -> None:
         assert out.endswith(b"<p>more</p>" * 10)
 
 
+def test_a_secret_in_a_javascript_string_is_redacted() -> None:
+    """Rails' `escape_javascript` writes `\\'` and `<\\/`: a script reads the secret back."""
+    escaped = ODD_SECRET.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
+    body = b"<script>var key = '" + escaped.replace("/", "\\/").encode() + b"';</script>"
+    for cut in range(len(body) + 1):
+        stream = ODD.stream()
+        out = stream.feed(body[:cut]) + stream.feed(body[cut:]) + stream.end()
+        assert stream.found == 1 and out.startswith(b"<script>var key = '[REDACTED]"), cut
+        assert out.endswith(b"';</script>") and len(out) == len(body)
+
+
 @st.composite
 def markup_spelling(draw: st.DrawFn) -> bytes:
     """The secret with each byte raw, percent-, JSON- or HTML-escaped, chosen at random."""

@@ -17,8 +17,8 @@ HTML_NAMED = {
     ord('"'): b"quot",
     ord("'"): b"apos",
 }
-#: What JSON may escape with a backslash and the byte itself.
-JSON_SHORT = frozenset(b'/"\\')
+#: What JSON (and a JavaScript string, `\\'`) may escape with a backslash and the byte itself.
+JSON_SHORT = frozenset(b"/\"\\'")
 #: The longest text one byte of a form can take: `&#x00hh;` or `&#00ddd;`.
 LONGEST_BYTE_SPELLING = 8
 
