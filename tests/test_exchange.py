@@ -603,3 +603,21 @@ def test_a_lowered_head_limit_applies_to_connections_open_before_the_reload(loop
     )
     conn.connection_lost(None)
     assert b"HTTP/1.1 431 " in transport.data, transport.data
+
+
+def test_pipelined_heads_before_a_partial_one_are_not_charged_to_it(loop) -> None:
+    """Many small requests pipelined in one read, then the start of another: the bytes of
+    the complete heads are the requests' own, not the partial head's."""
+    feed = _small_head_proxy(loop)
+    one = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 40 + b"\r\n\r\n"
+    pipelined = one * 40  # 3,600 bytes, the limit 1 KiB
+    answer, closed = feed(pipelined + one[:50], one[50:])
+    assert answer.count(b"HTTP/1.1 401 ") == 41 and not closed, answer[-200:]
+    # A partial head over the limit after them is refused all the same, also when the
+    # heads before it take fewer bytes than usual (`name:value`, no space).
+    big = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1200
+    answer, closed = feed(pipelined + big)
+    assert answer.count(b"HTTP/1.1 401 ") == 40 and b"HTTP/1.1 431 " in answer and closed
+    tight = one.replace(b": ", b":")
+    answer, closed = feed(tight * 40 + big)
+    assert answer.count(b"HTTP/1.1 401 ") == 40 and b"HTTP/1.1 431 " in answer and closed

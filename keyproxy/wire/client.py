@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import httptools
@@ -73,6 +74,16 @@ PARSER_READS = (
     frozenset({b"content-length", b"transfer-encoding", b"host", b"expect", b"connection"})
     | MEMO_IGNORED_HEADER_BYTES
 )
+
+
+def _least_wire_size(ex: Exchange) -> int:
+    """The fewest bytes the head of `ex` can have taken on the wire (the request line, each
+    kept header line written `name:value` and ended by a bare LF, the blank line): taken
+    from a read, what is left is at least what the next head has taken of it."""
+    size = len(ex.method) + len(ex.target) + 12  # two spaces, `HTTP/1.1`, two line ends
+    for name, value in ex.raw_headers:
+        size += len(name) + len(value) + 2
+    return size
 
 
 class ClientConnection(asyncio.Protocol):
@@ -159,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_read = self.loop.time()
         self.read_size = len(data)
         self.read_body = 0
+        queued = len(self.queue)  # the requests whose heads complete in this read come after
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -178,13 +190,14 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head and self.head_begun:
             # A head still incomplete after this chunk: bound what llhttp and httptools
             # may be accumulating for it. Of the read it began in, every byte but the
-            # bodies of the requests before it (httptools holds a header line until it
-            # ends, so what the callbacks have seen would miss a long one in progress);
-            # of each later read, every byte.
+            # bodies and the heads of the requests before it (httptools holds a header
+            # line until it ends, so what the callbacks have seen would miss a long one
+            # in progress); of each later read, every byte.
             if self.head_bytes:
                 self.head_seen += len(data)
             else:
-                self.head_seen = len(data) - self.read_body
+                earlier = sum(map(_least_wire_size, islice(self.queue, queued, None)))
+                self.head_seen = len(data) - self.read_body - earlier
             self.head_bytes += len(data)
             if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
