@@ -152,7 +152,12 @@ def read_fields_at(r: Reader, node: Node, where: str) -> tuple[DocumentPath, ...
         try:
             paths.append(parse_document_path(text))
         except ValueError as error:
-            r.issue(item, f"{where}[{index}]", str(error))
+            r.issue(
+                item,
+                f"{where}[{index}]",
+                str(error),
+                "write where the records sit, like data[*] or hits.hits[*]._source",
+            )
     return None if len(r.issues) != before else tuple(paths)
 
 
@@ -279,7 +284,12 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
                 )
             chosen.extend(c for c in covered if c not in chosen)
         elif "GET" not in route.methods:
-            r.issue(item, f"cache.routes[{index}]", f"{text!r} never answers a GET")
+            r.issue(
+                item,
+                f"cache.routes[{index}]",
+                f"{text!r} never answers a GET",
+                "only GET answers are cached: list a route whose methods include GET",
+            )
         elif route not in chosen:
             chosen.append(route)
     values: dict[str, object] = {}
@@ -296,6 +306,11 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
     assert backend is not None and ttl is not None
     settings = CacheSettings(backend, ttl, tuple(chosen), **values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
     if settings.max_entry_bytes > settings.max_bytes:
-        r.issue(node, "cache.max_entry_bytes", "is larger than max_bytes")
+        r.issue(
+            node,
+            "cache.max_entry_bytes",
+            "is larger than max_bytes",
+            "lower max_entry_bytes, or raise max_bytes above it",
+        )
         return None
     return settings
