@@ -88,6 +88,20 @@ def test_explain_help_names_every_exit_status() -> None:
     assert "2 bad input" in " ".join(done.stdout.split())
 
 
+# -- a command that cannot start says so in one line, never a traceback ----------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["serve", "-c", str(EXAMPLE)], ["demo"], ["demo-backend"]], ids=lambda c: c[0]
+)
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_a_port_out_of_range_is_one_line(command: list[str], port: str) -> None:
+    done = keyproxy(*command, "--port", port)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr == f"--port {port}: expected a port from 0 to 65535 (0: any free one)\n"
+
+
 # -- cache.routes: a pattern stands for the GET routes it covers -----------------------------
 
 

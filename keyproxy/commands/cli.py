@@ -20,9 +20,19 @@ def _fds(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _bad_port(args: argparse.Namespace) -> bool:
+    """A `--port` no socket can have, said in one line (not the OverflowError of bind)."""
+    if args.port is None or 0 <= args.port <= 65535:
+        return False
+    print(f"--port {args.port}: expected a port from 0 to 65535 (0: any free one)", file=sys.stderr)
+    return True
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from keyproxy.lifecycle import WorkerLink, run
 
+    if _bad_port(args):
+        return 2
     workers = args.workers.strip()
     if not workers.isdigit() or not 1 <= int(workers) <= MAX_WORKERS:
         print(
@@ -42,12 +52,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from keyproxy.commands.demo import run_demo
 
+    if _bad_port(args):
+        return 2
     return run_demo(args.port)
 
 
 def _cmd_demo_backend(args: argparse.Namespace) -> int:
     from keyproxy.commands.demo_backend import run_backend
 
+    if _bad_port(args):
+        return 2
     secret = os.environ.get("UPSTREAM_SECRET", "")
     if not secret:
         print("demo-backend: set UPSTREAM_SECRET, the one secret it accepts", file=sys.stderr)
