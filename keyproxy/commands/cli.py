@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
+from urllib.parse import urlsplit
 
 from keyproxy import __version__
 
@@ -18,9 +20,19 @@ def _fds(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _bad_port(args: argparse.Namespace) -> bool:
+    """A `--port` no socket can have, said in one line (not the OverflowError of bind)."""
+    if args.port is None or 0 <= args.port <= 65535:
+        return False
+    print(f"--port {args.port}: expected a port from 0 to 65535 (0: any free one)", file=sys.stderr)
+    return True
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from keyproxy.lifecycle import WorkerLink, run
 
+    if _bad_port(args):
+        return 2
     workers = args.workers.strip()
     if not workers.isdigit() or not 1 <= int(workers) <= MAX_WORKERS:
         print(
@@ -40,12 +52,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from keyproxy.commands.demo import run_demo
 
+    if _bad_port(args):
+        return 2
     return run_demo(args.port)
 
 
 def _cmd_demo_backend(args: argparse.Namespace) -> int:
     from keyproxy.commands.demo_backend import run_backend
 
+    if _bad_port(args):
+        return 2
     secret = os.environ.get("UPSTREAM_SECRET", "")
     if not secret:
         print("demo-backend: set UPSTREAM_SECRET, the one secret it accepts", file=sys.stderr)
@@ -194,6 +210,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.via is not None and args.key is None:
         print("--via says how --key travels: give --key too", file=sys.stderr)
         return 2
+    problem = _explain_input_problem(args.url, args.header)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
     if args.key_id is not None and not any(k.id == args.key_id for k in config.keys):
         print(f"--key-id: no key with id {args.key_id!r} in {args.config}", file=sys.stderr)
         return 2
@@ -227,6 +247,35 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from keyproxy.commands.replay import run
 
     return run(args.config, args.log, args.json)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _explain_input_problem(url: str, headers: list[str]) -> str | None:
+    """What is wrong with explain's request, as one line; None when it can be decided.
+
+    A header or URL that no HTTP client could send is the user's typo, and deciding
+    something else in its place (a nameless header, the path `/`) would print a
+    verdict for a request nobody asked about: bad input, exit 2.
+    """
+    for text in headers:
+        name, colon, _ = text.partition(":")
+        if not colon or _HEADER_NAME.fullmatch(name.strip()) is None:
+            return f"--header: {text!r} is not a header: write it as 'Name: value'"
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return None
+    if scheme.lower() not in ("http", "https"):
+        return f"URL: {url!r} is not http:// or https://: give such a URL, or a path like /v1/data"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # a port out of range or not a number raises here
+    except ValueError as exc:
+        return f"URL: {url!r} is not a valid URL ({exc}): give one, or a path like /v1/data/posts"
+    if not parts.hostname:
+        return f"URL: {url!r} names no host: give one, or a path like /v1/data/posts"
+    return None
 
 
 def _header_pair(text: str) -> tuple[str, str]:
@@ -313,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="replay the decision for one request, step by step",
         description="Run the whole decision offline and print every step and the verdict "
-        "(exit 0 allow, 1 deny).",
+        "(exit 0 allow, 1 deny, 2 bad input).",
     )
     p.add_argument("-c", "--config", required=True, metavar="FILE")
     who = p.add_mutually_exclusive_group()

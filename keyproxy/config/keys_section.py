@@ -550,7 +550,9 @@ class KeyReader:
                     "write an address or a CIDR block, like 10.0.0.0/8 or ::1",
                 )
         if not found:
-            self.r.issue(node, where, str(error))
+            self.r.issue(
+                node, where, str(error), "list addresses or CIDR blocks, like [10.0.0.0/8, ::1]"
+            )
 
     def rate(self, node: Node, where: str) -> Rate | tuple[Rate, ...] | None:
         if type(node) is SequenceNode:
@@ -601,7 +603,12 @@ class KeyReader:
         created_at = None if created is None else self.time(created, where + ".created")
         if expires is not None:
             if ttl is not None:
-                self.r.issue(ttl, where + ".ttl", "set either expires or ttl, not both")
+                self.r.issue(
+                    ttl,
+                    where + ".ttl",
+                    "set either expires or ttl, not both",
+                    "keep expires (a time) or ttl with created, and remove the other",
+                )
             return self.time(expires, where + ".expires")
         if ttl is None:
             return None
@@ -667,6 +674,11 @@ def _roles(r: Reader, node: Node, where: str) -> tuple[str, ...] | None:
         return None
     for position, (item, text) in enumerate(items):
         if _ROLE_NAME.fullmatch(text) is None:
-            r.issue(item, f"{where}[{position}]", f"{show(item)} is not a role name")
+            r.issue(
+                item,
+                f"{where}[{position}]",
+                f"{show(item)} is not a role name",
+                "a role name is up to 64 letters, digits, '_', '.', ':' or '-'",
+            )
             return None
     return tuple(text for _, text in items)

@@ -110,7 +110,7 @@ def _route_table(r: Reader, table: list[Route], node: Node | None) -> routes.Rou
     try:
         return routes.RouteTable(table)
     except ValueError as error:
-        r.issue(node, "routes", str(error))
+        r.issue(node, "routes", str(error), "fix the route named in the message")
         return None
 
 
@@ -154,6 +154,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
                     "",
                     "the top level must be a mapping "
                     "of sections (server, upstream, routes, keys, ...)",
+                    "start each section at column 1, like 'upstream:' and 'routes:'",
                 )
             ],
         )
@@ -226,14 +227,30 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
         return _build(text, source, env)
     except RecursionError:  # deep nesting, in the YAML itself or through '<<' merges
         raise ConfigError(
-            source, [ConfigIssue(None, "", "the YAML is nested too deeply")]
+            source,
+            [
+                ConfigIssue(
+                    None,
+                    "",
+                    "the YAML is nested too deeply",
+                    "flatten the nesting; avoid '<<' merges of merges",
+                )
+            ],
         ) from None
     except ValueError as error:
         # A value no reader foresaw (e.g. an integer of thousands of digits, which
         # Python refuses to convert): still a refused file, never a crash or a
         # stopped reload. The message names the problem, not the value.
         raise ConfigError(
-            source, [ConfigIssue(None, "", f"a value cannot be read: {type(error).__name__}")]
+            source,
+            [
+                ConfigIssue(
+                    None,
+                    "",
+                    f"a value cannot be read: {type(error).__name__}",
+                    "write numbers of ordinary size and plain text",
+                )
+            ],
         ) from None
     finally:
         if collecting:

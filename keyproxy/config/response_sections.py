@@ -16,6 +16,7 @@ from yaml.nodes import Node
 from keyproxy.config.model import MiB, Route
 from keyproxy.config.rate_limits_section import _store
 from keyproxy.config.yaml_reader import Reader
+from keyproxy.policy.routes import parse_pattern
 from keyproxy.response.cors import MAX_ORIGINS, CorsPolicy, CorsSettings, parse_origin_pattern
 from keyproxy.response.fields import (
     DocumentPath,
@@ -151,7 +152,12 @@ def read_fields_at(r: Reader, node: Node, where: str) -> tuple[DocumentPath, ...
         try:
             paths.append(parse_document_path(text))
         except ValueError as error:
-            r.issue(item, f"{where}[{index}]", str(error))
+            r.issue(
+                item,
+                f"{where}[{index}]",
+                str(error),
+                "write where the records sit, like data[*] or hits.hits[*]._source",
+            )
     return None if len(r.issues) != before else tuple(paths)
 
 
@@ -206,8 +212,46 @@ def _backend(r: Reader, node: Node) -> str | None:
     return None
 
 
+def _segment_covers(wanted: str, segment: str) -> bool:
+    """Whether a cache pattern's segment stands for every path segment a route's does."""
+    if wanted == "*" or (wanted.startswith("{") and wanted.endswith("}")):
+        return segment != "**"
+    return wanted == segment
+
+
+def _covered_routes(text: str, routes: Sequence[Route]) -> list[Route]:
+    """The GET routes whose every path `text` (a route pattern, `GET /v1/data/**`) matches.
+
+    A pattern stands for the configured routes it covers, so a cache listing can name
+    a whole subtree once; it never reaches a path no route matches, since only the
+    routes themselves are cached. Not a pattern, or covering none: empty.
+    """
+    try:
+        methods, wanted = parse_pattern(text)
+    except ValueError:
+        return []
+    if "GET" not in methods:
+        return []
+    rest = len(wanted) - 1 if wanted and wanted[-1] == "**" else None
+    covered = []
+    for route in routes:
+        if "GET" not in route.methods:
+            continue
+        segments = route.segments
+        if rest is None:
+            fits = len(segments) == len(wanted) and all(map(_segment_covers, wanted, segments))
+        else:
+            fits = len(segments) >= rest and all(
+                map(_segment_covers, wanted[:rest], segments[:rest])
+            )
+        if fits:
+            covered.append(route)
+    return covered
+
+
 def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSettings | None:
-    """`cache:`; its `routes` must each be written exactly as one of the configured routes."""
+    """`cache:`; each of its `routes` is one of the configured routes, written exactly as
+    under `routes`, or a pattern (`GET /v1/data/**`) standing for the GET routes it covers."""
     if node is None:
         return None
     before = len(r.issues)
@@ -229,15 +273,24 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
     for index, (item, text) in enumerate(items or ()):
         route = by_match.get(text)
         if route is None:
+            covered = _covered_routes(text, routes)
+            if not covered:
+                r.issue(
+                    item,
+                    f"cache.routes[{index}]",
+                    f"{text!r} is not one of the routes, nor a pattern covering a GET route",
+                    "copy a route's match: exactly as written under routes, or write a"
+                    " pattern such as 'GET /v1/data/**' that covers some of them",
+                )
+            chosen.extend(c for c in covered if c not in chosen)
+        elif "GET" not in route.methods:
             r.issue(
                 item,
                 f"cache.routes[{index}]",
-                f"{text!r} is not one of the routes",
-                "copy a route's match: exactly as written under routes",
+                f"{text!r} never answers a GET",
+                "only GET answers are cached: list a route whose methods include GET",
             )
-        elif "GET" not in route.methods:
-            r.issue(item, f"cache.routes[{index}]", f"{text!r} never answers a GET")
-        else:
+        elif route not in chosen:
             chosen.append(route)
     values: dict[str, object] = {}
     if "max_entries" in fields:
@@ -253,6 +306,11 @@ def read_cache(r: Reader, node: Node | None, routes: Sequence[Route]) -> CacheSe
     assert backend is not None and ttl is not None
     settings = CacheSettings(backend, ttl, tuple(chosen), **values)  # type: ignore[arg-type]  # the reader built each value with the type of its field
     if settings.max_entry_bytes > settings.max_bytes:
-        r.issue(node, "cache.max_entry_bytes", "is larger than max_bytes")
+        r.issue(
+            node,
+            "cache.max_entry_bytes",
+            "is larger than max_bytes",
+            "lower max_entry_bytes, or raise max_bytes above it",
+        )
         return None
     return settings

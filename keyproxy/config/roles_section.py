@@ -39,18 +39,30 @@ def _table(r: Reader, node: Node, where: str, text: str) -> str | None:
 
 def _role(r: Reader, node: Node, where: str) -> dict[str, tuple[str, ...]] | None:
     if type(node) is not MappingNode:
-        r.issue(node, where, f"expected a mapping of tables to operations, found {kind_of(node)}")
+        r.issue(
+            node,
+            where,
+            f"expected a mapping of tables to operations, found {kind_of(node)}",
+            'write {"*": [read, list], posts: [create, read]}',
+        )
         return None
     before = len(r.issues)
     tables: dict[str, tuple[str, ...]] = {}
     for key, value in node.value:
         name = key.value if type(key) is ScalarNode else None
         if name is None:
-            r.issue(key, where, "a table name must be a single word")
+            r.issue(
+                key,
+                where,
+                "a table name must be a single word",
+                'write a table name, "*" for every table or "!name" for a deny',
+            )
             continue
         here = f"{where}.{name}"
         if name in tables:
-            r.issue(key, here, f"{name!r} appears twice in this role")
+            r.issue(
+                key, here, f"{name!r} appears twice in this role", "merge its operations into one"
+            )
             continue
         deny = name.startswith("!")
         if name != ANY_TABLE and _table(r, key, here, name[1:] if deny else name) is None:
@@ -98,7 +110,12 @@ def _roles(r: Reader, node: Node) -> dict[str, dict[str, tuple[str, ...]]] | Non
             r.issue(key, "roles", f"{name!r} is not a valid role name", "letters, digits, _ . : -")
             continue
         if name in roles:
-            r.issue(key, f"roles.{name}", f"role {name!r} is defined twice")
+            r.issue(
+                key,
+                f"roles.{name}",
+                f"role {name!r} is defined twice",
+                "keep one definition and merge the other's tables into it",
+            )
             continue
         role = _role(r, value, f"roles.{name}")
         if role is not None:
@@ -124,23 +141,43 @@ def _self(r: Reader, node: Node) -> SelfRecords | None:
         return None
     owner = r.text(fields["owner_field"], "self.owner_field")
     if owner is not None and not owner:
-        r.issue(fields["owner_field"], "self.owner_field", "is empty")
+        r.issue(
+            fields["owner_field"],
+            "self.owner_field",
+            "is empty",
+            "name the record field that holds its owner, like createdBy",
+        )
         owner = None
     filters: list[tuple[str, str]] = []
     if "list_filter" in fields:
         lf = r.fields(fields["list_filter"], "self.list_filter", _LIST_FILTER_FIELDS)
         query = (lf or {}).get("query")
         if lf is not None and query is None:
-            r.issue(fields["list_filter"], "self.list_filter", "'query' is required")
+            r.issue(
+                fields["list_filter"],
+                "self.list_filter",
+                "'query' is required",
+                'write list_filter: {query: {createdBy: "{user}"}}',
+            )
         elif query is not None:
             if type(query) is not MappingNode or not query.value:
-                r.issue(query, "self.list_filter.query", "expected a mapping of parameters")
+                r.issue(
+                    query,
+                    "self.list_filter.query",
+                    "expected a mapping of parameters",
+                    'write query: {createdBy: "{user}"}',
+                )
                 return None
             for key, value in query.value:
                 name = key.value if type(key) is ScalarNode else ""
                 here = f"self.list_filter.query.{name}"
                 if QUERY_NAME.fullmatch(name) is None:
-                    r.issue(key, here, f"{name!r} is not a valid query parameter name")
+                    r.issue(
+                        key,
+                        here,
+                        f"{name!r} is not a valid query parameter name",
+                        "use letters, digits and . _ ~ - [ ]",
+                    )
                     continue
                 template = r.text(value, here)
                 if template is not None and "{user}" not in template:

@@ -148,7 +148,12 @@ def _trusted_proxies(r: Reader, node: Node, where: str) -> IpAllowlist | bool | 
             IpAllowlist.parse([value])
         except ValueError as exc:
             message = str(exc).replace("ips entry ", "", 1)
-            r.issue(item, f"{where}[{index}]", message)
+            r.issue(
+                item,
+                f"{where}[{index}]",
+                message,
+                "write a proxy's address or CIDR block, like 10.0.0.0/8 or 192.0.2.10",
+            )
             ok = False
     return IpAllowlist.parse([value for _, value in items]) if ok else False
 

@@ -140,7 +140,12 @@ def _ca_file(r: Reader, node: Node, where: str, base_dir: str) -> str | None:
         r.issue(node, where, f"{path} does not load as PEM certificates ({detail})", hint)
         return None
     except OSError as error:
-        r.issue(node, where, f"cannot read {path}: {error.strerror or error}")
+        r.issue(
+            node,
+            where,
+            f"cannot read {path}: {error.strerror or error}",
+            "give the path of a readable PEM file (relative paths start at the config file)",
+        )
         return None
     if context.cert_store_stats()["x509_ca"] == 0:
         r.issue(
@@ -170,7 +175,12 @@ def _header_value(r: Reader, node: Node, where: str) -> str | None:
     elif not value.isascii():
         r.issue(node, where, "contains non-ASCII characters", "header values must be ASCII")
     elif value != value.strip(" \t"):
-        r.issue(node, where, "starts or ends with whitespace, which HTTP would drop")
+        r.issue(
+            node,
+            where,
+            "starts or ends with whitespace, which HTTP would drop",
+            "remove the spaces around the value",
+        )
     else:
         return value
     return None
@@ -178,7 +188,12 @@ def _header_value(r: Reader, node: Node, where: str) -> str | None:
 
 def _inject_headers(r: Reader, node: Node, where: str) -> tuple[tuple[str, str], ...] | None:
     if type(node) is not MappingNode:
-        r.issue(node, where, f"expected a mapping of header names to values, found {kind_of(node)}")
+        r.issue(
+            node,
+            where,
+            f"expected a mapping of header names to values, found {kind_of(node)}",
+            "write one 'Header-Name: value' per line below it",
+        )
         return None
     before = len(r.issues)
     result: list[tuple[str, str]] = []
@@ -207,6 +222,7 @@ def _inject_headers(r: Reader, node: Node, where: str) -> tuple[tuple[str, str],
                 here,
                 f"keyproxy cannot inject {name!r}: it controls framing, routing "
                 "or forwarding information that keyproxy sets itself",
+                "inject the credential under the header name the upstream reads it from",
             )
         else:
             seen[lowered] = key
@@ -219,7 +235,10 @@ def _inject_headers(r: Reader, node: Node, where: str) -> tuple[tuple[str, str],
 def _inject_query(r: Reader, node: Node, where: str) -> tuple[tuple[str, str], ...] | None:
     if type(node) is not MappingNode:
         r.issue(
-            node, where, f"expected a mapping of parameter names to values, found {kind_of(node)}"
+            node,
+            where,
+            f"expected a mapping of parameter names to values, found {kind_of(node)}",
+            "write one 'name: value' per line below it",
         )
         return None
     before = len(r.issues)
@@ -236,14 +255,24 @@ def _inject_query(r: Reader, node: Node, where: str) -> tuple[tuple[str, str], .
                 "use letters, digits and . _ ~ -",
             )
         elif name in seen:
-            r.issue(key, here, f"{name!r} appears twice (first on line {line_of(seen[name])})")
+            r.issue(
+                key,
+                here,
+                f"{name!r} appears twice (first on line {line_of(seen[name])})",
+                "keep one",
+            )
         else:
             seen[name] = key
             value = r.text(value_node, here)
             if value is not None and not value.strip():
                 r.issue(value_node, here, "is empty", "an injected credential must have a value")
             elif value is not None and _CONTROL.search(value):
-                r.issue(value_node, here, "contains a line break, NUL or another control character")
+                r.issue(
+                    value_node,
+                    here,
+                    "contains a line break, NUL or another control character",
+                    "write the value on one line, without control characters",
+                )
             elif value is not None:
                 result.append((name, value))
     return tuple(result) if len(r.issues) == before else None
@@ -266,11 +295,17 @@ def _inject_basic(r: Reader, node: Node, where: str) -> tuple[str, str] | None:
             fields["username"],
             f"{where}.username",
             "must be non-empty, without ':' or control characters",
+            "write the user name the upstream expects",
         )
     # An empty password is allowed: APIs such as Stripe's take the secret as the
     # username (`sk_live_...:`), and the username is checked non-empty above.
     if password is not None and _CONTROL.search(password):
-        r.issue(fields["password"], f"{where}.password", "contains a control character")
+        r.issue(
+            fields["password"],
+            f"{where}.password",
+            "contains a control character",
+            "write the password on one line, without control characters",
+        )
     if len(r.issues) != before or username is None or password is None:
         return None
     return username, password
@@ -324,7 +359,12 @@ def _identity_headers(
                 fields[kind], here, f"{name!r} is not a valid header name", "letters, digits, -"
             )
         elif lowered in _REFUSED_HEADERS or lowered.startswith(_REFUSED_HEADER_PREFIXES):
-            r.issue(fields[kind], here, f"keyproxy cannot use {name!r}: it sets that header itself")
+            r.issue(
+                fields[kind],
+                here,
+                f"keyproxy cannot use {name!r}: it sets that header itself",
+                "pick another name, like X-Keyproxy-User",
+            )
         elif lowered in taken:
             r.issue(
                 fields[kind],

@@ -35,6 +35,12 @@ _YAML11_BOOLS = frozenset(
 )
 
 
+_YAML_HINT = (
+    "check this line and the one above it: spaces for indentation, 'name: value' fields,"
+    " quotes around text holding ': ', ' #', [ or {"
+)
+
+
 def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
     if isinstance(error, yaml.reader.ReaderError):
         return ConfigIssue(
@@ -44,12 +50,12 @@ def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
             "remove the control character",
         )
     if not isinstance(error, yaml.MarkedYAMLError):
-        return ConfigIssue(None, "", f"invalid YAML: {error}")
+        return ConfigIssue(None, "", f"invalid YAML: {error}", _YAML_HINT)
     mark = error.problem_mark or error.context_mark
     problem = error.problem or "syntax error"
     message = f"invalid YAML: {problem}" + (f" ({error.context})" if error.context else "")
     if mark is None:
-        return ConfigIssue(None, "", message)
+        return ConfigIssue(None, "", message, _YAML_HINT)
     lines = text.splitlines()
     line = lines[mark.line] if mark.line < len(lines) else ""
     hint = None
@@ -66,7 +72,7 @@ def yaml_issue(error: yaml.YAMLError, text: str) -> ConfigIssue:
         )
     elif problem.startswith("mapping values are not allowed"):
         hint = 'quote a value that holds ": ", like "a: b"'
-    return ConfigIssue(mark.line + 1, "", message, hint)
+    return ConfigIssue(mark.line + 1, "", message, hint or _YAML_HINT)
 
 
 def _indent(line: str) -> int:
@@ -270,7 +276,12 @@ class Reader:
             if type(node) is ScalarNode and not node.style and node.value in NULLS:
                 self.issue(node, where, "is empty", "add its fields, or remove it")
             else:
-                self.issue(node, where, f"expected a mapping of fields, found {kind_of(node)}")
+                self.issue(
+                    node,
+                    where,
+                    f"expected a mapping of fields, found {kind_of(node)}",
+                    "write its fields indented below it, one 'name: value' per line",
+                )
             return None
         if node.tag is not UNTAGGED and node.tag not in _NO_OP_TAGS:
             self.issue(node, where, *_tag_refusal(node.tag))
@@ -307,7 +318,12 @@ class Reader:
         found: dict[str, Node],
     ) -> None:
         if name is None:
-            self.issue(key, where, f"a field name must be a single word, found {kind_of(key)}")
+            self.issue(
+                key,
+                where,
+                f"a field name must be a single word, found {kind_of(key)}",
+                "write a plain name before the ':'",
+            )
         elif name in found:
             first = next(k for k, _ in node.value if type(k) is ScalarNode and k.value == name)
             self.issue(
@@ -353,10 +369,20 @@ class Reader:
                         )
                     return
                 if type(mapping) is not MappingNode:
-                    self.issue(mapping, where, "'<<' must name a mapping or a list of mappings")
+                    self.issue(
+                        mapping,
+                        where,
+                        "'<<' must name a mapping or a list of mappings",
+                        "write <<: *anchor, where &anchor marks a mapping",
+                    )
                     continue
                 if id(mapping) in merging:
-                    self.issue(mapping, where, "'<<' merges a mapping into itself")
+                    self.issue(
+                        mapping,
+                        where,
+                        "'<<' merges a mapping into itself",
+                        "merge another mapping's anchor, or write the fields out",
+                    )
                     continue
                 inner = self.fields(mapping, where, known, not_yet, merging)
                 for name, value in (inner or {}).items():
@@ -367,7 +393,12 @@ class Reader:
     def text(self, node: Node, where: str) -> str | None:
         """The scalar's text with ${VAR} substituted; None (and an issue) if absent or invalid."""
         if type(node) is not ScalarNode:
-            self.issue(node, where, f"expected a single value, found {kind_of(node)}")
+            self.issue(
+                node,
+                where,
+                f"expected a single value, found {kind_of(node)}",
+                "write one value after the ':', quoted if it holds ':' or '#'",
+            )
             return None
         tag = node.tag
         value = node.value
@@ -492,7 +523,7 @@ class Reader:
             return None
         number = int(value)
         if number < low or (high is not None and number > high):
-            self.issue(node, where, f"must be {bounds}, found {number}")
+            self.issue(node, where, f"must be {bounds}, found {number}", f"write a number {bounds}")
             return None
         return number
 
@@ -533,10 +564,15 @@ class Reader:
         if seconds is None:
             return None
         if seconds == 0 and not allow_zero:
-            self.issue(node, where, "must be longer than zero")
+            self.issue(node, where, "must be longer than zero", "write a duration like 30s")
             return None
         if maximum is not None and seconds > maximum:
-            self.issue(node, where, f"must be at most {maximum:g}s, found {seconds:g}s")
+            self.issue(
+                node,
+                where,
+                f"must be at most {maximum:g}s, found {seconds:g}s",
+                f"write {maximum:g}s or less",
+            )
             return None
         return seconds
 
@@ -546,7 +582,7 @@ class Reader:
             return None
         if size < low or (high is not None and size > high):
             bounds = f"at least {low} bytes" if high is None else f"between {low} and {high} bytes"
-            self.issue(node, where, f"must be {bounds}, found {size}")
+            self.issue(node, where, f"must be {bounds}, found {size}", f"write a size {bounds}")
             return None
         return size
 
@@ -588,7 +624,12 @@ class Reader:
             self.issue(node, where, "is an empty list", non_empty)
             return None
         if at_most is not None and len(items) > at_most:
-            self.issue(node, where, f"has {len(items)} entries; at most {at_most} are allowed")
+            self.issue(
+                node,
+                where,
+                f"has {len(items)} entries; at most {at_most} are allowed",
+                f"keep at most {at_most}: a wider pattern or CIDR can cover several",
+            )
             return None
         return items
 
@@ -609,7 +650,9 @@ class Reader:
             if value is None:
                 ok = False
             elif value in seen:
-                self.issue(item, f"{where}[{index}]", f"{show(item)} is listed twice")
+                self.issue(
+                    item, f"{where}[{index}]", f"{show(item)} is listed twice", "remove one of them"
+                )
                 ok = False
             else:
                 seen.add(value)
