@@ -226,7 +226,7 @@ def key_states(config: Config, now: float) -> dict[str, int]:
             states["expired"] += 1
         else:
             states["active"] += 1
-        if getattr(key, "mode", None) == "report":
+        if key.report:
             states["report"] += 1
     return states
 
@@ -728,6 +728,8 @@ class Observer:
                 if would is not None:
                     decision = "would_deny"
                     reason = getattr(would, "code", str(would))
+                    key = ctx.key
+                    m.would_deny(key.id if key is not None else None, reason)
             notes = ctx.notes
             seen: Verdict | None = notes.get((decision, reason)) if notes is not None else None
             if seen is None:

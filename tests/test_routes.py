@@ -264,7 +264,10 @@ def test_case_variants_of_a_guarded_literal(path: str) -> None:
     if path in ("/v1/data/audit%5Flog",):
         assert isinstance(found, Route) and found.match == "GET /v1/data/audit_log"
     elif path == "/v1/DATA/audit_log":
-        assert found is None  # no route matches as written: refused anyway
+        # No route matches as written, but the guarded one does in another letter case:
+        # ambiguous (400), as every case variant of a literal route is.
+        assert isinstance(found, AmbiguousMatch) and found.route is None
+        assert found.other is not None and found.other.match == "GET /v1/data/audit_log"
     else:
         assert isinstance(found, AmbiguousMatch)
         assert found.route is not None and found.route.match == "GET /v1/data/{table}"
@@ -315,7 +318,8 @@ def test_lenient_reading_that_finds_the_same_route_is_fine() -> None:
 def test_lenient_readings_are_per_method() -> None:
     t = table("DELETE /v1/data/audit_log", "GET /v1/data/{table}")
     assert hit(t, "GET", "/v1/data/AUDIT_LOG") == ("GET /v1/data/{table}", {"table": "AUDIT_LOG"})
-    assert hit(t, "DELETE", "/v1/data/AUDIT_LOG") is None
+    # DELETE: no route as written, its literal in another case: ambiguous, not unrouted.
+    assert is_ambiguous(t, "DELETE", "/v1/data/AUDIT_LOG")
 
 
 def test_fold_segment_for_comparing_params_with_config_names() -> None:
@@ -375,9 +379,9 @@ def _ref_resolve(patterns: list[str], method: str, path: tuple[str, ...]) -> str
     exact = next(
         (i for i, (m, s) in enumerate(parsed) if method in m and _ref_match(s, path)), None
     )
-    if exact is None:
-        return None
     folded = _ref_fold(path, wild=False)
+    if exact is None and folded == (path[:-1] if path and path[-1] == "" else path):
+        return None  # no route, and no other reading than without a trailing slash
     loose = next(
         (
             i
@@ -386,6 +390,8 @@ def _ref_resolve(patterns: list[str], method: str, path: tuple[str, ...]) -> str
         ),
         None,
     )
+    if exact is None:  # a route in another letter case or spelling: ambiguous
+        return None if loose is None else "ambiguous"
     return "ambiguous" if loose != exact else patterns[exact]
 
 

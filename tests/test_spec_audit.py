@@ -1,8 +1,7 @@
 """What the product promises, checked against the real commands and a real `keyproxy serve`.
 
 Each test holds one promise of the README (commands, the configuration, metrics, errors)
-that an audit found broken. Those still open in code others are changing are marked
-`xfail(strict=True)`: they fail today, and the marker must go when the fix lands.
+that an audit found broken, and fails without its fix.
 """
 
 from __future__ import annotations
@@ -266,7 +265,7 @@ def test_check_gives_a_hint_for_broken_yaml_too(tmp_path: Path, text: str) -> No
     assert all("(hint: " in line for line in done.stdout.splitlines()), done.stdout
 
 
-# -- open in code being changed elsewhere: xfail until fixed ---------------------------------
+# -- report mode's metrics and letter-case variants of routes ---------------------------------
 
 
 def _report_config(upstream: UpstreamServer) -> dict[str, Any]:
@@ -300,11 +299,6 @@ def test_a_report_mode_refusal_is_forwarded_and_labelled_would_deny(reporting: K
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keyproxy_would_deny_total is declared but never counted: observe.Observer._record "
-    "sets decision would_deny without calling metrics.would_deny(key id, reason)",
-)
 def test_a_report_mode_refusal_counts_in_would_deny_total(reporting: Keyproxy) -> None:
     status, _, _, _ = reporting.request("GET", "/v1/data/posts", key=REPORT_KEY)
     assert status == 200
@@ -315,21 +309,10 @@ def test_a_report_mode_refusal_counts_in_would_deny_total(reporting: Keyproxy) -
     ), [line for line in lines if "would_deny" in line]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="observe.key_states reads key.mode, which Key does not have (it is key.report), so "
-    'keyproxy_keys{state="report"} is always 0',
-)
 def test_keys_gauge_counts_report_mode_keys(reporting: Keyproxy) -> None:
     assert 'keyproxy_keys{state="report"} 1.0' in metrics(reporting)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy.routes.RouteTable._search looks for a lenient (case-folded) match only when "
-    "the exact path matched a route, so a case variant of a literal route that matches "
-    "nothing exactly gets 403 ROUTE_NOT_ALLOWED",
-)
 def test_a_letter_case_variant_of_a_literal_route_is_ambiguous(reporting: Keyproxy) -> None:
     status, _, body, _ = reporting.request("GET", "/HEALTH", key=KEYS["admin"])
     assert (status, json.loads(body)["error"]) == (400, "AMBIGUOUS_PATH")

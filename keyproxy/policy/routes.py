@@ -304,7 +304,7 @@ class RouteTable:
         # keeps an LRU of those) it serves `/posts/43` after `/posts/42` too: ids never
         # reach the key. Bounded; emptied when full.
         self._shapes: dict[
-            tuple[str, tuple[str | None, ...], tuple[str | None, ...] | None],
+            tuple[str, tuple[str | None, ...], tuple[str | None, ...] | None, bool],
             Route | AmbiguousMatch | None,
         ] = {}
 
@@ -322,17 +322,20 @@ class RouteTable:
         """
         shape = tuple(map(self._literals.get, segments))
         loose = None
+        variant = False  # the lenient reading differs in more than a trailing slash
         if not self._plain or (
             segments and (segments[-1] == "" or _NOT_PLAIN.search("/".join(segments)))
         ):
-            loose = tuple(map(self._loose_literals.get, _fold_path(segments)))
-        slot = (method, shape, loose)
+            folded = _fold_path(segments)
+            loose = tuple(map(self._loose_literals.get, folded))
+            variant = folded != (segments[:-1] if segments and segments[-1] == "" else segments)
+        slot = (method, shape, loose, variant)
         shapes = self._shapes
         try:
             return shapes[slot]
         except KeyError:
             pass
-        found = self._search(method, shape, loose)
+        found = self._search(method, shape, loose, variant)
         if len(shapes) >= SHAPE_CACHE_SIZE:
             shapes.clear()
         if SHAPE_CACHE_SIZE:  # 0 turns the cache off (bench/decision.py's worst case)
@@ -340,14 +343,23 @@ class RouteTable:
         return found
 
     def _search(
-        self, method: str, shape: tuple[str | None, ...], loose: tuple[str | None, ...] | None
+        self,
+        method: str,
+        shape: tuple[str | None, ...],
+        loose: tuple[str | None, ...] | None,
+        variant: bool,
     ) -> Route | AmbiguousMatch | None:
         root = self._exact.get(method)
         if root is None:
             return None
         found = _first(root, shape, 0, len(shape), _NONE)
         if found == _NONE:
-            return None
+            if loose is None or not variant:
+                return None
+            # No route as written, but one in another letter case or spelling: the upstream
+            # may well serve that route's resource here.
+            other = _first(self._loose[method], loose, 0, len(loose), _NONE)
+            return None if other == _NONE else AmbiguousMatch(_AMBIGUOUS, None, self._routes[other])
         if loose is not None:
             other = _first(self._loose[method], loose, 0, len(loose), _NONE)
             if other != found:
