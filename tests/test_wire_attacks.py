@@ -1,0 +1,158 @@
+"""Raw-socket attacks on the request side of a real `keyproxy serve` before a real upstream:
+framing and smuggling shapes, head and trailer limits, slow clients, reloads mid-connection."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import UpstreamServer
+from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
+
+KEY = KEYS["admin"].encode()
+LIMIT = 1024  # the small proxy's `max_header_size`
+
+
+@pytest.fixture(scope="module")
+def small(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyproxy]:
+    """A keyproxy whose heads (and trailers) may count 1 KiB, with long body and keep-alive
+    timeouts so that a request left waiting is never answered by a timeout within a test."""
+    tmp: Path = tmp_path_factory.mktemp("wire")
+    config = base_config(upstream.url, upstream.inject())
+    config["server"]["max_header_size"] = "1KiB"
+    config["server"]["body_timeout"] = "30s"
+    config["server"]["header_timeout"] = "30s"
+    kp = start_keyproxy(tmp, config)
+    yield kp
+    kp.stop()
+
+
+def read_answers(sock: socket.socket, count: int, timeout: float = 5.0) -> bytes:
+    """Read until `count` status lines arrived, the server closed, or `timeout` passed."""
+    sock.settimeout(0.2)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(re.findall(rb"HTTP/1\.[01] \d{3} ", data)) < count:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def statuses(data: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", data)]
+
+
+def get(path: bytes, extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n" + extra + b"\r\n"
+
+
+# -- the head limit and pipelining --------------------------------------------------------
+
+
+def test_many_small_pipelined_heads_in_one_read_are_each_held_to_the_limit(small: Keyproxy):
+    """Complete heads before a partial one in the same read are not its bytes: twenty
+    small requests (2.6 KiB together, 1 KiB allowed per head) and the start of another,
+    then the rest of it, are all answered."""
+    heads = [get(b"/echo/p%02d" % i) for i in range(20)]
+    last = get(b"/echo/last")
+    assert sum(map(len, heads)) > 2 * LIMIT and all(len(h) < LIMIT // 4 for h in heads)
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(b"".join(heads) + last[:40])
+        time.sleep(0.2)  # the partial head is read on its own, before the rest comes
+        sock.sendall(last[40:])
+        answer = read_answers(sock, 21)
+    assert statuses(answer) == [200] * 21, answer[-300:]
+    positions = [answer.find(b"/echo/p%02d" % i) for i in range(20)] + [answer.find(b"/echo/last")]
+    assert -1 not in positions and positions == sorted(positions)
+
+
+def test_a_partial_head_after_pipelined_ones_is_still_held_to_the_limit(small: Keyproxy):
+    """The same read, where the partial head itself is over the limit: the complete
+    heads before it are answered, then it gets a 431 at once, without another read."""
+    heads = [get(b"/echo/p%02d" % i) for i in range(5)]
+    big = b"GET /echo/big HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (LIMIT + 200)
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(b"".join(heads) + big)
+        answer = read_answers(sock, 6)
+    assert statuses(answer) == [200] * 5 + [431], answer[-300:]
+
+
+def test_pipelined_heads_after_a_body_are_not_charged_to_the_next_head(small: Keyproxy):
+    """Heads of chunked requests (whose bodies end in a blank line) pipelined before a
+    partial head: only the partial head's own bytes count toward its limit."""
+    post = (
+        b"POST /echo/c HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    last = get(b"/echo/last")
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(post * 8 + last[:30])
+        time.sleep(0.2)
+        sock.sendall(last[30:])
+        answer = read_answers(sock, 9)
+    assert statuses(answer) == [200] * 9, answer[-300:]
+
+
+def test_one_head_over_the_limit_still_gets_431(small: Keyproxy):
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(get(b"/echo/x", b"X-Pad: " + b"a" * LIMIT + b"\r\n"))
+        answer = read_answers(sock, 1)
+    assert statuses(answer) == [431]
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (LIMIT + 100))
+        answer = read_answers(sock, 1)  # still arriving: refused without waiting for the rest
+    assert statuses(answer) == [431]
+
+
+# -- the trailer limit -----------------------------------------------------------------------
+
+
+def test_a_trailer_line_begun_with_the_last_body_bytes_counts_toward_the_limit(small: Keyproxy):
+    """The read that brings a chunked body's last bytes may also bring its trailer: a
+    trailer line already over the limit in that read is refused without waiting for more."""
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(head + b"5\r\nhello\r\n0\r\nX-Trailer: " + b"t" * (4 * LIMIT))
+        answer = read_answers(sock, 1, timeout=3)
+    assert statuses(answer) == [431], answer[:200]
+    assert error_of(answer.split(b"\r\n\r\n", 1)[1]) == "HEADERS_TOO_LARGE"
+    # Complete trailer lines in that read count too.
+    lines = b"".join(b"X-T%03d: %s\r\n" % (i, b"t" * 40) for i in range(60))
+    with socket.create_connection((small.host, small.port), timeout=5) as sock:
+        sock.sendall(head + b"5\r\nhello\r\n0\r\n" + lines + b"X-More: t")
+        answer = read_answers(sock, 1, timeout=3)
+    assert statuses(answer) == [431], answer[:200]
+
+
+def test_chunked_bodies_read_in_any_pieces_with_a_small_trailer_are_served(small: Keyproxy):
+    """The control: a body whose reads end just after a chunk-size line, mid-chunk or
+    mid-trailer, with a trailer within the limit, is forwarded whole."""
+    body = b"\r\n0\r\n" * 400  # bytes that look like framing, 2 KB
+    framed = b"%x\r\n%s\r\n" % (len(body), body) + b"0\r\nX-Small: t\r\n\r\n"
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    for cut in (len(b"%x\r\n" % len(body)), 100, len(framed) - 12, len(framed) - 3):
+        with socket.create_connection((small.host, small.port), timeout=5) as sock:
+            sock.sendall(head + framed[:cut])
+            time.sleep(0.1)
+            sock.sendall(framed[cut:])
+            answer = read_answers(sock, 1)
+        assert statuses(answer) == [200], (cut, answer[:200])
+        assert b'"body_len": %d' % len(body) in answer or b'"body_len":%d' % len(body) in answer
