@@ -603,3 +603,30 @@ def test_a_lowered_head_limit_applies_to_connections_open_before_the_reload(loop
     )
     conn.connection_lost(None)
     assert b"HTTP/1.1 431 " in transport.data, transport.data
+
+
+def test_complete_pipelined_heads_are_not_charged_to_the_partial_one_after_them(loop) -> None:
+    """Many small heads and the start of another in one read: each head is held to the
+    limit on its own bytes (not the read's), and one over it still gets its 431."""
+    feed = _small_head_proxy(loop)
+    one = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, closed = feed(one * 40 + one[:20], one[20:])
+    assert answer.count(b"HTTP/1.1 401 ") == 41 and not closed
+    big = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1200
+    answer, closed = feed(one * 40 + big)
+    assert answer.count(b"HTTP/1.1 401 ") == 40 and answer.endswith(b"}") and closed
+    assert b"HTTP/1.1 431 " in answer
+
+
+def test_a_trailer_begun_in_the_read_of_the_last_body_bytes_is_counted(loop) -> None:
+    feed = _small_head_proxy(loop)
+    head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # (The connection then lingers: the body never ended, the client may still be sending.)
+    answer, _ = feed(head + b"5\r\nhello\r\n0\r\nX-T: " + b"t" * 2000)
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    lines = b"".join(b"X-T%02d: %s\r\n" % (i, b"t" * 40) for i in range(30))
+    answer, _ = feed(head + b"5\r\nhello\r\n0\r\n" + lines)  # ends with a line held
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    # Reads ending after a chunk-size line, or with a small trailer, are not refused.
+    answer, _ = feed(head + b"5\r\nhello\r\n" + b"400\r\n", b"\r\n" * 512 + b"\r\n0\r\nX: t")
+    assert answer.startswith(b"HTTP/1.1 401 ") and b" 431 " not in answer, answer[:80]

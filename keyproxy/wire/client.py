@@ -112,6 +112,8 @@ class ClientConnection(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.read_body = 0  # of them, request body bytes (of the requests before a head)
         self.trailer_seen = 0  # bytes of a chunked body's reads that brought no body byte
+        self.trailer_lines = 0  # counted size of the trailer lines parsed so far
+        self.chunk_mark = -1  # chunked body pieces received when the last chunk header ended
         self.dropped_bytes = 0  # of header lines ignored for an underscore in the name
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -184,7 +186,15 @@ class ClientConnection(asyncio.Protocol):
             if self.head_bytes:
                 self.head_seen += len(data)
             else:
-                self.head_seen = len(data) - self.read_body
+                seen = len(data) - self.read_body
+                if seen > self.max_header_size + HEAD_FRAMING:
+                    # Pipelined heads (and chunked bodies) before it in this read end in a
+                    # blank line; a head in progress holds none (llhttp refuses bare LF and
+                    # folded lines), so it began after the last one.
+                    end = data.rfind(b"\r\n\r\n")
+                    if end >= 0:
+                        seen = min(seen, len(data) - end - 4)
+                self.head_seen = seen
             self.head_bytes += len(data)
             if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
@@ -193,7 +203,18 @@ class ClientConnection(asyncio.Protocol):
             # A chunked body's trailer fields are held by httptools like a head's (and
             # then ignored): the reads that bring no body byte are bounded as a head is.
             if self.read_body:
-                self.trailer_seen = 0
+                if self.chunk_mark == self.body_pieces:
+                    # A chunk header came after the last body bytes: it may be the last
+                    # chunk's, its trailer begun in this read. Its complete lines are
+                    # counted as they end; the line httptools still holds is at most the
+                    # bytes after the line end before the read's last byte.
+                    held = len(data) - data.rfind(b"\n", 0, len(data) - 1) - 1
+                    self.trailer_seen = self.trailer_lines + held
+                    if self.trailer_seen > self.max_header_size + HEAD_FRAMING:
+                        self._parse_failed(HEADERS_TOO_LARGE, self.parsing)
+                        return
+                else:
+                    self.trailer_seen = 0
             else:
                 self.trailer_seen += len(data)
                 if self.trailer_seen > self.max_header_size + HEAD_FRAMING:
@@ -274,7 +295,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
-            return  # a chunked body's trailer: never read, never forwarded
+            # A chunked body's trailer: never read, never forwarded, only counted.
+            self.trailer_lines += len(name) + len(value) + 4
+            return
         headers = self.raw_headers
         if len(headers) >= MAX_HEADERS:  # per header: a read of tiny ones stops here
             raise _HeadRefused(HEADERS_TOO_LARGE)
@@ -302,6 +325,8 @@ class ClientConnection(asyncio.Protocol):
                 # undone; only plain chunked framing crosses the proxy (as nginx asks).
                 raise _HeadRefused(TRANSFER_CODING_REFUSED)
             self.chunked = True
+            self.trailer_lines = 0
+            self.chunk_mark = -1
         elif lname == b"host":
             self.hosts += 1
         elif lname == b"expect":
@@ -375,6 +400,10 @@ class ClientConnection(asyncio.Protocol):
                 if pieces > FREE_CHUNKS and ex.body_received < pieces * MIN_AVERAGE_CHUNK:
                     raise _HeadRefused(CHUNKS_TOO_SMALL)
             ex.feed_body(body)
+
+    def on_chunk_header(self) -> None:
+        # Where the trailer may begin: no body piece since the last chunk header.
+        self.chunk_mark = self.body_pieces
 
     def on_message_complete(self) -> None:
         if self.parsing is not None:
