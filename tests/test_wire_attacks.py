@@ -156,3 +156,55 @@ def test_chunked_bodies_read_in_any_pieces_with_a_small_trailer_are_served(small
             answer = read_answers(sock, 1)
         assert statuses(answer) == [200], (cut, answer[:200])
         assert b'"body_len": %d' % len(body) in answer or b'"body_len":%d' % len(body) in answer
+
+
+# -- framing an upstream or a front proxy could read differently ---------------------------
+
+
+def exchange(kp: Keyproxy, data: bytes, count: int = 2) -> bytes:
+    with socket.create_connection((kp.host, kp.port), timeout=5) as sock:
+        sock.sendall(data)
+        return read_answers(sock, count, timeout=2)
+
+
+def test_transfer_encoding_in_an_http10_request_is_refused_and_closes(proxy: Keyproxy, upstream):
+    """HTTP/1.0 has no chunked coding: a front proxy may read the body as the next request
+    while keyproxy reads it as chunks. Such framing is refused and nothing after it read."""
+    upstream.reset()
+    smuggled = get(b"/echo/smuggled")
+    for extra in (b"", b"Connection: keep-alive\r\n"):
+        answer = exchange(
+            proxy,
+            b"POST /echo/x HTTP/1.0\r\nHost: x\r\nX-API-Key: "
+            + KEY
+            + b"\r\n"
+            + extra
+            + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            + smuggled,
+        )
+        assert statuses(answer) == [400], answer
+        assert error_of(answer.split(b"\r\n\r\n", 1)[1]) == "BAD_REQUEST"
+    assert upstream.records() == []
+
+
+@pytest.mark.parametrize(
+    "line", [b"GET /echo/v HTTP/2.0", b"GET /echo/v HTTP/3.0", b"GET /echo/v"], ids=str
+)
+def test_only_http10_and_http11_request_lines_are_served(proxy: Keyproxy, upstream, line: bytes):
+    """llhttp accepts `HTTP/2.0` in a text request line, and a line without a version
+    (HTTP/0.9, which has no headers) followed by headers: neither is HTTP/1.x, and a
+    front proxy would frame them otherwise."""
+    upstream.reset()
+    answer = exchange(
+        proxy,
+        line
+        + b"\r\nHost: x\r\nX-API-Key: "
+        + KEY
+        + b"\r\nConnection: keep-alive\r\n\r\n"
+        + get(b"/echo/after"),
+    )
+    assert statuses(answer) == [400], answer
+    assert upstream.records() == []
+    # HTTP/1.0 and HTTP/1.1 still are.
+    answer = exchange(proxy, b"GET /echo/v HTTP/1.0\r\nX-API-Key: " + KEY + b"\r\n\r\n", 1)
+    assert statuses(answer) == [200], answer
