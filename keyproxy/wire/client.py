@@ -355,6 +355,11 @@ class ClientConnection(asyncio.Protocol):
         self.head_begun = False
         parser = self.parser
         http11 = parser.get_http_version() == "1.1"
+        if not http11 and (self.chunked or parser.get_http_version() != "1.0"):
+            # llhttp also reads `HTTP/2.0` text and versionless (0.9) lines followed by
+            # headers, and chunked framing in HTTP/1.0, which has none: a front proxy may
+            # frame any of them otherwise, so none is served (nginx refuses them too).
+            raise _HeadRefused(BAD_REQUEST)
         ex = Exchange(
             self,
             parser.get_method().decode("ascii"),
