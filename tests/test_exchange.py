@@ -630,3 +630,21 @@ def test_a_trailer_begun_in_the_read_of_the_last_body_bytes_is_counted(loop) -> 
     # Reads ending after a chunk-size line, or with a small trailer, are not refused.
     answer, _ = feed(head + b"5\r\nhello\r\n" + b"400\r\n", b"\r\n" * 512 + b"\r\n0\r\nX: t")
     assert answer.startswith(b"HTTP/1.1 401 ") and b" 431 " not in answer, answer[:80]
+
+
+def test_trailer_lines_are_bounded_as_they_come(loop) -> None:
+    """Like ignored underscore headers, trailer lines are added up as each ends: one read
+    of thousands stops at the limit instead of running a callback for every one."""
+    feed = _small_head_proxy(loop)
+    calls = []
+    from keyproxy.wire.client import ClientConnection
+
+    class Counting(ClientConnection):
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append(name)
+            super().on_header(name, value)
+
+    head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", kind=Counting)
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    assert len(calls) <= 2 + 1024 // 5 + 2, len(calls)  # not 60,000 callbacks

@@ -208,3 +208,27 @@ def test_only_http10_and_http11_request_lines_are_served(proxy: Keyproxy, upstre
     # HTTP/1.0 and HTTP/1.1 still are.
     answer = exchange(proxy, b"GET /echo/v HTTP/1.0\r\nX-API-Key: " + KEY + b"\r\n\r\n", 1)
     assert statuses(answer) == [200], answer
+
+
+def test_a_trailer_of_many_short_lines_in_one_read_is_refused(small: Keyproxy, upstream):
+    """Each trailer line costs a parser callback: a trailer that arrives whole in the read
+    of the body is still held to the limit, so a read of thousands of tiny lines stops
+    there (a head's lines are bounded the same way)."""
+    upstream.reset()
+    lines = b"T: v\r\n" * 1000  # 6 KB on the wire, counted 6 bytes a line
+    answer = exchange(
+        small,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n" + lines + b"\r\n",
+        1,
+    )
+    assert statuses(answer) == [431], answer[:200]
+    assert upstream.records() == []
+    # A short trailer in the same read is ignored as before.
+    answer = exchange(
+        small,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n" + b"T: v\r\n" * 20 + b"\r\n",
+        1,
+    )
+    assert statuses(answer) == [200], answer[:200]
