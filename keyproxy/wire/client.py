@@ -295,8 +295,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
-            # A chunked body's trailer: never read, never forwarded, only counted.
+            # A chunked body's trailer: never read, never forwarded, only counted, and
+            # bounded as it comes (a read of tiny lines stops here, as in a head).
             self.trailer_lines += len(name) + len(value) + 4
+            if self.trailer_lines > self.max_header_size:
+                raise _HeadRefused(HEADERS_TOO_LARGE)
             return
         headers = self.raw_headers
         if len(headers) >= MAX_HEADERS:  # per header: a read of tiny ones stops here
