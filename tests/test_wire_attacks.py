@@ -15,6 +15,7 @@ from tests.procs import UpstreamServer
 from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
 
 KEY = KEYS["admin"].encode()
+HEADERS = b"Host: x\r\nX-API-Key: " + KEY + b"\r\n"
 LIMIT = 1024  # the small proxy's `max_header_size`
 
 
@@ -232,3 +233,24 @@ def test_a_trailer_of_many_short_lines_in_one_read_is_refused(small: Keyproxy, u
         1,
     )
     assert statuses(answer) == [200], answer[:200]
+
+
+# -- the upstream side of a request --------------------------------------------------------
+
+
+def test_body_bytes_an_upstream_sends_after_a_head_answer_never_reach_another_request(
+    proxy: Keyproxy,
+):
+    """aiohttp's streamed responses (like the test upstream's /big) send their body even
+    to HEAD. Were the socket reused, those bytes would be read as the next request's
+    answer: a 502 at best, at worst a response the body spells out, served to another
+    client. After HEAD the upstream socket is never reused."""
+    for _ in range(3):
+        answer = exchange(
+            proxy,
+            b"HEAD /big/300000 HTTP/1.1\r\n" + HEADERS + b"\r\n" + get(b"/echo/after"),
+        )
+        assert statuses(answer) == [200, 200], answer[-400:]
+        head, rest = answer.split(b"\r\n\r\n", 1)
+        assert b"Content-Length: 300000" in head and rest.startswith(b"HTTP/1.1 200 ")
+        assert b'"path": "/echo/after"' in rest or b'"path":"/echo/after"' in rest
