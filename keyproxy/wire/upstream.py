@@ -150,10 +150,12 @@ class UpstreamConnection(asyncio.Protocol):
         """A response to HEAD has no body whatever its Content-Length says.
 
         llhttp cannot be told so through httptools, so the message is finished
-        here and the parser, now expecting a body, is replaced before reuse.
+        here. The socket is not reused: some servers (aiohttp's streamed responses)
+        send the body anyway, and on a reused socket those bytes would be read as
+        the next request's answer, which they could spell out.
         """
         self._stale_parser = True
-        self._finish(reusable=self._parser.should_keep_alive())
+        self._finish(reusable=False)
 
     def abort(self) -> None:
         self.closed = True
