@@ -3,8 +3,11 @@ framing and smuggling shapes, head and trailer limits, slow clients, reloads mid
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,3 +257,53 @@ def test_body_bytes_an_upstream_sends_after_a_head_answer_never_reach_another_re
         head, rest = answer.split(b"\r\n\r\n", 1)
         assert b"Content-Length: 300000" in head and rest.startswith(b"HTTP/1.1 200 ")
         assert b'"path": "/echo/after"' in rest or b'"path":"/echo/after"' in rest
+
+
+class _OverrunningUpstream(socketserver.BaseRequestHandler):
+    """Keeps each connection alive; `/extra` is answered with a 204 followed, in the same
+    write, by the start of another response, as a server that miscounts its body does."""
+
+    def handle(self) -> None:
+        self.request.settimeout(5)
+        data = b""
+        with contextlib.suppress(OSError):
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, data = data.split(b"\r\n\r\n", 1)
+                if b" /echo/extra " in head.split(b"\r\n", 1)[0]:
+                    self.request.sendall(
+                        b"HTTP/1.1 204 No Content\r\n\r\n"
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\nEVIL"
+                    )
+                else:
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+
+
+@pytest.fixture(scope="module")
+def overrunning(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyproxy]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OverrunningUpstream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = base_config(f"http://127.0.0.1:{server.server_address[1]}", {"headers": {"X-K": "v"}})
+    config["upstream"]["max_connections"] = 1  # every request would reuse the one socket
+    kp = start_keyproxy(tmp_path_factory.mktemp("overrun"), config)
+    yield kp
+    kp.stop()
+    server.shutdown()
+    server.server_close()
+
+
+def test_bytes_after_a_complete_answer_are_never_read_as_the_next_one(overrunning: Keyproxy):
+    """Bytes an upstream sends past the end of an answer, in the same read, mean its
+    framing cannot be trusted: the socket is dropped, not pooled with a parser part-way
+    through a message that would swallow (or be) the next request's answer."""
+    for _ in range(2):
+        status, _h, body, _r = overrunning.request("GET", "/echo/extra", key=KEYS["reader"])
+        assert (status, body) == (204, b"")
+        for _ in range(2):
+            status, _h, body, _r = overrunning.request("GET", "/echo/next", key=KEYS["reader"])
+            assert (status, body) == (200, b"good")
