@@ -209,6 +209,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------
     def on_message_begin(self) -> None:
+        if not self.in_response:
+            # More bytes in the read that ended the answer: the upstream's framing cannot
+            # be trusted, and a message begun here would swallow (or be) the next answer.
+            raise UpstreamUnavailable("data after the end of the response")
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
