@@ -307,3 +307,31 @@ def test_bytes_after_a_complete_answer_are_never_read_as_the_next_one(overrunnin
         for _ in range(2):
             status, _h, body, _r = overrunning.request("GET", "/echo/next", key=KEYS["reader"])
             assert (status, body) == (200, b"good")
+
+
+def test_an_http10_request_never_gets_100_continue(proxy: Keyproxy):
+    """An HTTP/1.0 client (or a front proxy speaking 1.0) cannot read a 1xx answer: it
+    would take `100 Continue` for the answer and the real one for the next. The
+    expectation is ignored; the body is awaited as it comes."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.0\r\n"
+            + HEADERS
+            + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        early = read_answers(sock, 1, timeout=0.7)
+        sock.sendall(b"hello")
+        answer = early + read_answers(sock, 1)
+    assert early == b"", early
+    assert statuses(answer) == [200], answer[:200]
+    # An HTTP/1.1 client still gets it.
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\n"
+            + HEADERS
+            + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        early = read_answers(sock, 1)
+        sock.sendall(b"hello")
+        answer = read_answers(sock, 1)
+    assert early.startswith(b"HTTP/1.1 100 Continue\r\n\r\n") and statuses(answer) == [200]
