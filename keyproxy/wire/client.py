@@ -378,8 +378,10 @@ class ClientConnection(asyncio.Protocol):
         ex.connection_tokens = self.connection_tokens
         ex.varying = self.varying
         if self.expect is not None:
-            ex.expect_continue = self.expect == b"100-continue"
-            if not ex.expect_continue:
+            if self.expect == b"100-continue":
+                # An HTTP/1.0 client cannot read a 1xx answer: the expectation is ignored.
+                ex.expect_continue = http11
+            else:
                 ex.early_deny = EXPECTATION_FAILED
         if self.hosts > 1 or (http11 and self.hosts == 0):
             ex.early_deny = HOST_REQUIRED
