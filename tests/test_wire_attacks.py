@@ -4,6 +4,7 @@ framing and smuggling shapes, head and trailer limits, slow clients, reloads mid
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import socket
 import socketserver
@@ -335,3 +336,72 @@ def test_an_http10_request_never_gets_100_continue(proxy: Keyproxy):
         sock.sendall(b"hello")
         answer = read_answers(sock, 1)
     assert early.startswith(b"HTTP/1.1 100 Continue\r\n\r\n") and statuses(answer) == [200]
+
+
+# -- slow clients and reloads ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyproxy]:
+    """A keyproxy with a 1 s head timeout and a 60 s keep-alive timeout."""
+    config = base_config(upstream.url, upstream.inject())
+    config["server"]["header_timeout"] = "1s"
+    config["server"]["keepalive_timeout"] = "60s"
+    kp = start_keyproxy(tmp_path_factory.mktemp("quick"), config)
+    yield kp
+    kp.stop()
+
+
+@pytest.mark.parametrize(
+    "trickle",
+    [b"\r\n" * 40, get(b"/echo/slow")],
+    ids=["blank lines before a request", "a request a byte at a time"],
+)
+def test_a_head_trickled_from_accept_gets_408_at_the_head_timeout(quick: Keyproxy, trickle):
+    """Blank lines before a request start no request in llhttp, and each byte of a head
+    resets no timer: the head timeout runs from accept either way."""
+    with socket.create_connection((quick.host, quick.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.settimeout(0.15)
+        answer = b""
+        for at in range(len(trickle)):
+            with contextlib.suppress(OSError):
+                sock.sendall(trickle[at : at + 1])
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            break
+        took = time.monotonic() - started
+        answer += read_answers(sock, 1, timeout=1)
+    assert statuses(answer) == [408], answer[:200]
+    assert 0.9 < took < 2.5, took
+
+
+def test_a_reload_binds_the_next_request_of_a_kept_alive_connection(tmp_path, upstream):
+    """A key revoked by a reload is refused on a connection opened before it, also for a
+    head that had begun before the reload."""
+    config = base_config(upstream.url, upstream.inject())
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        with socket.create_connection((kp.host, kp.port), timeout=5) as sock:
+            sock.sendall(get(b"/echo/before"))
+            assert statuses(read_answers(sock, 1)) == [200]
+            sock.sendall(b"GET /echo/after HTTP/1.1\r\nHost: x\r\n")  # the head has begun
+            revoked = copy.deepcopy(config)
+            for entry in revoked["keys"]:
+                if entry["id"] == "admin":
+                    entry["revoked"] = True
+            kp.rewrite_config(revoked)
+            deadline = time.monotonic() + 5
+            while kp.request("GET", "/echo/x", key=KEYS["admin"])[0] != 401:
+                assert time.monotonic() < deadline, "the reload never took effect"
+                time.sleep(0.05)
+            sock.sendall(b"X-API-Key: " + KEY + b"\r\n\r\n" + get(b"/echo/next"))
+            answer = read_answers(sock, 2)
+        assert statuses(answer) == [401, 401], answer[-300:]
+        assert answer.count(b'"error":"TOKEN_REVOKED"') == 2
+    finally:
+        kp.stop()
