@@ -18,6 +18,7 @@ class MemoryTransport(asyncio.Transport):
         self.data = bytearray()
         self.written = 0
         self.closing = False
+        self.eof = False  # the sending side was shut (a lingering close)
 
     def write(self, data: bytes) -> None:  # type: ignore[override]
         self.written += len(data)
@@ -39,6 +40,9 @@ class MemoryTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         pass
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def is_closing(self) -> bool:
         return self.closing

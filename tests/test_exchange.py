@@ -621,3 +621,48 @@ def test_pipelined_heads_before_a_partial_one_are_not_charged_to_it(loop) -> Non
     tight = one.replace(b": ", b":")
     answer, closed = feed(tight * 40 + big)
     assert answer.count(b"HTTP/1.1 401 ") == 40 and b"HTTP/1.1 431 " in answer and closed
+
+
+def test_complete_pipelined_heads_are_not_charged_to_the_partial_one_after_them(loop) -> None:
+    """Many small heads and the start of another in one read: each head is held to the
+    limit on its own bytes (not the read's), and one over it still gets its 431."""
+    feed = _small_head_proxy(loop)
+    one = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, closed = feed(one * 40 + one[:20], one[20:])
+    assert answer.count(b"HTTP/1.1 401 ") == 41 and not closed
+    big = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1200
+    answer, closed = feed(one * 40 + big)
+    assert answer.count(b"HTTP/1.1 401 ") == 40 and answer.endswith(b"}") and closed
+    assert b"HTTP/1.1 431 " in answer
+
+
+def test_a_trailer_begun_in_the_read_of_the_last_body_bytes_is_counted(loop) -> None:
+    feed = _small_head_proxy(loop)
+    head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # (The connection then lingers: the body never ended, the client may still be sending.)
+    answer, _ = feed(head + b"5\r\nhello\r\n0\r\nX-T: " + b"t" * 2000)
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    lines = b"".join(b"X-T%02d: %s\r\n" % (i, b"t" * 40) for i in range(30))
+    answer, _ = feed(head + b"5\r\nhello\r\n0\r\n" + lines)  # ends with a line held
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    # Reads ending after a chunk-size line, or with a small trailer, are not refused.
+    answer, _ = feed(head + b"5\r\nhello\r\n" + b"400\r\n", b"\r\n" * 512 + b"\r\n0\r\nX: t")
+    assert answer.startswith(b"HTTP/1.1 401 ") and b" 431 " not in answer, answer[:80]
+
+
+def test_trailer_lines_are_bounded_as_they_come(loop) -> None:
+    """Like ignored underscore headers, trailer lines are added up as each ends: one read
+    of thousands stops at the limit instead of running a callback for every one."""
+    feed = _small_head_proxy(loop)
+    calls = []
+    from keyproxy.wire.client import ClientConnection
+
+    class Counting(ClientConnection):
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append(name)
+            super().on_header(name, value)
+
+    head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", kind=Counting)
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
+    assert len(calls) <= 2 + 1024 // 5 + 2, len(calls)  # not 60,000 callbacks

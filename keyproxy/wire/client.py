@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from itertools import islice
 from typing import TYPE_CHECKING
 
 import httptools
@@ -76,16 +75,6 @@ PARSER_READS = (
 )
 
 
-def _least_wire_size(ex: Exchange) -> int:
-    """The fewest bytes the head of `ex` can have taken on the wire (the request line, each
-    kept header line written `name:value` and ended by a bare LF, the blank line): taken
-    from a read, what is left is at least what the next head has taken of it."""
-    size = len(ex.method) + len(ex.target) + 12  # two spaces, `HTTP/1.1`, two line ends
-    for name, value in ex.raw_headers:
-        size += len(name) + len(value) + 2
-    return size
-
-
 class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
@@ -123,6 +112,8 @@ class ClientConnection(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.read_body = 0  # of them, request body bytes (of the requests before a head)
         self.trailer_seen = 0  # bytes of a chunked body's reads that brought no body byte
+        self.trailer_lines = 0  # counted size of the trailer lines parsed so far
+        self.chunk_mark = -1  # chunked body pieces received when the last chunk header ended
         self.dropped_bytes = 0  # of header lines ignored for an underscore in the name
         self.url_parts: list[bytes] = []
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -170,7 +161,6 @@ class ClientConnection(asyncio.Protocol):
         self.last_read = self.loop.time()
         self.read_size = len(data)
         self.read_body = 0
-        queued = len(self.queue)  # the requests whose heads complete in this read come after
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -190,14 +180,21 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head and self.head_begun:
             # A head still incomplete after this chunk: bound what llhttp and httptools
             # may be accumulating for it. Of the read it began in, every byte but the
-            # bodies and the heads of the requests before it (httptools holds a header
-            # line until it ends, so what the callbacks have seen would miss a long one
-            # in progress); of each later read, every byte.
+            # bodies and heads of the requests before it (httptools holds a header line
+            # until it ends, so what the callbacks have seen would miss a long one in
+            # progress); of each later read, every byte.
             if self.head_bytes:
                 self.head_seen += len(data)
             else:
-                earlier = sum(map(_least_wire_size, islice(self.queue, queued, None)))
-                self.head_seen = len(data) - self.read_body - earlier
+                seen = len(data) - self.read_body
+                if seen > self.max_header_size + HEAD_FRAMING:
+                    # Pipelined heads (and chunked bodies) before it in this read end in a
+                    # blank line; a head in progress holds none (llhttp refuses bare LF and
+                    # folded lines), so it began after the last one.
+                    end = data.rfind(b"\r\n\r\n")
+                    if end >= 0:
+                        seen = min(seen, len(data) - end - 4)
+                self.head_seen = seen
             self.head_bytes += len(data)
             if self.head_seen > self.max_header_size + HEAD_FRAMING:
                 self._parse_failed(HEADERS_TOO_LARGE, None)
@@ -206,7 +203,18 @@ class ClientConnection(asyncio.Protocol):
             # A chunked body's trailer fields are held by httptools like a head's (and
             # then ignored): the reads that bring no body byte are bounded as a head is.
             if self.read_body:
-                self.trailer_seen = 0
+                if self.chunk_mark == self.body_pieces:
+                    # A chunk header came after the last body bytes: it may be the last
+                    # chunk's, its trailer begun in this read. Its complete lines are
+                    # counted as they end; the line httptools still holds is at most the
+                    # bytes after the line end before the read's last byte.
+                    held = len(data) - data.rfind(b"\n", 0, len(data) - 1) - 1
+                    self.trailer_seen = self.trailer_lines + held
+                    if self.trailer_seen > self.max_header_size + HEAD_FRAMING:
+                        self._parse_failed(HEADERS_TOO_LARGE, self.parsing)
+                        return
+                else:
+                    self.trailer_seen = 0
             else:
                 self.trailer_seen += len(data)
                 if self.trailer_seen > self.max_header_size + HEAD_FRAMING:
@@ -287,7 +295,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
-            return  # a chunked body's trailer: never read, never forwarded
+            # A chunked body's trailer: never read, never forwarded, only counted, and
+            # bounded as it comes (a read of tiny lines stops here, as in a head).
+            self.trailer_lines += len(name) + len(value) + 4
+            if self.trailer_lines > self.max_header_size:
+                raise _HeadRefused(HEADERS_TOO_LARGE)
+            return
         headers = self.raw_headers
         if len(headers) >= MAX_HEADERS:  # per header: a read of tiny ones stops here
             raise _HeadRefused(HEADERS_TOO_LARGE)
@@ -315,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
                 # undone; only plain chunked framing crosses the proxy (as nginx asks).
                 raise _HeadRefused(TRANSFER_CODING_REFUSED)
             self.chunked = True
+            self.trailer_lines = 0
+            self.chunk_mark = -1
         elif lname == b"host":
             self.hosts += 1
         elif lname == b"expect":
@@ -343,6 +358,11 @@ class ClientConnection(asyncio.Protocol):
         self.head_begun = False
         parser = self.parser
         http11 = parser.get_http_version() == "1.1"
+        if not http11 and (self.chunked or parser.get_http_version() != "1.0"):
+            # llhttp also reads `HTTP/2.0` text and versionless (0.9) lines followed by
+            # headers, and chunked framing in HTTP/1.0, which has none: a front proxy may
+            # frame any of them otherwise, so none is served (nginx refuses them too).
+            raise _HeadRefused(BAD_REQUEST)
         ex = Exchange(
             self,
             parser.get_method().decode("ascii"),
@@ -358,8 +378,10 @@ class ClientConnection(asyncio.Protocol):
         ex.connection_tokens = self.connection_tokens
         ex.varying = self.varying
         if self.expect is not None:
-            ex.expect_continue = self.expect == b"100-continue"
-            if not ex.expect_continue:
+            if self.expect == b"100-continue":
+                # An HTTP/1.0 client cannot read a 1xx answer: the expectation is ignored.
+                ex.expect_continue = http11
+            else:
                 ex.early_deny = EXPECTATION_FAILED
         if self.hosts > 1 or (http11 and self.hosts == 0):
             ex.early_deny = HOST_REQUIRED
@@ -388,6 +410,10 @@ class ClientConnection(asyncio.Protocol):
                 if pieces > FREE_CHUNKS and ex.body_received < pieces * MIN_AVERAGE_CHUNK:
                     raise _HeadRefused(CHUNKS_TOO_SMALL)
             ex.feed_body(body)
+
+    def on_chunk_header(self) -> None:
+        # Where the trailer may begin: no body piece since the last chunk header.
+        self.chunk_mark = self.body_pieces
 
     def on_message_complete(self) -> None:
         if self.parsing is not None:

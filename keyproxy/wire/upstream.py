@@ -150,10 +150,12 @@ class UpstreamConnection(asyncio.Protocol):
         """A response to HEAD has no body whatever its Content-Length says.
 
         llhttp cannot be told so through httptools, so the message is finished
-        here and the parser, now expecting a body, is replaced before reuse.
+        here. The socket is not reused: some servers (aiohttp's streamed responses)
+        send the body anyway, and on a reused socket those bytes would be read as
+        the next request's answer, which they could spell out.
         """
         self._stale_parser = True
-        self._finish(reusable=self._parser.should_keep_alive())
+        self._finish(reusable=False)
 
     def abort(self) -> None:
         self.closed = True
@@ -207,6 +209,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------
     def on_message_begin(self) -> None:
+        if not self.in_response:
+            # More bytes in the read that ended the answer: the upstream's framing cannot
+            # be trusted, and a message begun here would swallow (or be) the next answer.
+            raise UpstreamUnavailable("data after the end of the response")
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
