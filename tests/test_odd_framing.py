@@ -9,6 +9,7 @@ serving every request of a kept-alive connection in turn.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socketserver
@@ -24,6 +25,13 @@ RECORD = b'{"id":1,"email":"e@x","title":"t"}'
 #: A complete answer hidden in the body of a 204, and one whose body is still to come.
 SMUGGLED_WHOLE = b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"stolen":true}'
 SMUGGLED_HEAD = b"HTTP/1.1 200 OK\r\nX-Smuggled: yes\r\nContent-Length: 60\r\n\r\n"
+
+
+#: A JSON array split over two gzip members, the first inflating past one decoding step.
+MEMBERS_JSON = json.dumps(
+    [{"id": i, "email": f"u{i}@x", "title": "t" * 40} for i in range(2000)]
+).encode()
+GZIP_MEMBERS = gzip.compress(MEMBERS_JSON[:100_000]) + gzip.compress(MEMBERS_JSON[100_000:])
 
 
 def _answer(path: bytes, count: int) -> tuple[bytes, bool]:
@@ -47,6 +55,12 @@ def _answer(path: bytes, count: int) -> tuple[bytes, bool]:
             len(SMUGGLED_HEAD),
             SMUGGLED_HEAD,
         ), False
+    if path in (b"/gzip-members", b"/gzip-junk"):
+        body = GZIP_MEMBERS if path == b"/gzip-members" else gzip.compress(RECORD) + b"junk"
+        return (
+            b"HTTP/1.1 200 OK\r\n" + json_head + b"Content-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        ) + body, False
     body = b'{"id":%d,"email":"victim@x","title":"mine"}' % count
     return (
         b"HTTP/1.1 200 OK\r\n" + json_head + b"Content-Length: %d\r\n\r\n" % len(body) + body,
@@ -164,3 +178,36 @@ def test_a_head_hidden_in_a_204_does_not_swallow_the_next_answer(proxy: Keyproxy
         status, headers, body = _get(proxy, "/record", KEYS["reader"])
         assert status == 200 and "x-smuggled" not in headers
         assert json.loads(body)["title"] == "mine"
+
+
+@pytest.mark.parametrize("accept", [None, "gzip"])
+@pytest.mark.parametrize("key", [FILTERED, KEYS["reader"]], ids=["filtered", "plain"])
+def test_every_gzip_member_is_read_and_the_proxy_keeps_answering(
+    proxy: Keyproxy, key: str, accept: str | None
+) -> None:
+    """Several gzip members (as a streaming server writes them), the first inflating past
+    one decoding step: decoded whole, not cut after the first, and not spun on forever."""
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=4)
+    try:
+        headers = {"X-API-Key": key, **({"Accept-Encoding": accept} if accept else {})}
+        conn.request("GET", "/gzip-members", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, body[:200]
+        if resp.getheader("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        want = json.loads(MEMBERS_JSON)
+        if key == FILTERED:
+            want = [{k: v for k, v in item.items() if k != "email"} for item in want]
+        assert json.loads(body) == want
+    finally:
+        conn.close()
+    assert _get(proxy, "/record", key)[0] == 200
+
+
+@pytest.mark.parametrize("key", [FILTERED, KEYS["reader"]], ids=["filtered", "plain"])
+def test_bytes_after_the_gzip_stream_are_refused(proxy: Keyproxy, key: str) -> None:
+    status, _, body = _get(proxy, "/gzip-junk", key)
+    # The secret scan sits first in the chain: it refuses before the filter would.
+    assert (status, json.loads(body)["error"]) == (502, "BODY_NOT_SCANNED")
+    assert b"e@x" not in body
