@@ -147,7 +147,7 @@ def test_a_head_answer_has_no_body_and_no_stale_length(proxy: Keyproxy) -> None:
     status, headers, body = _get(proxy, "/record", FILTERED, method="HEAD")
     assert status == 200 and body == b""
     # The upstream's length is that of the unfiltered body: it must not be passed on.
-    assert "content-length" not in headers or headers["content-length"] != "44"
+    assert "content-length" not in headers
     status, _, body = _get(proxy, "/record", FILTERED)  # the connection is still in step
     assert status == 200 and json.loads(body)["title"] == "mine"
 
