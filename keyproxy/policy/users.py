@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import jwt
 from jwt.exceptions import (
@@ -93,7 +93,7 @@ class Identity(NamedTuple):
     jwk: dict[str, Any] | None = None
 
 
-def _is_time(value: object) -> bool:
+def _is_time(value: object) -> TypeGuard[float]:
     """A NumericDate: an int or a finite float (not a bool, a string, NaN or infinity)."""
     if type(value) is int:
         return True
