@@ -89,3 +89,48 @@ def test_undecodable_bodies_fail(data: bytes, coding: str, reason: str) -> None:
 )
 def test_choose_encoding(accept: str | None, chosen: str | None) -> None:
     assert choose_encoding(accept) == chosen
+
+
+HALVES = (b'[{"id": 1, "email": "a"},', b' {"id": 2, "email": "b"}]')
+
+
+@pytest.mark.parametrize("step", [None, 1, 7])
+def test_every_member_of_a_gzip_body_is_decoded(step: int | None) -> None:
+    """A gzip body may hold several members (streaming servers write one per flush);
+    readers (browsers, curl, Python's gzip) decode them all. Stopping after the first
+    would serve a truncated body as if it were whole."""
+    encoded = gzip.compress(HALVES[0]) + gzip.compress(HALVES[1])
+    assert gzip.decompress(encoded) == b"".join(HALVES)
+    decoder = Decoder("gzip", MiB)
+    pieces = (
+        [encoded] if step is None else [encoded[i : i + step] for i in range(0, len(encoded), step)]
+    )
+    assert b"".join(decoder.feed(p) for p in pieces) + decoder.end() == b"".join(HALVES)
+
+
+def test_the_members_of_a_gzip_body_share_the_cap() -> None:
+    member = gzip.compress(b"\0" * MiB)
+    decoder = Decoder("gzip", 3 * MiB)
+    with pytest.raises(DecodeFailed) as caught:
+        decoder.feed(member * 4)
+    assert caught.value.too_large and decoder.produced <= 3 * MiB
+
+
+@pytest.mark.parametrize(
+    ("data", "coding", "reason"),
+    [
+        (gzip.compress(BODY) + b"junk", "gzip", "corrupt"),
+        (gzip.compress(BODY) + gzip.compress(BODY)[:-20], "gzip", "truncated"),
+        (zlib.compress(BODY) + b"junk", "deflate", "after the end"),
+        (zlib.compress(HALVES[0]) + zlib.compress(HALVES[1]), "deflate", "after the end"),
+    ],
+    ids=["gzip-junk", "gzip-truncated-member", "deflate-junk", "deflate-twice"],
+)
+def test_bytes_after_the_compressed_stream_are_refused(
+    data: bytes, coding: str, reason: str
+) -> None:
+    """What follows the end of the stream is not silently dropped: the client would
+    read it (or fail), so the body keyproxy checked would not be the one it is served."""
+    with pytest.raises(DecodeFailed) as caught:
+        decode(data, coding, MiB)
+    assert reason in caught.value.reason

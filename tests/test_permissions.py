@@ -191,6 +191,40 @@ def test_token_refusals(token: Any, words: str):
     assert words in result.message
 
 
+@pytest.mark.parametrize(
+    ("claims", "words"),
+    [
+        ({"exp": float("inf")}, "'exp' claim must be a number, and finite"),
+        ({"exp": float("nan")}, "'exp' claim must be a number, and finite"),
+        ({"exp": True}, "'exp' claim must be a number, and finite"),
+        ({"nbf": float("nan")}, "'nbf' claim must be a number, and finite"),
+        ({"iat": NOW + 3600}, "issued in the future (iat)"),
+        ({"iat": "yesterday"}, "'iat' claim must be a number, and finite"),
+        ({"iat": float("-inf")}, "'iat' claim must be a number, and finite"),
+    ],
+    ids=["exp-infinity", "exp-nan", "exp-bool", "nbf-nan", "iat-future", "iat-text", "iat-inf"],
+)
+def test_time_claims_are_finite_numbers_and_never_in_the_future(
+    claims: dict[str, Any], words: str
+) -> None:
+    """JSON as Python reads it (pyjwt's parser) takes `Infinity` and `NaN`: a token
+    signed with either would never expire. A token issued in the future is refused
+    as pyjwt refuses it by default (its own time checks are off here)."""
+    verifier = hs_verifier()
+    result = verifier.verify(hs_token(claims), NOW)
+    assert isinstance(result, Deny) and result.code == "INVALID_TOKEN", result
+    assert words in result.message
+    # Nothing was remembered: much later it is refused still, never served from a cache.
+    assert not verifier.cache
+    assert isinstance(verifier.verify(hs_token(claims), NOW + 10**9), Deny)
+
+
+def test_an_iat_within_the_leeway_or_past_is_accepted() -> None:
+    verifier = hs_verifier(leeway=30.0)
+    for iat in (NOW - 3600, NOW + 20, int(NOW)):
+        assert isinstance(verifier.verify(hs_token({"iat": iat}), NOW), Identity)
+
+
 def test_no_exp_claim_at_all():
     token = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
     result = hs_verifier().verify(token, NOW)

@@ -171,6 +171,10 @@ def _forged_signature() -> str:
         (lambda: token({"sub": " alice"}), "INVALID_TOKEN", "without outer spaces"),
         (lambda: token({"role": {"a": 1}}), "INVALID_TOKEN", "'role' claim"),
         (lambda: "not-a-jwt", "INVALID_TOKEN", "not a well-formed JWT"),
+        (lambda: token({"exp": float("inf")}), "INVALID_TOKEN", "'exp' claim must be a number"),
+        (lambda: token({"exp": float("nan")}), "INVALID_TOKEN", "'exp' claim must be a number"),
+        (lambda: token({"iat": int(time.time()) + 600}), "INVALID_TOKEN", "issued in the future"),
+        (lambda: token({"iat": int(time.time()) + 2}), None, None),  # within the 5 s leeway
     ],
 )
 def test_token_checks(proxy: Keyproxy, make: Any, code: str | None, words: str | None):

@@ -5,8 +5,9 @@ a fixed algorithm allowlist from the configuration (never `none`; HMAC only with
 shared secret, RSA/EC only with a public key: the configuration refuses mixing the
 two, so a public key is never used as an HMAC secret); `jku`, `jwk` and `x5u`
 headers are never read (keys come only from the configuration or its JWKS URL,
-looked up by `kid`); `exp` is required; `iss` and `aud` must match exactly when
-configured; `leeway` absorbs clock skew.
+looked up by `kid`); `exp` is required; `exp`, `nbf` and `iat` are finite numbers (pyjwt's
+JSON reader takes `Infinity`), `iat` not in the future; `iss` and `aud` must match exactly
+when configured; `leeway` absorbs clock skew.
 
 A verified token is remembered by its SHA-256 digest until it expires (at most
 `cache_size` of them, the oldest dropped first), so the same browser token costs a
@@ -15,11 +16,12 @@ dict probe on its next requests, not a signature check.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import jwt
 from jwt.exceptions import (
@@ -89,6 +91,13 @@ class Identity(NamedTuple):
     #: forgotten when the provider removes or replaces that key. None: a configured key.
     kid: str | None = None
     jwk: dict[str, Any] | None = None
+
+
+def _is_time(value: object) -> TypeGuard[float]:
+    """A NumericDate: an int or a finite float (not a bool, a string, NaN or infinity)."""
+    if type(value) is int:
+        return True
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def invalid(why: str) -> Deny:
@@ -218,16 +227,26 @@ class TokenVerifier:
     ) -> Identity | Deny:
         s = self.settings
         exp = claims.get("exp")
-        if exp is None or type(exp) not in (int, float):
-            return invalid("the 'exp' claim must be a number")
+        if not _is_time(exp):
+            # JSON as Python reads it takes `Infinity` and `NaN`: a token whose expiry
+            # never comes, or compares false with every clock, never expires.
+            return invalid("the 'exp' claim must be a number, and finite")
         if exp + s.leeway <= now:
             return _expired(exp)
         nbf = claims.get("nbf")
         if nbf is not None:
-            if type(nbf) not in (int, float):
-                return invalid("the 'nbf' claim must be a number")
+            if not _is_time(nbf):
+                return invalid("the 'nbf' claim must be a number, and finite")
             if nbf - s.leeway > now:
                 return invalid("the token is not valid yet (nbf)")
+        iat = claims.get("iat")
+        if iat is not None:
+            # What pyjwt refuses by default (its own time checks are off: times are
+            # compared with the caller's clock): a token issued in the future.
+            if not _is_time(iat):
+                return invalid("the 'iat' claim must be a number, and finite")
+            if iat - s.leeway > now:
+                return invalid("the token was issued in the future (iat)")
         user = claims.get(s.user_claim)
         if isinstance(user, str) and _USER_REFUSED.search(user):
             # Its upstream (percent-encoded) form could then equal another user's id.

@@ -411,8 +411,15 @@ class ResponseCache:
         self._tasks: set[asyncio.Task[object]] = set()
 
     def applies(self, ctx: RequestContext) -> bool:
+        """A GET the upstream acts on as a GET: on a route allowing method overrides a GET
+        may ask for DELETE, a write that must reach the upstream and never be stored."""
         route = ctx.route
-        return ctx.method == "GET" and route is not None and route.match in self.routes
+        return (
+            ctx.method == "GET"
+            and ctx.effective_method in ("GET", "")
+            and route is not None
+            and route.match in self.routes
+        )
 
     def key_for(self, ctx: RequestContext) -> CacheKey:
         """The forwarded request: method, upstream target (filters included) and the
@@ -480,8 +487,8 @@ class ResponseCache:
         """The chain's cache link: the tee for a looked-up miss, eviction for a write."""
         if ctx.cache_key is not None:
             return CacheTee(self, ctx.cache_key)
-        if ctx.method in ("GET", "HEAD", "OPTIONS"):
-            return None
+        if (ctx.effective_method or ctx.method) in ("GET", "HEAD", "OPTIONS"):
+            return None  # a read (an override that asks for a write evicts like the write)
         return Evict(self, ctx)
 
 

@@ -4,6 +4,8 @@ A body that must be filtered or scanned has to be read as the client will
 read it, so it is decoded first. Decoding is incremental and every step is
 bounded by what is still allowed, so a decompression bomb (a few KiB that
 inflate to gigabytes) is stopped at the cap with at most the cap in memory.
+A gzip body's members are decoded in turn (as browsers and curl read them); bytes
+after the end of any other stream are refused, never dropped unseen.
 
 gzip and deflate use zlib from the standard library; br uses Google's `brotli`
 binding (its `output_buffer_limit` makes the same bounded loop possible).
@@ -19,6 +21,7 @@ import brotli
 #: Encodings offered toward clients, preferred first: gzip is the cheapest to produce.
 ENCODE_PREFERENCE = ("gzip", "br", "deflate")
 _STEP = 64 * 1024  # output produced per decompression call
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
 class DecodeFailed(Exception):
@@ -50,15 +53,24 @@ class _Zlib:
                 self.wbits = -zlib.MAX_WBITS
                 self.obj = zlib.decompressobj(self.wbits)
         out = []
-        while True:
-            chunk = self.obj.decompress(data, min(room, _STEP) + 1)
+        while data:
+            obj = self.obj
+            if obj.eof:
+                # Bytes after the end of the stream. Readers (browsers, curl) decode a gzip
+                # body's next member; anything else they would read differently from us.
+                if self.wbits != _GZIP_WBITS:
+                    raise DecodeFailed("data after the end of the compressed stream")
+                obj = self.obj = zlib.decompressobj(_GZIP_WBITS)
+            chunk = obj.decompress(data, min(room, _STEP) + 1)
             room -= len(chunk)
             if room < 0:
                 raise DecodeFailed("the decoded body is over the size limit", too_large=True)
             out.append(chunk)
-            data = self.obj.unconsumed_tail
-            if not data:
-                return b"".join(out)
+            # At the end of a stream the rest is in unused_data; CPython may leave it in
+            # unconsumed_tail as well, and an ended stream consumes nothing more, so
+            # reading the tail there would loop forever (and grow unused_data each turn).
+            data = obj.unused_data if obj.eof else obj.unconsumed_tail
+        return b"".join(out)
 
     def end(self, room: int) -> bytes:
         rest = self.obj.flush(room + 1)
@@ -110,7 +122,7 @@ class Decoder:
         if coding == "identity":
             self.inflater = None
         elif coding in ("gzip", "x-gzip"):
-            self.inflater = _Zlib(16 + zlib.MAX_WBITS)
+            self.inflater = _Zlib(_GZIP_WBITS)
         elif coding == "deflate":
             self.inflater = _Zlib(zlib.MAX_WBITS)
         elif coding == "br":
