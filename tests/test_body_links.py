@@ -385,6 +385,7 @@ def test_the_fields_link_edits_the_head_in_one_pass_and_keeps_other_lines_in_ord
         b"Content-Type: application/json\r\n",
         b"X-Other: 1\r\n",
         b"Content-Type: text/html\r\n",
+        b"Cache-Control: private\r\n",  # this key's view: for no shared cache
     ]
     body = orjson.dumps([{"id": 1, "email": "e", "author": {"phone": "p", "name": "n"}}])
     assert link.on_body(body) == b""

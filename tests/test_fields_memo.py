@@ -195,6 +195,7 @@ def test_a_hit_edits_the_head_as_the_miss_did() -> None:
         b"content-type: application/json\r\n"
         b"content-encoding: gzip\r\n"
         b"vary: origin, accept-encoding\r\n"
+        b"cache-control: private\r\n"
     )
     assert b"content-encoding" not in heads[2] and b"content-encoding: br\r\n" in heads[4]
 

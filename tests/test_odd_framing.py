@@ -61,6 +61,11 @@ def _answer(path: bytes, count: int) -> tuple[bytes, bool]:
             b"HTTP/1.1 200 OK\r\n" + json_head + b"Content-Encoding: gzip\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body)
         ) + body, False
+    if path == b"/public":
+        return (
+            b"HTTP/1.1 200 OK\r\n" + json_head + b"Cache-Control: public, max-age=60, "
+            b"s-maxage=300\r\nContent-Length: %d\r\n\r\n" % len(RECORD)
+        ) + RECORD, False
     body = b'{"id":%d,"email":"victim@x","title":"mine"}' % count
     return (
         b"HTTP/1.1 200 OK\r\n" + json_head + b"Content-Length: %d\r\n\r\n" % len(body) + body,
@@ -204,3 +209,15 @@ def test_bytes_after_the_gzip_stream_are_refused(proxy: Keyproxy, key: str) -> N
     # The secret scan sits first in the chain: it refuses before the filter would.
     assert (status, json.loads(body)["error"]) == (502, "BODY_NOT_SCANNED")
     assert b"e@x" not in body
+
+
+def test_a_filtered_answer_is_never_left_to_shared_caches(proxy: Keyproxy) -> None:
+    """A filtered answer is one key's view: a CDN in front must not serve it to others,
+    whatever the upstream said. Unfiltered answers keep the upstream's own policy."""
+    status, headers, body = _get(proxy, "/public", FILTERED)
+    assert status == 200 and b"email" not in body
+    assert headers["cache-control"] == "max-age=60, private"
+    status, headers, _ = _get(proxy, "/public", KEYS["reader"])
+    assert headers["cache-control"] == "public, max-age=60, s-maxage=300"
+    status, headers, body = _get(proxy, "/plain", FILTERED)  # none given: private added
+    assert status == 200 and headers["cache-control"] == "private"

@@ -229,10 +229,18 @@ class FieldsFactory:
 
 
 def _edit_for_filtering(lines: list[bytes]) -> tuple[bytes | None, bytes | None]:
-    """Drop the validators and range headers of the upstream's bytes from `lines`, in one
-    pass that also reads the first Content-Type and Content-Encoding."""
+    """Drop the validators and range headers of the upstream's bytes from `lines`, and make
+    the answer private, in one pass that also reads the first Content-Type and
+    Content-Encoding.
+
+    A filtered answer is this key's view: a shared cache in front of keyproxy (a CDN)
+    must not hand it to another key, or to a caller with none, even when the upstream
+    said `public`. So `public` and `s-maxage` go and `private` is added, to an existing
+    `Cache-Control` or as one.
+    """
     content_type = coding = None
     kept = []
+    private = False
     for line in lines:
         colon = line.find(b":")
         if colon > 0:
@@ -244,9 +252,27 @@ def _edit_for_filtering(lines: list[bytes]) -> tuple[bytes | None, bytes | None]
                     content_type = line[colon + 1 :].strip()
             elif name == b"content-encoding" and coding is None:
                 coding = line[colon + 1 :].strip()
+            elif name == b"cache-control":
+                line = _private(line[colon + 1 :])
+                private = True
         kept.append(line)
+    if not private:
+        kept.append(b"Cache-Control: private\r\n")
     lines[:] = kept
     return content_type, coding
+
+
+def _private(value: bytes) -> bytes:
+    """A `Cache-Control` line for `value` that no shared cache may store."""
+    directives = [d.strip() for d in value.split(b",")]
+    kept = [
+        d
+        for d in directives
+        if d and d.lower() != b"public" and not d.lower().startswith(b"s-maxage")
+    ]
+    if not any(d.lower() in (b"private", b"no-store") for d in kept):
+        kept.append(b"private")
+    return b"Cache-Control: " + b", ".join(kept) + b"\r\n"
 
 
 class FieldsLink:
