@@ -243,6 +243,7 @@ class ProxyServer:
         elif outcome.__class__ is Deny:
             ex.send_error(outcome)
         elif outcome.__class__ is Reply:
+            ex.allowed = True  # a preflight the CORS policy answers: an allow in logs and metrics
             ex.send_reply(outcome)
         else:  # a check must wait (Redis, the owner lookup): decide in a task
             pending: Awaitable[Deny | None] = outcome  # type: ignore[assignment]  # the rest

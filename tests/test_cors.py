@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,6 +232,12 @@ def test_preflight_from_allowed_origin_is_answered_without_a_key_or_the_upstream
     status, headers, _, _ = preflight(cors_proxy, "https://shop.example.org")
     assert status == 204 and headers["access-control-allow-origin"] == "https://shop.example.org"
     assert upstream.records() == []
+    # Counted as what it is, an allowed preflight, not as a refusal without a reason.
+    url = f"http://{cors_proxy.admin_host}:{cors_proxy.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    options = [x for x in lines if x.startswith("keyproxy_requests_total{") and "OPTIONS" in x]
+    assert options and all('decision="allow"' in x and 'status="204"' in x for x in options)
 
 
 def test_preflight_from_another_origin_meets_the_normal_decision(
