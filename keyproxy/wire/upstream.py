@@ -79,7 +79,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_interim",
         "_length",
         "_parser",
-        "_stale_parser",
         "closed",
         "got_response_bytes",
         "idle_since",
@@ -96,7 +95,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.listener: ResponseListener | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._stale_parser = False
         # The response's end-to-end headers, already serialised (b"Name: value\r\n"); the
         # rare Connection-listed removal reads each name back up to its colon.
         self._header_parts: list[bytes] = []
@@ -116,9 +114,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange ------------------------------------------------
     def begin(self, listener: ResponseListener) -> None:
-        if self._stale_parser:
-            self._parser = httptools.HttpResponseParser(self)
-            self._stale_parser = False
         self.listener = listener
         if self.reading_paused:  # left paused by a slow client of the previous exchange
             self.resume_reading()
@@ -150,11 +145,10 @@ class UpstreamConnection(asyncio.Protocol):
         """A response to HEAD has no body whatever its Content-Length says.
 
         llhttp cannot be told so through httptools, so the message is finished
-        here. The socket is not reused: some servers (aiohttp's streamed responses)
-        send the body anyway, and on a reused socket those bytes would be read as
-        the next request's answer, which they could spell out.
+        here, and the socket (its parser still expecting a body) is not reused: some
+        servers (aiohttp's streamed responses) send the body anyway, and on a reused
+        socket those bytes would be read as the next request's answer.
         """
-        self._stale_parser = True
         self._finish(reusable=False)
 
     def abort(self) -> None:
