@@ -100,6 +100,13 @@ def _is_time(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and math.isfinite(value)
 
 
+#: The time claims a token must not be used before, and what a refusal for each says.
+_NOT_BEFORE = (
+    ("nbf", "the token is not valid yet (nbf)"),
+    ("iat", "the token was issued in the future (iat)"),
+)
+
+
 def invalid(why: str) -> Deny:
     return Deny(401, "INVALID_TOKEN", f"invalid end-user token: {why}")
 
@@ -233,20 +240,15 @@ class TokenVerifier:
             return invalid("the 'exp' claim must be a number, and finite")
         if exp + s.leeway <= now:
             return _expired(exp)
-        nbf = claims.get("nbf")
-        if nbf is not None:
-            if not _is_time(nbf):
-                return invalid("the 'nbf' claim must be a number, and finite")
-            if nbf - s.leeway > now:
-                return invalid("the token is not valid yet (nbf)")
-        iat = claims.get("iat")
-        if iat is not None:
-            # What pyjwt refuses by default (its own time checks are off: times are
-            # compared with the caller's clock): a token issued in the future.
-            if not _is_time(iat):
-                return invalid("the 'iat' claim must be a number, and finite")
-            if iat - s.leeway > now:
-                return invalid("the token was issued in the future (iat)")
+        # `iat` in the future is what pyjwt refuses by default (its own time checks are
+        # off: times are compared with the caller's clock).
+        for name, early in _NOT_BEFORE:
+            value = claims.get(name)
+            if value is not None:
+                if not _is_time(value):
+                    return invalid(f"the '{name}' claim must be a number, and finite")
+                if value - s.leeway > now:
+                    return invalid(early)
         user = claims.get(s.user_claim)
         if isinstance(user, str) and _USER_REFUSED.search(user):
             # Its upstream (percent-encoded) form could then equal another user's id.
