@@ -558,17 +558,24 @@ def test_a_long_header_line_in_the_first_read_counts_toward_the_head_at_once(loo
     assert answer.count(b"HTTP/1.1 401 ") == 2 and not closed
 
 
-def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
-    """Underscore headers are not among the 100 kept: their bytes are added up as each
-    arrives, so one read of thousands stops at the limit instead of running them all."""
-    feed = _small_head_proxy(loop)
-    calls = []
+def _counting_headers(calls: list[bytes]):  # type: ignore[no-untyped-def]
+    """A client connection class that records each header callback's name in `calls`."""
     from keyproxy.wire.client import ClientConnection
 
     class Counting(ClientConnection):
         def on_header(self, name: bytes, value: bytes) -> None:
             calls.append(name)
             super().on_header(name, value)
+
+    return Counting
+
+
+def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
+    """Underscore headers are not among the 100 kept: their bytes are added up as each
+    arrives, so one read of thousands stops at the limit instead of running them all."""
+    feed = _small_head_proxy(loop)
+    calls: list[bytes] = []
+    Counting = _counting_headers(calls)
 
     head = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n" + b"_:\r\n" * 60_000
     answer, closed = feed(head, kind=Counting)
@@ -654,13 +661,8 @@ def test_trailer_lines_are_bounded_as_they_come(loop) -> None:
     """Like ignored underscore headers, trailer lines are added up as each ends: one read
     of thousands stops at the limit instead of running a callback for every one."""
     feed = _small_head_proxy(loop)
-    calls = []
-    from keyproxy.wire.client import ClientConnection
-
-    class Counting(ClientConnection):
-        def on_header(self, name: bytes, value: bytes) -> None:
-            calls.append(name)
-            super().on_header(name, value)
+    calls: list[bytes] = []
+    Counting = _counting_headers(calls)
 
     head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", kind=Counting)
