@@ -13,8 +13,8 @@ from typing import Any
 import jwt
 
 from tests.procs import start_upstream
-from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
-from tests.test_users_e2e import _fetches, _jwk, _rsa, _start_jwks
+from tests.proxy_process import Keyproxy, error_of, start_keyproxy
+from tests.test_users_e2e import _fetches, _jwk, _jwks_config, _rsa, _start_jwks
 
 KEY = "pk_" + "c" * 64
 
@@ -43,19 +43,8 @@ def test_garbage_keeps_known_keys_and_unusable_keys_verify_nothing(tmp_path: Pat
     keys_file.write_text(json.dumps({"keys": [_jwk(signer, "k1")]}))
     jwks, port = _start_jwks(keys_file)
     with start_upstream() as upstream:
-        config = base_config(upstream.url, {})
-        config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search", "op": "list"}]
-        config["keys"] = [{"id": "reader", "hash": digest(KEY), "type": "read"}]
-        config["users"] = {
-            "jwt": {
-                "algorithms": ["RS256"],
-                "audience": "api",
-                "issuer": "any",
-                "jwks_url": f"http://127.0.0.1:{port}/jwks.json",
-                "jwks_refresh": "200ms",
-                "jwks_min_refresh": "10s",  # unknown kids never fetch: only the timer does
-            }
-        }
+        # unknown kids never fetch (10 s apart): only the refresh timer does
+        config = _jwks_config(upstream.url, KEY, port, "200ms", "10s")
         kp = start_keyproxy(tmp_path, config)
         try:
             known = rs(signer, "k1")

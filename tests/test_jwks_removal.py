@@ -10,8 +10,8 @@ from pathlib import Path
 import jwt
 
 from tests.procs import start_upstream
-from tests.proxy_process import base_config, digest, error_of, start_keyproxy
-from tests.test_users_e2e import _jwk, _rsa, _start_jwks
+from tests.proxy_process import error_of, start_keyproxy
+from tests.test_users_e2e import _jwk, _jwks_config, _rsa, _start_jwks
 
 KEY = "pk_" + "e" * 64
 
@@ -27,19 +27,7 @@ def test_cached_tokens_of_a_removed_key_are_refused_after_the_refresh(tmp_path: 
     keys_file.write_text(json.dumps({"keys": [_jwk(first, "k1"), _jwk(second, "k2")]}))
     jwks, port = _start_jwks(keys_file)
     with start_upstream() as upstream:
-        config = base_config(upstream.url, {})
-        config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search", "op": "list"}]
-        config["keys"] = [{"id": "reader", "hash": digest(KEY), "type": "read"}]
-        config["users"] = {
-            "jwt": {
-                "algorithms": ["RS256"],
-                "audience": "api",
-                "issuer": "any",
-                "jwks_url": f"http://127.0.0.1:{port}/jwks.json",
-                "jwks_refresh": "1h",
-                "jwks_min_refresh": "1s",
-            }
-        }
+        config = _jwks_config(upstream.url, KEY, port, "1h", "1s")
         kp = start_keyproxy(tmp_path, config)
 
         def get(token: str) -> tuple[int, bytes]:

@@ -351,6 +351,27 @@ def _fetches(port: int) -> int:
         return json.load(r)
 
 
+def _jwks_config(
+    upstream_url: str, key: str, port: int, refresh: str, min_refresh: str
+) -> dict[str, Any]:
+    """One reader key and a route taking RS256 tokens whose keys come from the JWKS
+    served on `port`, refreshed every `refresh` (unknown kids at most every `min_refresh`)."""
+    config = base_config(upstream_url, {})
+    config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search", "op": "list"}]
+    config["keys"] = [{"id": "reader", "hash": digest(key), "type": "read"}]
+    config["users"] = {
+        "jwt": {
+            "algorithms": ["RS256"],
+            "audience": "api",
+            "issuer": "any",
+            "jwks_url": f"http://127.0.0.1:{port}/jwks.json",
+            "jwks_refresh": refresh,
+            "jwks_min_refresh": min_refresh,
+        }
+    }
+    return config
+
+
 def _start_jwks(path: Path, port: int = 0) -> tuple[Process, int]:
     process, match = spawn(
         [
