@@ -202,8 +202,9 @@ class Exchange:
         self.plan: Plan | None = None
         self.ctx: RequestContext | None = None
         self.request_head = b""
-        #: The decision allowed it: forwarding has begun, or a stored answer is served
-        #: (the metrics and the access log count it as allowed).
+        #: The decision allowed it: forwarding has begun, a stored answer is served, or
+        #: keyproxy answered a CORS preflight (the metrics and the access log count it
+        #: as allowed).
         self.allowed = False
         self.reused = False  # the upstream socket had served an earlier exchange
         self.retried = False
