@@ -705,7 +705,7 @@ class Observer:
             log_event("observe_error", request_id=ex.request_id, error=type(exc).__name__)
 
     def _record(self, ex: Exchange) -> None:
-        now = self.loop.time()
+        now = time.perf_counter()  # the clock of the exchange's stamps
         total = now - ex.started
         m = metrics
         ctx = ex.ctx

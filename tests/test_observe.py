@@ -228,6 +228,27 @@ def test_access_log_has_every_field_and_no_secret_from_any_credential_source(
         assert secret not in raw, secret
 
 
+def test_durations_are_measured_below_a_millisecond(upstream, tmp_path, make):
+    """A loopback answer takes a fraction of a millisecond: its durations must say how
+    much, not round to whole milliseconds (the event loop's clock ticks per millisecond,
+    which put 0 or 1 ms into the log and every such request into two histogram buckets)."""
+    kp = make(config_for(upstream, tmp_path))
+    count = 20
+    for i in range(count):
+        assert answer(kp, "GET", f"/echo/{i}", KEYS["reader"])[0] == 200
+    lines = read_log(tmp_path / "access.log", count)
+    assert len(lines) == count
+    for name in ("upstream_ms", "total_ms"):
+        values = [line[name] for line in lines]
+        assert all(v > 0 for v in values), (name, values)
+        # µs are written: twenty whole milliseconds by chance would be a one in 10^60 event.
+        assert any(v != int(v) for v in values), (name, values)
+    found = samples(scrape(kp))
+    for family in ("keyproxy_request_duration_seconds", "keyproxy_upstream_duration_seconds"):
+        total = sum(by_name(found, family + "_sum").values())
+        assert total > 0 and round(total * 1000, 6) != round(total * 1000), (family, total)
+
+
 def test_access_log_defaults_to_stdout_and_reopens_on_sigusr1(upstream, tmp_path, make):
     config = config_for(upstream, tmp_path)
     del config["log"]

@@ -620,7 +620,7 @@ class ClientConnection(asyncio.Protocol):
             target = b"".join(self.url_parts).decode("latin-1")
         ex = Exchange(self, method, target, [], False, False, request_id)
         if self.head_begun or self.head_bytes:
-            ex.started = self.head_started
+            ex.started -= self.loop.time() - self.head_started  # the head's time counts
         ex.status, ex.reason, ex.sent = deny.status, deny.code, sent
         ex.done = True
         self.proxy.observer.exchange_finished(ex)

@@ -16,6 +16,7 @@ and imports neither the client connection nor the forwarding plan.
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import Any, Protocol, TypeVar
 
 from keyproxy.observability import log_event
@@ -222,7 +223,9 @@ class Exchange:
         self.held: list[bytes] | None = None  # the links' output while a link holds the body
         self.held_head: ResponseHead | None = None
         # For the access log and the metrics (keyproxy.observe), reported once by `_finish`.
-        self.started = conn.loop.time()
+        # perf_counter, not the loop's clock: uvloop's ticks per millisecond, which wrote a
+        # loopback answer's 0.3 ms as 0 or 1 ms.
+        self.started = perf_counter()
         self.status = 0  # the status answered; 0 until a head is produced
         self.reason: str | None = None  # the code of an answer keyproxy gave itself
         self.sent = 0  # bytes written to the client
@@ -354,7 +357,8 @@ class Exchange:
     def _send(self, upstream: UpstreamSide) -> None:
         self.upstream = upstream
         self.reused = upstream.uses > 0
-        self.last_activity = self.upstream_started = self.conn.loop.time()
+        self.last_activity = self.conn.loop.time()
+        self.upstream_started = perf_counter()
         upstream.begin(self)
         parts = [self.request_head]
         if self.body_chunks:
