@@ -141,6 +141,28 @@ def test_explain_allow_and_deny(tmp_path):
     assert unknown.returncode == 1 and "INVALID_TOKEN" in unknown.stdout
 
 
+def test_explain_and_check_name_a_route_the_same_way(tmp_path):
+    """`check` reports an error in the second route as routes[1]; `explain` must name the
+    route it matched the same way, or an operator reading both looks at the wrong one."""
+    head = (
+        "upstream: {url: 'http://127.0.0.1:3000'}\n"
+        "routes:\n"
+        "  - {match: 'GET /v1/health', acl: public}\n"
+        "  - {match: 'GET /v1/data/{table}', acl: search%s}\n"  # line 4
+        "keys:\n"
+        f"  - {{id: reader, hash: 'sha256:{hashlib.sha256(KEYS['reader'].encode()).hexdigest()}'"
+        ", type: read}\n"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(head % ", acl_typo: 1")
+    checked = keyproxy("check", "-c", str(path))
+    assert checked.returncode == 1 and "routes[1]" in checked.stdout, checked.stdout
+    path.write_text(head % "")
+    explained = keyproxy("explain", "-c", str(path), "--key", KEYS["reader"], "GET", "/v1/data/x")
+    assert explained.returncode == 0, explained.stdout
+    assert "routes[1] 'GET /v1/data/{table}' (line 4)" in explained.stdout, explained.stdout
+
+
 def test_explain_decides_for_the_address_given_with_ip(tmp_path):
     config = base_config("http://127.0.0.1:3000", {"headers": {"K": "k-upstream-secret-value"}})
     for key in config["keys"]:

@@ -37,7 +37,7 @@ def route(ctx: RequestContext) -> str:
     r = ctx.route
     assert r is not None and ctx.target is not None
     params = "".join(f" {k}={v}" for k, v in ctx.params.items())
-    shown = f"#{r.index + 1} '{r.match}' (line {r.line}) matches {ctx.target.path}{params}"
+    shown = f"routes[{r.index}] '{r.match}' (line {r.line}) matches {ctx.target.path}{params}"
     if ctx.effective_method and ctx.effective_method != ctx.method:
         shown += f"; decided as {ctx.effective_method} (method override)"
     return shown
