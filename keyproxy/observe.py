@@ -330,6 +330,18 @@ class AccessLog:
         """SIGUSR1: the file was rotated; the next write opens the path afresh."""
         self._reopen = True
 
+    def _moved(self, file: IO[bytes]) -> bool:
+        """Whether the path no longer names the open file: logrotate renamed or removed it
+        and signalled nothing, or SIGHUP, as most daemons are told. Lines written on into the
+        rotated file would go with it when it is compressed and deleted. One stat per flush,
+        on the writer thread."""
+        try:
+            now = os.stat(self.target)
+        except OSError:
+            return True
+        opened = os.fstat(file.fileno())
+        return (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev)
+
     def _take_lines(self) -> bytes:
         records, self.pending = self.pending, []
         return lines(records)
@@ -341,7 +353,7 @@ class AccessLog:
             elif self.target == "stderr":
                 out = sys.stderr.buffer
             else:
-                if self._reopen or self._file is None:
+                if self._reopen or self._file is None or self._moved(self._file):
                     self._reopen = False
                     if self._file is not None:
                         self._file.close()
