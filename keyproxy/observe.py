@@ -422,6 +422,26 @@ def _query_names(query: str | None) -> list[str] | None:
     return names or None
 
 
+def unread_target(target: str) -> tuple[str, str]:
+    """The path and query of a request target keyproxy did not read (refused before or at
+    its path), as they may be logged: without the `user:password@` of an absolute or
+    authority form (up to its last `@`, whatever the password holds), the path cut after
+    a `;` or `#`. Clients put passwords in userinfo and keys in `;api_key=` parameters and
+    fragments, and the log holds neither; what is left still shows why it was refused."""
+    if target[:1] != "/" or target[1:2] == "/":
+        slashes = target.find("//")
+        begin = slashes + 2 if slashes >= 0 else 0
+        at = target.rfind("@", begin)
+        if at >= 0:
+            target = f"{target[:begin]}***{target[at:]}"
+    path, _, query = target.partition("?")
+    for mark in (";", "#"):
+        cut = path.find(mark)
+        if cut >= 0:
+            path = path[: cut + 1]
+    return path, query
+
+
 def admin_exposure(host: str) -> str | None:
     """A warning when `server.admin_listen` is not on loopback: its /metrics names key
     ids (and /healthz, /readyz the process state) to whoever reaches that address."""
@@ -724,7 +744,7 @@ class Observer:
         status = ex.status or CLIENT_CLOSED
         reason = ex.reason
         if ctx is None:
-            path, _, query = ex.target.partition("?")
+            path, query = unread_target(ex.target)
             when = time.time()
             decision = "deny"
             verdict = describe_verdict(
@@ -775,7 +795,7 @@ class Observer:
         if target is not None:
             path, query = target.path, target.query
         else:
-            path, _, query = ex.target.partition("?")
+            path, query = unread_target(ex.target)
         # The socket peer unless trusted proxies name another (an address object: str()ed).
         client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
         return describe_verdict(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from keyproxy.observe import unread_target
 from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
 
 
@@ -60,3 +61,59 @@ def test_a_renamed_access_log_is_reopened_without_sigusr1(upstream, tmp_path, ma
     log_path.unlink()
     assert kp.request("GET", "/echo/3", key=KEYS["reader"])[0] == 200
     assert [line["path"] for line in read_log(log_path, 1)] == ["/echo/3"]
+
+
+def test_a_refused_target_logs_no_password_and_no_key(upstream, tmp_path, make):
+    """Targets refused at their path still show in the log, but without the userinfo of an
+    absolute or authority form, or what follows a `;` parameter or a `#` fragment: clients
+    put passwords and keys there, and the log never holds either."""
+    log_path = tmp_path / "access.log"
+    config = base_config(upstream.url, upstream.inject())
+    config["log"] = {"access": str(log_path)}
+    kp = make(config)
+    key = KEYS["reader"]
+    targets = [
+        "http://user:PASSWORD1@127.0.0.1/echo/x",
+        "http://user:PASS?WORD2@127.0.0.1/echo/x",
+        f"/echo/x;api_key={key}",
+        f"/echo/x#{key}",
+        "//user:PASSWORD3@host/echo/x",
+    ]
+    for target in targets:
+        answer = kp.raw(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+    answer = kp.raw(b"CONNECT user:PASSWORD4@host:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    lines = read_log(log_path, len(targets) + 1)
+    assert [line["path"] for line in lines] == [
+        "http://***@127.0.0.1/echo/x",
+        "http://***@127.0.0.1/echo/x",
+        "/echo/x;",
+        "/echo/x#",
+        "//***@host/echo/x",
+        "***@host:443",
+    ]
+    assert all(line["status"] == 400 for line in lines)
+    text = log_path.read_text()
+    for secret in ("PASSWORD", "WORD2", key, key[3:20]):
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        ("/v1/data/posts?page=2", ("/v1/data/posts", "page=2")),  # origin form: as it is
+        ("/a/b@c", ("/a/b@c", "")),
+        ("/x;jsessionid=pk_1?page=2", ("/x;", "page=2")),
+        ("/x#sk_1", ("/x#", "")),
+        ("http://u:p?w#d@h/x?q=1", ("http://***@h/x", "q=1")),
+        ("http://u:p/w@h/x", ("http://***@h/x", "")),
+        ("u:p@host:443", ("***@host:443", "")),
+        ("*", ("*", "")),
+    ],
+)
+def test_unread_target_keeps_what_shows_the_refusal_and_no_credential(target, logged):
+    assert unread_target(target) == logged
