@@ -52,13 +52,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import io
 import ipaddress
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -305,6 +308,51 @@ class MetricsCollector(Collector):
         )
 
 
+#: At shutdown, how long the access log's writer may take to write its last lines.
+CLOSE_TIMEOUT = 5.0
+
+
+class LogWriter(Executor):
+    """One daemon thread that runs the submitted writes in order.
+
+    Not a `ThreadPoolExecutor`: its threads are joined when the interpreter exits, so a
+    write blocked for good (a named pipe whose reader died, a stalled log shipper on
+    stdout) would keep the process from ever stopping.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, run = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(run())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def finish(self, timeout: float) -> bool:
+        """Run what was submitted, then stop; whether that took less than `timeout` seconds."""
+        self._calls.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
+
+
 class AccessLog:
     """JSON lines, queued on the loop and written by one thread.
 
@@ -317,7 +365,7 @@ class AccessLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.pending: list[tuple[Any, ...]] = []
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log")
+        self._writer = LogWriter()
         self._in_flight: asyncio.Future[None] | None = None
         self._file: IO[bytes] | None = None
         self._reopen = False
@@ -341,10 +389,6 @@ class AccessLog:
             return True
         opened = os.fstat(file.fileno())
         return (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev)
-
-    def _take_lines(self) -> bytes:
-        records, self.pending = self.pending, []
-        return lines(records)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -382,10 +426,19 @@ class AccessLog:
         self._write(lines(records))
 
     def close(self) -> None:
-        """At shutdown: write everything still queued, then stop the writer."""
-        self._writer.shutdown(wait=True)
+        """At shutdown: write everything still queued, then stop the writer; a writer
+        blocked on a pipe nobody reads is given up after `CLOSE_TIMEOUT`, so SIGTERM ends."""
         if self.pending:
-            self._write(self._take_lines())
+            records, self.pending = self.pending, []
+            self._writer.submit(self._write_records, records)
+        if not self._writer.finish(CLOSE_TIMEOUT):
+            log_event(
+                "access_log_stuck",
+                target=self.target,
+                message=f"the access log could not be written for {CLOSE_TIMEOUT:g}s; "
+                "stopping without its last lines",
+            )
+            return  # the file is the stuck thread's: closing it under it would not unblock it
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()

@@ -4,7 +4,9 @@ traffic, log lines or the last good configuration: through real `keyproxy serve`
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -117,3 +119,27 @@ def test_a_refused_target_logs_no_password_and_no_key(upstream, tmp_path, make):
 )
 def test_unread_target_keeps_what_shows_the_refusal_and_no_credential(target, logged):
     assert unread_target(target) == logged
+
+
+def test_sigterm_stops_even_when_the_access_log_cannot_be_written(upstream, tmp_path, make):
+    """The access log is a named pipe whose reader is gone (a log shipper that died): the
+    writer blocks on it. Traffic goes on meanwhile, and SIGTERM still drains and exits
+    instead of waiting for the pipe forever."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    config = base_config(upstream.url, upstream.inject())
+    config["log"] = {"access": str(fifo)}
+    config["server"]["drain_timeout"] = "1s"
+    kp = make(config)
+    for i in range(3):
+        assert kp.request("GET", f"/echo/{i}", key=KEYS["reader"])[0] == 200
+        time.sleep(0.3)  # the writer has a batch in hand, blocked on the pipe
+    started = time.monotonic()
+    kp.process.send_signal(signal.SIGTERM)
+    try:
+        code = kp.process.popen.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("SIGTERM did not stop keyproxy: " + kp.process.describe())
+    assert code == 0, kp.process.describe()
+    assert time.monotonic() - started < 12
+    assert '"event":"access_log_stuck"' in kp.process.stderr, kp.process.describe()
