@@ -143,3 +143,51 @@ def test_sigterm_stops_even_when_the_access_log_cannot_be_written(upstream, tmp_
     assert code == 0, kp.process.describe()
     assert time.monotonic() - started < 12
     assert '"event":"access_log_stuck"' in kp.process.stderr, kp.process.describe()
+
+
+def test_sigusr1_to_the_supervisor_reopens_logs_and_stops_nothing(upstream, tmp_path, make):
+    """logrotate signals the pid it knows, which with `--workers N` is the supervisor's:
+    SIGUSR1 (the documented reopen signal) must reach the workers, not kill the supervisor
+    and with it every worker."""
+    log_path = tmp_path / "access.log"
+    config = base_config(upstream.url, upstream.inject())
+    config["log"] = {"access": str(log_path)}
+    kp = make(config, extra_args=["--workers", "2"])
+    deadline = time.monotonic() + 10
+    while kp.process.stderr.count('"event":"listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kp.process.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    assert kp.process.returncode is None, kp.process.describe()
+    for i in range(4):
+        assert kp.request("GET", f"/echo/{i}", key=KEYS["reader"])[0] == 200
+    assert len(read_log(log_path, 4)) == 4
+    assert kp.process.returncode is None, kp.process.describe()
+
+
+def test_the_supervisor_passes_reload_and_reopen_only_to_workers_that_are_ready(tmp_path):
+    """A worker still loading its configuration has no SIGHUP/SIGUSR1 handler yet, and
+    either signal's default is to end the process: a reload sent while a worker restarts
+    would kill it, and a few of those look like a crash loop. Real child processes
+    (`sleep`, which a SIGHUP ends) stand in for a ready worker and a starting one."""
+    from keyproxy.workers import Slot, Supervisor
+
+    supervisor = Supervisor(str(tmp_path / "unused.yaml"), [], [], 2, 1.0)
+    ready, starting = supervisor.slots
+    ready.process = subprocess.Popen(["sleep", "30"])
+    ready.ready = True
+    starting.process = subprocess.Popen(["sleep", "30"])
+    try:
+        for signum in (signal.SIGUSR1, signal.SIGHUP):
+            supervisor.forward(signum)
+        assert ready.process.wait(5) == -signal.SIGUSR1
+        time.sleep(0.2)
+        assert starting.process.poll() is None
+        supervisor.forward(signal.SIGTERM)  # a stop reaches every worker
+        assert starting.process.wait(5) == -signal.SIGTERM
+        assert supervisor.stopping
+    finally:
+        for slot in (ready, starting):
+            assert isinstance(slot, Slot) and slot.process is not None
+            slot.process.kill()
+            slot.process.wait()
