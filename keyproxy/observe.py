@@ -303,7 +303,7 @@ class MetricsCollector(Collector):
         )
         yield CounterMetricFamily(
             "keyproxy_access_log_dropped",
-            "Access-log lines dropped because the log could not be written fast enough.",
+            "Access-log lines dropped because the log could not be written (fast enough).",
             value=data["access_log_dropped"],
         )
 
@@ -370,6 +370,10 @@ class AccessLog:
         self._file: IO[bytes] | None = None
         self._reopen = False
         self.dropped = 0
+        #: Lines whose write failed (counted by the writer thread).
+        self.lost = 0
+        #: `dropped + lost` as last added to `keyproxy_access_log_dropped_total`.
+        self.counted = 0
 
     def add(self, record: tuple[Any, ...]) -> None:
         self.pending.append(record)
@@ -390,7 +394,8 @@ class AccessLog:
         opened = os.fstat(file.fileno())
         return (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Whether `data` was written (a full disk, an unwritable path: logged, not raised)."""
         try:
             if self.target == "stdout":
                 out = sys.stdout.buffer
@@ -407,6 +412,8 @@ class AccessLog:
             out.flush()
         except (OSError, ValueError) as exc:
             log_event("access_log_error", target=self.target, error=str(exc))
+            return False
+        return True
 
     def flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.pending:
@@ -423,7 +430,8 @@ class AccessLog:
         self._in_flight = loop.run_in_executor(self._writer, self._write_records, records)
 
     def _write_records(self, records: list[tuple[Any, ...]]) -> None:
-        self._write(lines(records))
+        if not self._write(lines(records)):
+            self.lost += len(records)  # on the writer thread: apart from `dropped`
 
     def close(self) -> None:
         """At shutdown: write everything still queued, then stop the writer; a writer
@@ -725,7 +733,10 @@ class Observer:
             log = self.access_log
             if log is not None:
                 log.flush(self.loop)
-                metrics.access_log_dropped = log.dropped
+                # Added, not assigned: a reload that moves the log starts a new one at 0.
+                now_dropped = log.dropped + log.lost
+                metrics.access_log_dropped += now_dropped - log.counted
+                log.counted = now_dropped
 
     async def _snapshot_forever(self) -> None:
         while True:

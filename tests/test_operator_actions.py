@@ -3,6 +3,7 @@ traffic, log lines or the last good configuration: through real `keyproxy serve`
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.observe import unread_target
 from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
@@ -191,3 +193,33 @@ def test_the_supervisor_passes_reload_and_reopen_only_to_workers_that_are_ready(
             assert isinstance(slot, Slot) and slot.process is not None
             slot.process.kill()
             slot.process.wait()
+
+
+def test_a_full_disk_costs_log_lines_counted_never_traffic(upstream, tmp_path, make):
+    """The access log on a device that is always full (`/dev/full`: every write fails
+    with ENOSPC, as on a full disk): requests are still answered, the lost lines are
+    counted in keyproxy_access_log_dropped_total, and the failure is logged."""
+    config = base_config(upstream.url, upstream.inject())
+    config["log"] = {"access": "/dev/full"}
+    kp = make(config)
+    for i in range(5):
+        assert kp.request("GET", f"/echo/{i}", key=KEYS["reader"])[0] == 200
+    deadline = time.monotonic() + 5
+    dropped = 0.0
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(kp.admin_host, kp.admin_port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        dropped = next(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "keyproxy_access_log_dropped_total"
+        )
+        if dropped >= 5:
+            break
+        time.sleep(0.2)
+    assert dropped == 5
+    assert '"event":"access_log_error"' in kp.process.stderr
+    assert kp.request("GET", "/echo/after", key=KEYS["reader"])[0] == 200
