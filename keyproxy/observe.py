@@ -52,13 +52,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import io
 import ipaddress
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -300,9 +303,54 @@ class MetricsCollector(Collector):
         )
         yield CounterMetricFamily(
             "keyproxy_access_log_dropped",
-            "Access-log lines dropped because the log could not be written fast enough.",
+            "Access-log lines dropped because the log could not be written (fast enough).",
             value=data["access_log_dropped"],
         )
+
+
+#: At shutdown, how long the access log's writer may take to write its last lines.
+CLOSE_TIMEOUT = 5.0
+
+
+class LogWriter(Executor):
+    """One daemon thread that runs the submitted writes in order.
+
+    Not a `ThreadPoolExecutor`: its threads are joined when the interpreter exits, so a
+    write blocked for good (a named pipe whose reader died, a stalled log shipper on
+    stdout) would keep the process from ever stopping.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, run = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(run())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def finish(self, timeout: float) -> bool:
+        """Run what was submitted, then stop; whether that took less than `timeout` seconds."""
+        self._calls.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
 
 
 class AccessLog:
@@ -317,11 +365,15 @@ class AccessLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.pending: list[tuple[Any, ...]] = []
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="access-log")
+        self._writer = LogWriter()
         self._in_flight: asyncio.Future[None] | None = None
         self._file: IO[bytes] | None = None
         self._reopen = False
         self.dropped = 0
+        #: Lines whose write failed (counted by the writer thread).
+        self.lost = 0
+        #: `dropped + lost` as last added to `keyproxy_access_log_dropped_total`.
+        self.counted = 0
 
     def add(self, record: tuple[Any, ...]) -> None:
         self.pending.append(record)
@@ -330,18 +382,27 @@ class AccessLog:
         """SIGUSR1: the file was rotated; the next write opens the path afresh."""
         self._reopen = True
 
-    def _take_lines(self) -> bytes:
-        records, self.pending = self.pending, []
-        return lines(records)
+    def _moved(self, file: IO[bytes]) -> bool:
+        """Whether the path no longer names the open file: logrotate renamed or removed it
+        and signalled nothing, or SIGHUP, as most daemons are told. Lines written on into the
+        rotated file would go with it when it is compressed and deleted. One stat per flush,
+        on the writer thread."""
+        try:
+            now = os.stat(self.target)
+        except OSError:
+            return True
+        opened = os.fstat(file.fileno())
+        return (now.st_ino, now.st_dev) != (opened.st_ino, opened.st_dev)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Whether `data` was written (a full disk, an unwritable path: logged, not raised)."""
         try:
             if self.target == "stdout":
                 out = sys.stdout.buffer
             elif self.target == "stderr":
                 out = sys.stderr.buffer
             else:
-                if self._reopen or self._file is None:
+                if self._reopen or self._file is None or self._moved(self._file):
                     self._reopen = False
                     if self._file is not None:
                         self._file.close()
@@ -351,6 +412,8 @@ class AccessLog:
             out.flush()
         except (OSError, ValueError) as exc:
             log_event("access_log_error", target=self.target, error=str(exc))
+            return False
+        return True
 
     def flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.pending:
@@ -367,13 +430,23 @@ class AccessLog:
         self._in_flight = loop.run_in_executor(self._writer, self._write_records, records)
 
     def _write_records(self, records: list[tuple[Any, ...]]) -> None:
-        self._write(lines(records))
+        if not self._write(lines(records)):
+            self.lost += len(records)  # on the writer thread: apart from `dropped`
 
     def close(self) -> None:
-        """At shutdown: write everything still queued, then stop the writer."""
-        self._writer.shutdown(wait=True)
+        """At shutdown: write everything still queued, then stop the writer; a writer
+        blocked on a pipe nobody reads is given up after `CLOSE_TIMEOUT`, so SIGTERM ends."""
         if self.pending:
-            self._write(self._take_lines())
+            records, self.pending = self.pending, []
+            self._writer.submit(self._write_records, records)
+        if not self._writer.finish(CLOSE_TIMEOUT):
+            log_event(
+                "access_log_stuck",
+                target=self.target,
+                message=f"the access log could not be written for {CLOSE_TIMEOUT:g}s; "
+                "stopping without its last lines",
+            )
+            return  # the file is the stuck thread's: closing it under it would not unblock it
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
@@ -408,6 +481,26 @@ def _query_names(query: str | None) -> list[str] | None:
         if sep and name and len(name) <= MAX_LOGGED_NAME and not name.startswith(_KEY_PREFIXES):
             names.append(name)
     return names or None
+
+
+def unread_target(target: str) -> tuple[str, str]:
+    """The path and query of a request target keyproxy did not read (refused before or at
+    its path), as they may be logged: without the `user:password@` of an absolute or
+    authority form (up to its last `@`, whatever the password holds), the path cut after
+    a `;` or `#`. Clients put passwords in userinfo and keys in `;api_key=` parameters and
+    fragments, and the log holds neither; what is left still shows why it was refused."""
+    if target[:1] != "/" or target[1:2] == "/":
+        slashes = target.find("//")
+        begin = slashes + 2 if slashes >= 0 else 0
+        at = target.rfind("@", begin)
+        if at >= 0:
+            target = f"{target[:begin]}***{target[at:]}"
+    path, _, query = target.partition("?")
+    for mark in (";", "#"):
+        cut = path.find(mark)
+        if cut >= 0:
+            path = path[: cut + 1]
+    return path, query
 
 
 def admin_exposure(host: str) -> str | None:
@@ -640,7 +733,10 @@ class Observer:
             log = self.access_log
             if log is not None:
                 log.flush(self.loop)
-                metrics.access_log_dropped = log.dropped
+                # Added, not assigned: a reload that moves the log starts a new one at 0.
+                now_dropped = log.dropped + log.lost
+                metrics.access_log_dropped += now_dropped - log.counted
+                log.counted = now_dropped
 
     async def _snapshot_forever(self) -> None:
         while True:
@@ -712,7 +808,7 @@ class Observer:
         status = ex.status or CLIENT_CLOSED
         reason = ex.reason
         if ctx is None:
-            path, _, query = ex.target.partition("?")
+            path, query = unread_target(ex.target)
             when = time.time()
             decision = "deny"
             verdict = describe_verdict(
@@ -763,7 +859,7 @@ class Observer:
         if target is not None:
             path, query = target.path, target.query
         else:
-            path, _, query = ex.target.partition("?")
+            path, query = unread_target(ex.target)
         # The socket peer unless trusted proxies name another (an address object: str()ed).
         client_ip = ctx.client_ip if self._behind_proxies and ctx.client_ip else ctx.peer_ip
         return describe_verdict(

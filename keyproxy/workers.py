@@ -117,14 +117,18 @@ class Supervisor:
         slot.restart_at = None
 
     def forward(self, signum: int, _frame: object = None) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        stop = signum in (signal.SIGTERM, signal.SIGINT)
+        if stop:
             self.stopping = True
         for slot in self.slots:
-            if slot.process is not None and slot.process.poll() is None:
+            # SIGHUP and SIGUSR1 end a worker that has not set up its handlers yet; one
+            # still starting reads the file and opens the log afresh anyway.
+            if slot.process is not None and slot.process.poll() is None and (stop or slot.ready):
                 slot.process.send_signal(signum)
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # SIGUSR1 too: logrotate signals the pid it knows, this one, and by default it kills.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, self.forward)
         for slot in self.slots:
             try:
