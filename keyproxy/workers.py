@@ -9,10 +9,14 @@ restarts workers that die.
 
 A crash is not a reason to stop serving: a worker that dies is restarted after
 a delay that doubles with each recent crash of its slot (0.25 s, 0.5 s, 1 s ...
-at most 30 s), while the other workers go on. Only a real loop makes the
-supervisor give up: one slot whose workers die CRASH_LOOP_LIMIT times within
-CRASH_LOOP_WINDOW seconds without ever becoming ready (a broken config edit, a
-missing file). It then logs a `crash_loop` event, stops the others and exits 1.
+at most 30 s), while the other workers go on. A slot whose workers die
+CRASH_LOOP_LIMIT times within CRASH_LOOP_WINDOW seconds without ever becoming
+ready is looping (a broken config edit, a missing file): while another worker
+still serves the last good configuration, the supervisor logs `worker_failing`
+and keeps retrying at the back-off, so a bad edit followed by one worker's
+death never takes the whole service down, and the slot comes back once the
+file is fixed. Only when no worker serves does it give up: it logs a
+`crash_loop` event, stops the others and exits 1.
 """
 
 from __future__ import annotations
@@ -185,7 +189,9 @@ class Supervisor:
         slot.crashes.append(now)
         if not slot.ready:
             slot.unready_crashes.append(now)
-        if len(slot.unready_crashes) >= CRASH_LOOP_LIMIT:
+        looping = len(slot.unready_crashes) >= CRASH_LOOP_LIMIT
+        serving = any(other.ready and other.process is not None for other in self.slots)
+        if looping and not serving:
             log_event(
                 "crash_loop",
                 message=f"worker slot {slot.index} died {len(slot.unready_crashes)} times within "
@@ -199,6 +205,17 @@ class Supervisor:
             return
         delay = restart_delay(len(slot.crashes))
         slot.restart_at = now + delay
+        if looping:
+            log_event(
+                "worker_failing",
+                message=f"worker slot {slot.index} died {len(slot.unready_crashes)} times within "
+                f"{CRASH_LOOP_WINDOW:g}s without ever becoming ready; the other workers serve "
+                f"the last good configuration; retrying in {delay:g}s (check the file)",
+                slot=slot.index,
+                pid=pid,
+                exit_code=code,
+            )
+            return
         log_event(
             "worker_exited",
             slot=slot.index,

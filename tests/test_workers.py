@@ -143,26 +143,55 @@ def test_two_worker_crashes_seconds_apart_keep_the_port_serving(tmp_path, upstre
     assert code == 0, kp.process.describe()
 
 
-def test_a_real_crash_loop_gives_up_loudly(tmp_path, upstream):
-    """Workers that die before ever being ready, again and again, are a loop: the
-    supervisor logs `crash_loop`, stops the healthy worker and exits non-zero."""
+def _events(kp: Keyproxy, name: str) -> list[dict]:
+    events = [json.loads(line) for line in kp.process.stderr.splitlines() if line.startswith("{")]
+    return [event for event in events if event["event"] == name]
+
+
+def test_a_bad_edit_and_a_dead_worker_never_stop_the_workers_that_serve(tmp_path, upstream):
+    """A bad edit keeps the last good config: when a worker then dies, its restarts fail
+    (they read the bad file) and the slot loops, yet the healthy worker goes on serving,
+    the supervisor says what is wrong and keeps retrying, and fixing the file brings the
+    slot back."""
+    config = base_config(upstream.url, upstream.inject())
+    kp = start_keyproxy(tmp_path, config, extra_args=["--workers", "2"])
+    try:
+        assert wait_until(lambda: len(worker_pids(kp)) == 2)
+        healthy, victim = worker_pids(kp)
+        good = kp.config_path.read_text()
+        kp.config_path.write_text("server: {listen: nowhere}\n# end\n")  # every new worker fails
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: _events(kp, "worker_failing"), 20), kp.process.stderr[-2000:]
+        failing = _events(kp, "worker_failing")[0]
+        assert "without ever becoming ready" in failing["message"]
+        assert "last good configuration" in failing["message"]
+        assert kp.process.returncode is None and _alive(healthy)
+        assert kp.request("GET", "/echo/still", key=KEYS["reader"])[0] == 200
+        assert not _events(kp, "crash_loop")
+        fixed = kp.config_path.with_suffix(".fixed")
+        fixed.write_text(good)
+        fixed.replace(kp.config_path)  # the fix, by rename
+        assert wait_until(lambda: len(worker_pids(kp)) == 3, 40), kp.process.stderr[-2000:]
+        assert kp.process.returncode is None and _alive(healthy)
+        assert kp.request("GET", "/echo/again", key=KEYS["reader"])[0] == 200
+    finally:
+        kp.stop()
+
+
+def test_a_crash_loop_with_no_worker_serving_gives_up_loudly(tmp_path, upstream):
+    """Workers that die before ever being ready, again and again, while no worker serves:
+    the supervisor logs `crash_loop` and exits non-zero rather than pretend to run."""
     kp = start_keyproxy(
         tmp_path, base_config(upstream.url, upstream.inject()), extra_args=["--workers", "2"]
     )
     try:
         assert wait_until(lambda: len(worker_pids(kp)) == 2)
-        healthy, victim = worker_pids(kp)
         kp.config_path.write_text("server: {listen: nowhere}\n")  # every new worker fails
-        os.kill(victim, signal.SIGKILL)
-        # meanwhile the healthy worker (keeping its last good config) still serves
-        assert kp.request("GET", "/echo/still", key=KEYS["reader"])[0] == 200
-        assert kp.process.wait(30) == 1
-        events = [
-            json.loads(line) for line in kp.process.stderr.splitlines() if line.startswith("{")
-        ]
-        loops = [e for e in events if e["event"] == "crash_loop"]
+        for pid in worker_pids(kp):
+            os.kill(pid, signal.SIGKILL)
+        assert kp.process.wait(40) == 1
+        loops = _events(kp, "crash_loop")
         assert len(loops) == 1 and "without ever becoming ready" in loops[0]["message"]
-        assert wait_until(lambda: not _alive(healthy), 10)
     finally:
         kp.stop()
 
