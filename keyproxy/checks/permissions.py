@@ -35,6 +35,8 @@ from keyproxy.request import Deny, RequestContext
 
 #: An entity tag as RFC 9110 spells it (weak or strong): anything else is not sent back.
 _ETAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]{0,200}"')
+#: Methods whose request the owner filter or owner read describes in full.
+_BODILESS_READS = frozenset({"GET", "HEAD"})
 #: Largest record read to find its owner.
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -219,6 +221,15 @@ class OwnershipCheck:
         records = permissions.self_records
         user = ctx.user
         assert records is not None and user is not None
+        if route.op in ("list", "read") and ctx.effective_method not in _BODILESS_READS:
+            # A read-only POST (`access: read`, like _search) is decided by its body: the
+            # owner filter in the query would not limit it, nor the owner read before it.
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"{route.op} of your own records is only allowed with GET: keyproxy cannot "
+                f"limit what a {ctx.effective_method} body asks for",
+            )
         if route.op == "list":
             if not records.list_filter:
                 return Deny(
