@@ -236,6 +236,8 @@ class ProxyServer:
             ex.request_id,
         )
         ex.ctx = ctx
+        if ex.has_body:
+            ctx.has_body = True
         key = ex.memo_key = memo_key(ex.method, ex.target, conn.peer_ip, ex.headers, ex.varying)
         outcome = self.pipeline.decide(ctx, key)
         if outcome is None:

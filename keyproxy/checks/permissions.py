@@ -230,6 +230,15 @@ class OwnershipCheck:
                 f"{route.op} of your own records is only allowed with GET: keyproxy cannot "
                 f"limit what a {ctx.effective_method} body asks for",
             )
+        if route.op in ("list", "read") and ctx.has_body:
+            # The owner read happens on the head; a body sent slowly would hold the real
+            # read back until the record is someone else's (ids are reused), and a body
+            # is a query the owner filter does not limit (GET _search).
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"a {route.op} of your own records carries no request body",
+            )
         if route.op == "list":
             if not records.list_filter:
                 return Deny(
