@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.procs import start_demo_backend
-from tests.proxy_process import Keyproxy, error_of, start_keyproxy
-from tests.test_self_identity import APP_KEY, DEMO_SECRET, as_user, self_config, token
+from keyproxy.policy.permissions import SelfRecords
+from tests.procs import UpstreamServer, start_demo_backend, start_upstream
+from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
+from tests.test_self_identity import APP_KEY, DEMO_SECRET, SECRET, as_user, self_config, token
 
 SEARCH_ROUTE = {"match": "POST /{index}/_search", "acl": "search", "access": "read", "op": "list"}
 SEARCH_READ_ROUTE = {
@@ -118,3 +119,96 @@ def test_a_self_list_or_read_with_a_body_is_refused(proxy: Keyproxy, framing: st
     # an empty body announced as such is no body
     status, _, _, _ = proxy.request("GET", "/v1/data/posts/1", as_user("alice"), body=b"")
     assert status == 200
+
+
+# --------------------------------------------------------------------------- list filter names
+
+UPSTREAM_SECRET = "upstream-secret-self-attacks-0123456789"
+
+
+@pytest.fixture(scope="module")
+def recording_upstream() -> Iterator[UpstreamServer]:
+    with start_upstream(header_secrets={"X-Upstream-Key": UPSTREAM_SECRET}) as server:
+        yield server
+
+
+def filter_config(upstream: UpstreamServer, filter_name: str) -> dict[str, Any]:
+    """Alice may list posts only as her own, with the owner filter `filter_name`."""
+    config = base_config(upstream.url, upstream.inject())
+    config["routes"] = [{"match": "GET /v1/data/{table}", "acl": "search", "op": "list"}]
+    config["keys"] = [
+        {"id": "app", "hash": digest(APP_KEY), "type": "admin", "roles": ["anonymous"]}
+    ]
+    config["users"] = {
+        "jwt": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "any", "audience": "any"}
+    }
+    config["roles"] = {"anonymous": {"*": []}, "user": {"posts": ["list:self"]}}
+    config["self"] = {"owner_field": "createdBy", "list_filter": {"query": {filter_name: "{user}"}}}
+    config["upstream"]["identity_headers"] = {"user": "X-Keyproxy-User"}
+    return config
+
+
+@pytest.fixture(scope="module")
+def nested_filter_proxy(
+    recording_upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Keyproxy]:
+    kp = start_keyproxy(
+        tmp_path_factory.mktemp("nested"), filter_config(recording_upstream, "filter[createdBy]")
+    )
+    yield kp
+    kp.stop()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "filter.createdBy=bob",  # qs with allowDots, Spring binders: filter[createdBy]
+        "filter[createdBy][]=bob",  # qs: an array [bob, alice], an IN to many ORMs
+        "filter%5BcreatedBy%5D%5B%5D=bob",
+        "filter[createdBy][$ne]=nobody",  # Strapi/Mongo-style operator on the owner
+        "filter[createdBy]=bob",
+        "filter=everything",  # replaces the whole filter object in some parsers
+        "filter[]=x",
+        "FILTER[CREATEDBY].x=bob",
+    ],
+)
+def test_a_nested_owner_filter_cannot_be_widened_by_another_spelling_of_its_path(
+    nested_filter_proxy: Keyproxy, recording_upstream: UpstreamServer, query: str
+):
+    recording_upstream.reset()
+    status, _, body, _ = nested_filter_proxy.request(
+        "GET", f"/v1/data/posts?{query}", as_user("alice")
+    )
+    assert (status, error_of(body)) == (403, "PERMISSION_DENIED"), body
+    assert recording_upstream.records() == []
+
+
+def test_a_nested_owner_filter_leaves_other_filters_alone(
+    nested_filter_proxy: Keyproxy, recording_upstream: UpstreamServer
+):
+    status, _, body, _ = nested_filter_proxy.request(
+        "GET", "/v1/data/posts?filter[title]=x&filterx=1", as_user("alice")
+    )
+    assert status == 200, body
+    assert json.loads(body)["query"] == "filter[title]=x&filterx=1&filter%5BcreatedBy%5D=alice"
+
+
+@pytest.mark.parametrize(
+    ("raw", "widens"),
+    [
+        ("filter[createdBy]", True),
+        ("filter.createdBy", True),
+        ("filter%5BcreatedBy%5D[]", True),
+        ("[filter][createdBy]", True),
+        ("filter", True),
+        ("filter[createdBy][$in][0]", True),
+        ("filter[title]", False),
+        ("filterx", False),
+        ("createdBy", False),
+        ("", False),
+    ],
+)
+def test_widened_by_reads_every_spelling_of_the_filter_path(raw: str, widens: bool):
+    records = SelfRecords("createdBy", (("filter[createdBy]", "{user}"),))
+    assert records.filter_paths == (("filter", "createdby"),)
+    assert records.widened_by(raw) is widens

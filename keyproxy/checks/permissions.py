@@ -18,7 +18,7 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
-from keyproxy.policy.paths import param_readings
+from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
     DENIED,
@@ -250,7 +250,10 @@ class OwnershipCheck:
             names = {name.lower() for name, _ in records.list_filter}
             query = ctx.target.query
             for pair in PARAM_SEPARATORS.split(query) if query else ():
-                sent = next(iter(param_readings(pair.partition("=")[0]) & names), None)
+                raw = pair.partition("=")[0]
+                sent = next(iter(param_readings(raw) & names), None)
+                if sent is None and records.widened_by(raw):
+                    sent = decoded_name(raw)[:64]
                 if sent is not None:
                     return Deny(
                         403,
