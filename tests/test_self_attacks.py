@@ -212,3 +212,30 @@ def test_widened_by_reads_every_spelling_of_the_filter_path(raw: str, widens: bo
     records = SelfRecords("createdBy", (("filter[createdBy]", "{user}"),))
     assert records.filter_paths == (("filter", "createdby"),)
     assert records.widened_by(raw) is widens
+
+
+# --------------------------------------------------------------------------- owner read
+
+
+@pytest.fixture(scope="module")
+def owned_proxy(
+    recording_upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Keyproxy]:
+    config = filter_config(recording_upstream, "createdBy")
+    config["routes"] = [{"match": "GET /owned/{table}/{id}", "acl": "get", "op": "read"}]
+    config["roles"]["user"] = {"posts": ["read:self"]}
+    kp = start_keyproxy(tmp_path_factory.mktemp("owned"), config)
+    yield kp
+    kp.stop()
+
+
+def test_the_owner_read_asks_for_what_the_upstream_will_serve(owned_proxy: Keyproxy):
+    """An upstream may let the query pick the record (`$request->id` in Laravel reads
+    `?id=` before the route's `{id}`): the owner read must send the same query."""
+    status, _, body, _ = owned_proxy.request("GET", "/owned/posts/1", as_user("alice"))
+    assert status == 200 and json.loads(body)["createdBy"] == "alice", body
+    status, _, body, _ = owned_proxy.request("GET", "/owned/posts/1?id=2", as_user("alice"))
+    assert (status, error_of(body)) == (403, "PERMISSION_DENIED"), body
+    assert b"bob" not in body
+    status, _, body, _ = owned_proxy.request("GET", "/owned/posts/2?id=1", as_user("alice"))
+    assert status == 200 and json.loads(body)["createdBy"] == "alice", body

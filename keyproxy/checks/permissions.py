@@ -18,6 +18,7 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
+from keyproxy.policy.credentials import strip_query_param
 from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
@@ -302,8 +303,18 @@ class OwnershipCheck:
     ) -> tuple[int, bytes | None, bytes | None]:
         """The record's status, body and ETag (a strong or weak entity tag, else None)."""
         up = config.upstream
-        assert ctx.target is not None
+        assert ctx.target is not None and ctx.route is not None
         query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
+        sent = ctx.target.query
+        if sent and ctx.route.op == "read":
+            # The read is forwarded with its query, which may pick another record (an
+            # `?id=` some frameworks read before the path's): ask with the same query.
+            # Only for a read: a write's query is never replayed as a GET with the secret.
+            if ctx.credential_source == "query":
+                sent = strip_query_param(sent, config.server.query_param)
+            for name, _ in up.inject_query:
+                sent = strip_query_param(sent, name)
+            query = f"{sent}&{query}" if sent and query else sent or query
         url = URL(
             up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
             encoded=True,
