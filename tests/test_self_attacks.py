@@ -222,8 +222,12 @@ def owned_proxy(
     recording_upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Keyproxy]:
     config = filter_config(recording_upstream, "createdBy")
-    config["routes"] = [{"match": "GET /owned/{table}/{id}", "acl": "get", "op": "read"}]
-    config["roles"]["user"] = {"posts": ["read:self"]}
+    config["routes"] = [
+        {"match": "GET /owned/{table}/{id}", "acl": "get", "op": "read"},
+        {"match": "PATCH /owned/{table}/{id}", "acl": "get", "op": "update"},
+        {"match": "DELETE /owned/{table}/{id}", "acl": "get", "op": "delete"},
+    ]
+    config["roles"]["user"] = {"posts": ["read:self", "update:self", "delete:self"]}
     kp = start_keyproxy(tmp_path_factory.mktemp("owned"), config)
     yield kp
     kp.stop()
@@ -239,3 +243,15 @@ def test_the_owner_read_asks_for_what_the_upstream_will_serve(owned_proxy: Keypr
     assert b"bob" not in body
     status, _, body, _ = owned_proxy.request("GET", "/owned/posts/2?id=1", as_user("alice"))
     assert status == 200 and json.loads(body)["createdBy"] == "alice", body
+
+
+@pytest.mark.parametrize("method", ["PATCH", "DELETE"])
+def test_the_owner_read_of_a_write_asks_with_its_query_too(
+    owned_proxy: Keyproxy, recording_upstream: UpstreamServer, method: str
+):
+    recording_upstream.reset()
+    status, _, body, _ = owned_proxy.request(method, "/owned/posts/1?id=2", as_user("alice"), b"{}")
+    assert (status, error_of(body)) == (403, "PERMISSION_DENIED"), body
+    assert [r["method"] for r in recording_upstream.records()] == ["GET"]  # the write never went
+    status, _, body, _ = owned_proxy.request(method, "/owned/posts/1", as_user("alice"), b"{}")
+    assert status == 200 and json.loads(body)["changed"] is True, body

@@ -303,13 +303,12 @@ class OwnershipCheck:
     ) -> tuple[int, bytes | None, bytes | None]:
         """The record's status, body and ETag (a strong or weak entity tag, else None)."""
         up = config.upstream
-        assert ctx.target is not None and ctx.route is not None
+        assert ctx.target is not None
         query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
         sent = ctx.target.query
-        if sent and ctx.route.op == "read":
-            # The read is forwarded with its query, which may pick another record (an
+        if sent:
+            # The request is forwarded with its query, which may pick another record (an
             # `?id=` some frameworks read before the path's): ask with the same query.
-            # Only for a read: a write's query is never replayed as a GET with the secret.
             if ctx.credential_source == "query":
                 sent = strip_query_param(sent, config.server.query_param)
             for name, _ in up.inject_query:
