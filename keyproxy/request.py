@@ -165,6 +165,8 @@ class RequestContext:
     #: The response cache's key for this request (a `CacheKey`), once looked up.
     cache_key: Any = None
     vouched: Vouched | None = None  # explain/replay only: who step 1 takes the caller to be
+    #: The request announces a body (a non-zero Content-Length or chunked framing).
+    has_body: bool = False
     #: Shared by every repeat of a remembered verdict (`keyproxy.checks.memo`): what the
     #: metrics and the access log derive from the verdict is kept here once. None when
     #: the verdict is not remembered.

@@ -489,6 +489,22 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response(_body_info())
 
 
+#: `/owned/{table}/{id}`: two records with owners, for the self-record tests.
+OWNED = {"1": {"id": 1, "createdBy": "alice"}, "2": {"id": 2, "createdBy": "bob"}}
+
+
+async def owned_record(request: web.Request) -> web.Response:
+    """A record read the way Laravel's `$request->id` reads it: a query (or body) `id`
+    wins over the route's `{id}`, so `/owned/posts/1?id=2` answers record 2."""
+    record = OWNED.get(request.query.get("id") or request.match_info["id"])
+    if record is None:
+        return web.json_response({"error": "not_found"}, status=404)
+    if request.method in ("PATCH", "DELETE"):
+        # answered as done, and changing nothing: the test reads the answer
+        return web.json_response({**record, "changed": True})
+    return web.json_response(record)
+
+
 async def control_records(request: web.Request) -> web.Response:
     return web.json_response(list(request.app[RECORDS]))
 
@@ -527,6 +543,7 @@ def create_app(config: UpstreamConfig) -> web.Application:
         ("/echo-escaped", echo_escaped),
         ("/express-redirect", express_redirect),
         ("/body", literal_body),
+        ("/owned/{table}/{id}", owned_record),
     ]:
         app.router.add_route("*", path, handler)
     app.router.add_post("/upload", upload)

@@ -16,7 +16,8 @@ What makes a hit exact:
   token's `exp`) bound an entry's life, and a change of the JWKS keys voids every
   entry, as it voids the token cache;
 - only verdicts reached synchronously and in full are kept: no refusal, no report-
-  mode finding, no owner read (a self-only write reads the record every time).
+  mode finding, no self-only verdict (its owner read runs every time, and it rests on
+  whether the request has a body, which the key leaves out).
 
 An entry also carries `notes`, a dict every repeat shares (`RequestContext.notes`):
 what is derived from the verdict alone, such as its access-log fields
@@ -114,7 +115,9 @@ class DecisionMemo:
 
     def remember(self, ctx: RequestContext, key: tuple[Any, ...]) -> None:
         """Keep what steps 0–7 established, if the verdict may be reused (see above)."""
-        if ctx.would_deny is not None or ctx.owner_etag is not None or ctx.vouched is not None:
+        if ctx.would_deny is not None or ctx.self_only or ctx.vouched is not None:
+            # A self-only verdict also rests on whether the request has a body, which the
+            # memo key leaves out (Content-Length), and a self-only write reads the record.
             return
         if ctx.config is not self.config:
             return  # a reload landed mid-request: this verdict belongs to the old one

@@ -18,7 +18,8 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
-from keyproxy.policy.paths import param_readings
+from keyproxy.policy.credentials import strip_query_param
+from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
     DENIED,
@@ -35,6 +36,8 @@ from keyproxy.request import Deny, RequestContext
 
 #: An entity tag as RFC 9110 spells it (weak or strong): anything else is not sent back.
 _ETAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]{0,200}"')
+#: Methods whose request the owner filter or owner read describes in full.
+_BODILESS_READS = frozenset({"GET", "HEAD"})
 #: Largest record read to find its owner.
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -219,6 +222,24 @@ class OwnershipCheck:
         records = permissions.self_records
         user = ctx.user
         assert records is not None and user is not None
+        if route.op in ("list", "read") and ctx.effective_method not in _BODILESS_READS:
+            # A read-only POST (`access: read`, like _search) is decided by its body: the
+            # owner filter in the query would not limit it, nor the owner read before it.
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"{route.op} of your own records is only allowed with GET: keyproxy cannot "
+                f"limit what a {ctx.effective_method} body asks for",
+            )
+        if route.op in ("list", "read") and ctx.has_body:
+            # The owner read happens on the head; a body sent slowly would hold the real
+            # read back until the record is someone else's (ids are reused), and a body
+            # is a query the owner filter does not limit (GET _search).
+            return Deny(
+                403,
+                "PERMISSION_DENIED",
+                f"a {route.op} of your own records carries no request body",
+            )
         if route.op == "list":
             if not records.list_filter:
                 return Deny(
@@ -230,7 +251,10 @@ class OwnershipCheck:
             names = {name.lower() for name, _ in records.list_filter}
             query = ctx.target.query
             for pair in PARAM_SEPARATORS.split(query) if query else ():
-                sent = next(iter(param_readings(pair.partition("=")[0]) & names), None)
+                raw = pair.partition("=")[0]
+                sent = next(iter(param_readings(raw) & names), None)
+                if sent is None and records.widened_by(raw):
+                    sent = decoded_name(raw)[:64]
                 if sent is not None:
                     return Deny(
                         403,
@@ -281,6 +305,15 @@ class OwnershipCheck:
         up = config.upstream
         assert ctx.target is not None
         query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
+        sent = ctx.target.query
+        if sent:
+            # The request is forwarded with its query, which may pick another record (an
+            # `?id=` some frameworks read before the path's): ask with the same query.
+            if ctx.credential_source == "query":
+                sent = strip_query_param(sent, config.server.query_param)
+            for name, _ in up.inject_query:
+                sent = strip_query_param(sent, name)
+            query = f"{sent}&{query}" if sent and query else sent or query
         url = URL(
             up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
             encoded=True,

@@ -294,3 +294,18 @@ def param_readings(raw: str) -> frozenset[str]:
     base = _NAME_END.split(name.lstrip(_NAME_LEAD), 1)[0]
     php = name.lstrip(" ").partition("[")[0].replace(" ", "_").replace(".", "_")
     return frozenset((name, base, php))
+
+
+#: What nesting parsers read as a step of a key path: brackets and dots.
+_PATH_STEP = re.compile(r"[\[\].]")
+
+
+def name_path(raw: str) -> tuple[str, ...]:
+    """The key path a nesting parser may read the raw query name `raw` as (lower-case).
+
+    qs (Express, Strapi), Rack, PHP and Spring binders read `filter[createdBy]`,
+    `filter.createdBy` and `filter[createdBy][]` as the same nested key, `filter` as the
+    whole object around it: all are `("filter", "createdby")` or a prefix of it here.
+    """
+    name = decoded_name(raw).lower().lstrip(_NAME_LEAD)
+    return tuple(part for part in _PATH_STEP.split(name) if part)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from keyproxy.config.model import OPS
+from keyproxy.policy.paths import name_path
 
 #: The table every role falls back to when it does not name the request's table.
 ANY_TABLE = "*"
@@ -118,6 +119,25 @@ class SelfRecords:
     #: Query parameters added to a self-only caller's list requests: (name, template),
     #: the template's `{user}` replaced by the caller's user id.
     list_filter: tuple[tuple[str, str], ...] = ()
+    #: Each filter name as a nesting parser reads it (`name_path`): a client name on the
+    #: same path, or a prefix of it or an extension of it, would replace or widen it.
+    filter_paths: tuple[tuple[str, ...], ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        paths = tuple(name_path(name) for name, _ in self.list_filter)
+        object.__setattr__(self, "filter_paths", paths)
+
+    def widened_by(self, raw_name: str) -> bool:
+        """Whether a client's query name reaches a filter's key path: `filter`,
+        `filter.createdBy` or `filter[createdBy][$ne]` against `filter[createdBy]`."""
+        sent = name_path(raw_name)
+        if not sent:
+            return False
+        for path in self.filter_paths:
+            shorter = min(len(path), len(sent))
+            if path[:shorter] == sent[:shorter]:
+                return True
+        return False
 
     def filter_query(self, user: str) -> str:
         return "&".join(
