@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from keyproxy.config.arrivals import Arrivals
 from keyproxy.config.reload import ConfigHolder
 from tests.test_config import BASE, ENV, parse
 
@@ -121,6 +122,104 @@ def test_a_half_written_file_never_goes_live(tmp_path: Path, upstream) -> None:
         with open(kp.config_path, "w") as file:  # in place: same inode, truncated
             file.write(text[:cut])
             file.flush()
+            time.sleep(2.0)  # four polls: the half file is quiet long enough to be read
+            assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+            assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401  # not applied
+            file.write(text[cut:])
+        assert wait_until(lambda: kp.request("GET", "/echo/x", key=newcomer)[0] == 200, 3.0)
+        assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 200
+        assert "rewritten in place" in kp.process.stderr
+    finally:
+        kp.stop()
+
+
+# --------------------------------------------------------------------------- arrivals
+
+
+def test_arrivals_tell_a_file_created_at_the_path_from_one_moved_there(tmp_path: Path) -> None:
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text("a")
+    arrivals = Arrivals.start(str(path))
+    assert arrivals is not None  # Linux: inotify is there
+    try:
+        assert not arrivals.created_in_place()
+        path.unlink()
+        path.write_text("b")  # deleted, then written again at its path
+        assert arrivals.created_in_place()
+        assert arrivals.created_in_place()  # until the file is read
+        arrivals.forget()
+        assert not arrivals.created_in_place()
+        path.unlink()
+        path.write_text("c")
+        tmp = tmp_path / "next.tmp"
+        tmp.write_text("d")
+        tmp.replace(path)  # the last arrival is a rename: whole
+        assert not arrivals.created_in_place()
+        (tmp_path / "other.yaml").write_text("e")  # another name in the directory
+        assert not arrivals.created_in_place()
+        path.unlink()
+        path.symlink_to(tmp_path / "other.yaml")  # a link made at the path names a whole file
+        assert not arrivals.created_in_place()
+    finally:
+        arrivals.close()
+
+
+def test_a_file_deleted_and_written_again_needs_the_marker(tmp_path: Path, monkeypatch) -> None:
+    import asyncio
+
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(BASE)
+    holder = ConfigHolder(parse(BASE, ENV), str(path))
+    holder.watch_arrivals()
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    os.link(path, tmp_path / "backup.yaml")  # keeps the inode: the new file gets another
+    path.unlink()
+    path.write_text(BASE.replace("3000", "3001"))  # a new inode, yet written in place
+    assert holder.in_place()
+    assert not asyncio.run(holder.reload(in_place=holder.in_place()))
+    assert holder.config.upstream.port == 3000 and "in place" in (holder.last_error or "")
+    path.unlink()
+    path.write_text(BASE.replace("3000", "3002") + "# end\n")
+    assert asyncio.run(holder.reload(in_place=holder.in_place()))
+    assert holder.config.upstream.port == 3002
+
+
+def test_a_file_deleted_then_written_slowly_never_goes_live_half_way(
+    tmp_path: Path, upstream
+) -> None:
+    """A real `keyproxy serve`: the file is removed, then written at its path in two parts
+    with a pause of several polls between them. A new inode is no proof of a rename."""
+    import time
+
+    import yaml
+
+    from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
+    from tests.test_lifecycle import wait_until
+
+    victim = "pk_" + "9" * 64
+    newcomer = "pk_" + "8" * 64
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"].append({"id": "victim", "hash": digest(victim), "type": "read", "revoked": True})
+    kp = start_keyproxy(tmp_path, config)
+    try:
+        assert kp.request("GET", "/echo/x", key=victim)[0] == 401
+        edited = dict(config)
+        edited["keys"] = [
+            {"id": "newcomer", "hash": digest(newcomer), "type": "read"},
+            *config["keys"],
+        ]
+        text = yaml.safe_dump(edited, sort_keys=False) + "# end\n"
+        cut = text.rindex("  revoked: true")
+        old_inode = kp.config_path.stat().st_ino
+        # A backup link keeps the old inode, so the new file cannot reuse its number.
+        os.link(kp.config_path, kp.config_path.with_suffix(".bak"))
+        kp.config_path.unlink()
+        with open(kp.config_path, "w") as file:  # a new file at the path
+            file.write(text[:cut])
+            file.flush()
+            assert kp.config_path.stat().st_ino != old_inode
             time.sleep(2.0)  # four polls: the half file is quiet long enough to be read
             assert kp.request("GET", "/echo/x", key=victim)[0] == 401
             assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401  # not applied

@@ -16,7 +16,9 @@ the watcher trusts only what cannot be partial:
 * a file *rewritten in place* (same inode) is read only when its last line is
   the end marker `# end`, which a writer reaching the end of the file writes
   last; without it the edit is refused and logged, and the running
-  configuration stays in force;
+  configuration stays in force. A file deleted and created again at its path
+  is written in place too, though it is a new inode: inotify tells it from a
+  rename (`arrivals`);
 * SIGHUP is the operator saying the edit is done: it reads the file as it is.
 """
 
@@ -26,6 +28,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
+from keyproxy.config.arrivals import Arrivals
 from keyproxy.config.handoff import (
     END_MARKER,
     IN_PLACE_WITHOUT_MARKER,
@@ -64,6 +67,8 @@ class ConfigHolder:
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
         self._missing = False  # the file was found gone (logged once until it is back)
+        #: How the file arrived at its path, once `watch` runs (None: not known here).
+        self._arrivals: Arrivals | None = None
 
     @classmethod
     def load(cls, path: str) -> ConfigHolder:
@@ -90,6 +95,8 @@ class ConfigHolder:
         """
         if self.path is None:
             return False
+        if self._arrivals is not None:
+            self._arrivals.forget()  # before the fingerprint: a create after it counts
         self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
         async with self._lock:  # one reload at a time; the last edit wins
             return self._apply(await load_in_child(self.path, in_place))
@@ -129,7 +136,8 @@ class ConfigHolder:
         asyncio.get_running_loop().create_task(self.reload())
 
     def in_place(self) -> bool:
-        """Whether the file now on disk was changed, and is the same inode as the one last read.
+        """Whether the file now on disk was changed, and is the same inode as the one last read
+        or a file created at the path (not moved there) since.
 
         A `keys_file` needs no marker: each key is one line, and a line cut short is
         not valid JSON, so a half-written keys file can only lack whole keys, never
@@ -137,12 +145,11 @@ class ConfigHolder:
         """
         assert self.path is not None
         now = _fingerprint(self.path)
-        return (
-            now is not None
-            and self._seen is not None
-            and now != self._seen
-            and now[2] == self._seen[2]
-        )
+        if now is None or now == self._seen:
+            return False
+        if self._seen is not None and now[2] == self._seen[2]:
+            return True
+        return self._arrivals is not None and self._arrivals.created_in_place()
 
     def settled_change(self) -> bool:
         """One poll: whether the file (or its `keys_file`) changed and then stayed the same
@@ -175,9 +182,21 @@ class ConfigHolder:
         self._changing = None
         return True
 
+    def watch_arrivals(self) -> None:
+        """Tell a file created at the path from one moved there (see `arrivals`)."""
+        assert self.path is not None
+        self._arrivals = Arrivals.start(self.path)
+        if self._arrivals is None:
+            log_event(
+                "config_watch",
+                message="inotify is not available: a file deleted and written again at "
+                f"{self.path} is read as soon as it stops changing; replace it by rename",
+            )
+
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
         if self.path is None:
             return
+        self.watch_arrivals()
         while True:
             await asyncio.sleep(interval)
             if self.settled_change():
