@@ -152,6 +152,12 @@ def run(
     from keyproxy.config.model import HostPort
     from keyproxy.wire.listeners import ListenError, bind, inherited, raise_fd_limit
 
+    # Until the loop's handlers are in place, SIGHUP and SIGUSR1 would kill the process
+    # (their default), and a large registry takes seconds to load: logrotate's SIGUSR1
+    # then took the server down. Ignored meanwhile: the file and the log are being
+    # opened afresh anyway.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         holder = ConfigHolder.load(config_path)
     except ConfigError as exc:

@@ -223,3 +223,44 @@ def test_a_full_disk_costs_log_lines_counted_never_traffic(upstream, tmp_path, m
     assert dropped == 5
     assert '"event":"access_log_error"' in kp.process.stderr
     assert kp.request("GET", "/echo/after", key=KEYS["reader"])[0] == 200
+
+
+def _ignored_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigIgn:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def test_sighup_and_sigusr1_while_the_config_loads_kill_nothing(upstream, tmp_path):
+    """logrotate's SIGUSR1 or an operator's SIGHUP can land while a large registry is
+    still loading, before the loop's handlers exist; their default action is to end the
+    process. They are ignored until the handlers are in place, and the server comes up."""
+    import sys
+
+    import yaml
+
+    from tests.procs import Process
+
+    config = base_config(upstream.url, upstream.inject())
+    config["keys"] += [
+        {"id": f"filler-{i}", "hash": "sha256:" + f"{i:064x}", "type": "read"} for i in range(10000)
+    ]
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    process = Process([sys.executable, "-m", "keyproxy", "serve", "-c", str(path)], name="kp")
+    try:
+        usr1 = 1 << (signal.SIGUSR1 - 1)
+        deadline = time.monotonic() + 10
+        while not _ignored_signals(process.pid) & usr1:  # the load has begun (about 1 s)
+            assert process.returncode is None and time.monotonic() < deadline, process.describe()
+            time.sleep(0.001)
+        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGHUP)
+        process.wait_for_line(r'"event":"listening"', stream="stderr")
+        kp = Keyproxy(process, path, config)
+        assert kp.request("GET", "/echo/up", key=KEYS["reader"])[0] == 200
+        assert process.returncode is None
+    finally:
+        process.stop()
