@@ -134,6 +134,34 @@ def test_a_half_written_file_never_goes_live(tmp_path: Path, upstream) -> None:
         kp.stop()
 
 
+def test_a_storm_of_sighups_reads_the_file_once_or_twice(tmp_path: Path, monkeypatch) -> None:
+    """Each read is a parsing process; signals that arrive while one waits add nothing,
+    and one that arrives while a read is under way gets a read of its own afterwards."""
+    import asyncio
+
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(BASE)
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    holder = ConfigHolder(parse(BASE, ENV), str(path))
+
+    async def storm() -> None:
+        for _ in range(20):
+            holder.reload_soon()
+        while holder.reloads["success"] < 1:
+            await asyncio.sleep(0.01)
+        busy = asyncio.create_task(holder.reload())  # a read under way
+        await asyncio.sleep(0)
+        for _ in range(20):
+            holder.reload_soon()
+        await busy
+        while len(asyncio.all_tasks()) > 1:  # every queued read has run
+            await asyncio.sleep(0.01)
+
+    asyncio.run(storm())
+    assert holder.reloads == {"success": 3, "error": 0}
+
+
 # --------------------------------------------------------------------------- arrivals
 
 

@@ -69,6 +69,7 @@ class ConfigHolder:
         self._missing = False  # the file was found gone (logged once until it is back)
         #: How the file arrived at its path, once `watch` runs (None: not known here).
         self._arrivals: Arrivals | None = None
+        self._hup_waiting = False  # a SIGHUP's reload is queued and has not begun
 
     @classmethod
     def load(cls, path: str) -> ConfigHolder:
@@ -132,8 +133,19 @@ class ConfigHolder:
         return True
 
     def reload_soon(self) -> None:
-        """For SIGHUP."""
-        asyncio.get_running_loop().create_task(self.reload())
+        """For SIGHUP. A signal while an earlier one still waits for its turn adds
+        nothing: that one reads the file as it is when its turn comes. A storm of
+        SIGHUPs queued a parsing process each, seconds of CPU apiece for a large registry.
+        """
+        if self._hup_waiting:
+            return
+        self._hup_waiting = True
+        asyncio.get_running_loop().create_task(self._reload_on_hup())
+
+    async def _reload_on_hup(self) -> None:
+        async with self._lock:  # a reload in progress read the file before this signal
+            self._hup_waiting = False
+        await self.reload()
 
     def in_place(self) -> bool:
         """Whether the file now on disk was changed, and is the same inode as the one last read
