@@ -75,8 +75,10 @@ def test_upstream_user_id_is_one_form():
     assert records.filter_query("jörg") == "createdBy=j%25C3%25B6rg"
 
 
-@pytest.mark.parametrize("sub", ["j%C3%B6rg", "100%", "bob\x00", "bob\x1b[0m", "a\x85b"])
-def test_percent_and_control_characters_refused_in_user_ids(sub: str):
+@pytest.mark.parametrize(
+    "sub", ["j%C3%B6rg", "100%", "bob\x00", "bob\x1b[0m", "a\x85b", "alice,bob", ","]
+)
+def test_percent_comma_and_control_characters_refused_in_user_ids(sub: str):
     verifier = TokenVerifier(JwtSettings(algorithms=("HS256",), secret=SECRET))
     result = verifier.verify(token(sub), time.time())
     assert isinstance(result, Deny) and result.status == 401
@@ -104,6 +106,17 @@ def test_non_ascii_user_owns_their_records_and_a_percent_spelling_is_refused(pro
         assert (status, error_of(body)) == (401, "INVALID_TOKEN"), (method, target, body)
         assert b"user id" in body
     assert proxy.request("GET", path, as_user("jörg"))[0] == 200
+
+
+def test_a_user_id_with_a_comma_never_reaches_the_backend(proxy: Keyproxy):
+    """`X-User-Id: alice,x` is a list to a backend that reads headers as HTTP allows, and
+    its first item is alice: such an id is refused at the token, before any record."""
+    status, _, body, _ = proxy.request("POST", "/v1/data/posts", as_user("alice"), body=b"{}")
+    assert status == 201, body
+    for method, target in (("GET", "/v1/data/posts"), ("POST", "/v1/data/posts")):
+        status, _, body, _ = proxy.request(method, target, as_user("alice,x"), body=b"{}")
+        assert (status, error_of(body)) == (401, "INVALID_TOKEN"), (method, body)
+        assert b"user id" in body
 
 
 # ------------------------------------------------------------ the owner comes from keyproxy

@@ -58,9 +58,10 @@ HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 #: What a role or user id may look like once it is in a header or a query.
 _ROLE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_USER_LENGTH = 256
-#: Never in a user id: `%` (a percent-encoded id would collide with a raw one) and
-#: control characters.
-_USER_REFUSED = re.compile(r"[%\x00-\x1f\x7f-\x9f]")
+#: Never in a user id: `%` (a percent-encoded id would collide with a raw one), `,`
+#: (a backend reading the identity header as a list, as HTTP allows, or a filter
+#: template such as `in.({user})`, would take `alice,x` for alice) and control characters.
+_USER_REFUSED = re.compile(r"[%,\x00-\x1f\x7f-\x9f]")
 MAX_ROLES = 32
 
 
@@ -252,7 +253,9 @@ class TokenVerifier:
         user = claims.get(s.user_claim)
         if isinstance(user, str) and _USER_REFUSED.search(user):
             # Its upstream (percent-encoded) form could then equal another user's id.
-            return invalid(f"user id in {s.user_claim!r} may not contain '%' or control characters")
+            return invalid(
+                f"user id in {s.user_claim!r} may not contain '%', ',' or control characters"
+            )
         if (
             not isinstance(user, str)
             or not user
