@@ -255,3 +255,21 @@ def test_the_owner_read_of_a_write_asks_with_its_query_too(
     assert [r["method"] for r in recording_upstream.records()] == ["GET"]  # the write never went
     status, _, body, _ = owned_proxy.request(method, "/owned/posts/1", as_user("alice"), b"{}")
     assert status == 200 and json.loads(body)["changed"] is True, body
+
+
+def test_the_owner_read_says_who_asks_as_the_request_does(
+    owned_proxy: Keyproxy, recording_upstream: UpstreamServer
+):
+    """A backend that scopes records by the identity headers (a tenant per key or user)
+    must answer the owner read as it will answer the request itself."""
+    recording_upstream.reset()
+    status, _, body, _ = owned_proxy.request("GET", "/owned/posts/1", as_user("alice"))
+    assert status == 200, body
+    reads = recording_upstream.records()
+    assert [r["method"] for r in reads] == ["GET", "GET"]  # the owner read, then the request
+    for read in reads:
+        users = [v for n, v in read["headers"] if n.lower() == "x-keyproxy-user"]
+        assert users == ["alice"], read["headers"]
+        assert [v for n, v in read["headers"] if n.lower() == "x-upstream-key"] == [
+            UPSTREAM_SECRET
+        ]

@@ -25,6 +25,7 @@ from keyproxy.policy.permissions import (
     DENIED,
     FULL,
     NOT_A_TABLE,
+    identity_pairs,
     key_roles,
     request_name,
     scope_allows,
@@ -318,7 +319,10 @@ class OwnershipCheck:
             up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
             encoded=True,
         )
-        headers = {name: value for name, value in up.inject_headers}
+        # Who asks, as the request itself will say it: a backend that scopes records by
+        # these (a tenant per key) must answer the owner read as it will the request.
+        headers = dict(identity_pairs(ctx, up.identity_headers))
+        headers.update(up.inject_headers)
         auth = aiohttp.BasicAuth(*up.inject_basic) if up.inject_basic is not None else None
         headers["X-Request-Id"] = ctx.request_id
         headers["Accept"] = "application/json"

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
-from keyproxy.config.model import Config, KeyType
+from keyproxy.config.model import Config
 from keyproxy.policy.clientip import peer_is_trusted
 from keyproxy.policy.credentials import strip_query_param
 from keyproxy.policy.headers import DROPPED_PREFIXES, METHOD_OVERRIDE, REQUEST_DROP
-from keyproxy.policy.permissions import key_roles, upstream_user_id
+from keyproxy.policy.permissions import identity_pairs
 from keyproxy.request import RequestContext
 from keyproxy.response.body_links import (
     BodyScrubFactory,
@@ -270,23 +270,5 @@ class ForwardPlan:
 
 
 def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
-    """`upstream.identity_headers`: who calls, as keyproxy established it.
-
-    A user id is sent in its upstream form (`upstream_user_id`), the one the owner
-    check and the list filter compare with.
-    """
-    lines = []
-    for kind, name in names:
-        if kind == "key_id":
-            value = ctx.key.id if ctx.key is not None else ""
-        elif kind == "user":
-            value = upstream_user_id(ctx.user) if ctx.user else ""
-        else:
-            roles = ctx.roles
-            if not roles and ctx.key is not None:  # step 7 is off: the same rule, here
-                roles = key_roles(ctx.key.roles, ctx.key.type is KeyType.ADMIN)
-                roles = tuple(dict.fromkeys(roles + ctx.token_roles))
-            value = ",".join(roles)
-        if value:
-            lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode()
+    """`upstream.identity_headers` as request head lines."""
+    return "".join(f"{name}: {value}\r\n" for name, value in identity_pairs(ctx, names)).encode()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote, unquote
 
-from keyproxy.config.model import OPS
+from keyproxy.config.model import OPS, KeyType
 from keyproxy.policy.paths import name_path
+
+if TYPE_CHECKING:
+    from keyproxy.request import RequestContext
 
 #: The table every role falls back to when it does not name the request's table.
 ANY_TABLE = "*"
@@ -229,3 +232,29 @@ def key_roles(key_roles: tuple[str, ...] | None, is_admin: bool) -> tuple[str, .
     if key_roles is not None:
         return key_roles
     return ("admin",) if is_admin else ("guest",)
+
+
+def identity_pairs(
+    ctx: RequestContext, names: tuple[tuple[str, str], ...]
+) -> list[tuple[str, str]]:
+    """`upstream.identity_headers`: who calls, as keyproxy established it, for the
+    request and for the owner check's read alike.
+
+    A user id is sent in its upstream form (`upstream_user_id`), the one the owner
+    check and the list filter compare with.
+    """
+    pairs = []
+    for kind, name in names:
+        if kind == "key_id":
+            value = ctx.key.id if ctx.key is not None else ""
+        elif kind == "user":
+            value = upstream_user_id(ctx.user) if ctx.user else ""
+        else:
+            roles = ctx.roles
+            if not roles and ctx.key is not None:  # step 7 is off: the same rule, here
+                roles = key_roles(ctx.key.roles, ctx.key.type is KeyType.ADMIN)
+                roles = tuple(dict.fromkeys(roles + ctx.token_roles))
+            value = ",".join(roles)
+        if value:
+            pairs.append((name, value))
+    return pairs
