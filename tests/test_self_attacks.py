@@ -270,6 +270,4 @@ def test_the_owner_read_says_who_asks_as_the_request_does(
     for read in reads:
         users = [v for n, v in read["headers"] if n.lower() == "x-keyproxy-user"]
         assert users == ["alice"], read["headers"]
-        assert [v for n, v in read["headers"] if n.lower() == "x-upstream-key"] == [
-            UPSTREAM_SECRET
-        ]
+        assert [v for n, v in read["headers"] if n.lower() == "x-upstream-key"] == [UPSTREAM_SECRET]
