@@ -394,6 +394,28 @@ def test_a_full_users_config_loads():
     assert parse_config(BASE, "t.yaml", {}).permissions is None
 
 
+@pytest.mark.parametrize(
+    ("route", "refused"),
+    [
+        ('"PUT /v1/data/{table}/{id}", acl: put, op: create', True),
+        ('"POST|PUT /v1/data/{table}/{id}", acl: put, op: create', True),
+        ('"PUT /v1/data/{table}/**", acl: put, op: create', True),
+        ('"PUT /v1/data/{table}/{id}", acl: put, op: update', False),
+        ('"POST /v1/data/{table}", acl: put, op: create', False),
+        ('"PUT /v1/data/{table}", acl: put, op: create', False),
+    ],
+)
+def test_a_create_grant_cannot_put_over_an_existing_record(route: str, refused: bool):
+    """`PUT /{table}/{id}` replaces the record when it exists: decided as a create, a
+    user allowed to create but not to update would overwrite another's record."""
+    text = BASE + f"  - {{match: {route}}}\n"
+    if not refused:
+        parse_config(text, "t.yaml", {})
+        return
+    found = issues(text)
+    assert any("op: create with PUT on a record's path" in i and "op: update" in i for i in found)
+
+
 # --------------------------------------------------------------------------- step order
 
 

@@ -227,6 +227,20 @@ def _op_fits(
             f"split the route: op: {op} takes {'|'.join(sorted(allowed))}"
             + ("; a read-only POST needs access: read" if op in ("read", "list") else ""),
         )
+    table_at = next((i for i, s in enumerate(segments) if s in TABLE_PARAMS), None)
+    if (
+        op == "create"
+        and "PUT" in _written_methods(text)
+        and table_at is not None
+        and any(s.startswith(("{", "*")) for s in segments[table_at + 1 :])
+    ):
+        r.issue(
+            node,
+            f"{where}.op",
+            "op: create with PUT on a record's path: a PUT there replaces the record if it"
+            " exists, which a create grant must not allow",
+            "use op: update for PUT on a record, op: create for POST to the table",
+        )
     if sum(1 for s in segments if s in TABLE_PARAMS) > 1:
         r.issue(
             node,
