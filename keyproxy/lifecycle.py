@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from keyproxy.app import ProxyServer, freeze_long_lived
 from keyproxy.config import ConfigError
-from keyproxy.config.reload import ConfigHolder
+from keyproxy.config.reload import ConfigHolder, record_applied, unapplied_edit
 from keyproxy.observability import log_event
-from keyproxy.observe import admin_exposure
+from keyproxy.observe import METRICS_DIR_ENV, admin_exposure
 from keyproxy.wire.client import ClientConnection
 
 
@@ -97,6 +97,10 @@ async def serve(
     if exposed is not None:
         log_event("warning", message=exposed)
     orphan_watch = None
+    shared = os.environ.get(METRICS_DIR_ENV) if link is not None else None
+    if shared:
+        record_applied(shared, holder.applied)
+        holder.subscribe(lambda _config: record_applied(shared, holder.applied))
     if link is not None:
         if config.rate_limits.store == "memory":
             log_event(
@@ -158,6 +162,12 @@ def run(
     # opened afresh anyway.
     for signum in (signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    shared = os.environ.get(METRICS_DIR_ENV) if link is not None else None
+    if shared:
+        refused = unapplied_edit(shared, config_path)
+        if refused is not None:
+            print(f"keyproxy: {refused}", file=sys.stderr)
+            return 1
     try:
         holder = ConfigHolder.load(config_path)
     except ConfigError as exc:

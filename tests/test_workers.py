@@ -209,6 +209,43 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_a_restarted_worker_never_serves_an_edit_the_others_refused(tmp_path, upstream):
+    """The file is rewritten in place without `# end` (it may be half written): the
+    running worker refuses it. A worker that dies then restarts and must not serve that
+    file either; it waits until the edit is finished (or applied by the others)."""
+    from tests.proxy_process import digest
+
+    newcomer = "pk_" + "8" * 64
+    config = base_config(upstream.url, upstream.inject())
+    kp = start_keyproxy(tmp_path, config, extra_args=["--workers", "2"])
+    try:
+        assert wait_until(lambda: len(worker_pids(kp)) == 2)
+        healthy, victim = worker_pids(kp)
+        edited = copy.deepcopy(config)
+        edited["keys"].append({"id": "newcomer", "hash": digest(newcomer), "type": "read"})
+        text = yaml.safe_dump(edited, sort_keys=False)
+        with open(kp.config_path, "w") as file:  # in place, no end marker
+            file.write(text)
+        assert wait_until(lambda: "rewritten in place" in kp.process.stderr, 10)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: _events(kp, "worker_restarted"), 10), kp.process.stderr
+        deadline = time.monotonic() + 3  # restarts at 0.25 s, 0.5 s, 1 s: several chances
+        while time.monotonic() < deadline:  # connections go to whichever worker accepts
+            assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401
+            assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 200
+        assert len(worker_pids(kp)) == 2  # the restarted worker never began to serve
+        assert "not yet applied" in kp.process.stderr
+        with open(kp.config_path, "a") as file:
+            file.write("# end\n")  # the edit is finished: every worker takes it
+        assert wait_until(lambda: len(worker_pids(kp)) == 3, 30), kp.process.stderr[-2000:]
+        assert wait_until(lambda: kp.request("GET", "/echo/x", key=newcomer)[0] == 200, 10)
+        for _ in range(10):
+            assert kp.request("GET", "/echo/x", key=newcomer)[0] == 200
+        assert _alive(healthy)
+    finally:
+        kp.stop()
+
+
 def test_workers_can_share_port_zero(tmp_path, upstream):
     """The supervisor binds, so even `--port 0` gives every worker the same port."""
     kp = start_keyproxy(

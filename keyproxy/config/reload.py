@@ -25,6 +25,7 @@ the watcher trusts only what cannot be partial:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 
@@ -60,6 +61,8 @@ class ConfigHolder:
         self.path = path
         self._subscribers: list[Callable[[Config], None]] = []
         self._seen = _fingerprint(path) if path else None
+        #: The fingerprint of the file whose configuration is in force.
+        self.applied = self._seen
         self._keys_seen = self._keys_fingerprint()  # the `keys_file`, watched with the file
         # A change not yet settled: (the file's fingerprint, the keys file's).
         self._changing: tuple[object, object] | None = None
@@ -98,15 +101,16 @@ class ConfigHolder:
             return False
         if self._arrivals is not None:
             self._arrivals.forget()  # before the fingerprint: a create after it counts
-        self._seen, self._keys_seen = _fingerprint(self.path), self._keys_fingerprint()
+        reading = _fingerprint(self.path)
+        self._seen, self._keys_seen = reading, self._keys_fingerprint()
         async with self._lock:  # one reload at a time; the last edit wins
-            return self._apply(await load_in_child(self.path, in_place))
+            return self._apply(await load_in_child(self.path, in_place), reading)
 
     def _load(self, in_place: bool = False) -> Outcome:
         assert self.path is not None
         return load_outcome(self.path, in_place)
 
-    def _apply(self, outcome: Outcome) -> bool:
+    def _apply(self, outcome: Outcome, fingerprint: tuple[int, int, int] | None = None) -> bool:
         if not isinstance(outcome, Config):
             self.reloads["error"] += 1
             if isinstance(outcome, ConfigError):
@@ -120,6 +124,7 @@ class ConfigHolder:
             return False
         old, config = self._config, outcome
         self._config = config
+        self.applied = fingerprint
         self.reloads["success"] += 1
         self.last_error = None
         for callback in self._subscribers:
@@ -213,3 +218,51 @@ class ConfigHolder:
             await asyncio.sleep(interval)
             if self.settled_change():
                 await self.reload(in_place=self.in_place())
+
+
+# --------------------------------------------------------------------------- workers
+
+#: In the supervisor's shared directory: the fingerprint of the file the workers serve.
+APPLIED_FILE = "config-applied.json"
+
+
+def record_applied(directory: str, fingerprint: tuple[int, int, int] | None) -> None:
+    """Note, for a worker restarted later, which version of the file is in force."""
+    if fingerprint is None:
+        return
+    target = os.path.join(directory, APPLIED_FILE)
+    temporary = f"{target}.{os.getpid()}"
+    try:
+        with open(temporary, "w") as file:
+            file.write(json.dumps(list(fingerprint)))
+        os.replace(temporary, target)
+    except OSError as exc:
+        log_event("config_applied_unrecorded", error=exc.strerror)
+
+
+def unapplied_edit(directory: str, path: str) -> str | None:
+    """Why a restarted worker must not load `path` yet, or None.
+
+    The running workers refuse an in-place edit without the end marker (it may be
+    half written), but a worker starting afresh reads whatever is on disk: it
+    would serve the very file the others refused. So a restarted worker takes a file
+    other than the one in force only when it ends with the marker; otherwise it
+    exits, and the supervisor retries it until the edit is finished or applied.
+    """
+    try:
+        with open(os.path.join(directory, APPLIED_FILE)) as file:
+            applied = tuple(json.load(file))
+    except (OSError, ValueError):
+        return None  # the first start: nothing is in force yet
+    if _fingerprint(path) == applied:
+        return None
+    try:
+        with open(path, "rb") as file:
+            if ends_with_marker(file.read()):
+                return None
+    except OSError:
+        return None  # the load reports it
+    return (
+        f"{path} changed since the running workers loaded it and is not yet applied by "
+        "them (no '# end' line): this worker waits for the edit to be finished"
+    )
