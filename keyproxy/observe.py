@@ -483,6 +483,17 @@ def _query_names(query: str | None) -> list[str] | None:
     return names or None
 
 
+def _path_without_keys(path: str) -> str:
+    """The path with each segment that starts like a generated key cut to its prefix: a
+    client that pastes its key into the URL (`/v1/pk_.../posts`) must not find it in the
+    log. Runs once per verdict, on the writer thread."""
+    if "k_" not in path:
+        return path
+    return "/".join(
+        f"{part[:3]}***" if part.startswith(_KEY_PREFIXES) else part for part in path.split("/")
+    )
+
+
 def unread_target(target: str) -> tuple[str, str]:
     """The path and query of a request target keyproxy did not read (refused before or at
     its path), as they may be logged: without the `user:password@` of an absolute or
@@ -576,7 +587,7 @@ class Verdict:
                 "user": user,
                 "client_ip": client_ip if client_ip.__class__ is str else str(client_ip),
                 "method": method,
-                "path": path,
+                "path": _path_without_keys(path),
                 "route": route,
                 "decision": decision,
                 "reason": reason,

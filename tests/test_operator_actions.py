@@ -264,3 +264,21 @@ def test_sighup_and_sigusr1_while_the_config_loads_kill_nothing(upstream, tmp_pa
         assert process.returncode is None
     finally:
         process.stop()
+
+
+def test_a_key_pasted_into_the_path_is_not_logged(upstream, tmp_path, make):
+    """The access log never holds a key: one a client puts into a path segment (of a
+    request that is allowed, and of one that is refused) is cut to its prefix."""
+    log_path = tmp_path / "access.log"
+    config = base_config(upstream.url, upstream.inject())
+    config["log"] = {"access": str(log_path)}
+    kp = make(config)
+    pasted = KEYS["reader"]
+    assert kp.request("GET", f"/echo/{pasted}/x", key=KEYS["reader"])[0] == 200
+    assert kp.request("GET", f"/nowhere/{pasted}", key=KEYS["reader"])[0] in (403, 404)
+    lines = read_log(log_path, 2)
+    assert [line["path"] for line in lines] == [
+        f"/echo/{pasted[:3]}***/x",
+        f"/nowhere/{pasted[:3]}***",
+    ]
+    assert pasted not in log_path.read_text()
