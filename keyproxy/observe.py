@@ -779,8 +779,8 @@ class Observer:
         except OSError:
             return snaps
         for name in names:
-            if name == own or not name.endswith(".json"):
-                continue
+            if name == own or not name.endswith(".json") or not name[:-5].isdigit():
+                continue  # not another worker's snapshot
             try:
                 with open(os.path.join(self.metrics_dir, name), "rb") as f:
                     snaps.append(orjson.loads(f.read()))

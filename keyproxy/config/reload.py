@@ -222,8 +222,9 @@ class ConfigHolder:
 
 # --------------------------------------------------------------------------- workers
 
-#: In the supervisor's shared directory: the fingerprint of the file the workers serve.
-APPLIED_FILE = "config-applied.json"
+#: In the supervisor's shared directory (next to the workers' `<pid>.json` metrics
+#: snapshots): the fingerprint of the file the workers serve.
+APPLIED_FILE = "config.applied"
 
 
 def record_applied(directory: str, fingerprint: tuple[int, int, int] | None) -> None:
