@@ -405,7 +405,10 @@ class AccessLog:
                 if self._reopen or self._file is None or self._moved(self._file):
                     self._reopen = False
                     if self._file is not None:
-                        self._file.close()
+                        # None before the open: if it fails, the next write tries again
+                        # rather than use the closed file for good.
+                        self._file, closing = None, self._file
+                        closing.close()
                     self._file = open(self.target, "ab")  # noqa: SIM115 (kept open)
                 out = self._file
             out.write(data)

@@ -282,3 +282,25 @@ def test_a_key_pasted_into_the_path_is_not_logged(upstream, tmp_path, make):
         f"/nowhere/{pasted[:3]}***",
     ]
     assert pasted not in log_path.read_text()
+
+
+def test_the_access_log_comes_back_after_its_directory_could_not_be_opened(tmp_path):
+    """logrotate's directory is moved away (or the path cannot be created for a moment):
+    reopening fails and those lines are lost, but once the path can be opened again the
+    next write goes there, without waiting for a SIGUSR1."""
+    from keyproxy.observe import AccessLog
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    log = AccessLog(str(directory / "access.log"))
+    try:
+        assert log._write(b"one\n")
+        directory.rename(tmp_path / "logs.old")  # the path is gone, and cannot be created
+        assert not log._write(b"lost\n")
+        directory.mkdir()
+        (directory / "access.log").touch()  # logrotate's `create`
+        assert log._write(b"two\n")
+        assert (directory / "access.log").read_bytes() == b"two\n"
+        assert (tmp_path / "logs.old" / "access.log").read_bytes() == b"one\n"
+    finally:
+        log.close()
