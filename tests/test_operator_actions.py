@@ -290,10 +290,12 @@ def test_a_key_pasted_into_the_path_is_not_logged(upstream, tmp_path, make):
     pasted = KEYS["reader"]
     assert kp.request("GET", f"/echo/{pasted}/x", key=KEYS["reader"])[0] == 200
     assert kp.request("GET", f"/nowhere/{pasted}", key=KEYS["reader"])[0] in (403, 404)
-    lines = read_log(log_path, 2)
+    assert kp.request("GET", f"/echo/key={pasted}", key=KEYS["reader"])[0] == 200
+    lines = read_log(log_path, 3)
     assert [line["path"] for line in lines] == [
         f"/echo/{pasted[:3]}***/x",
         f"/nowhere/{pasted[:3]}***",
+        f"/echo/key={pasted[:3]}***",
     ]
     assert pasted not in log_path.read_text()
 
@@ -318,3 +320,20 @@ def test_the_access_log_comes_back_after_its_directory_could_not_be_opened(tmp_p
         assert (tmp_path / "logs.old" / "access.log").read_bytes() == b"one\n"
     finally:
         log.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/v1/pk_abc123/posts", "/v1/pk_***/posts"),
+        ("/echo/key=sk_abc123", "/echo/key=sk_***"),
+        ("/echo/apikey:pk_abc123/x", "/echo/apikey:pk_***/x"),
+        ("/echo/x.pk_abc123", "/echo/x.pk_***"),
+        ("/echo/pk%5Fabc123", "/echo/pk_***"),
+        ("/v1/data/task_list/desk_1", "/v1/data/task_list/desk_1"),  # not a key
+    ],
+)
+def test_a_key_anywhere_in_a_path_segment_is_cut(path, logged):
+    from keyproxy.observe import _path_without_keys
+
+    assert _path_without_keys(path) == logged
