@@ -42,6 +42,14 @@ class WorkerLink:
     supervisor_pid: int | None = None
 
 
+#: SIGHUP/SIGUSR1 received while starting, before the loop's handlers are in place.
+_held_signals: set[int] = set()
+
+
+def _hold_signal(signum: int, _frame: object = None) -> None:
+    _held_signals.add(signum)
+
+
 async def serve(
     holder: ConfigHolder,
     host: str | None = None,
@@ -85,6 +93,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload_soon)
     loop.add_signal_handler(signal.SIGUSR1, proxy.observer.reopen_access_log)
+    if signal.SIGHUP in _held_signals:  # the edit it announced may postdate the file read
+        holder.reload_soon()
+    _held_signals.clear()
     watcher = loop.create_task(holder.watch())
     log_event(
         "listening",
@@ -158,10 +169,11 @@ def run(
 
     # Until the loop's handlers are in place, SIGHUP and SIGUSR1 would kill the process
     # (their default), and a large registry takes seconds to load: logrotate's SIGUSR1
-    # then took the server down. Ignored meanwhile: the file and the log are being
-    # opened afresh anyway.
+    # then took the server down. Held meanwhile, not ignored: a SIGHUP for an edit made
+    # after the file was read reloads it once the server is up (the log is opened after
+    # any rotation anyway).
     for signum in (signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, _hold_signal)
     shared = os.environ.get(METRICS_DIR_ENV) if link is not None else None
     if shared:
         refused = unapplied_edit(shared, config_path)

@@ -57,6 +57,7 @@ import io
 import ipaddress
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -405,7 +406,10 @@ class AccessLog:
                 if self._reopen or self._file is None or self._moved(self._file):
                     self._reopen = False
                     if self._file is not None:
-                        self._file.close()
+                        # None before the open: if it fails, the next write tries again
+                        # rather than use the closed file for good.
+                        self._file, closing = None, self._file
+                        closing.close()
                     self._file = open(self.target, "ab")  # noqa: SIM115 (kept open)
                 out = self._file
             out.write(data)
@@ -483,15 +487,18 @@ def _query_names(query: str | None) -> list[str] | None:
     return names or None
 
 
+#: A generated key's prefix where a word begins (so not `task_`), its `_` raw or
+#: percent-encoded, and the rest of the path segment after it.
+_PASTED_KEY = re.compile(r"(?<![A-Za-z0-9])([ps]k)(?:_|%5[fF])[^/]*")
+
+
 def _path_without_keys(path: str) -> str:
-    """The path with each segment that starts like a generated key cut to its prefix: a
-    client that pastes its key into the URL (`/v1/pk_.../posts`) must not find it in the
-    log. Runs once per verdict, on the writer thread."""
-    if "k_" not in path:
+    """The path with a generated key cut to its prefix wherever a path segment holds one
+    (`/v1/pk_.../posts`, `/echo/key=pk_...`, `pk%5F...`): a client that pastes its key
+    into the URL must not find it in the log. Runs once per verdict, on the writer thread."""
+    if "k_" not in path and "k%5" not in path:
         return path
-    return "/".join(
-        f"{part[:3]}***" if part.startswith(_KEY_PREFIXES) else part for part in path.split("/")
-    )
+    return _PASTED_KEY.sub(r"\1_***", path)
 
 
 def unread_target(target: str) -> tuple[str, str]:

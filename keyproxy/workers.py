@@ -69,6 +69,8 @@ class Slot:
     restart_at: float | None = None
     crashes: deque[float] = field(default_factory=deque)  # every exit, for the back-off
     unready_crashes: deque[float] = field(default_factory=deque)  # exits before ready
+    #: SIGHUP/SIGUSR1 that arrived while the worker was starting, passed on once it is ready.
+    held: set[int] = field(default_factory=set)
 
 
 class Supervisor:
@@ -118,6 +120,7 @@ class Supervisor:
             os.close(write_end)
         slot.ready_fd = read_end
         slot.ready = False
+        slot.held.clear()
         slot.restart_at = None
 
     def forward(self, signum: int, _frame: object = None) -> None:
@@ -125,10 +128,21 @@ class Supervisor:
         if stop:
             self.stopping = True
         for slot in self.slots:
-            # SIGHUP and SIGUSR1 end a worker that has not set up its handlers yet; one
-            # still starting reads the file and opens the log afresh anyway.
-            if slot.process is not None and slot.process.poll() is None and (stop or slot.ready):
+            if slot.process is None or slot.process.poll() is not None:
+                continue
+            if stop or slot.ready:
                 slot.process.send_signal(signum)
+            else:
+                # SIGHUP and SIGUSR1 end a worker that has not set up its handlers yet, and
+                # it may have read the file before the edit this SIGHUP announces: held.
+                slot.held.add(signum)
+
+    def _became_ready(self, slot: Slot) -> None:
+        slot.ready = True
+        if slot.process is not None and slot.process.poll() is None:
+            for signum in sorted(slot.held):
+                slot.process.send_signal(signum)
+        slot.held.clear()
 
     def run(self) -> int:
         # SIGUSR1 too: logrotate signals the pid it knows, this one, and by default it kills.
@@ -175,7 +189,7 @@ class Supervisor:
         for fd in readable:
             slot = fds[fd]
             if os.read(fd, 16):
-                slot.ready = True
+                self._became_ready(slot)
             os.close(fd)  # a worker writes once; EOF means it died before being ready
             slot.ready_fd = None
 

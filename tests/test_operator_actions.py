@@ -170,8 +170,9 @@ def test_sigusr1_to_the_supervisor_reopens_logs_and_stops_nothing(upstream, tmp_
 def test_the_supervisor_passes_reload_and_reopen_only_to_workers_that_are_ready(tmp_path):
     """A worker still loading its configuration has no SIGHUP/SIGUSR1 handler yet, and
     either signal's default is to end the process: a reload sent while a worker restarts
-    would kill it, and a few of those look like a crash loop. Real child processes
-    (`sleep`, which a SIGHUP ends) stand in for a ready worker and a starting one."""
+    would kill it, and a few of those look like a crash loop. It gets them once ready.
+    Real child processes (`sleep`, which a SIGHUP ends) stand in for a ready worker and
+    a starting one."""
     from keyproxy.workers import Slot, Supervisor
 
     supervisor = Supervisor(str(tmp_path / "unused.yaml"), [], [], 2, 1.0)
@@ -185,6 +186,17 @@ def test_the_supervisor_passes_reload_and_reopen_only_to_workers_that_are_ready(
         assert ready.process.wait(5) == -signal.SIGUSR1
         time.sleep(0.2)
         assert starting.process.poll() is None
+        # Once ready, it gets what it missed: the SIGHUP may announce an edit made after
+        # it read the file.
+        read_end, write_end = os.pipe()
+        starting.ready_fd = read_end
+        os.write(write_end, b"1")
+        os.close(write_end)
+        supervisor._watch_ready()
+        assert starting.ready
+        assert starting.process.wait(5) in (-signal.SIGHUP, -signal.SIGUSR1)
+        starting.process = subprocess.Popen(["sleep", "30"])
+        starting.ready = False
         supervisor.forward(signal.SIGTERM)  # a stop reaches every worker
         assert starting.process.wait(5) == -signal.SIGTERM
         assert supervisor.stopping
@@ -225,10 +237,10 @@ def test_a_full_disk_costs_log_lines_counted_never_traffic(upstream, tmp_path, m
     assert kp.request("GET", "/echo/after", key=KEYS["reader"])[0] == 200
 
 
-def _ignored_signals(pid: int) -> int:
+def _caught_signals(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("SigIgn:"):
+            if line.startswith("SigCgt:"):
                 return int(line.split()[1], 16)
     return 0
 
@@ -236,7 +248,8 @@ def _ignored_signals(pid: int) -> int:
 def test_sighup_and_sigusr1_while_the_config_loads_kill_nothing(upstream, tmp_path):
     """logrotate's SIGUSR1 or an operator's SIGHUP can land while a large registry is
     still loading, before the loop's handlers exist; their default action is to end the
-    process. They are ignored until the handlers are in place, and the server comes up."""
+    process. They are held until the handlers are in place, and the server comes up; the
+    SIGHUP then reloads, since the edit it announces may have come after the file was read."""
     import sys
 
     import yaml
@@ -253,7 +266,7 @@ def test_sighup_and_sigusr1_while_the_config_loads_kill_nothing(upstream, tmp_pa
     try:
         usr1 = 1 << (signal.SIGUSR1 - 1)
         deadline = time.monotonic() + 10
-        while not _ignored_signals(process.pid) & usr1:  # the load has begun (about 1 s)
+        while not _caught_signals(process.pid) & usr1:  # the load has begun (about 1 s)
             assert process.returncode is None and time.monotonic() < deadline, process.describe()
             time.sleep(0.001)
         process.send_signal(signal.SIGUSR1)
@@ -261,6 +274,7 @@ def test_sighup_and_sigusr1_while_the_config_loads_kill_nothing(upstream, tmp_pa
         process.wait_for_line(r'"event":"listening"', stream="stderr")
         kp = Keyproxy(process, path, config)
         assert kp.request("GET", "/echo/up", key=KEYS["reader"])[0] == 200
+        process.wait_for_line(r'"event":"config_reload".*"result":"success"', stream="stderr")
         assert process.returncode is None
     finally:
         process.stop()
@@ -276,9 +290,50 @@ def test_a_key_pasted_into_the_path_is_not_logged(upstream, tmp_path, make):
     pasted = KEYS["reader"]
     assert kp.request("GET", f"/echo/{pasted}/x", key=KEYS["reader"])[0] == 200
     assert kp.request("GET", f"/nowhere/{pasted}", key=KEYS["reader"])[0] in (403, 404)
-    lines = read_log(log_path, 2)
+    assert kp.request("GET", f"/echo/key={pasted}", key=KEYS["reader"])[0] == 200
+    lines = read_log(log_path, 3)
     assert [line["path"] for line in lines] == [
         f"/echo/{pasted[:3]}***/x",
         f"/nowhere/{pasted[:3]}***",
+        f"/echo/key={pasted[:3]}***",
     ]
     assert pasted not in log_path.read_text()
+
+
+def test_the_access_log_comes_back_after_its_directory_could_not_be_opened(tmp_path):
+    """logrotate's directory is moved away (or the path cannot be created for a moment):
+    reopening fails and those lines are lost, but once the path can be opened again the
+    next write goes there, without waiting for a SIGUSR1."""
+    from keyproxy.observe import AccessLog
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    log = AccessLog(str(directory / "access.log"))
+    try:
+        assert log._write(b"one\n")
+        directory.rename(tmp_path / "logs.old")  # the path is gone, and cannot be created
+        assert not log._write(b"lost\n")
+        directory.mkdir()
+        (directory / "access.log").touch()  # logrotate's `create`
+        assert log._write(b"two\n")
+        assert (directory / "access.log").read_bytes() == b"two\n"
+        assert (tmp_path / "logs.old" / "access.log").read_bytes() == b"one\n"
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/v1/pk_abc123/posts", "/v1/pk_***/posts"),
+        ("/echo/key=sk_abc123", "/echo/key=sk_***"),
+        ("/echo/apikey:pk_abc123/x", "/echo/apikey:pk_***/x"),
+        ("/echo/x.pk_abc123", "/echo/x.pk_***"),
+        ("/echo/pk%5Fabc123", "/echo/pk_***"),
+        ("/v1/data/task_list/desk_1", "/v1/data/task_list/desk_1"),  # not a key
+    ],
+)
+def test_a_key_anywhere_in_a_path_segment_is_cut(path, logged):
+    from keyproxy.observe import _path_without_keys
+
+    assert _path_without_keys(path) == logged
