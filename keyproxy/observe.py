@@ -408,7 +408,8 @@ class AccessLog:
                     if self._file is not None:
                         # None before the open: if it fails, the next write tries again
                         # rather than use the closed file for good.
-                        self._file, closing = None, self._file
+                        closing = self._file
+                        self._file = None
                         closing.close()
                     self._file = open(self.target, "ab")  # noqa: SIM115 (kept open)
                 out = self._file
