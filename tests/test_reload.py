@@ -262,3 +262,20 @@ def test_a_file_deleted_then_written_slowly_never_goes_live_half_way(
         assert "rewritten in place" in kp.process.stderr
     finally:
         kp.stop()
+
+
+def test_a_directory_that_cannot_be_watched_fails_closed_and_says_so(
+    tmp_path: Path, capsys
+) -> None:
+    """No watch on the directory (here: it is missing; in life, the watch limit): any file
+    that arrives could have been written in place, so each needs `# end` or SIGHUP."""
+    path = tmp_path / "missing" / "keyproxy.yaml"
+    arrivals = Arrivals.start(str(path))
+    assert arrivals is not None and not arrivals.watching
+    try:
+        assert arrivals.created_in_place()
+    finally:
+        arrivals.close()
+    holder = ConfigHolder(parse(BASE, ENV), str(path))
+    holder.watch_arrivals()
+    assert "cannot watch the directory" in capsys.readouterr().err

@@ -10,9 +10,11 @@ the file's times; the kernel can: inotify reports a rename into the directory as
 
 A symbolic link made at the path is taken as moved: it names its target whole
 (`ln -sfn`, and a ConfigMap's `..data` swap, which happens a level below the
-path). Where inotify is not available (not Linux, the watch limit reached),
-`start` returns None, the watcher says so once, and every new inode is taken
-for a replacement, as before.
+path). Where inotify is not available (not Linux, no instance left), `start`
+returns None, the watcher says so once, and every new inode is taken for a
+replacement, as before. Where the directory cannot be watched (the watch limit
+reached), every arrival counts as a create: a rename then needs `# end` or
+SIGHUP too, and the watcher says so.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Arrivals:
             return cls(path, INotify(nonblocking=True))
         except OSError:
             return None
+
+    @property
+    def watching(self) -> bool:
+        """Whether the directory is watched (else every arrival counts as a create)."""
+        return self._watch is not None
 
     def _add_watch(self) -> None:
         try:

@@ -209,6 +209,12 @@ class ConfigHolder:
                 message="inotify is not available: a file deleted and written again at "
                 f"{self.path} is read as soon as it stops changing; replace it by rename",
             )
+        elif not self._arrivals.watching:
+            log_event(
+                "config_watch",
+                message=f"cannot watch the directory of {self.path} (inotify watch limit?): "
+                "every new file there needs a '# end' line or SIGHUP, renamed or not",
+            )
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
         if self.path is None:
