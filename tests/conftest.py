@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,18 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Callable[..., Keyproxy]]:
+    """Start keyproxy processes with a config (and extra `serve` arguments); all stopped after."""
+    started: list[Keyproxy] = []
+
+    def _make(config: dict, extra_args: list[str] | None = None) -> Keyproxy:
+        kp = start_keyproxy(tmp_path, config, extra_args=extra_args)
+        started.append(kp)
+        return kp
+
+    yield _make
+    for kp in started:
+        kp.stop()

@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,13 @@ def start_keyproxy(
 
 def error_of(body: bytes) -> str:
     return json.loads(body)["error"]
+
+
+def read_log(path: Path, count: int, timeout: float = 5.0) -> list[dict]:
+    """Wait (bounded) until `count` lines have been flushed, then parse them all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.1)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.procs import free_port
-from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest
 from tests.redis_server import RedisServer, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,20 +68,6 @@ def seconds_until_next(period: str) -> float:
     else:
         end = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
     return (end - now).total_seconds()
-
-
-@pytest.fixture
-def make(tmp_path):
-    started: list[Keyproxy] = []
-
-    def _make(config: dict) -> Keyproxy:
-        kp = start_keyproxy(tmp_path, config)
-        started.append(kp)
-        return kp
-
-    yield _make
-    for kp in started:
-        kp.stop()
 
 
 # -- rotation -------------------------------------------------------------------------------

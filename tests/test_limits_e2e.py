@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest
 from tests.redis_server import RedisServer, start_redis
 
 LIMITED = "pk_" + "7" * 64
@@ -44,20 +44,6 @@ def get(
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
     finally:
         conn.close()
-
-
-@pytest.fixture
-def make(tmp_path):
-    started: list[Keyproxy] = []
-
-    def _make(config: dict) -> Keyproxy:
-        kp = start_keyproxy(tmp_path, config)
-        started.append(kp)
-        return kp
-
-    yield _make
-    for kp in started:
-        kp.stop()
 
 
 # -- referer and IP allowlists --------------------------------------------------------

@@ -11,14 +11,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.observe import BUCKETS, Metrics, _query_names, _referer_origin, merge
 from tests.procs import free_port, spawn
-from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest, read_log, start_keyproxy
 
 LIMITED = "pk_" + "7" * 64
 UNKNOWN = "pk_" + "9" * 64
@@ -53,30 +52,6 @@ def answer(kp: Keyproxy, method: str, path: str, key: str | None = None, **heade
     status, h, body, _ = kp.request(method, path, headers=headers or None, key=key)
     error = json.loads(body)["error"] if status >= 400 and body else None
     return status, h, error
-
-
-def read_log(path: Path, count: int, timeout: float = 5.0) -> list[dict]:
-    """Wait (bounded) until `count` lines have been flushed, then parse them all."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines]
-        time.sleep(0.1)
-
-
-@pytest.fixture
-def make(tmp_path):
-    started: list[Keyproxy] = []
-
-    def _make(config: dict, extra_args: list[str] | None = None) -> Keyproxy:
-        kp = start_keyproxy(tmp_path, config, extra_args=extra_args)
-        started.append(kp)
-        return kp
-
-    yield _make
-    for kp in started:
-        kp.stop()
 
 
 def config_for(upstream, tmp_path: Path, **extra) -> dict:

@@ -4,42 +4,16 @@ traffic, log lines or the last good configuration: through real `keyproxy serve`
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.observe import unread_target
-from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
-
-
-def read_log(path: Path, count: int, timeout: float = 5.0) -> list[dict]:
-    """Wait (bounded) until `count` lines have been flushed, then parse them all."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines]
-        time.sleep(0.1)
-
-
-@pytest.fixture
-def make(tmp_path):
-    started: list[Keyproxy] = []
-
-    def _make(config: dict, extra_args: list[str] | None = None) -> Keyproxy:
-        kp = start_keyproxy(tmp_path, config, extra_args=extra_args)
-        started.append(kp)
-        return kp
-
-    yield _make
-    for kp in started:
-        kp.stop()
+from tests.proxy_process import KEYS, Keyproxy, base_config, read_log
 
 
 @pytest.mark.parametrize("signum", [None, signal.SIGHUP])
