@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -409,3 +410,29 @@ def start_demo_backend(secret: str) -> Iterator[int]:
         yield int(match.group(1))
     finally:
         process.stop()
+
+
+@contextmanager
+def raw_upstream(handler: type[socketserver.BaseRequestHandler]) -> Iterator[str]:
+    """A hand-made upstream on a free loopback port (its URL), one thread per connection:
+    for answers no HTTP library will write (broken framing, stray bytes)."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def recv_head(sock: socket.socket, data: bytes) -> tuple[bytes, bytes] | None:
+    """Read until `data` holds a whole request head: (the head, the bytes after it), or None
+    when the peer closes first."""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest

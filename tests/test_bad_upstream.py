@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import socketserver
-import threading
 from collections.abc import Iterator
 
 import pytest
 
+from tests.procs import raw_upstream
 from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
 
 BROKEN_ANSWERS = {
@@ -63,13 +63,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
 @pytest.fixture(scope="module")
 def broken_upstream() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with raw_upstream(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import gzip
 import http.client
 import json
 import socketserver
-import threading
 from collections.abc import Iterator
 
 import pytest
 
+from tests.procs import raw_upstream, recv_head
 from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
 
 FILTERED = "pk_" + "7" * 64
@@ -79,12 +79,10 @@ class _Handler(socketserver.BaseRequestHandler):
         data = b""
         count = 0
         while True:
-            while b"\r\n\r\n" not in data:
-                chunk = self.request.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
+            read = recv_head(self.request, data)
+            if read is None:
+                return
+            head, data = read
             method, path = head.split(b" ", 2)[:2]
             count += 1
             answer, close = _answer(path.split(b"?")[0], count)
@@ -97,26 +95,22 @@ class _Handler(socketserver.BaseRequestHandler):
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyproxy]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = base_config(f"http://127.0.0.1:{server.server_address[1]}", {})
-    config["upstream"]["inject"] = {"headers": {"X-Upstream-Key": "odd-framing-secret-0123"}}
-    config["routes"] = [{"match": "GET|HEAD /{name}", "acl": "get"}]
-    config["keys"] = [
-        {"id": "reader", "hash": digest(KEYS["reader"]), "type": "read"},
-        {
-            "id": "filtered",
-            "hash": digest(FILTERED),
-            "type": "read",
-            "fields": {"exclude": ["email"]},
-        },
-    ]
-    kp = start_keyproxy(tmp_path_factory.mktemp("odd-framing"), config)
-    yield kp
-    kp.stop()
-    server.shutdown()
-    server.server_close()
+    with raw_upstream(_Handler) as url:
+        config = base_config(url, {})
+        config["upstream"]["inject"] = {"headers": {"X-Upstream-Key": "odd-framing-secret-0123"}}
+        config["routes"] = [{"match": "GET|HEAD /{name}", "acl": "get"}]
+        config["keys"] = [
+            {"id": "reader", "hash": digest(KEYS["reader"]), "type": "read"},
+            {
+                "id": "filtered",
+                "hash": digest(FILTERED),
+                "type": "read",
+                "fields": {"exclude": ["email"]},
+            },
+        ]
+        kp = start_keyproxy(tmp_path_factory.mktemp("odd-framing"), config)
+        yield kp
+        kp.stop()
 
 
 def _get(proxy: Keyproxy, path: str, key: str, method: str = "GET") -> tuple[int, dict, bytes]:

@@ -8,14 +8,13 @@ import copy
 import re
 import socket
 import socketserver
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.procs import UpstreamServer
+from tests.procs import UpstreamServer, raw_upstream, recv_head
 from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
 
 KEY = KEYS["admin"].encode()
@@ -269,12 +268,10 @@ class _OverrunningUpstream(socketserver.BaseRequestHandler):
         data = b""
         with contextlib.suppress(OSError):
             while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = self.request.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, data = data.split(b"\r\n\r\n", 1)
+                read = recv_head(self.request, data)
+                if read is None:
+                    return
+                head, data = read
                 if b" /echo/extra " in head.split(b"\r\n", 1)[0]:
                     self.request.sendall(
                         b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -286,16 +283,12 @@ class _OverrunningUpstream(socketserver.BaseRequestHandler):
 
 @pytest.fixture(scope="module")
 def overrunning(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyproxy]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OverrunningUpstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    config = base_config(f"http://127.0.0.1:{server.server_address[1]}", {"headers": {"X-K": "v"}})
-    config["upstream"]["max_connections"] = 1  # every request would reuse the one socket
-    kp = start_keyproxy(tmp_path_factory.mktemp("overrun"), config)
-    yield kp
-    kp.stop()
-    server.shutdown()
-    server.server_close()
+    with raw_upstream(_OverrunningUpstream) as url:
+        config = base_config(url, {"headers": {"X-K": "v"}})
+        config["upstream"]["max_connections"] = 1  # every request would reuse the one socket
+        kp = start_keyproxy(tmp_path_factory.mktemp("overrun"), config)
+        yield kp
+        kp.stop()
 
 
 def test_bytes_after_a_complete_answer_are_never_read_as_the_next_one(overrunning: Keyproxy):
