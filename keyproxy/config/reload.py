@@ -36,7 +36,6 @@ from keyproxy.config.handoff import (
     Outcome,
     ends_with_marker,
     load_in_child,
-    load_outcome,
 )
 from keyproxy.config.load import ConfigError, load_config
 from keyproxy.config.model import Config
@@ -106,11 +105,7 @@ class ConfigHolder:
         async with self._lock:  # one reload at a time; the last edit wins
             return self._apply(await load_in_child(self.path, in_place), reading)
 
-    def _load(self, in_place: bool = False) -> Outcome:
-        assert self.path is not None
-        return load_outcome(self.path, in_place)
-
-    def _apply(self, outcome: Outcome, fingerprint: tuple[int, int, int] | None = None) -> bool:
+    def _apply(self, outcome: Outcome, fingerprint: tuple[int, int, int] | None) -> bool:
         if not isinstance(outcome, Config):
             self.reloads["error"] += 1
             if isinstance(outcome, ConfigError):
