@@ -18,7 +18,7 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
-from keyproxy.policy.credentials import strip_query_param
+from keyproxy.forward.plan import upstream_query
 from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
@@ -305,16 +305,15 @@ class OwnershipCheck:
         """The record's status, body and ETag (a strong or weak entity tag, else None)."""
         up = config.upstream
         assert ctx.target is not None
-        query = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query)
-        sent = ctx.target.query
-        if sent:
-            # The request is forwarded with its query, which may pick another record (an
-            # `?id=` some frameworks read before the path's): ask with the same query.
-            if ctx.credential_source == "query":
-                sent = strip_query_param(sent, config.server.query_param)
-            for name, _ in up.inject_query:
-                sent = strip_query_param(sent, name)
-            query = f"{sent}&{query}" if sent and query else sent or query
+        # The query the request is forwarded with, which may pick another record (an
+        # `?id=` some frameworks read before the path's): the owner read asks the same.
+        query = upstream_query(
+            ctx.target.query,
+            ctx.credential_source == "query",
+            config.server.query_param,
+            tuple(name for name, _ in up.inject_query),
+            "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in up.inject_query),
+        )
         url = URL(
             up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
             encoded=True,

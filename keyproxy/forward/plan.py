@@ -161,16 +161,14 @@ class ForwardPlan:
     def upstream_target(self, ctx: RequestContext) -> str:
         target = ctx.target
         assert target is not None
-        query = target.query
-        if query and ctx.credential_source == "query":
-            query = strip_query_param(query, self.query_param)
-        if ctx.owner_filter is not None:  # a self-only list: only the caller's records
-            query = f"{query}&{ctx.owner_filter}" if query else ctx.owner_filter
-        if self.inject_query:
-            for name in self.inject_query_names:
-                if query:
-                    query = strip_query_param(query, name)
-            query = f"{query}&{self.inject_query}" if query else self.inject_query
+        query = upstream_query(
+            target.query,
+            ctx.credential_source == "query",
+            self.query_param,
+            self.inject_query_names,
+            self.inject_query,
+            ctx.owner_filter,
+        )
         path = self.base_path + target.path
         return f"{path}?{query}" if query else path
 
@@ -267,6 +265,29 @@ class ForwardPlan:
         else:
             append(b"\r\n")
         return b"".join(parts[:split]), b"".join(parts[split:])
+
+
+def upstream_query(
+    query: str,
+    key_in_query: bool,
+    query_param: str,
+    inject_names: tuple[str, ...],
+    inject_query: str,
+    owner_filter: str | None = None,
+) -> str:
+    """The query the upstream gets, for the request and the owner check's read alike: the
+    client's key removed when it came in the query, a self-only list's owner filter
+    added, and the parameters keyproxy injects replacing any copy the client sent."""
+    if query and key_in_query:
+        query = strip_query_param(query, query_param)
+    if owner_filter is not None:
+        query = f"{query}&{owner_filter}" if query else owner_filter
+    if inject_query:
+        for name in inject_names:
+            if query:
+                query = strip_query_param(query, name)
+        query = f"{query}&{inject_query}" if query else inject_query
+    return query
 
 
 def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:
