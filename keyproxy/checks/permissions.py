@@ -18,7 +18,7 @@ from yarl import URL
 
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
-from keyproxy.forward.plan import upstream_query
+from keyproxy.policy.credentials import upstream_query
 from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from keyproxy.config.model import Config
 from keyproxy.policy.clientip import peer_is_trusted
-from keyproxy.policy.credentials import strip_query_param
+from keyproxy.policy.credentials import upstream_query
 from keyproxy.policy.headers import DROPPED_PREFIXES, METHOD_OVERRIDE, REQUEST_DROP
 from keyproxy.policy.permissions import identity_pairs
 from keyproxy.request import RequestContext
@@ -265,29 +265,6 @@ class ForwardPlan:
         else:
             append(b"\r\n")
         return b"".join(parts[:split]), b"".join(parts[split:])
-
-
-def upstream_query(
-    query: str,
-    key_in_query: bool,
-    query_param: str,
-    inject_names: tuple[str, ...],
-    inject_query: str,
-    owner_filter: str | None = None,
-) -> str:
-    """The query the upstream gets, for the request and the owner check's read alike: the
-    client's key removed when it came in the query, a self-only list's owner filter
-    added, and the parameters keyproxy injects replacing any copy the client sent."""
-    if query and key_in_query:
-        query = strip_query_param(query, query_param)
-    if owner_filter is not None:
-        query = f"{query}&{owner_filter}" if query else owner_filter
-    if inject_query:
-        for name in inject_names:
-            if query:
-                query = strip_query_param(query, name)
-        query = f"{query}&{inject_query}" if query else inject_query
-    return query
 
 
 def identity_block(ctx: RequestContext, names: tuple[tuple[str, str], ...]) -> bytes:

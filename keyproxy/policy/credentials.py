@@ -376,3 +376,26 @@ def json_hashes(block: str) -> str:
         else:
             entries.append(line.strip().removeprefix("- "))
     return '"hashes": ' + json.dumps(entries)
+
+
+def upstream_query(
+    query: str,
+    key_in_query: bool,
+    query_param: str,
+    inject_names: tuple[str, ...],
+    inject_query: str,
+    owner_filter: str | None = None,
+) -> str:
+    """The query the upstream gets, for the request and the owner check's read alike: the
+    client's key removed when it came in the query, a self-only list's owner filter
+    added, and the parameters keyproxy injects replacing any copy the client sent."""
+    if query and key_in_query:
+        query = strip_query_param(query, query_param)
+    if owner_filter is not None:
+        query = f"{query}&{owner_filter}" if query else owner_filter
+    if inject_query:
+        for name in inject_names:
+            if query:
+                query = strip_query_param(query, name)
+        query = f"{query}&{inject_query}" if query else inject_query
+    return query
