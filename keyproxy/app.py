@@ -33,6 +33,7 @@ from keyproxy.response.cache import CachedResponse
 from keyproxy.services import Services
 from keyproxy.wire.client import ClientConnection
 from keyproxy.wire.exchange import Exchange
+from keyproxy.wire.outbox import Outbox
 from keyproxy.wire.upstream import UpstreamPool
 
 #: Descriptors kept out of the client connection budget beyond the upstream pool:
@@ -97,6 +98,8 @@ class ProxyServer:
 
     def __init__(self, holder: ConfigHolder, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        #: Every connection's writes of a turn, sent when the turn ends (see the module).
+        self.outbox = Outbox(loop)
         self.holder = holder
         self.connections: set[ClientConnection] = set()
         self.per_ip: dict[str, int] = {}  # open connections by peer address
@@ -121,7 +124,9 @@ class ProxyServer:
         self.pipeline = Pipeline(self.checks, DecisionMemo())
         #: Metrics and the access log (the services' own object, never replaced).
         self.observer = self.services.observer
-        self.serving = Serving(config, self._plan(config), UpstreamPool(config.upstream, loop))
+        self.serving = Serving(
+            config, self._plan(config), UpstreamPool(config.upstream, loop, self.outbox)
+        )
         self.tick_interval = self._tick_interval(config)
         holder.subscribe(self._on_config)
 
@@ -143,7 +148,7 @@ class ProxyServer:
             or (up.ca_file or pool.upstream.ca_file) is not None
         ):
             pool.close()
-            pool = UpstreamPool(up, self.loop)
+            pool = UpstreamPool(up, self.loop, self.outbox)
         self.services.on_config(config, old.config)
         self.serving = Serving(config, self._plan(config), pool)
         self.tick_interval = self._tick_interval(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httptools
 import pytest
@@ -169,6 +170,13 @@ def loop():
 
 def run_pending(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def turn(conn: Any, data: bytes) -> None:
+    """One read, as `serve` meets it: the loop turn that handles it ends by sending
+    what the connections wrote (keyproxy.wire.outbox)."""
+    conn.data_received(data)
+    conn.outbox.send()
 
 
 def test_a_dead_reused_socket_is_retried_once_on_another(loop) -> None:
@@ -407,14 +415,14 @@ def test_a_bug_in_a_check_costs_one_request(loop, tmp_path) -> None:
     proxy.pipeline = Pipeline((Check("bug", explode, lambda ctx: ""), *real.checks))
     broken, transport = ClientConnection(proxy), MemoryTransport()
     broken.connection_made(transport)
-    broken.data_received(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    turn(broken, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.data.startswith(b"HTTP/1.1 500 ")
     assert json.loads(transport.data.split(b"\r\n\r\n", 1)[1])["error"] == "INTERNAL_ERROR"
     assert transport.closing  # that connection's stream state is not trusted further
     # The process goes on: the next connection is decided as usual.
     fine, transport2 = ClientConnection(proxy), MemoryTransport()
     fine.connection_made(transport2)
-    fine.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
+    turn(fine, b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport2.data.startswith(b"HTTP/1.1 401 ") and not transport2.closing
     for conn in (broken, fine):
         conn.connection_lost(None)
@@ -449,7 +457,7 @@ def test_the_head_limit_counts_the_head_exactly_however_it_is_read(loop, piece: 
         conn, transport = ClientConnection(proxy), MemoryTransport()
         conn.connection_made(transport)
         for at in range(0, len(data), piece):
-            conn.data_received(data[at : at + piece])
+            turn(conn, data[at : at + piece])
         conn.connection_lost(None)
         return bytes(transport.data[:12])
 
@@ -481,8 +489,8 @@ def test_a_head_begun_after_a_long_body_in_the_same_read_is_not_charged_for_it(l
     body = b"b" * 5000
     first = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + body
     second = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 500 + b"\r\n\r\n"
-    conn.data_received(first + second[:60])
-    conn.data_received(second[60:])
+    turn(conn, first + second[:60])
+    turn(conn, second[60:])
     conn.connection_lost(None)
     assert transport.data.count(b"HTTP/1.1 401 ") == 2, transport.data
 
@@ -506,7 +514,7 @@ def _small_head_proxy(loop: asyncio.AbstractEventLoop):  # type: ignore[no-untyp
         conn, transport = kind(proxy), MemoryTransport()
         conn.connection_made(transport)
         for data in reads:
-            conn.data_received(data)
+            turn(conn, data)
         closing = transport.closing
         conn.connection_lost(None)
         return bytes(transport.data), closing
@@ -602,12 +610,10 @@ def test_a_lowered_head_limit_applies_to_connections_open_before_the_reload(loop
     proxy = ProxyServer(ConfigHolder(config("8KiB")), loop)
     conn, transport = ClientConnection(proxy), MemoryTransport()
     conn.connection_made(transport)
-    conn.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")  # under 8 KiB
+    turn(conn, b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")  # under 8 KiB
     assert transport.data.count(b"HTTP/1.1 401 ") == 1
     proxy._on_config(config("1KiB"))
-    conn.data_received(
-        b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1100 + b"\r\n\r\n"
-    )
+    turn(conn, b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1100 + b"\r\n\r\n")
     conn.connection_lost(None)
     assert b"HTTP/1.1 431 " in transport.data, transport.data
 

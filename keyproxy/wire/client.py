@@ -81,6 +81,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = proxy.loop
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.outbox = proxy.outbox
+        self.held: list[bytes] = []  # written this turn, sent when it ends (keyproxy.wire.outbox)
         self.peer_ip = ""
         self.closed = False
         self.lingering = False
@@ -551,11 +553,31 @@ class ClientConnection(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
+            held = self.held
+            held.append(data)
+            if len(held) == 1:
+                self.outbox.hold(self)
 
     def writelines(self, parts: list[bytes]) -> None:
-        if not self.closed:
-            self.transport.writelines(parts)  # type: ignore[union-attr]
+        if not self.closed and parts:
+            held = self.held
+            if not held:
+                self.outbox.hold(self)
+            held += parts
+
+    def send_held(self) -> None:
+        """What this turn wrote, in one system call; also before the transport closes."""
+        held = self.held
+        if not held:
+            return
+        self.held = []
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # aborted or lost: nobody to send to
+        if len(held) == 1:
+            transport.write(held[0])
+        else:
+            transport.writelines(held)
 
     def connection_header(self, ex: Exchange) -> bytes:
         if not ex.keep_alive or self.proxy.draining:
@@ -589,9 +611,11 @@ class ClientConnection(asyncio.Protocol):
             self.lingering = self.ignore_input = True
             self.read_pausers.clear()
             transport.resume_reading()
+            self.send_held()
             transport.write_eof()
             self.loop.call_later(LINGER_SECONDS, self.abort)
             return
+        self.send_held()
         transport.close()
 
     def abort(self) -> None:
@@ -607,6 +631,7 @@ class ClientConnection(asyncio.Protocol):
             self.write(answer)
             self._count_refusal(deny, rid, len(answer))
         self.queue.clear()
+        self.send_held()
         self.closed = True
         if self.transport is not None:
             self.transport.close()

@@ -21,6 +21,7 @@ import httptools
 from keyproxy.config.model import Upstream
 from keyproxy.observability import log_event
 from keyproxy.policy.headers import RESPONSE_DROP
+from keyproxy.wire.outbox import Outbox
 
 #: Response headers the parser leaves out: framing and hop-by-hop (keyproxy frames the
 #: answer itself), X-Request-Id (keyproxy sets its own), the upstream's limit headers.
@@ -81,9 +82,11 @@ class UpstreamConnection(asyncio.Protocol):
         "_parser",
         "closed",
         "got_response_bytes",
+        "held",
         "idle_since",
         "in_response",
         "listener",
+        "outbox",
         "pool",
         "reading_paused",
         "transport",
@@ -93,6 +96,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.outbox = pool.outbox
+        self.held: list[bytes] = []  # written this turn, sent when it ends (keyproxy.wire.outbox)
         self.listener: ResponseListener | None = None
         self._parser = httptools.HttpResponseParser(self)
         # The response's end-to-end headers, already serialised (b"Name: value\r\n"); the
@@ -123,12 +128,30 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_head()
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        held = self.held
+        held.append(data)
+        if len(held) == 1:
+            self.outbox.hold(self)
 
     def writelines(self, parts: list[bytes]) -> None:
-        assert self.transport is not None
-        self.transport.writelines(parts)
+        held = self.held
+        if not held:
+            self.outbox.hold(self)
+        held += parts
+
+    def send_held(self) -> None:
+        """What this turn wrote, in one system call (the request head and body together)."""
+        held = self.held
+        if not held:
+            return
+        self.held = []
+        transport = self.transport
+        if transport is None or self.closed:
+            return  # aborted or lost: the exchange has been told
+        if len(held) == 1:
+            transport.write(held[0])
+        else:
+            transport.writelines(held)
 
     def pause_reading(self) -> None:
         """The client reads slower than the upstream sends: stop reading the upstream."""
@@ -303,9 +326,12 @@ class UpstreamPool:
     than opening more sockets than the upstream was sized for.
     """
 
-    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, upstream: Upstream, loop: asyncio.AbstractEventLoop, outbox: Outbox | None = None
+    ) -> None:
         self.upstream = upstream
         self._loop = loop
+        self.outbox = outbox if outbox is not None else Outbox(loop)
         self.endpoint = (upstream.scheme, upstream.host, upstream.port)
         self._idle: deque[UpstreamConnection] = deque()
         self._open = 0
