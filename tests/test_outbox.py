@@ -16,8 +16,14 @@ from tests.proxy_process import base_config
 
 
 class Sender:
+    """Writes as the connections do: at once when the outbox allows, else when it sends."""
+
     def __init__(self, name: str, sent: list[str], broken: bool = False) -> None:
         self.name, self.sent, self.broken, self.aborted = name, sent, broken, False
+
+    def write(self, outbox: Outbox) -> None:
+        if not outbox.defer(self):
+            self.send_held()
 
     def send_held(self) -> None:
         if self.broken:
@@ -28,21 +34,24 @@ class Sender:
         self.aborted = True
 
 
-def test_one_send_per_turn_in_the_order_held_and_a_broken_socket_costs_only_itself() -> None:
+def test_the_first_write_of_a_turn_goes_at_once_the_rest_when_it_ends_in_order() -> None:
     loop = asyncio.new_event_loop()
     try:
         outbox, sent = Outbox(loop), []
         a, broken, b = Sender("a", sent), Sender("x", sent, broken=True), Sender("b", sent)
         for sender in (a, broken, b):
-            outbox.hold(sender)
-        assert sent == []  # nothing leaves before the turn ends
+            sender.write(outbox)
+        assert sent == ["a"]  # the first wakes its peer at once; the others wait
         loop.call_soon(loop.stop)
         loop.run_forever()
+        # A broken socket costs only its own connection.
         assert sent == ["a", "b"] and broken.aborted and not a.aborted
-        outbox.hold(a)  # a later turn schedules its own send
+        b.write(outbox)  # a new turn: its first write goes at once again
+        a.write(outbox)
+        assert sent == ["a", "b", "b"]
         loop.call_soon(loop.stop)
         loop.run_forever()
-        assert sent == ["a", "b", "a"]
+        assert sent == ["a", "b", "b", "a"]
     finally:
         loop.close()
 
@@ -69,23 +78,31 @@ def _proxy(loop: asyncio.AbstractEventLoop) -> ProxyServer:
     return ProxyServer(ConfigHolder(parse_config(text, "t.yaml", {})), loop)
 
 
-def test_answers_written_in_one_turn_leave_in_one_write_and_in_order() -> None:
+def test_answers_written_in_one_turn_leave_together_and_in_order() -> None:
     loop = asyncio.new_event_loop()
     try:
         proxy = _proxy(loop)
-        conn, transport = ClientConnection(proxy), CountingTransport()
-        conn.connection_made(transport)
+        conns = [ClientConnection(proxy) for _ in range(3)]
+        transports = [CountingTransport() for _ in conns]
+        for conn, transport in zip(conns, transports, strict=True):
+            conn.connection_made(transport)
         heads = b"".join(
             b"GET /v1/data/posts?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3)
         )
-        conn.data_received(heads)  # three refusals (no key), answered in this turn
-        assert transport.calls == 0
-        proxy.outbox.send()  # the turn ends
-        assert transport.calls == 1
-        assert transport.data.count(b"HTTP/1.1 401 ") == 3
-        ids = [line for line in bytes(transport.data).split(b"\r\n") if line.startswith(b"X-Req")]
-        assert len(ids) == 3 and ids == sorted(ids)  # request ids count up: in order
-        conn.connection_lost(None)
+        for conn in conns:  # one turn: each connection's read is three refusals (no key)
+            conn.data_received(heads)
+        first, *others = transports
+        assert first.calls == 1 and first.data.count(b" 401 ") == 1  # the turn's first write
+        assert [t.calls for t in others] == [0, 0]
+        proxy.outbox.send()  # the turn ends: one write per connection for all it holds
+        assert [t.calls for t in transports] == [2, 1, 1]
+        for transport in transports:
+            assert transport.data.count(b"HTTP/1.1 401 ") == 3
+            data = bytes(transport.data)
+            ids = [line for line in data.split(b"\r\n") if line.startswith(b"X-Request-Id")]
+            assert len(ids) == 3 and ids == sorted(ids)  # request ids count up: in order
+        for conn in conns:
+            conn.connection_lost(None)
     finally:
         loop.close()
 
@@ -103,10 +120,14 @@ def test_a_connection_closing_sends_what_it_holds_first_and_an_abort_drops_it() 
 
         conn, transport = ClientConnection(proxy), CountingTransport()
         conn.connection_made(transport)
+        busy = ClientConnection(proxy)  # its answer is the turn's first write
+        busy.connection_made(CountingTransport())
+        busy.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
         conn.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
         conn.abort()  # a reset: what was held is not sent after it
         proxy.outbox.send()
         assert transport.closing and transport.calls == 0
+        busy.connection_lost(None)
         conn.connection_lost(None)
     finally:
         loop.close()

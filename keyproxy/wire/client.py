@@ -554,16 +554,18 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed:
             held = self.held
-            held.append(data)
-            if len(held) == 1:
-                self.outbox.hold(self)
+            if held or self.outbox.defer(self):
+                held.append(data)
+            else:
+                self.transport.write(data)  # type: ignore[union-attr]
 
     def writelines(self, parts: list[bytes]) -> None:
         if not self.closed and parts:
             held = self.held
-            if not held:
-                self.outbox.hold(self)
-            held += parts
+            if held or self.outbox.defer(self):
+                held += parts
+            else:
+                self.transport.writelines(parts)  # type: ignore[union-attr]
 
     def send_held(self) -> None:
         """What this turn wrote, in one system call; also before the transport closes."""

@@ -21,7 +21,8 @@ from keyproxy.observability import log_event
 
 
 class Sender(Protocol):
-    """A connection that holds its writes until the outbox says to send them."""
+    """A connection that holds its writes until the outbox says to send them: it asks
+    `Outbox.defer` when it has nothing held yet, and holds or writes as told."""
 
     def send_held(self) -> None: ...
 
@@ -38,13 +39,21 @@ class Outbox:
         self._held: list[Sender] = []
         self._scheduled = False
 
-    def hold(self, sender: Sender) -> None:
-        """`sender` has begun holding writes: send them when this turn's events are done.
-        A callback scheduled now runs after every I/O event the loop already polled."""
-        self._held.append(sender)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.send)
+    def defer(self, sender: Sender) -> bool:
+        """Whether `sender`'s write must wait for the end of this turn (it is then noted
+        to be sent), or may go now. A callback scheduled now runs after every I/O event
+        the loop already polled.
+
+        The turn's first write goes at once: it wakes its peer either way, and a lone
+        request (one client, a quiet moment) then meets no delay at all; held, its
+        upstream would wait for the bookkeeping after the write (measured with one
+        client: 5 % fewer requests per second)."""
+        if self._scheduled:
+            self._held.append(sender)
+            return True
+        self._scheduled = True
+        self._loop.call_soon(self.send)
+        return False
 
     def send(self) -> None:
         self._scheduled = False

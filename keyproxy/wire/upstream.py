@@ -129,15 +129,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         held = self.held
-        held.append(data)
-        if len(held) == 1:
-            self.outbox.hold(self)
+        if held or self.outbox.defer(self):
+            held.append(data)
+        else:
+            assert self.transport is not None
+            self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         held = self.held
-        if not held:
-            self.outbox.hold(self)
-        held += parts
+        if held or self.outbox.defer(self):
+            held += parts
+        else:
+            assert self.transport is not None
+            self.transport.writelines(parts)
 
     def send_held(self) -> None:
         """What this turn wrote, in one system call (the request head and body together)."""
