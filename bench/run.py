@@ -1041,6 +1041,15 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
         for t in multi:
             kw = rps(body, t)
             if kw and kp:
+                if len(os.sched_getaffinity(0)) < 4:
+                    # The goal is for 4+ CPUs; with fewer, the workers share wrk's CPU and
+                    # the issue asks for the CPU per request instead.
+                    cpu_w, cpu_1 = res[body][t].get("cpu_us"), res[body]["keyproxy"].get("cpu_us")
+                    out.append(
+                        f"- {body}: {t} {kw / kp:.2f}x one worker, CPU {cpu_w:.1f} vs "
+                        f"{cpu_1:.1f} µs/req (goal ≥ 1.6x needs 4+ CPUs): reported"
+                    )
+                    continue
                 verdict = "met" if kw / kp >= 1.6 else "not met"
                 out.append(f"- {body}: {t} {kw / kp:.2f}x one worker (goal ≥ 1.6x): {verdict}")
     return out
