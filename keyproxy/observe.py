@@ -94,6 +94,10 @@ CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 #: Access-log records kept while the writer is behind; beyond it lines are dropped and counted.
 MAX_PENDING = 200_000
 FLUSH_INTERVAL = 0.5
+#: Access-log lines serialised between two pauses of the writer thread (~0.3 ms of work),
+#: and the pause, in which the event loop's thread has the CPU and the GIL (`AccessLog`).
+LINES_PER_SLICE = 128
+SLICE_PAUSE = 0.001
 SNAPSHOT_INTERVAL = 1.0
 METRICS_DIR_ENV = "KEYPROXY_METRICS_DIR"
 
@@ -435,7 +439,20 @@ class AccessLog:
         self._in_flight = loop.run_in_executor(self._writer, self._write_records, records)
 
     def _write_records(self, records: list[tuple[Any, ...]]) -> None:
-        if not self._write(lines(records)):
+        data = lines(records[:LINES_PER_SLICE])
+        if len(records) > LINES_PER_SLICE:
+            # A flush at 13,000 req/s is ~6,700 lines, ~14 ms of Python (2 µs a line) on the
+            # proxy's CPU and under the GIL: in one go, requests arriving meanwhile waited
+            # up to the interpreter's 5 ms switch interval. Pausing between slices hands the
+            # CPU and the GIL back to the event loop. The full policy's p99 under load
+            # (`wrk -c32`, two runs each): 9.5 ms in one go, 5.0-5.3 ms in slices, 3.0-3.2
+            # ms with the log off.
+            parts = [data]
+            for start in range(LINES_PER_SLICE, len(records), LINES_PER_SLICE):
+                time.sleep(SLICE_PAUSE)
+                parts.append(lines(records[start : start + LINES_PER_SLICE]))
+            data = b"".join(parts)
+        if not self._write(data):
             self.lost += len(records)  # on the writer thread: apart from `dropped`
 
     def close(self) -> None:

@@ -477,6 +477,33 @@ def test_a_verdict_is_serialised_by_the_writer_once_and_in_the_documented_order(
     assert verdict.head is head  # the second flush reuses the first's JSON
 
 
+def test_a_large_flush_is_written_in_slices_as_one_block_in_order(tmp_path) -> None:
+    """The writer pauses between slices of a big flush (so the event loop gets the CPU);
+    the file still gets every line once, in order, exactly as one serialisation."""
+    import orjson
+
+    from keyproxy.config.model import Key, KeyType
+    from keyproxy.observe import LINES_PER_SLICE, AccessLog, describe_verdict, lines
+
+    key = Key(id="reader", digest=bytes(range(32)), type=KeyType.READ, acls=frozenset())
+    verdict = describe_verdict(
+        "reader", key, None, "10.0.0.7", "GET", "/v1/x", None, "allow", None, None,
+        "header", None, (), None,
+    )  # fmt: skip
+    count = LINES_PER_SLICE * 3 + 5  # three whole slices and a part
+    records = [
+        (1_800_000_000 + i / 100, f"r{i}", 200, i, 0.001, 0.002, verdict) for i in range(count)
+    ]
+    log = AccessLog(str(tmp_path / "access.log"))
+    log._write_records(records)
+    written = (tmp_path / "access.log").read_bytes()
+    assert written == lines(records)
+    assert [orjson.loads(line)["request_id"] for line in written.splitlines()] == [
+        f"r{i}" for i in range(count)
+    ]
+    log.close()
+
+
 def test_repeats_of_a_remembered_verdict_each_log_their_own_client_and_referer(
     upstream, tmp_path, make
 ):
