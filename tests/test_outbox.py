@@ -10,7 +10,7 @@ from keyproxy.app import ProxyServer
 from keyproxy.config import parse_config
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.wire.client import ClientConnection
-from keyproxy.wire.outbox import Outbox
+from keyproxy.wire.outbox import SEND_AT_ONCE, Outbox
 from tests.memory_transport import MemoryTransport
 from tests.proxy_process import base_config
 
@@ -131,3 +131,34 @@ def test_a_connection_closing_sends_what_it_holds_first_and_an_abort_drops_it() 
         conn.connection_lost(None)
     finally:
         loop.close()
+
+
+def test_a_large_later_write_goes_at_once_after_what_the_connection_holds() -> None:
+    """Holding gains a large write nothing, and sent at once it meets the transport's
+    buffer limit (`pause_writing` stops the reads producing it) within the turn: a
+    connection holds at most one write it has not checked."""
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = _proxy(loop)
+        busy, conn = ClientConnection(proxy), ClientConnection(proxy)
+        transport = CountingTransport()
+        busy.connection_made(CountingTransport())
+        conn.connection_made(transport)
+        busy.write(b"first")  # the turn's first write: the others are held
+        conn.write(b"small")
+        assert transport.calls == 0
+        large = b"x" * SEND_AT_ONCE
+        conn.write(large)
+        assert transport.calls == 1 and transport.data == b"small" + large
+        conn.writelines([b"a", large, b"b"])  # nothing held before it: held, whatever its size
+        assert transport.calls == 1
+        conn.writelines([b"c", large])
+        assert transport.calls == 2 and transport.data.endswith(b"a" + large + b"bc" + large)
+        conn.write(b"after")  # held again, in order
+        proxy.outbox.send()
+        assert transport.calls == 3 and transport.data.endswith(large + b"after")
+        busy.connection_lost(None)
+        conn.connection_lost(None)
+    finally:
+        loop.close()
+
