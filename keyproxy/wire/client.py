@@ -634,6 +634,9 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def send_failed(self, exc: Exception) -> None:
+        self.abort()  # the exchange learns it from `connection_lost`
+
     def _refuse_now(self, deny: Deny) -> None:
         """A request that cannot even be parsed: answer if nothing else is under way, then close."""
         if self.active is None and not self.closed:

@@ -35,7 +35,8 @@ class Sender(Protocol):
 
     def send_held(self) -> None: ...
 
-    def abort(self) -> None: ...
+    def send_failed(self, exc: Exception) -> None:
+        """Sending raised: drop the connection, and tell whoever waits for an answer on it."""
 
 
 class Outbox:
@@ -72,4 +73,4 @@ class Outbox:
                 sender.send_held()
             except Exception as exc:  # one broken socket must not keep the others' bytes
                 log_event("send_failed", error=type(exc).__name__)
-                sender.abort()
+                sender.send_failed(exc)

@@ -160,6 +160,10 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return  # aborted or lost: the exchange has been told
+        if transport.is_closing():
+            # The upstream closed it since the write (in the same turn): the request
+            # never left, and `connection_lost`, still to come, tells the exchange.
+            return
         if len(held) == 1:
             transport.write(held[0])
         else:
@@ -191,6 +195,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = None
         if self.transport is not None:
             self.transport.abort()
+
+    def send_failed(self, exc: Exception) -> None:
+        self._fail(exc)  # the exchange is told: it may try once more on another socket
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
