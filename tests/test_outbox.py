@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import socketserver
 
+import pytest
 import yaml
 
 from keyproxy.app import ProxyServer
 from keyproxy.config import parse_config
 from keyproxy.config.reload import ConfigHolder
 from keyproxy.wire.client import ClientConnection
-from keyproxy.wire.outbox import Outbox
+from keyproxy.wire.outbox import SEND_AT_ONCE, Outbox
+from keyproxy.wire.upstream import UpstreamConnection
 from tests.memory_transport import MemoryTransport
-from tests.proxy_process import base_config
+from tests.procs import raw_upstream, recv_head
+from tests.proxy_process import KEYS, base_config
 
 
 class Sender:
@@ -30,7 +34,7 @@ class Sender:
             raise OSError("socket gone")
         self.sent.append(self.name)
 
-    def abort(self) -> None:
+    def send_failed(self, exc: Exception) -> None:
         self.aborted = True
 
 
@@ -129,5 +133,112 @@ def test_a_connection_closing_sends_what_it_holds_first_and_an_abort_drops_it() 
         assert transport.closing and transport.calls == 0
         busy.connection_lost(None)
         conn.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def test_a_large_later_write_goes_at_once_after_what_the_connection_holds() -> None:
+    """Holding gains a large write nothing, and sent at once it meets the transport's
+    buffer limit (`pause_writing` stops the reads producing it) within the turn: a
+    connection holds at most one write it has not checked."""
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = _proxy(loop)
+        busy, conn = ClientConnection(proxy), ClientConnection(proxy)
+        transport = CountingTransport()
+        busy.connection_made(CountingTransport())
+        conn.connection_made(transport)
+        busy.write(b"first")  # the turn's first write: the others are held
+        conn.write(b"small")
+        assert transport.calls == 0
+        large = b"x" * SEND_AT_ONCE
+        conn.write(large)
+        assert transport.calls == 1 and transport.data == b"small" + large
+        conn.writelines([b"a", large, b"b"])  # nothing held before it: held, whatever its size
+        assert transport.calls == 1
+        conn.writelines([b"c", large])
+        assert transport.calls == 2 and transport.data.endswith(b"a" + large + b"bc" + large)
+        conn.write(b"after")  # held again, in order
+        proxy.outbox.send()
+        assert transport.calls == 3 and transport.data.endswith(large + b"after")
+        busy.connection_lost(None)
+        conn.connection_lost(None)
+    finally:
+        loop.close()
+
+
+class _OkUpstream(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data = b""
+        while (got := recv_head(self.request, data)) is not None:
+            data = got[1]
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+class _DeadSocket(MemoryTransport):
+    """An upstream socket as uvloop's transport is once it has closed (the peer closed it,
+    or `broken`: the write fails anyway): writing raises, `connection_lost` follows in a
+    later callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: UpstreamConnection) -> None:
+        super().__init__()
+        self.loop, self.protocol, self.broken = loop, protocol, False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        if self.closing or self.broken:
+            raise RuntimeError("unable to perform operation: the handler is closed")
+        super().write(data)
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
+
+    abort = close
+
+
+@pytest.mark.parametrize("how", ["closed by the upstream", "write fails"])
+def test_a_held_request_its_reused_socket_cannot_take_is_retried_on_another(how: str) -> None:
+    """The request is written to a kept-alive socket, and the socket turns out dead before
+    the turn's end sends it: the exchange is told (and tries once more on a new socket),
+    instead of waiting for an answer that cannot come until the upstream timeout."""
+    loop = asyncio.new_event_loop()
+    try:
+        with raw_upstream(_OkUpstream) as url:
+            config = base_config(url, {"headers": {"K": "v" * 24}})
+            proxy = ProxyServer(ConfigHolder(parse_config(yaml.safe_dump(config), "t", {})), loop)
+            pool = proxy.serving.pool
+            dead = UpstreamConnection(pool)
+            socket_ = _DeadSocket(loop, dead)
+            dead.connection_made(socket_)
+            dead.uses = 1  # served an earlier request: a failure before any answer is retried
+            pool._open += 1
+            pool.release(dead, True)
+
+            busy, conn = ClientConnection(proxy), ClientConnection(proxy)
+            transport = CountingTransport()
+            busy.connection_made(CountingTransport())
+            conn.connection_made(transport)
+            busy.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")  # 401, at once
+            conn.data_received(
+                b"GET /big/1 HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n\r\n" % KEYS["reader"].encode()
+            )
+            assert socket_.data == b""  # held until the turn ends
+            if how == "closed by the upstream":
+                assert not dead.eof_received()  # in the same turn, after the write
+                socket_.close()
+            else:
+                socket_.broken = True
+
+            async def answered() -> None:
+                while b"\r\n\r\n" not in transport.data:
+                    await asyncio.sleep(0.01)
+
+            loop.run_until_complete(asyncio.wait_for(answered(), 1.5))
+            assert transport.data.startswith(b"HTTP/1.1 200 "), bytes(transport.data)
+            assert transport.data.endswith(b"\r\n\r\nok")
+            for c in (busy, conn):
+                c.connection_lost(None)
+            pool.close()
     finally:
         loop.close()

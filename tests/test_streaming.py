@@ -3,11 +3,15 @@ What keyproxy does to a forwarded request)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
+import socketserver
+import threading
 import time
 
-from tests.proxy_process import KEYS, Keyproxy
+from tests.procs import raw_upstream, recv_head
+from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
 
 
 def rss_kib(pid: int) -> int:
@@ -130,3 +134,105 @@ def test_requests_wait_for_a_free_upstream_connection(tmp_path, upstream):
         assert len(peers) == 1, peers  # one upstream socket served them all, in turn
     finally:
         kp.stop()
+
+
+#: Bytes each of the fast upstreams and clients below offers at once: far more than
+#: socket buffers and keyproxy's own limits take, so only flow control stops them.
+FLOOD = 64 * 1024 * 1024
+#: Connections flooding at once: writes made while others were written in the same loop
+#: turn are the ones keyproxy holds until the turn ends.
+FLOODERS = 8
+
+
+class _FloodingUpstream(socketserver.BaseRequestHandler):
+    """Answers each request with FLOOD bytes as fast as the socket takes them."""
+
+    def handle(self) -> None:
+        if recv_head(self.request, b"") is None:
+            return
+        chunk = b"x" * (1 << 20)
+        with contextlib.suppress(OSError):
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % FLOOD)
+            for _ in range(FLOOD // len(chunk)):
+                self.request.sendall(chunk)
+
+
+class _StalledUpstream(socketserver.BaseRequestHandler):
+    """Reads a request's head, then nothing more of it for a while."""
+
+    def handle(self) -> None:
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        recv_head(self.request, b"")
+        time.sleep(4)
+
+
+def _peak_growth_kib(pid: int, before: int, seconds: float = 1.5) -> int:
+    peak = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        peak = max(peak, rss_kib(pid) - before)
+    return peak
+
+
+def test_slow_clients_of_a_fast_upstream_cost_little_memory_each(tmp_path):
+    """Each upstream read the client cannot take yet reaches the client socket's buffer
+    at once, so its limit stops the upstream reads: keyproxy holds about that buffer per
+    client, not every read the loop made before its turn ended."""
+    with raw_upstream(_FloodingUpstream) as url:
+        kp = start_keyproxy(tmp_path, base_config(url, {}))
+        try:
+            get = f"GET /big/1 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['reader']}\r\n\r\n"
+            with socket.create_connection((kp.host, kp.port), timeout=5) as warm:
+                warm.sendall(get.encode())
+                assert warm.recv(4096).startswith(b"HTTP/1.1 200 ")
+            before = rss_kib(kp.process.pid)
+            clients = []
+            try:
+                for _ in range(FLOODERS):
+                    sock = socket.create_connection((kp.host, kp.port), timeout=5)
+                    clients.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                    sock.sendall(get.encode())  # and never read the answer
+                grown = _peak_growth_kib(kp.process.pid, before)
+            finally:
+                for sock in clients:
+                    sock.close()
+            assert grown < 2_000 * FLOODERS, f"{FLOODERS} slow clients cost {grown} KiB"
+        finally:
+            kp.stop()
+
+
+def test_fast_uploads_to_a_stalled_upstream_cost_little_memory_each(tmp_path):
+    """The same the other way: a request body read faster than the upstream takes it."""
+    with raw_upstream(_StalledUpstream) as url:
+        config = base_config(url, {})
+        config["server"]["max_body"] = "256MiB"
+        kp = start_keyproxy(tmp_path, config)
+        try:
+            head = (
+                f"PUT /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS['admin']}\r\n"
+                f"Content-Length: {FLOOD}\r\n\r\n"
+            ).encode()
+            chunk = b"y" * (1 << 20)
+
+            def upload(sock: socket.socket) -> None:
+                with contextlib.suppress(OSError):
+                    sock.sendall(head)
+                    for _ in range(FLOOD // len(chunk)):
+                        sock.sendall(chunk)
+
+            before = rss_kib(kp.process.pid)
+            clients = []
+            try:
+                for _ in range(FLOODERS):
+                    sock = socket.create_connection((kp.host, kp.port), timeout=5)
+                    clients.append(sock)
+                    threading.Thread(target=upload, args=(sock,), daemon=True).start()
+                grown = _peak_growth_kib(kp.process.pid, before)
+            finally:
+                for sock in clients:
+                    sock.close()
+            assert grown < 2_000 * FLOODERS, f"{FLOODERS} fast uploads cost {grown} KiB"
+        finally:
+            kp.stop()

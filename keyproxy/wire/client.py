@@ -39,6 +39,7 @@ from keyproxy.request import Deny
 from keyproxy.response.cors import single_header
 from keyproxy.response.errors import error_response
 from keyproxy.wire.exchange import Exchange
+from keyproxy.wire.outbox import SEND_AT_ONCE
 
 if TYPE_CHECKING:
     from keyproxy.app import ProxyServer
@@ -554,7 +555,11 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed:
             held = self.held
-            if held or self.outbox.defer(self):
+            if held:  # a later write of this turn: a large one sends all (outbox.SEND_AT_ONCE)
+                held.append(data)
+                if len(data) >= SEND_AT_ONCE:
+                    self.send_held()
+            elif self.outbox.defer(self):
                 held.append(data)
             else:
                 self.transport.write(data)  # type: ignore[union-attr]
@@ -562,7 +567,11 @@ class ClientConnection(asyncio.Protocol):
     def writelines(self, parts: list[bytes]) -> None:
         if not self.closed and parts:
             held = self.held
-            if held or self.outbox.defer(self):
+            if held:
+                held += parts
+                if sum(map(len, parts)) >= SEND_AT_ONCE:
+                    self.send_held()
+            elif self.outbox.defer(self):
                 held += parts
             else:
                 self.transport.writelines(parts)  # type: ignore[union-attr]
@@ -624,6 +633,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+    def send_failed(self, exc: Exception) -> None:
+        self.abort()  # the exchange learns it from `connection_lost`
 
     def _refuse_now(self, deny: Deny) -> None:
         """A request that cannot even be parsed: answer if nothing else is under way, then close."""

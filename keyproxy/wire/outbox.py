@@ -19,6 +19,15 @@ from typing import Protocol
 
 from keyproxy.observability import log_event
 
+#: A connection's later write of a turn this large goes to the socket at once, after
+#: what the connection holds. Holding gains it nothing (its size pays for the peer's
+#: wake-up), and only bytes that reach the transport count toward its buffer limit,
+#: whose `pause_writing` stops the reads producing them: libuv reads a busy socket up
+#: to 32 times (256 KB each) in one turn, and held, those reads piled up some 8 MB per
+#: slow peer instead of ~0.5 MB. The turn's first write per connection is not checked
+#: (one read at most: bounded), so a lone answer per turn pays nothing for this.
+SEND_AT_ONCE = 64 * 1024
+
 
 class Sender(Protocol):
     """A connection that holds its writes until the outbox says to send them: it asks
@@ -26,7 +35,8 @@ class Sender(Protocol):
 
     def send_held(self) -> None: ...
 
-    def abort(self) -> None: ...
+    def send_failed(self, exc: Exception) -> None:
+        """Sending raised: drop the connection, and tell whoever waits for an answer on it."""
 
 
 class Outbox:
@@ -63,4 +73,4 @@ class Outbox:
                 sender.send_held()
             except Exception as exc:  # one broken socket must not keep the others' bytes
                 log_event("send_failed", error=type(exc).__name__)
-                sender.abort()
+                sender.send_failed(exc)

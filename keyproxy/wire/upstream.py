@@ -21,7 +21,7 @@ import httptools
 from keyproxy.config.model import Upstream
 from keyproxy.observability import log_event
 from keyproxy.policy.headers import RESPONSE_DROP
-from keyproxy.wire.outbox import Outbox
+from keyproxy.wire.outbox import SEND_AT_ONCE, Outbox
 
 #: Response headers the parser leaves out: framing and hop-by-hop (keyproxy frames the
 #: answer itself), X-Request-Id (keyproxy sets its own), the upstream's limit headers.
@@ -129,7 +129,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         held = self.held
-        if held or self.outbox.defer(self):
+        if held:  # a later write of this turn: a large one sends all (outbox.SEND_AT_ONCE)
+            held.append(data)
+            if len(data) >= SEND_AT_ONCE:
+                self.send_held()
+        elif self.outbox.defer(self):
             held.append(data)
         else:
             assert self.transport is not None
@@ -137,7 +141,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def writelines(self, parts: list[bytes]) -> None:
         held = self.held
-        if held or self.outbox.defer(self):
+        if held:
+            held += parts
+            if sum(map(len, parts)) >= SEND_AT_ONCE:
+                self.send_held()
+        elif self.outbox.defer(self):
             held += parts
         else:
             assert self.transport is not None
@@ -152,6 +160,10 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return  # aborted or lost: the exchange has been told
+        if transport.is_closing():
+            # The upstream closed it since the write (in the same turn): the request
+            # never left, and `connection_lost`, still to come, tells the exchange.
+            return
         if len(held) == 1:
             transport.write(held[0])
         else:
@@ -183,6 +195,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = None
         if self.transport is not None:
             self.transport.abort()
+
+    def send_failed(self, exc: Exception) -> None:
+        self._fail(exc)  # the exchange is told: it may try once more on another socket
 
     # -- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
