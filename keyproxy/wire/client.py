@@ -39,7 +39,7 @@ from keyproxy.request import Deny
 from keyproxy.response.cors import single_header
 from keyproxy.response.errors import error_response
 from keyproxy.wire.exchange import Exchange
-from keyproxy.wire.outbox import SEND_AT_ONCE
+from keyproxy.wire.outbox import HeldWrites
 
 if TYPE_CHECKING:
     from keyproxy.app import ProxyServer
@@ -76,7 +76,7 @@ PARSER_READS = (
 )
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(HeldWrites, asyncio.Protocol):
     def __init__(self, proxy: ProxyServer) -> None:
         self.proxy = proxy
         self.loop = proxy.loop
@@ -551,45 +551,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         self.tick = self.loop.call_later(self.proxy.tick_interval, self._on_tick)
 
-    # -- writing ----------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            held = self.held
-            if held:  # a later write of this turn: a large one sends all (outbox.SEND_AT_ONCE)
-                held.append(data)
-                if len(data) >= SEND_AT_ONCE:
-                    self.send_held()
-            elif self.outbox.defer(self):
-                held.append(data)
-            else:
-                self.transport.write(data)  # type: ignore[union-attr]
-
-    def writelines(self, parts: list[bytes]) -> None:
-        if not self.closed and parts:
-            held = self.held
-            if held:
-                held += parts
-                if sum(map(len, parts)) >= SEND_AT_ONCE:
-                    self.send_held()
-            elif self.outbox.defer(self):
-                held += parts
-            else:
-                self.transport.writelines(parts)  # type: ignore[union-attr]
-
-    def send_held(self) -> None:
-        """What this turn wrote, in one system call; also before the transport closes."""
-        held = self.held
-        if not held:
-            return
-        self.held = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # aborted or lost: nobody to send to
-        if len(held) == 1:
-            transport.write(held[0])
-        else:
-            transport.writelines(held)
-
+    # -- writing: `write`, `writelines` and `send_held` come from `HeldWrites` ---
     def connection_header(self, ex: Exchange) -> bytes:
         if not ex.keep_alive or self.proxy.draining:
             ex.keep_alive = False

@@ -74,3 +74,59 @@ class Outbox:
             except Exception as exc:  # one broken socket must not keep the others' bytes
                 log_event("send_failed", error=type(exc).__name__)
                 sender.send_failed(exc)
+
+
+class HeldWrites:
+    """`write` and `writelines` through the outbox, for the client and upstream
+    connections alike: what a connection writes after the turn's first write waits in
+    `held` (in order) until the turn ends, or goes at once with it when large."""
+
+    __slots__ = ()
+
+    transport: asyncio.Transport | None
+    held: list[bytes]
+    outbox: Outbox
+    closed: bool
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        held = self.held
+        if held:  # a later write of this turn: a large one sends all (`SEND_AT_ONCE`)
+            held.append(data)
+            if len(data) >= SEND_AT_ONCE:
+                self.send_held()
+        elif self.outbox.defer(self):  # type: ignore[arg-type]  # each subclass is a Sender
+            held.append(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]  # set once connected
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.closed or not parts:
+            return
+        held = self.held
+        if held:
+            held += parts
+            if sum(map(len, parts)) >= SEND_AT_ONCE:
+                self.send_held()
+        elif self.outbox.defer(self):  # type: ignore[arg-type]
+            held += parts
+        else:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def send_held(self) -> None:
+        """What this turn wrote, in one system call; also before the transport closes."""
+        held = self.held
+        if not held:
+            return
+        self.held = []  # type: ignore[misc]  # a slot of each subclass
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            # Aborted or lost: nobody to send to. A socket the peer closed since the write
+            # (in the same turn) is closing: its `connection_lost`, still to come, tells the
+            # connection (an upstream's exchange then retries on another socket).
+            return
+        if len(held) == 1:
+            transport.write(held[0])
+        else:
+            transport.writelines(held)

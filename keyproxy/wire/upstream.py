@@ -21,7 +21,7 @@ import httptools
 from keyproxy.config.model import Upstream
 from keyproxy.observability import log_event
 from keyproxy.policy.headers import RESPONSE_DROP
-from keyproxy.wire.outbox import SEND_AT_ONCE, Outbox
+from keyproxy.wire.outbox import HeldWrites, Outbox
 
 #: Response headers the parser leaves out: framing and hop-by-hop (keyproxy frames the
 #: answer itself), X-Request-Id (keyproxy sets its own), the upstream's limit headers.
@@ -69,7 +69,7 @@ class ResponseListener(Protocol):
     def resume_client_reading(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(HeldWrites, asyncio.Protocol):
     __slots__ = (
         "_connection_tokens",
         "_counted_out",
@@ -117,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.uses = 0
 
-    # -- used by the exchange ------------------------------------------------
+    # -- used by the exchange (`write`, `writelines`: `HeldWrites`) -----------
     def begin(self, listener: ResponseListener) -> None:
         self.listener = listener
         if self.reading_paused:  # left paused by a slow client of the previous exchange
@@ -126,48 +126,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_response_bytes = False
         self.uses += 1
         self._reset_head()
-
-    def write(self, data: bytes) -> None:
-        held = self.held
-        if held:  # a later write of this turn: a large one sends all (outbox.SEND_AT_ONCE)
-            held.append(data)
-            if len(data) >= SEND_AT_ONCE:
-                self.send_held()
-        elif self.outbox.defer(self):
-            held.append(data)
-        else:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        held = self.held
-        if held:
-            held += parts
-            if sum(map(len, parts)) >= SEND_AT_ONCE:
-                self.send_held()
-        elif self.outbox.defer(self):
-            held += parts
-        else:
-            assert self.transport is not None
-            self.transport.writelines(parts)
-
-    def send_held(self) -> None:
-        """What this turn wrote, in one system call (the request head and body together)."""
-        held = self.held
-        if not held:
-            return
-        self.held = []
-        transport = self.transport
-        if transport is None or self.closed:
-            return  # aborted or lost: the exchange has been told
-        if transport.is_closing():
-            # The upstream closed it since the write (in the same turn): the request
-            # never left, and `connection_lost`, still to come, tells the exchange.
-            return
-        if len(held) == 1:
-            transport.write(held[0])
-        else:
-            transport.writelines(held)
 
     def pause_reading(self) -> None:
         """The client reads slower than the upstream sends: stop reading the upstream."""
