@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from keyproxy.config.load import parse_config
 from keyproxy.config.model import ServerSettings
 from keyproxy.config.reload import ConfigHolder
 from tests.procs import UpstreamServer, spawn
-from tests.proxy_process import KEYS, Keyproxy, base_config, error_of, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, error_of
 
 READER = KEYS["reader"].encode()
 ADMIN = KEYS["admin"].encode()
@@ -98,10 +98,10 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 @pytest.fixture
-def make_proxy(upstream: UpstreamServer, tmp_path: Path) -> Iterator[Any]:
-    started: list[Keyproxy] = []
+def make_proxy(upstream: UpstreamServer, make: Callable[..., Keyproxy]) -> Any:
+    """`make` (tests/conftest.py) with the base config's sections adjusted."""
 
-    def make(
+    def make_with(
         server: dict[str, Any] | None = None,
         upstream_extra: dict[str, Any] | None = None,
         routes_extra: dict[str, dict[str, Any]] | None = None,
@@ -112,13 +112,9 @@ def make_proxy(upstream: UpstreamServer, tmp_path: Path) -> Iterator[Any]:
         config["upstream"].update(upstream_extra or {})
         for route in config["routes"]:
             route.update((routes_extra or {}).get(route["match"], {}))
-        kp = start_keyproxy(tmp_path, config, extra_args=argv)
-        started.append(kp)
-        return kp
+        return make(config, argv)
 
-    yield make
-    for kp in started:
-        kp.stop()
+    return make_with
 
 
 # -- pipelining -------------------------------------------------------------------------------
