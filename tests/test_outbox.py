@@ -111,7 +111,7 @@ def test_answers_written_in_one_turn_leave_together_and_in_order() -> None:
         loop.close()
 
 
-def test_a_connection_closing_sends_what_it_holds_first_and_an_abort_drops_it() -> None:
+def test_a_connection_closing_or_cut_sends_what_it_holds_first() -> None:
     loop = asyncio.new_event_loop()
     try:
         proxy = _proxy(loop)
@@ -128,9 +128,11 @@ def test_a_connection_closing_sends_what_it_holds_first_and_an_abort_drops_it() 
         busy.connection_made(CountingTransport())
         busy.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
         conn.data_received(b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n\r\n")
-        conn.abort()  # a reset: what was held is not sent after it
+        conn.abort()  # a cut (an answer broken off): what was held goes out before it
+        assert transport.closing and transport.calls == 1
+        assert transport.data.startswith(b"HTTP/1.1 401 ")
         proxy.outbox.send()
-        assert transport.closing and transport.calls == 0
+        assert transport.calls == 1
         busy.connection_lost(None)
         conn.connection_lost(None)
     finally:
@@ -240,5 +242,56 @@ def test_a_held_request_its_reused_socket_cannot_take_is_retried_on_another(how:
             for c in (busy, conn):
                 c.connection_lost(None)
             pool.close()
+    finally:
+        loop.close()
+
+
+class _EofTransport(CountingTransport):
+    """Raises on a write after `write_eof`, as uvloop's transport does."""
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        if self.eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        super().write(data)
+
+
+def test_a_lingering_connection_writes_nothing_after_its_eof() -> None:
+    """A refused upload is answered, its sending side shut while the body drains: any
+    later write (a late refusal, a drain) is dropped instead of raising in the loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = _proxy(loop)
+        conn, transport = ClientConnection(proxy), _EofTransport()
+        conn.connection_made(transport)
+        conn.data_received(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nabc" % (2 * 1024 * 1024)
+        )
+        proxy.outbox.send()
+        assert transport.data.startswith(b"HTTP/1.1 401 ") and transport.eof
+        assert conn.lingering and not transport.closing  # still draining the body
+        conn.write(b"late")
+        conn.writelines([b"late"])
+        conn.abort()  # the linger ends
+        assert b"late" not in transport.data and transport.closing
+        conn.connection_lost(None)
+    finally:
+        loop.close()
+
+
+def test_an_idle_upstream_socket_already_closing_is_not_handed_out() -> None:
+    """The upstream closed a kept-alive socket and its `connection_lost` is still to come:
+    a request sent on it would fail with a 500 where a new socket serves it."""
+    loop = asyncio.new_event_loop()
+    try:
+        proxy = _proxy(loop)
+        pool = proxy.serving.pool
+        live, closing = UpstreamConnection(pool), UpstreamConnection(pool)
+        for conn in (live, closing):
+            conn.connection_made(MemoryTransport())
+            pool._open += 1
+            pool.release(conn, True)
+        closing.transport.closing = True  # type: ignore[union-attr]
+        assert pool.take_idle() is live  # the closing one, released last, was skipped
+        assert pool.take_idle() is None and pool.open_connections == 1
     finally:
         loop.close()

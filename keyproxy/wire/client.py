@@ -586,12 +586,17 @@ class ClientConnection(HeldWrites, asyncio.Protocol):
             transport.resume_reading()
             self.send_held()
             transport.write_eof()
+            self.closed = True  # nothing may be written after the EOF (uvloop raises)
             self.loop.call_later(LINGER_SECONDS, self.abort)
             return
         self.send_held()
         transport.close()
 
     def abort(self) -> None:
+        """Cut the connection. What this turn wrote goes first: an answer cut after its
+        head must reach the client as a head and then a cut (a truncated answer), not a
+        bare reset, which a browser may take as leave to send the request again."""
+        self.send_held()
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

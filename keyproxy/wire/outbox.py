@@ -8,8 +8,10 @@ made back to back at the end of the turn find the peer already woken by the firs
 Measured on the full policy (`bench/RESULTS.md`, the run of 2026-12-05 01:14 UTC):
 105 → 74 CPU µs per request, 1.4× the requests per second, lower latency.
 
-Order is kept per connection (one list each), and a connection that closes sends
-what it holds first; one that aborts drops it, as a reset would.
+Order is kept per connection (one list each), and a client connection that closes
+or aborts sends what it holds first (an answer cut after its head must still arrive
+as a head and a cut); an upstream connection that aborts drops it, as nobody waits
+for that request's answer any more.
 """
 
 from __future__ import annotations

@@ -339,7 +339,13 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_REUSE_LIMIT:
+            transport = conn.transport
+            if (
+                not conn.closed
+                and now - conn.idle_since < IDLE_REUSE_LIMIT
+                and transport is not None
+                and not transport.is_closing()  # the upstream closed it; `connection_lost` is due
+            ):
                 return conn
             self._discard(conn)
         return None
