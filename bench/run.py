@@ -876,6 +876,11 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
+def compiled_modules() -> int:
+    """How many of the measured tree's keyproxy modules are C extensions (`compiled.py`)."""
+    return sum(1 for _ in (REPO_ROOT / "keyproxy").rglob("*.so"))
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -893,6 +898,7 @@ def machine_info() -> dict[str, Any]:
         "uvloop": _version("uvloop"),
         "keyproxy": _version("keyproxy"),
         "revision": _git_revision(),
+        "compiled": compiled_modules(),
         "wrk": _version_word(_first_line(["wrk", "-v"])),
         "nginx": _version_word(_first_line([nginx, "-v"]) if nginx else None),
         "loadavg_at_start": os.getloadavg()[0],
@@ -932,7 +938,12 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"aiohttp {meta['machine']['aiohttp']}, uvloop {meta['machine']['uvloop']}, "
         f"{meta['machine']['wrk']}, {meta['machine']['nginx'] or 'no nginx'}  ",
         f"keyproxy: {meta['machine']['keyproxy']} at commit {meta['machine']['revision']} "
-        "(plus any uncommitted changes in the tree)  ",
+        "(plus any uncommitted changes in the tree)"
+        + (
+            f", {meta['machine']['compiled']} modules compiled by mypyc (bench/compiled.py)  "
+            if meta["machine"].get("compiled")
+            else "  "
+        ),
         f"Load: wrk -t{meta['threads']} -c{meta['connections']}, {meta['duration']}s per run, "
         f"{meta['repeats']} interleaved repeats (medians), {meta['warmup']}s warm-up per target  ",
         f"Upstream: {meta['upstream']}  ",

@@ -21,7 +21,12 @@ from keyproxy.config import ConfigError
 from keyproxy.config.reload import ConfigHolder, record_applied, unapplied_edit
 from keyproxy.observability import log_event
 from keyproxy.observe import METRICS_DIR_ENV, admin_exposure
+from keyproxy.wire import client as wire_client
 from keyproxy.wire.client import ClientConnection
+
+#: Whether this install is the compiled build (`KEYPROXY_COMPILE=1`, setup.py): its
+#: request path is C extensions. Logged at start, so an operator can tell which runs.
+COMPILED = not (wire_client.__file__ or "").endswith(".py")
 
 
 def install_uvloop() -> None:
@@ -103,6 +108,7 @@ async def serve(
         admin=f"http://{_host_for_url(admin_bound[0])}:{admin_bound[1]}",
         config=config.summary(),
         pid=os.getpid(),
+        compiled=COMPILED,
     )
     exposed = admin_exposure(config.server.admin_listen.host)
     if exposed is not None:

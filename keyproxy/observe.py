@@ -329,8 +329,9 @@ class LogWriter(Executor):
         self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
-        self._thread.start()
+        # Not `_thread`: compiled by mypyc (bench/compiled.py), that is a C keyword.
+        self._runner = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._runner.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -349,13 +350,13 @@ class LogWriter(Executor):
     def finish(self, timeout: float) -> bool:
         """Run what was submitted, then stop; whether that took less than `timeout` seconds."""
         self._calls.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._runner.join(timeout)
+        return not self._runner.is_alive()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._calls.put(None)
         if wait:
-            self._thread.join()
+            self._runner.join()
 
 
 class AccessLog:

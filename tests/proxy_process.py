@@ -6,6 +6,7 @@ import copy
 import hashlib
 import http.client
 import json
+import os
 import socket
 import sys
 import time
@@ -165,18 +166,30 @@ class Keyproxy:
         return self.process.stop()
 
 
+#: "1": every keyproxy started here must say it is the compiled build ("0": must not).
+EXPECT_COMPILED = "KEYPROXY_TEST_EXPECT_COMPILED"
+
+
 def start_keyproxy(
     tmp_path: Path,
     config: dict[str, Any],
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    cwd: Path | None = None,
 ) -> Keyproxy:
+    """`cwd`: where `python -m keyproxy` runs, the first place it imports keyproxy from."""
     path = tmp_path / f"keyproxy-{free_port()}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [sys.executable, "-m", "keyproxy", "serve", "-c", str(path), *(extra_args or [])]
     process, _ = spawn(
-        argv, ready=r'"event":"listening"', ready_stream="stderr", env=env, name="keyproxy"
+        argv, ready=r'"event":"listening"', ready_stream="stderr", env=env, cwd=cwd, name="keyproxy"
     )
+    expected = (env or os.environ).get(EXPECT_COMPILED)
+    if expected is not None:  # set by tests/test_compiled_build.py for the tests it reruns
+        (listening,) = (line for line in process.stderr.splitlines() if '"listening"' in line)
+        if json.loads(listening)["compiled"] != (expected == "1"):
+            process.stop()
+            raise AssertionError(f"keyproxy started {'not ' * (expected == '1')}compiled")
     return Keyproxy(process, path, config)
 
 

@@ -510,8 +510,10 @@ def _small_head_proxy(loop: asyncio.AbstractEventLoop):  # type: ignore[no-untyp
     config["server"]["max_header_size"] = "1KiB"
     proxy = ProxyServer(ConfigHolder(parse_config(yaml.safe_dump(config), "t.yaml", {})), loop)
 
-    def feed(*reads: bytes, kind: type[ClientConnection] = ClientConnection) -> tuple[bytes, bool]:
-        conn, transport = kind(proxy), MemoryTransport()
+    def feed(*reads: bytes, headers_seen: list[bytes] | None = None) -> tuple[bytes, bool]:
+        conn, transport = ClientConnection(proxy), MemoryTransport()
+        if headers_seen is not None:
+            conn.parser = httptools.HttpRequestParser(_CountingHeaders(conn, headers_seen))
         conn.connection_made(transport)
         for data in reads:
             turn(conn, data)
@@ -566,16 +568,20 @@ def test_a_long_header_line_in_the_first_read_counts_toward_the_head_at_once(loo
     assert answer.count(b"HTTP/1.1 401 ") == 2 and not closed
 
 
-def _counting_headers(calls: list[bytes]):  # type: ignore[no-untyped-def]
-    """A client connection class that records each header callback's name in `calls`."""
-    from keyproxy.wire.client import ClientConnection
+class _CountingHeaders:
+    """A client connection's parser callbacks, each header's name also noted in `seen`.
+    Wrapped rather than subclassed: compiled (`setup.py`), the connection class cannot be
+    subclassed from Python."""
 
-    class Counting(ClientConnection):
-        def on_header(self, name: bytes, value: bytes) -> None:
-            calls.append(name)
-            super().on_header(name, value)
+    def __init__(self, conn: object, seen: list[bytes]) -> None:
+        self.conn, self.seen = conn, seen
 
-    return Counting
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.seen.append(name)
+        self.conn.on_header(name, value)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
 
 
 def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
@@ -583,12 +589,11 @@ def test_ignored_underscore_headers_are_bounded_as_they_come(loop) -> None:
     arrives, so one read of thousands stops at the limit instead of running them all."""
     feed = _small_head_proxy(loop)
     calls: list[bytes] = []
-    Counting = _counting_headers(calls)
 
     head = b"GET /v1/data/posts HTTP/1.1\r\nHost: x\r\n" + b"_:\r\n" * 60_000
-    answer, closed = feed(head, kind=Counting)
+    answer, closed = feed(head, headers_seen=calls)
     assert answer.startswith(b"HTTP/1.1 431 ") and closed
-    assert len(calls) <= 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
+    assert 1 < len(calls) <= 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
 
 
 def test_a_lowered_head_limit_applies_to_connections_open_before_the_reload(loop) -> None:
@@ -668,9 +673,8 @@ def test_trailer_lines_are_bounded_as_they_come(loop) -> None:
     of thousands stops at the limit instead of running a callback for every one."""
     feed = _small_head_proxy(loop)
     calls: list[bytes] = []
-    Counting = _counting_headers(calls)
 
     head = b"POST /v1/data/posts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-    answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", kind=Counting)
+    answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", headers_seen=calls)
     assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
-    assert len(calls) <= 2 + 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
+    assert 2 < len(calls) <= 2 + 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
