@@ -186,8 +186,9 @@ def start_keyproxy(
     )
     expected = (env or os.environ).get(EXPECT_COMPILED)
     if expected is not None:  # set by tests/test_compiled_build.py for the tests it reruns
-        (listening,) = (line for line in process.stderr.splitlines() if '"listening"' in line)
-        if json.loads(listening)["compiled"] != (expected == "1"):
+        # One `listening` event per worker already up (with `--workers`, more than one).
+        events = [json.loads(line) for line in process.stderr.splitlines() if '"listening"' in line]
+        if not events or any(event["compiled"] != (expected == "1") for event in events):
             process.stop()
             raise AssertionError(f"keyproxy started {'not ' * (expected == '1')}compiled")
     return Keyproxy(process, path, config)
