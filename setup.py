@@ -49,6 +49,18 @@ def compiled_modules() -> list[str]:
     )
 
 
+def build_requirements() -> list[str]:
+    """mypy, and what it must see to compile keyproxy as it type-checks it: the runtime
+    dependencies and the stubs of the test extra (`types-*`), from pyproject.toml. A
+    build environment holds only what the build asks for (`python:3.12-slim` in the
+    Dockerfile has none of them), and mypy refuses imports it cannot resolve."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    stubs = [name for name in project["optional-dependencies"]["test"] if name.startswith("types-")]
+    return ["mypy>=1.10", *project["dependencies"], *stubs]
+
+
 if os.environ.get("KEYPROXY_COMPILE") != "1":
     setup()
 elif "editable_wheel" in sys.argv:
@@ -60,9 +72,9 @@ else:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        # A PEP 517 front end first asks for the build's requirements: naming mypy here
-        # has pip install it into the build environment and run this file again.
-        setup(setup_requires=["mypy>=1.10"])
+        # A PEP 517 front end first asks for the build's requirements: naming them here
+        # has pip install them into the build environment and run this file again.
+        setup(setup_requires=build_requirements())
     else:
         setup(
             ext_modules=mypycify(compiled_modules(), opt_level="3", multi_file=True),

@@ -15,6 +15,7 @@ import ast
 import atexit
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def dockerfile_build_copies() -> list[str]:
 
 
 class WheelBuild:
-    """`KEYPROXY_COMPILE=1 pip wheel` of the files the Dockerfile copies, in a process."""
+    """`KEYPROXY_COMPILE=1 pip wheel` of the files the Dockerfile copies, in a process, by a
+    Python that holds pip and nothing else (a new virtual environment), as
+    `python:3.12-slim` does: the build must bring everything it needs itself."""
 
     def __init__(self, nice: int) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="keyproxy-compiled-"))
@@ -91,9 +94,13 @@ class WheelBuild:
             else:
                 shutil.copy2(ROOT / name, source / name)
         self.log = self.base / "build.log"
+        builder = shlex.quote(str(self.base / "builder"))
+        # Unlike the Dockerfile, only keyproxy's wheel is built (`--no-deps`): the
+        # dependencies' wheels are the registry's, and not under test.
+        pip_wheel = f"{builder}/bin/pip wheel -q --no-deps -w ../dist ."
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", "../dist", "."],
+                ["sh", "-c", f'"$0" -m venv {builder} && {pip_wheel}', sys.executable],
                 cwd=source,
                 env={**os.environ, "KEYPROXY_COMPILE": "1"},
                 stdin=subprocess.DEVNULL,
