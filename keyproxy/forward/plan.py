@@ -31,10 +31,12 @@ from keyproxy.response.headers import OriginRewriter, SecretScrubber
 from keyproxy.response.links import build_chain
 
 #: Request headers dropped when the answer's body will be scanned or filtered: the
-#: upstream is asked for identity (`Accept-Encoding: identity` is sent instead), and a
-#: filtered answer is filtered whole, so it is never asked for a range of bytes.
-SCAN_DROP = frozenset({b"accept-encoding"})
-FILTER_DROP = frozenset({b"accept-encoding", b"range", b"if-range"})
+#: upstream is asked for identity (`Accept-Encoding: identity` is sent instead), and
+#: never for a range of bytes: a scan sees one answer at a time, so two ranges each
+#: holding half of the secret would each pass clean and be joined by the client (and a
+#: filtered answer is filtered whole). `Request-Range` is Range's older spelling.
+SCAN_DROP = frozenset({b"accept-encoding", b"range", b"if-range", b"request-range"})
+FILTER_DROP = SCAN_DROP
 IDENTITY_LINE = b"Accept-Encoding: identity\r\n"
 #: Dropped from a self-only write, which carries keyproxy's own If-Match (the record's
 #: ETag at the owner check): a client's `If-Match: *` would otherwise match any record.
