@@ -3,6 +3,9 @@ field its key excludes, out of an answer. Each test is one hole, found and close
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
 import socket
 import socketserver
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.procs import raw_upstream, recv_head
-from tests.proxy_process import KEYS, Keyproxy, base_config, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
 
 SECRET = "attack-upstream-secret-27182818284"
 
@@ -75,3 +78,77 @@ def test_range_requests_cannot_split_the_secret_past_the_body_scan(range_proxy: 
         )
         pieces.append(body)
     assert SECRET.encode() not in b"".join(pieces)
+
+
+FILTERED_KEY = "pk_" + "a" * 64
+
+
+def express_etag(body: bytes) -> bytes:
+    """Express's default ETag (`etag` package): weak, length and SHA-1 of the body."""
+    digest = base64.b64encode(hashlib.sha1(body).digest())[:27]
+    return b'W/"%x-%s"' % (len(body), digest)
+
+
+def record(level: int) -> bytes:
+    return json.dumps({"id": 7, "name": "ann", "pin": level}).encode()
+
+
+class ExpressLikeRecord(socketserver.BaseRequestHandler):
+    """A record served the way Express (json-server) serves every `res.json`: with an
+    ETag of the body, and 304 when `If-None-Match` names it (any of a list)."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        data = b""
+        while True:
+            got = recv_head(sock, data)
+            if got is None:
+                return
+            head, data = got
+            body = record(4721)
+            etag = express_etag(body)
+            wanted = [
+                value
+                for line in head.split(b"\r\n")[1:]
+                for name, _, value in [line.partition(b":")]
+                if name.strip().lower() == b"if-none-match"
+            ]
+            tags = {t.strip() for value in wanted for t in value.split(b",")}
+            if etag in tags:
+                sock.sendall(b"HTTP/1.1 304 Not Modified\r\nETag: " + etag + b"\r\n\r\n")
+                continue
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: " + etag
+                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )  # fmt: skip
+
+
+@pytest.fixture
+def etag_proxy(tmp_path: Path) -> Iterator[Keyproxy]:
+    with raw_upstream(ExpressLikeRecord) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["keys"].append(
+            {
+                "id": "filtered",
+                "hash": digest(FILTERED_KEY),
+                "type": "read",
+                "fields": {"exclude": ["pin"]},
+            }
+        )
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+
+
+def test_if_none_match_is_no_oracle_on_an_excluded_field(etag_proxy: Keyproxy) -> None:
+    """A key that may not see `pin` sends the ETags of every candidate body in one
+    If-None-Match: the upstream's 304 would say which value the hidden field holds."""
+    status, _, body, _ = etag_proxy.request("GET", "/v1/data/people/7", key=FILTERED_KEY)
+    assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}
+    candidates = b", ".join(express_etag(record(n)) for n in range(4700, 4750))
+    status, _, body, _ = etag_proxy.request(
+        "GET", "/v1/data/people/7", {"If-None-Match": candidates.decode()}, key=FILTERED_KEY
+    )
+    assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}

@@ -36,7 +36,11 @@ from keyproxy.response.links import build_chain
 #: holding half of the secret would each pass clean and be joined by the client (and a
 #: filtered answer is filtered whole). `Request-Range` is Range's older spelling.
 SCAN_DROP = frozenset({b"accept-encoding", b"range", b"if-range", b"request-range"})
-FILTER_DROP = SCAN_DROP
+#: A filtered answer never carries the upstream's ETag (it names the unfiltered bytes),
+#: so a key with `fields` has no entity tag of its own to send: its `If-None-Match` or
+#: `If-Match` could only be a list of guessed tags of unfiltered bodies, and the
+#: upstream's 304 or 412 would tell which guess (which value of a hidden field) is right.
+FILTER_DROP = SCAN_DROP | {b"if-none-match", b"if-match"}
 IDENTITY_LINE = b"Accept-Encoding: identity\r\n"
 #: Dropped from a self-only write, which carries keyproxy's own If-Match (the record's
 #: ETag at the owner check): a client's `If-Match: *` would otherwise match any record.
