@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from keyproxy.response.fields import compile_fields, filter_body, parse_document_path
 from tests.procs import raw_upstream, recv_head
 from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
 
@@ -152,3 +153,29 @@ def test_if_none_match_is_no_oracle_on_an_excluded_field(etag_proxy: Keyproxy) -
         "GET", "/v1/data/people/7", {"If-None-Match": candidates.decode()}, key=FILTERED_KEY
     )
     assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}
+
+
+def test_a_document_path_that_misses_in_one_item_still_filters_the_others() -> None:
+    """`hits.hits[*]._source`: a first hit without `_source` (a multi-index search, one
+    index storing no source) made the whole path count as missing, and the body was
+    filtered at its top level only, where no `email` sits: the next hit's email left."""
+    flt = compile_fields("exclude", ["email"])
+    at = (parse_document_path("hits.hits[*]._source"),)
+    body = {"hits": {"hits": [{"_id": "a"}, {"_id": "b", "_source": {"email": "x", "t": 1}}]}}
+    out = json.loads(filter_body(json.dumps(body).encode(), "application/json", flt, at))
+    assert b"email" not in json.dumps(out).encode()
+    assert out["hits"]["hits"][1]["_source"] == {"t": 1}
+
+
+def test_a_single_document_where_a_list_is_expected_is_still_filtered() -> None:
+    """`data[*]` on a body whose `data` is one object (JSON:API's single resource, a
+    Strapi single type on the same route pattern): it was filtered at the top level,
+    and `data.email` left."""
+    flt = compile_fields("exclude", ["email"])
+    at = (parse_document_path("data[*]"),)
+    body = {"data": {"id": 1, "email": "x"}}
+    out = json.loads(filter_body(json.dumps(body).encode(), "application/json", flt, at))
+    assert out == {"data": {"id": 1}}
+    include = compile_fields("include", ["id"])
+    out = json.loads(filter_body(json.dumps(body).encode(), "application/json", include, at))
+    assert out == {"data": {"id": 1}}

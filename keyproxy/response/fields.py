@@ -345,18 +345,33 @@ class _Missing(Exception):
 
 
 def _apply_at(value: Any, steps: tuple[str | None, ...], flt: FieldFilter) -> Any:
+    """`value` with the documents at `steps` filtered; `_Missing` when a named step is not
+    there. Each item of an array is on its own: an item the rest of the path misses is
+    filtered as a whole (one hit without `_source` must not leave the next hit's
+    `_source` unfiltered), and one object where an array was expected is one document
+    (`data` as JSON:API writes a single resource)."""
     if not steps:
         return flt.apply(value)
     step, rest = steps[0], steps[1:]
     if step is None:
-        if type(value) is not list:
+        kind = type(value)
+        if kind is dict:
+            return _apply_at(value, rest, flt)
+        if kind is not list:
             raise _Missing
-        return [_apply_at(v, rest, flt) for v in value]
+        return [_apply_to_item(v, rest, flt) for v in value]
     if type(value) is not dict or step not in value:
         raise _Missing
     out = dict(value)
     out[step] = _apply_at(value[step], rest, flt)
     return out
+
+
+def _apply_to_item(item: Any, steps: tuple[str | None, ...], flt: FieldFilter) -> Any:
+    try:
+        return _apply_at(item, steps, flt)
+    except _Missing:
+        return flt.apply(item)
 
 
 def filter_document(value: Any, flt: FieldFilter, at: tuple[DocumentPath, ...] = ()) -> Any:
