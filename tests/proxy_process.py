@@ -117,8 +117,10 @@ class Keyproxy:
     ) -> tuple[int, dict[str, str], bytes, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
-            conn.putrequest(method, target, skip_accept_encoding=True)
             items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+            # A Host among `headers` replaces the one http.client would add.
+            own_host = any(name.lower() == "host" for name, _ in items)
+            conn.putrequest(method, target, skip_host=own_host, skip_accept_encoding=True)
             if key is not None:
                 items.append(("X-API-Key", key))
             for name, value in items:

@@ -375,11 +375,15 @@ def test_the_cache_key_is_never_the_credential(kp: Keyproxy, upstream: UpstreamS
 # --------------------------------------------------------------------------- redis
 
 
+SHARED_HOST = {"Host": "api.example.com"}
+
+
 def test_two_replicas_share_the_redis_cache_and_a_write_evicts_for_both(
     upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The Redis backend: an answer stored by one keyproxy is a hit in another, filtered
-    per key there too, and a write through either evicts it for both."""
+    per key there too, and a write through either evicts it for both. Both are reached
+    under one name, as behind a load balancer (the client's Host is part of the key)."""
     import redis as redis_py
 
     from tests.redis_server import start_redis
@@ -406,20 +410,20 @@ def test_two_replicas_share_the_redis_cache_and_a_write_evicts_for_both(
             replicas.append(start_keyproxy(tmp_path_factory.mktemp(f"redis-{name}"), config))
         a, b = replicas
         upstream.reset()
-        status, _, full, _ = a.request("GET", "/json/2500", key=KEYS["admin"])
+        status, _, full, _ = a.request("GET", "/json/2500", SHARED_HOST, key=KEYS["admin"])
         assert status == 200 and b"email" in full and SECRET.encode() not in full
         wait_for(lambda: stored(client) == 1)  # a's tee writes after answering
-        status, _, body, _ = b.request("GET", "/json/2500", key=FILTERED_KEY)
+        status, _, body, _ = b.request("GET", "/json/2500", SHARED_HOST, key=FILTERED_KEY)
         assert status == 200 and b"email" not in body and b"phone" not in body
         assert len(records_for(upstream, "/json/2500")) == 1  # b's read came from Redis
         # a write through a evicts for b
-        assert a.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        assert a.request("GET", "/echo/shared-r", SHARED_HOST, key=KEYS["reader"])[0] == 200
         wait_for(lambda: stored(client) == 2)
-        assert b.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        assert b.request("GET", "/echo/shared-r", SHARED_HOST, key=KEYS["reader"])[0] == 200
         assert len(records_for(upstream, "/echo/shared-r")) == 1
-        assert a.request("DELETE", "/echo/shared-r", key=KEYS["admin"])[0] == 200
+        assert a.request("DELETE", "/echo/shared-r", SHARED_HOST, key=KEYS["admin"])[0] == 200
         wait_for(lambda: stored(client) == 1)
-        assert b.request("GET", "/echo/shared-r", key=KEYS["reader"])[0] == 200
+        assert b.request("GET", "/echo/shared-r", SHARED_HOST, key=KEYS["reader"])[0] == 200
         assert len(records_for(upstream, "/echo/shared-r")) == 3  # the DELETE and a new read
         assert all(KEYS["admin"].encode() not in client.dump(k) for k in client.keys("*"))
     finally:

@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import socketserver
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,3 +180,53 @@ def test_a_single_document_where_a_list_is_expected_is_still_filtered() -> None:
     include = compile_fields("include", ["id"])
     out = json.loads(filter_body(json.dumps(body).encode(), "application/json", include, at))
     assert out == {"data": {"id": 1}}
+
+
+class LinksFromForwardedHost(socketserver.BaseRequestHandler):
+    """A list whose `next` link is built from X-Forwarded-Host, as Rails, Django with
+    USE_X_FORWARDED_HOST or Express with `trust proxy` build absolute URLs."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        data = b""
+        while True:
+            got = recv_head(sock, data)
+            if got is None:
+                return
+            head, data = got
+            host = b"upstream.internal"
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"x-forwarded-host":
+                    host = value.strip()
+            body = b'{"items":[1,2],"next":"http://' + host + b'/v1/data/posts?page=2"}'
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )  # fmt: skip
+
+
+def get_with_host(proxy: Keyproxy, host: str, key: str) -> bytes:
+    return proxy.raw(
+        f"GET /v1/data/posts HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+
+
+def test_a_client_host_cannot_poison_the_answer_cached_for_others(tmp_path: Path) -> None:
+    """The client's Host travels as X-Forwarded-Host and the upstream may write it into
+    its links; an answer fetched under `Host: evil.example` was stored under a key
+    without it, and every other client of the route got links to the attacker's host
+    (where their apps would send their keys)."""
+    with raw_upstream(LinksFromForwardedHost) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["cache"] = {"backend": "memory", "ttl": "30s", "routes": ["GET /v1/data/{table}"]}
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            first = get_with_host(proxy, "evil.example", KEYS["reader"])
+            assert first.startswith(b"HTTP/1.1 200") and b"evil.example" in first
+            time.sleep(0.2)  # the tee stores in a task
+            second = get_with_host(proxy, "api.example.com", KEYS["admin"])
+            assert second.startswith(b"HTTP/1.1 200") and b"evil.example" not in second
+        finally:
+            proxy.stop()

@@ -30,8 +30,11 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-#: Request headers an answer may differ by; they are part of the cache key.
-KEYED_HEADERS = ("accept", "accept-encoding", "accept-language")
+#: Request headers an answer may differ by; they are part of the cache key. The client's
+#: `Host` travels upstream as X-Forwarded-Host (and a trusted proxy's X-Forwarded-Proto
+#: as it is), which frameworks write into absolute links: an answer fetched under
+#: `Host: evil.example` must never be served to clients that sent another.
+KEYED_HEADERS = ("accept", "accept-encoding", "accept-language", "host", "x-forwarded-proto")
 #: Variants (query strings, Accept values) kept per path; the oldest goes beyond it.
 MAX_VARIANTS_PER_PATH = 64
 _MAGIC = b"KPC1"
