@@ -57,8 +57,20 @@ if TYPE_CHECKING:
 BODY_NOT_SCANNED = Deny(
     502, "BODY_NOT_SCANNED", "the upstream's answer could not be checked for secrets"
 )
-#: Validators and range headers that describe the upstream's bytes, not the filtered ones.
-_FILTER_DROPS = frozenset((b"etag", b"accept-ranges", b"content-md5", b"digest", b"content-range"))
+#: Validators, digests and range headers that describe the upstream's bytes, not the
+#: filtered ones: a digest of the unfiltered body would let a key try a hidden field's
+#: values offline until one hashes to it (RFC 9530's names as well as the older ones).
+_FILTER_DROPS = frozenset(
+    (
+        b"etag",
+        b"accept-ranges",
+        b"content-md5",
+        b"digest",
+        b"content-digest",
+        b"repr-digest",
+        b"content-range",
+    )
+)
 
 
 def accept_encoding(ctx: RequestContext) -> str | None:
