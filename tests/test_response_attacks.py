@@ -18,7 +18,7 @@ import pytest
 
 from keyproxy.response.fields import compile_fields, filter_body, parse_document_path
 from tests.procs import raw_upstream, recv_head
-from tests.proxy_process import KEYS, Keyproxy, base_config, digest, start_keyproxy
+from tests.proxy_process import KEYS, Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "attack-upstream-secret-27182818284"
 
@@ -268,5 +268,49 @@ def test_digests_of_the_unfiltered_body_do_not_reach_a_filtered_key(tmp_path: Pa
             status, headers, body, _ = proxy.request("GET", "/v1/data/people/7", key=FILTERED_KEY)
             assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}
             assert "content-digest" not in headers and "repr-digest" not in headers
+        finally:
+            proxy.stop()
+
+
+class CharsetNegotiatingEcho(socketserver.BaseRequestHandler):
+    """An echo of the request's headers in the charset the client's `Accept` asks for,
+    as Spring MVC's message converters write a String or JSON answer."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        data = b""
+        while True:
+            got = recv_head(sock, data)
+            if got is None:
+                return
+            head, data = got
+            text = head.decode("latin-1")
+            match = re.search(r"(?im)^accept:.*charset=([\w-]+)", text)
+            charset = match.group(1) if match else "utf-8"
+            body = text.encode(charset)
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain;charset=" + charset.encode()
+                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("charset", ["UTF-16", "utf-16le", "UTF-32BE"])
+def test_a_wide_charset_answer_does_not_carry_the_secret_past_the_scan(
+    tmp_path: Path, charset: str
+) -> None:
+    """The scan reads bytes; in UTF-16 every character of the secret is two bytes, none
+    of which spells it, and the client decodes the text back to the secret."""
+    with raw_upstream(CharsetNegotiatingEcho) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [{"match": "GET /page", "acl": "get"}, *config["routes"]]
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, _, body, _ = proxy.request("GET", "/page", key=KEYS["reader"])
+            assert status == 200 and SECRET.encode() not in body
+            status, _, body, _ = proxy.request(
+                "GET", "/page", {"Accept": f"text/plain;charset={charset}"}, key=KEYS["reader"]
+            )
+            assert SECRET not in body.decode(charset, "replace")
+            assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
         finally:
             proxy.stop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING
 
@@ -79,12 +80,15 @@ def accept_encoding(ctx: RequestContext) -> str | None:
     return ", ".join(values) if values else None
 
 
-def content_coding(head: ResponseHead) -> bytes | None:
+def content_coding(head: ResponseHead, block: bytes | None = None) -> bytes | None:
     """The answer's Content-Encoding, every line of it: `identity` then `gzip` on two
     lines is a gzip body, which the first line alone would let pass unscanned. The
     codings other than identity, comma-joined (more than one is refused by the decoder).
-    One search of the joined head first, as nearly every answer has none."""
-    if b"content-encoding" not in b"".join(head.lines).lower():
+    One search of the joined head first (`block`: it lower-cased), as nearly every
+    answer has none."""
+    if block is None:
+        block = b"".join(head.lines).lower()
+    if b"content-encoding" not in block:
         return None
     codings = []
     for line in head.lines:
@@ -92,6 +96,34 @@ def content_coding(head: ResponseHead) -> bytes | None:
         if name.strip().lower() == b"content-encoding":
             codings += [c.strip() for c in value.split(b",")]
     return b", ".join(c for c in codings if c and c.lower() != b"identity") or None
+
+
+#: Charsets that write ASCII text as ASCII bytes, so the secret (ASCII, as every header
+#: value keyproxy injects) is in the body as the scan looks for it. In any other
+#: (UTF-16, UTF-32, UTF-7, EBCDIC ...) each character becomes other bytes that no spelling
+#: matches, and the client decodes them back: such an answer is not passed unscanned.
+#: A client may ask for one (`Accept: text/plain;charset=UTF-16`: Spring MVC obliges).
+_ASCII_CHARSET = re.compile(
+    rb"utf-?8(?:-sig)?|(?:us-)?ascii|ansi_x3\.4-1968|iso[-_]?8859[-_]\d+|iso[-_]?646[-_a-z]*"
+    rb"|latin-?\d+|l\d|(?:windows|cp|x-cp)-?12\d\d|windows-874|(?:cp|ibm)-?(?:437|8[5-6]\d|874)"
+    rb"|koi8-[a-z]+|shift[-_]jis|x-sjis|sjis|ms_kanji|windows-31j|cp932|euc-[a-z]+"
+    rb"|gb2312|gbk|gb18030|cp936|big5(?:-hkscs)?|cp950|tis-620|iso-2022-[-a-z0-9]+"
+    rb"|mac(?:intosh|roman)?|x-mac-[a-z]+"
+)
+_CHARSET_PARAM = re.compile(rb';\s*charset\s*=\s*"?([^\s;",]*)')
+
+
+def ascii_charset(block: bytes) -> bool:
+    """Whether every Content-Type in `block` (the head's lines, lower-cased) names no
+    charset or one that keeps ASCII as it is (`_ASCII_CHARSET`)."""
+    if b"charset" not in block:
+        return True  # nearly every answer: one search
+    return all(
+        not name or _ASCII_CHARSET.fullmatch(name) is not None
+        for line in block.split(b"\r\n")
+        if line.startswith(b"content-type:")
+        for name in _CHARSET_PARAM.findall(line)
+    )
 
 
 def vary_on_accept_encoding(head: ResponseHead) -> None:
@@ -142,7 +174,10 @@ class ScrubLink:
         self.coding: str | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
-        coding = content_coding(head)
+        block = b"".join(head.lines).lower()
+        if not ascii_charset(block):
+            return BODY_NOT_SCANNED
+        coding = content_coding(head, block)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
             length = head.length
             if length is not None and length <= WHOLE_UP_TO:
