@@ -175,8 +175,8 @@ class ScrubLink:
 
     def on_head(self, head: ResponseHead) -> Deny | None:
         block = b"".join(head.lines).lower()
-        if not ascii_charset(block):
-            return BODY_NOT_SCANNED
+        if not ascii_charset(block) and head.status not in (204, 304) and head.length != 0:
+            return BODY_NOT_SCANNED  # (an answer without a body has nothing to scan)
         coding = content_coding(head, block)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
             length = head.length
