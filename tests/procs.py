@@ -436,3 +436,28 @@ def recv_head(sock: socket.socket, data: bytes) -> tuple[bytes, bytes] | None:
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     return head, rest
+
+
+class HeadAnswerer(socketserver.BaseRequestHandler):
+    """A hand-made keep-alive upstream for `raw_upstream`: `answer` turns each request
+    head (request line and header lines, no body) into the whole response's bytes."""
+
+    def answer(self, head: bytes) -> bytes:
+        raise NotImplementedError
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        data = b""
+        while (got := recv_head(sock, data)) is not None:
+            head, data = got
+            sock.sendall(self.answer(head))
+
+
+def header_values(head: bytes, name: bytes) -> list[bytes]:
+    """The values of the request head's `name` header (lower-case), stripped, in order."""
+    return [
+        value.strip()
+        for line in head.split(b"\r\n")[1:]
+        for found, _, value in [line.partition(b":")]
+        if found.strip().lower() == name
+    ]

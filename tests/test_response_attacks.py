@@ -7,8 +7,6 @@ import base64
 import hashlib
 import json
 import re
-import socket
-import socketserver
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,41 +15,33 @@ from typing import Any
 import pytest
 
 from keyproxy.response.fields import compile_fields, filter_body, parse_document_path
-from tests.procs import raw_upstream, recv_head
+from tests.procs import HeadAnswerer, header_values, raw_upstream
 from tests.proxy_process import KEYS, Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "attack-upstream-secret-27182818284"
 
 
-class RangeEchoPage(socketserver.BaseRequestHandler):
+class RangeEchoPage(HeadAnswerer):
     """A debug page quoting the request's headers (the injected secret among them) that
     honours `Range: bytes=a-b` as static-file servers and many frameworks do."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        data = b""
-        while True:
-            got = recv_head(sock, data)
-            if got is None:
-                return
-            head, data = got
-            lines = head.split(b"\r\n")[1:]
-            quoted = [line for line in lines if not line.lower().startswith(b"range:")]
-            body = b"<pre>" + b"\n".join(quoted) + b"</pre>"
-            status = b"200 OK"
-            extra = b""
-            for line in lines:
-                name, _, value = line.partition(b":")
-                match = re.fullmatch(rb"\s*bytes=(\d+)-(\d+)\s*", value)
-                if name.strip().lower() == b"range" and match:
-                    first, last = int(match.group(1)), int(match.group(2))
-                    extra = b"Content-Range: bytes %d-%d/%d\r\n" % (first, last, len(body))
-                    body = body[first : last + 1]
-                    status = b"206 Partial Content"
-            sock.sendall(
-                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\n" + extra
-                + b"Content-Length: %d\r\n\r\n" % len(body) + body
-            )  # fmt: skip
+    def answer(self, head: bytes) -> bytes:
+        lines = head.split(b"\r\n")[1:]
+        quoted = [line for line in lines if not line.lower().startswith(b"range:")]
+        body = b"<pre>" + b"\n".join(quoted) + b"</pre>"
+        status = b"200 OK"
+        extra = b""
+        for value in header_values(head, b"range"):
+            match = re.fullmatch(rb"bytes=(\d+)-(\d+)", value)
+            if match:
+                first, last = int(match.group(1)), int(match.group(2))
+                extra = b"Content-Range: bytes %d-%d/%d\r\n" % (first, last, len(body))
+                body = body[first : last + 1]
+                status = b"206 Partial Content"
+        return (
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
 
 
 @pytest.fixture
@@ -95,34 +85,20 @@ def record(level: int) -> bytes:
     return json.dumps({"id": 7, "name": "ann", "pin": level}).encode()
 
 
-class ExpressLikeRecord(socketserver.BaseRequestHandler):
+class ExpressLikeRecord(HeadAnswerer):
     """A record served the way Express (json-server) serves every `res.json`: with an
     ETag of the body, and 304 when `If-None-Match` names it (any of a list)."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        data = b""
-        while True:
-            got = recv_head(sock, data)
-            if got is None:
-                return
-            head, data = got
-            body = record(4721)
-            etag = express_etag(body)
-            wanted = [
-                value
-                for line in head.split(b"\r\n")[1:]
-                for name, _, value in [line.partition(b":")]
-                if name.strip().lower() == b"if-none-match"
-            ]
-            tags = {t.strip() for value in wanted for t in value.split(b",")}
-            if etag in tags:
-                sock.sendall(b"HTTP/1.1 304 Not Modified\r\nETag: " + etag + b"\r\n\r\n")
-                continue
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: " + etag
-                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-            )  # fmt: skip
+    def answer(self, head: bytes) -> bytes:
+        body = record(4721)
+        etag = express_etag(body)
+        wanted = header_values(head, b"if-none-match")
+        if etag in {t.strip() for value in wanted for t in value.split(b",")}:
+            return b"HTTP/1.1 304 Not Modified\r\nETag: " + etag + b"\r\n\r\n"
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: " + etag
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
 
 
 @pytest.fixture
@@ -182,28 +158,17 @@ def test_a_single_document_where_a_list_is_expected_is_still_filtered() -> None:
     assert out == {"data": {"id": 1}}
 
 
-class LinksFromForwardedHost(socketserver.BaseRequestHandler):
+class LinksFromForwardedHost(HeadAnswerer):
     """A list whose `next` link is built from X-Forwarded-Host, as Rails, Django with
     USE_X_FORWARDED_HOST or Express with `trust proxy` build absolute URLs."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        data = b""
-        while True:
-            got = recv_head(sock, data)
-            if got is None:
-                return
-            head, data = got
-            host = b"upstream.internal"
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"x-forwarded-host":
-                    host = value.strip()
-            body = b'{"items":[1,2],"next":"http://' + host + b'/v1/data/posts?page=2"}'
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                + b"Content-Length: %d\r\n\r\n" % len(body) + body
-            )  # fmt: skip
+    def answer(self, head: bytes) -> bytes:
+        host = [b"upstream.internal", *header_values(head, b"x-forwarded-host")][-1]
+        body = b'{"items":[1,2],"next":"http://' + host + b'/v1/data/posts?page=2"}'
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
 
 
 def get_with_host(proxy: Keyproxy, host: str, key: str) -> bytes:
@@ -232,24 +197,17 @@ def test_a_client_host_cannot_poison_the_answer_cached_for_others(tmp_path: Path
             proxy.stop()
 
 
-class DigestedRecord(socketserver.BaseRequestHandler):
+class DigestedRecord(HeadAnswerer):
     """A record with RFC 9530 digests of its bytes (`Content-Digest`, `Repr-Digest`)."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        data = b""
-        while True:
-            got = recv_head(sock, data)
-            if got is None:
-                return
-            _, data = got
-            body = record(4721)
-            digest_value = b"sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()) + b":"
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                + b"Content-Digest: " + digest_value + b"\r\nRepr-Digest: " + digest_value
-                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-            )  # fmt: skip
+    def answer(self, head: bytes) -> bytes:
+        body = record(4721)
+        digest_value = b"sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()) + b":"
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Digest: " + digest_value + b"\r\nRepr-Digest: " + digest_value
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
 
 
 def test_digests_of_the_unfiltered_body_do_not_reach_a_filtered_key(tmp_path: Path) -> None:
@@ -272,26 +230,19 @@ def test_digests_of_the_unfiltered_body_do_not_reach_a_filtered_key(tmp_path: Pa
             proxy.stop()
 
 
-class CharsetNegotiatingEcho(socketserver.BaseRequestHandler):
+class CharsetNegotiatingEcho(HeadAnswerer):
     """An echo of the request's headers in the charset the client's `Accept` asks for,
     as Spring MVC's message converters write a String or JSON answer."""
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        data = b""
-        while True:
-            got = recv_head(sock, data)
-            if got is None:
-                return
-            head, data = got
-            text = head.decode("latin-1")
-            match = re.search(r"(?im)^accept:.*charset=([\w-]+)", text)
-            charset = match.group(1) if match else "utf-8"
-            body = text.encode(charset)
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain;charset=" + charset.encode()
-                + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-            )  # fmt: skip
+    def answer(self, head: bytes) -> bytes:
+        text = head.decode("latin-1")
+        match = re.search(r"(?im)^accept:.*charset=([\w-]+)", text)
+        charset = match.group(1) if match else "utf-8"
+        body = text.encode(charset)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain;charset=" + charset.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("charset", ["UTF-16", "utf-16le", "UTF-32BE"])
