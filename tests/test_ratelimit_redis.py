@@ -237,21 +237,67 @@ async def test_unlimited_keys_never_touch_redis() -> None:
         await nowhere.aclose()
 
 
-async def test_dead_or_hung_redis_fails_fast_and_recovers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+class CountingRelay:
+    """A TCP relay in front of Redis that counts the script calls the limiter sends.
+
+    Counting on the wire rather than by wrapping a method: it sees what reaches the
+    network, and the compiled build's classes cannot have methods replaced.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._sent = bytearray()  # everything the limiter wrote, over every connection
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    @property
+    def script_calls(self) -> int:
+        return self._sent.count(b"\r\nEVALSHA\r\n") + self._sent.count(b"\r\nEVAL\r\n")
+
+    def reset(self) -> None:
+        self._sent.clear()
+
+    async def _relay(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        try:
+            redis_in, redis_out = await asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            client_out.close()
+            return
+
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, record: bool
+        ) -> None:
+            try:
+                while data := await source.read(65536):
+                    if record:
+                        self._sent += data
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pump(client_in, redis_out, True), pump(redis_in, client_out, False))
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_dead_or_hung_redis_fails_fast_and_recovers() -> None:
     server = RedisServer()
     server.start()
-    limiter = RedisLimiter(server.url, timeout=0.2, backoff=0.5)
-    calls = 0
-    real_call = limiter._call
-
-    async def counting_call(*args: object) -> list[int]:
-        nonlocal calls
-        calls += 1
-        return await real_call(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(limiter, "_call", counting_call)
+    relay = CountingRelay(server.port)
+    await relay.start()
+    limiter = RedisLimiter(relay.url, timeout=0.2, backoff=0.5)
 
     async def hit() -> LimitResult:
         return await limiter.hit("k", "192.0.2.1", PER_SECOND_10, None, 0.0)
@@ -273,16 +319,16 @@ async def test_dead_or_hung_redis_fails_fast_and_recovers(
         assert error.__cause__ is not None
 
         # During the back-off: no network attempt at all.
-        calls = 0
+        relay.reset()
         for _ in range(20):
             await refused_within(GENEROUS)
-        assert calls == 0
+        assert relay.script_calls == 0
 
         # Back-off over, still hung: one request probes, the others keep failing fast.
         await asyncio.sleep(0.6)
         outcomes = await asyncio.gather(*(hit() for _ in range(10)), return_exceptions=True)
         assert all(isinstance(o, StoreUnavailable) for o in outcomes)
-        assert calls == 1
+        assert relay.script_calls == 1
 
         # It answers again: the first request after the back-off goes through.
         server.resume()
@@ -302,4 +348,5 @@ async def test_dead_or_hung_redis_fails_fast_and_recovers(
         assert result.remaining == 9  # a fresh server: a fresh bucket
     finally:
         await limiter.aclose()
+        await relay.aclose()
         server.stop()
