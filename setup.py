@@ -30,6 +30,8 @@ COMPILED = (
     "keyproxy/wire/*.py",
     "keyproxy/checks/*.py",
     "keyproxy/ratelimit/memory.py",
+    "keyproxy/ratelimit/redis.py",
+    "keyproxy/ratelimit/redis_batch.py",
     "keyproxy/forward/plan.py",
     "keyproxy/response/links.py",
     "keyproxy/response/body_links.py",

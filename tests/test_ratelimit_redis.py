@@ -248,6 +248,7 @@ class CountingRelay:
         self._target_port = target_port
         self._sent = bytearray()  # everything the limiter wrote, over every connection
         self._server: asyncio.Server | None = None
+        self._relaying: set[asyncio.Task[None]] = set()
         self.url = ""
 
     async def start(self) -> None:
@@ -285,11 +286,22 @@ class CountingRelay:
             finally:
                 sink.close()
 
-        await asyncio.gather(pump(client_in, redis_out, True), pump(redis_in, client_out, False))
+        relaying = asyncio.current_task()
+        assert relaying is not None
+        self._relaying.add(relaying)
+        try:
+            await asyncio.gather(
+                pump(client_in, redis_out, True), pump(redis_in, client_out, False)
+            )
+        finally:
+            self._relaying.discard(relaying)
 
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        for relaying in self._relaying:
+            relaying.cancel()
+        await asyncio.gather(*self._relaying, return_exceptions=True)
 
 
 async def test_dead_or_hung_redis_fails_fast_and_recovers() -> None:

@@ -270,7 +270,10 @@ class RedisLimiter:
             reply = await self._call(key_id, client_ip, rates, quota, now, window)
         except (RedisError, OSError, TimeoutError) as exc:
             self._retry_at = time.monotonic() + self._backoff
-            raise StoreUnavailable(_UNAVAILABLE) from exc
+            unavailable = StoreUnavailable(_UNAVAILABLE)
+            # Set by hand: compiled (mypyc), `raise … from exc` after an await drops the cause.
+            unavailable.__cause__ = exc
+            raise unavailable from exc
         finally:
             if probe:
                 self._probing = False
