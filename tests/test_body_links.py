@@ -23,10 +23,11 @@ from keyproxy.response.body_links import (
     BodyScrubFactory,
     FieldsFactory,
     ResponseCache,
+    wide_text,
 )
 from keyproxy.response.body_scrub import BodyScrubber
 from keyproxy.response.cache import MemoryStore, cache_key
-from keyproxy.response.chain import ResponseHead
+from keyproxy.response.chain import RefuseAnswer, ResponseHead
 from keyproxy.response.fields import (
     FILTER_FAILED,
     FilterLimits,
@@ -412,3 +413,48 @@ keys:
     )
     (fields,) = [f for f in body_factories(config, None) if isinstance(f, FieldsFactory)]
     assert fields.scrubber is not None
+
+
+@pytest.mark.parametrize(
+    ("start", "wide"),
+    [
+        ('{"a": "b"}'.encode("utf-16"), True),  # BOM, either byte order
+        ('{"a": "b"}'.encode("utf-16-be"), True),
+        ("\ufeffkey".encode("utf-16-be"), True),
+        ('{"a": "b"}'.encode("utf-32"), True),
+        ("\ufeffkey".encode("utf-32-be"), True),
+        ('{"a": "b"}'.encode("utf-16-le"), True),  # no BOM: NULs between ASCII
+        ('{"a": "b"}'.encode("utf-32-be"), True),
+        ("key: s".encode("utf-32-le"), True),
+        ('\ufeff{"a": "b"}'.encode(), False),  # UTF-8's BOM keeps ASCII as it is
+        (b'{"a": "b"}', False),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", False),
+        (b"\x00\x00\x00 ftypisom\x00\x00\x02\x00", False),  # MP4
+        (b"\x00\x00\x01\x00\x01\x00  \x00\x00", False),  # ICO
+        (b"\x08\x96\x01\x12\x00\x1a\x00", False),  # protobuf
+        (b"a\x00b\x00", False),  # too short to tell: read on with the next bytes
+    ],
+)
+def test_wide_text_is_told_by_its_first_bytes(start: bytes, wide: bool) -> None:
+    assert wide_text(start) is wide
+
+
+def test_a_wide_body_is_refused_however_it_arrives() -> None:
+    """Whole, in single bytes of unknown length (nothing leaves before the refusal), or
+    compressed (read once decoded)."""
+    body = ('{"echo": "' + SECRET + '"}').encode("utf-16")
+    scrub = BodyScrubFactory(SCRUBBER, 1 << 20)
+    with pytest.raises(RefuseAnswer) as refused:
+        run([scrub(ctx_for())], head_of(length=len(body)), [body])
+    assert refused.value.deny == BODY_NOT_SCANNED
+    link = scrub(ctx_for())
+    assert link.on_head(head_of()) is None
+    with pytest.raises(RefuseAnswer):
+        for byte in body:
+            assert link.on_body(bytes([byte])) == b""
+    head = head_of(b"Content-Encoding: gzip")
+    assert run([scrub(ctx_for())], head, [gzip.compress(body)]) == BODY_NOT_SCANNED
+    plain = ('{"echo": "' + SECRET + '"}').encode()
+    assert run([scrub(ctx_for())], head_of(), [bytes([b]) for b in plain]) == (
+        b'{"echo": "[REDACTED]****************"}'
+    )

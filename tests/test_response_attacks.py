@@ -265,3 +265,40 @@ def test_a_wide_charset_answer_does_not_carry_the_secret_past_the_scan(
             assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
         finally:
             proxy.stop()
+
+
+class WideEcho(HeadAnswerer):
+    """An echo of the request's headers in UTF-16 or UTF-32 that names no charset: a BOM
+    first (.NET's `StreamWriter(Encoding.Unicode)`, Java's `UTF_16`), or JSON without
+    one (`str.encode("utf-16-le")`), which Python's `json.loads(bytes)` reads by its NULs
+    (RFC 4627 §3). The path picks the encoding: /wide/<codec>."""
+
+    def answer(self, head: bytes) -> bytes:
+        codec = head.split(b" ")[1].rsplit(b"/", 1)[1].decode()
+        echo = {"headers": head.decode("latin-1")}
+        body = json.dumps(echo).encode(codec)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_wide_body_without_a_charset_does_not_carry_the_secret_past_the_scan(
+    tmp_path: Path, codec: str
+) -> None:
+    """The charset check reads the head; a UTF-16 body that names no charset passed it,
+    and its NUL-interleaved secret passed the byte scan. A browser reads it by its BOM
+    (before any declared charset), Python's JSON reader by its NULs."""
+    with raw_upstream(WideEcho) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [{"match": "GET /wide/{codec}", "acl": "get"}, *config["routes"]]
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, _, body, _ = proxy.request("GET", "/wide/utf-8", key=KEYS["reader"])
+            assert status == 200 and SECRET not in json.loads(body)["headers"]
+            status, _, body, _ = proxy.request("GET", f"/wide/{codec}", key=KEYS["reader"])
+            assert SECRET.encode() not in body.replace(b"\0", b"")
+            assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
+        finally:
+            proxy.stop()

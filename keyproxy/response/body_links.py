@@ -9,7 +9,9 @@ when a request has nothing for it to do, so that work costs one call.
   stays true and the body streams in its own framing. The upstream is asked for
   identity; a body it compresses anyway is held, decoded
   under a cap, scanned and sent as the client accepts, and one that cannot be decoded is
-  refused (502 BODY_NOT_SCANNED) rather than passed unscanned. The request side
+  refused (502 BODY_NOT_SCANNED) rather than passed unscanned, as is a body in a
+  charset the byte scan cannot read (declared, or UTF-16/32 told by its first bytes,
+  `wide_text`). The request side
   (Accept-Encoding: identity, no Range on a filtered answer) is `ForwardPlan`'s.
 - `CacheTeeFactory`: copies a storable 200 answer (already secret-free, not yet
   filtered for any key) into the cache store.
@@ -39,7 +41,7 @@ from keyproxy.response.cache import (
     open_store,
     storable,
 )
-from keyproxy.response.chain import LinkFactory, ResponseHead
+from keyproxy.response.chain import LinkFactory, RefuseAnswer, ResponseHead
 from keyproxy.response.codings import DecodeFailed, Decoder, choose_encoding, encode
 from keyproxy.response.fields import (
     FILTER_FAILED,
@@ -126,6 +128,32 @@ def ascii_charset(block: bytes) -> bool:
     )
 
 
+#: Byte-order marks of UTF-16 and UTF-32 (UTF-32LE's begins with UTF-16LE's). A browser
+#: decodes by the BOM before any charset the head declares (WHATWG Encoding, "decode").
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+#: Text in UTF-16 or UTF-32 without a BOM, by its first four or two characters: ASCII with
+#: NULs between (RFC 4627 §3, as Python's `json.loads(bytes)` and requests' `.json()` tell
+#: JSON's encoding). Printable ASCII only, over 8 bytes, so binary formats that begin with
+#: small integers (an MP4's `00 00 00 20 ftyp`) do not look like text.
+_TEXT = rb"[\t\n\r\x20-\x7e]"
+_WIDE_TEXT = re.compile(
+    rb"(?:%s\x00){4}|(?:\x00%s){4}|(?:%s\x00\x00\x00){2}|(?:\x00\x00\x00%s){2}"
+    % (_TEXT, _TEXT, _TEXT, _TEXT)
+)
+#: How many of a body's first bytes `wide_text` reads.
+SNIFF_BYTES = 8
+
+
+def wide_text(start: bytes) -> bool:
+    """Whether a body beginning with `start` is UTF-16 or UTF-32 text: each character of
+    the secret is there with NULs between its bytes, which the byte scan does not match
+    and a client decodes back. The head's charset check cannot see it (no charset, or one
+    a BOM overrides). Costs one `startswith` and one `find` in the first four bytes."""
+    if start.startswith(_WIDE_BOMS):
+        return True
+    return start.find(b"\x00", 0, 4) >= 0 and _WIDE_TEXT.match(start) is not None
+
+
 def vary_on_accept_encoding(head: ResponseHead) -> None:
     """An answer encoded as the client's Accept-Encoding chose says so to caches, or a
     shared cache could hand a gzip body to a client that cannot read it."""
@@ -158,7 +186,8 @@ class BodyScrubFactory:
 
 class ScrubLink:
     __slots__ = (
-        "coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "stream", "whole",
+        "coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "start", "stream",
+        "whole",
     )  # fmt: skip
 
     def __init__(self, scrubber: BodyScrubber, limit: int, ctx: RequestContext) -> None:
@@ -172,6 +201,9 @@ class ScrubLink:
         self.decoder: Decoder | None = None
         self.failed = False
         self.coding: str | None = None
+        #: An identity body's first bytes while fewer than `SNIFF_BYTES` have come (None:
+        #: read, or a compressed body, read whole once decoded).
+        self.start: bytes | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
         block = b"".join(head.lines).lower()
@@ -179,6 +211,7 @@ class ScrubLink:
             return BODY_NOT_SCANNED  # (an answer without a body has nothing to scan)
         coding = content_coding(head, block)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
+            self.start = b""
             length = head.length
             if length is not None and length <= WHOLE_UP_TO:
                 self.whole = length  # most answers: a small body that comes in one read
@@ -203,6 +236,8 @@ class ScrubLink:
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
+        if self.start is not None:
+            self._sniff(chunk)
         stream = self.stream
         if stream is not None:
             return stream.feed(chunk)
@@ -223,6 +258,14 @@ class ScrubLink:
                 self.parts = []
         return b""
 
+    def _sniff(self, chunk: bytes) -> None:
+        """Refuse a wide body before any of it leaves (the first chunk is nearly always
+        long enough; a shorter one is read with the next, the stream holding it back)."""
+        start = self.start + chunk if self.start else chunk
+        if wide_text(start):
+            raise RefuseAnswer(BODY_NOT_SCANNED)
+        self.start = start if len(start) < SNIFF_BYTES else None
+
     def on_end(self) -> bytes | Deny:
         stream = self.stream
         if stream is not None:
@@ -238,6 +281,8 @@ class ScrubLink:
         if self.failed:
             return BODY_NOT_SCANNED
         body, self.parts = b"".join(self.parts), []
+        if wide_text(body):
+            return BODY_NOT_SCANNED
         return encode(self.scrubber.scrub(body), self.coding)
 
 
