@@ -26,7 +26,7 @@ from keyproxy.response.body_links import (
     wide_text,
 )
 from keyproxy.response.body_scrub import BodyScrubber
-from keyproxy.response.cache import MemoryStore, cache_key
+from keyproxy.response.cache import MemoryStore
 from keyproxy.response.chain import RefuseAnswer, ResponseHead
 from keyproxy.response.fields import (
     FILTER_FAILED,
@@ -326,7 +326,7 @@ def test_cache_tee_stores_and_a_write_evicts() -> None:
         assert evict is not None and cache(ctx_for()) is None
         run([evict], head_of(status=201), [])
         await asyncio.sleep(0)
-        assert await store.get(cache_key("GET", "/api/x", [])) is None
+        assert await store.get(cache.key_for(ctx_for())) is None
 
     asyncio.run(scenario())
 
@@ -336,6 +336,19 @@ def _settings():  # type: ignore[no-untyped-def]
 
     route = Route(0, "GET /x", frozenset({"GET", "HEAD"}), ("x",), "a")
     return CacheSettings("memory", 60.0, (route,))
+
+
+def test_a_cache_entry_is_found_only_under_the_scan_policy_it_was_stored_under() -> None:
+    """The hit enters the chain after the scrub: an entry stored unscanned must never be
+    found by a request whose answer would have been scanned."""
+    store = MemoryStore(60, 100, 1 << 20, 1 << 16)
+    cache = ResponseCache(_settings(), store, lambda ctx: "/api/x", lambda result: None)
+    unscanned = ctx_for()
+    unscanned.route = dataclasses.replace(unscanned.route, scrub_body=False)
+    assert cache.key_for(ctx_for()) == cache.key_for(unscanned)  # the snapshot scans nothing
+    cache.scans_bodies = True
+    assert cache.key_for(ctx_for()) != cache.key_for(unscanned)
+    assert cache.key_for(ctx_for()).path == cache.key_for(unscanned).path  # a write evicts both
 
 
 def test_a_route_may_opt_out_of_body_scrubbing() -> None:

@@ -302,3 +302,50 @@ def test_a_wide_body_without_a_charset_does_not_carry_the_secret_past_the_scan(
             assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
         finally:
             proxy.stop()
+
+
+class HeaderEcho(HeadAnswerer):
+    """A debug page quoting the request's headers (the injected secret among them), with
+    nothing that keeps a cache from storing it."""
+
+    def answer(self, head: bytes) -> bytes:
+        body = b"<pre>" + head + b"</pre>"
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+
+
+def test_a_reload_that_turns_scanning_on_never_serves_an_entry_stored_unscanned(
+    tmp_path: Path,
+) -> None:
+    """An answer cached while its route had `scrub_body: false` holds the secret as the
+    upstream wrote it; the store outlives a reload that keeps the cache settings, and the
+    cache hit enters the chain after the scrub: after turning scanning on, the operator
+    still served the secret from the cache until the entry expired."""
+    with raw_upstream(HeaderEcho) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [
+            {"match": "GET /cached/{page}", "acl": "get", "scrub_body": False},
+            {"match": "GET /fresh/{page}", "acl": "get", "scrub_body": False},
+            *config["routes"],
+        ]
+        config["cache"] = {"backend": "memory", "ttl": "60s", "routes": ["GET /cached/{page}"]}
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+            assert status == 200 and SECRET.encode() in body  # the operator's choice, then
+            time.sleep(0.2)  # the tee stores in a task
+            scanned = json.loads(json.dumps(config))
+            for route in scanned["routes"][:2]:
+                route["scrub_body"] = True
+            proxy.rewrite_config(scanned)
+            deadline = time.monotonic() + 10
+            while SECRET.encode() in proxy.request("GET", "/fresh/x", key=KEYS["reader"])[2]:
+                assert time.monotonic() < deadline, "the reload never took effect"
+                time.sleep(0.05)
+            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+            assert status == 200 and SECRET.encode() not in body
+            assert b"[REDACTED]" in body
+        finally:
+            proxy.stop()

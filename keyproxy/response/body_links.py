@@ -503,10 +503,19 @@ def join_lines(headers: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:
     return [name + b": " + value + b"\r\n" for name, value in headers]
 
 
+#: The response policy part of a cache key (`ResponseCache.key_for`).
+SCANNED, UNSCANNED = "scanned", "unscanned"
+
+
 class ResponseCache:
     """The `cache:` section at work: its store, which routes it serves, the metric.
 
-    Built per snapshot; a reload that keeps the same settings keeps the store.
+    Built per snapshot; a reload that keeps the same settings keeps the store. A hit
+    enters the chain after the body scrub, so an entry is keyed by whether its body was
+    scanned (`scans_bodies`, set by `body_factories`): an answer stored while its route
+    had `scrub_body: false` is never found once a reload turns scanning on, and expires
+    by the ttl. Emptying the store on such a reload would not do: a Redis store is shared
+    with replicas that may still run the old configuration and keep storing.
     """
 
     def __init__(
@@ -527,6 +536,8 @@ class ResponseCache:
         self.loop = loop
         self.max_entry_bytes = settings.max_entry_bytes
         self._tasks: set[asyncio.Task[object]] = set()
+        #: Whether the snapshot scans bodies at all (a route may still opt out).
+        self.scans_bodies = False
 
     def applies(self, ctx: RequestContext) -> bool:
         """A GET the upstream acts on as a GET: on a route allowing method overrides a GET
@@ -541,8 +552,13 @@ class ResponseCache:
 
     def key_for(self, ctx: RequestContext) -> CacheKey:
         """The forwarded request: method, upstream target (filters included) and the
-        request headers an answer may vary on; never a credential."""
-        key = cache_key(ctx.method, self.upstream_target(ctx), ctx.headers)
+        request headers an answer may vary on, and whether the body scrub runs for it;
+        never a credential."""
+        route = ctx.route
+        scanned = self.scans_bodies and (route is None or route.scrub_body)
+        key = cache_key(
+            ctx.method, self.upstream_target(ctx), ctx.headers, SCANNED if scanned else UNSCANNED
+        )
         identity = self.identity(ctx) if self.identity is not None else b""
         if identity:
             # Who calls is part of the forwarded request: the backend may answer by it.
@@ -740,6 +756,7 @@ def body_factories(
     if scanning:
         factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
     if cache is not None:
+        cache.scans_bodies = scanning  # its entries are keyed by what ran before them
         factories.append(cache)
     if any(key.fields is not None for key in config.keys):
         memo = FilterMemo(count=count_memo) if count_memo is not None else None
