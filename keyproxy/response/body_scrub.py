@@ -116,6 +116,24 @@ def _escape_pattern(forms: Iterable[bytes]) -> re.Pattern[bytes]:
     return re.compile(("%" + hex_of(byte_codes(forms))).encode())
 
 
+def overpadded(forms: Iterable[bytes]) -> re.Pattern[bytes]:
+    """Numeric references padded with three or more zeros (`&#00098;`): of a byte the
+    forms hold, or cut off where the text in hand ends (its code still to come).
+
+    A browser reads any number of zeros, so the spellings match them; but the stream
+    holds back what a spelling with at most two zeros a byte can take
+    (`LONGEST_BYTE_SPELLING`), and one padded with more can begin in bytes already
+    passed on. No encoder writes such padding, so each one is masked on its own as
+    well, wherever it is: a client never reads a secret's byte from one. `\\Z` also
+    matches at the end of a search window, where the stream looks no further.
+    """
+    codes = sorted(code for code in byte_codes(forms) if code < 0x80)
+    decimal = "|".join(sorted(map(str, codes), key=len, reverse=True)) or "(?!)"
+    return re.compile(
+        (rf"&\#(?:x0{{3,}}{hex_of(codes)}|0{{3,}}(?:{decimal}));|&\#x?0{{3,}}[0-9a-f]*\Z").encode()
+    )
+
+
 class BodyScrubber:
     """The compiled spellings of one configuration snapshot; `stream()` per response."""
 
@@ -127,6 +145,7 @@ class BodyScrubber:
         "markup",
         "markup_always",
         "needles",
+        "overpadded",
         "pattern",
         "percent_always",
         "plus_is_space",
@@ -164,8 +183,11 @@ class BodyScrubber:
         # a JSON encoder may write the secret so; its reader, not the bytes, holds it.
         self.markup = MarkupEscapes(forms)
         self.markup_always = any("\\" in x or "&" in x for x in secrets)
+        self.overpadded = overpadded(forms)
         if spellings:
             patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
+            # Last: a spelling that holds an over-padded reference is redacted whole.
+            patterns.append(self.overpadded.pattern)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
             self.hold = max(s.longest for s in spellings) - 1
         else:
@@ -195,7 +217,11 @@ class BodyScrubber:
                     found.append(needle)
         if b"%" in low and (self.percent_always or self._escaped_in(low)):
             found.append(b"%")
-        if (b"\\" in low or b"&" in low) and (self.markup_always or self._markup_escaped_in(low)):
+        if (b"\\" in low or b"&" in low) and (
+            self.markup_always
+            or self._markup_escaped_in(low)
+            or (b"&#" in low and self.overpadded.search(low) is not None)
+        ):
             found += [anchor for anchor in (b"\\", b"&") if anchor in low]
         return found
 

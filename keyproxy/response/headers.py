@@ -20,24 +20,25 @@ HTML_NAMED = {
 }
 #: What JSON (and a JavaScript string, `\\'`) may escape with a backslash and the byte itself.
 JSON_SHORT = frozenset(b"/\"\\'")
-#: The longest text one byte of a form can take: `&#x00hh;` or `&#00ddd;`.
+#: The longest text one byte of a form takes with at most two leading zeros in a numeric
+#: reference (`&#x00hh;`, `&#00ddd;`, as PHP writes `&#039;`): what the body stream holds
+#: back is counted by it. A browser reads any number of zeros, and a spelling padded with
+#: more can be longer: `BodyScrubber` masks such references itself (`overpadded`).
 LONGEST_BYTE_SPELLING = 8
 
 
 def markup_escapes(byte: int) -> list[bytes]:
-    """Lower-cased texts a JSON string or an HTML page may write an ASCII `byte` as, which
-    a client's `JSON.parse` or a browser turns back into it: `\\u00hh`, `\\/`, `&#ddd;`,
-    `&#xhh;` (up to two leading zeros, as PHP writes `&#039;`) and the named `&amp;`..."""
+    """Regexes for the lower-cased texts a JSON string or an HTML page may write an ASCII
+    `byte` as, which a client's `JSON.parse` or a browser turns back into it: `\\u00hh`,
+    `\\/`, `&#ddd;` and `&#xhh;` with any number of leading zeros, the named `&amp;`..."""
     if byte >= 0x80:  # these escapes name code points, not a UTF-8 sequence's bytes
         return []
-    texts = [b"\\u00%02x" % byte]
-    for zeros in (b"", b"0", b"00"):
-        texts += (b"&#%s%d;" % (zeros, byte), b"&#x%s%02x;" % (zeros, byte))
+    texts = [re.escape(b"\\u00%02x" % byte), rb"&\#0*%d;" % byte, rb"&\#x0*%x;" % byte]
     if byte in JSON_SHORT:
-        texts.append(b"\\" + bytes([byte]))
+        texts.append(re.escape(b"\\" + bytes([byte])))
     if byte in HTML_NAMED:
-        texts.append(b"&" + HTML_NAMED[byte] + b";")
-    return list(dict.fromkeys(texts))
+        texts.append(re.escape(b"&" + HTML_NAMED[byte] + b";"))
+    return texts
 
 
 def byte_codes(forms: Iterable[bytes]) -> set[int]:
@@ -59,7 +60,7 @@ def hex_of(codes: Iterable[int]) -> str:
 #: The numeric escapes `markup_escapes` writes, in lower-cased text, to be read back; each
 #: pattern begins with a literal, which the regex engine finds fast.
 _JSON_NUMERIC = re.compile(rb"\\u00([0-7][0-9a-f])")
-_HTML_NUMERIC = re.compile(rb"&#(?:x0{0,2}([0-7][0-9a-f])|0{0,2}([0-9]{2,3}));")
+_HTML_NUMERIC = re.compile(rb"&#(?:x0*([0-7][0-9a-f])|0*([0-9]{2,3}));")
 
 
 def _json_byte(match: re.Match[bytes]) -> bytes:
@@ -89,7 +90,7 @@ class MarkupEscapes:
         decimal = "|".join(sorted(map(str, codes), key=len, reverse=True))
         short = "".join(re.escape(chr(c)) for c in codes if c in JSON_SHORT)
         json_escapes = [f"u00{hex_codes}", *([f"[{short}]"] if short else [])]
-        html_escapes = [rf"#(?:x0{{0,2}}{hex_codes}|0{{0,2}}(?:{decimal}))"]
+        html_escapes = [rf"#(?:x0*{hex_codes}|0*(?:{decimal}))"]
         html_escapes += [HTML_NAMED[c].decode() for c in codes if c in HTML_NAMED]
         self.json = re.compile((r"\\(?:" + "|".join(json_escapes) + ")").encode())
         self.html = re.compile(("&(?:" + "|".join(html_escapes) + ");").encode())
@@ -133,7 +134,7 @@ def _any_spelling(form: bytes, markup: bool = False) -> bytes:
             spellings.append(rb"\+")
         if markup:
             for code in dict.fromkeys((byte, upper)):
-                spellings += map(re.escape, markup_escapes(code))
+                spellings += markup_escapes(code)
         parts.append(b"(?:" + b"|".join(spellings) + b")")
     return b"".join(parts)
 
