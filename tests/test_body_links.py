@@ -471,3 +471,13 @@ def test_a_wide_body_is_refused_however_it_arrives() -> None:
     assert run([scrub(ctx_for())], head_of(), [bytes([b]) for b in plain]) == (
         b'{"echo": "[REDACTED]****************"}'
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "length"), [(304, None), (304, 120), (204, None), (200, 0)], ids=str
+)
+def test_a_bodiless_answer_is_neither_decoded_nor_refused(status: int, length: int | None) -> None:
+    lines = (b"Content-Encoding: gzip", b"Content-Type: text/plain; charset=utf-16", b'ETag: "a"')
+    head = head_of(*lines, status=status, length=length)
+    assert run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, []) == b""
+    assert not head.hold and head.lines == [line + b"\r\n" for line in lines]

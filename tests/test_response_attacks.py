@@ -349,3 +349,39 @@ def test_a_reload_that_turns_scanning_on_never_serves_an_entry_stored_unscanned(
             assert b"[REDACTED]" in body
         finally:
             proxy.stop()
+
+
+class GzipRevalidation(HeadAnswerer):
+    """A server that compresses (nginx `gzip on`, Express `compression()`) answering a
+    revalidation: 304 with the representation's Content-Encoding and no body, as
+    RFC 9110 §15.4.5 allows. /empty answers 204 the same way."""
+
+    def answer(self, head: bytes) -> bytes:
+        status = b"204 No Content" if b" /empty/" in head else b"304 Not Modified"
+        return (
+            b"HTTP/1.1 " + status + b'\r\nETag: "v1"\r\nContent-Encoding: gzip\r\n'
+            b"Vary: Accept-Encoding\r\n\r\n"
+        )
+
+
+def test_a_bodiless_answer_labelled_gzip_is_not_refused(tmp_path: Path) -> None:
+    """There is nothing to decode or scan: the 304 that tells a browser its copy is
+    fresh was replaced by 502 BODY_NOT_SCANNED (the empty 'gzip body' failed to decode)."""
+    with raw_upstream(GzipRevalidation) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [
+            {"match": "GET /page/{page}", "acl": "get"},
+            {"match": "GET /empty/{page}", "acl": "get"},
+            *config["routes"],
+        ]
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, headers, body, _ = proxy.request(
+                "GET", "/page/1", {"If-None-Match": '"v1"'}, key=KEYS["reader"]
+            )
+            assert (status, body) == (304, b"")
+            assert headers["etag"] == '"v1"'
+            status, _, body, _ = proxy.request("GET", "/empty/1", key=KEYS["reader"])
+            assert (status, body) == (204, b"")
+        finally:
+            proxy.stop()

@@ -206,9 +206,14 @@ class ScrubLink:
         self.start: bytes | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
+        if head.status in (204, 304) or head.length == 0:
+            # Nothing to scan: its charset or coding describes a body it does not have (a
+            # 304 names the coding of the representation the client holds), and an empty
+            # "gzip body" would fail to decode. Its head leaves as the upstream wrote it.
+            return None
         block = b"".join(head.lines).lower()
-        if not ascii_charset(block) and head.status not in (204, 304) and head.length != 0:
-            return BODY_NOT_SCANNED  # (an answer without a body has nothing to scan)
+        if not ascii_charset(block):
+            return BODY_NOT_SCANNED
         coding = content_coding(head, block)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
             self.start = b""
