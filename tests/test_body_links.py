@@ -23,10 +23,11 @@ from keyproxy.response.body_links import (
     BodyScrubFactory,
     FieldsFactory,
     ResponseCache,
+    wide_text,
 )
 from keyproxy.response.body_scrub import BodyScrubber
-from keyproxy.response.cache import MemoryStore, cache_key
-from keyproxy.response.chain import ResponseHead
+from keyproxy.response.cache import MemoryStore
+from keyproxy.response.chain import RefuseAnswer, ResponseHead
 from keyproxy.response.fields import (
     FILTER_FAILED,
     FilterLimits,
@@ -325,7 +326,7 @@ def test_cache_tee_stores_and_a_write_evicts() -> None:
         assert evict is not None and cache(ctx_for()) is None
         run([evict], head_of(status=201), [])
         await asyncio.sleep(0)
-        assert await store.get(cache_key("GET", "/api/x", [])) is None
+        assert await store.get(cache.key_for(ctx_for())) is None
 
     asyncio.run(scenario())
 
@@ -335,6 +336,19 @@ def _settings():  # type: ignore[no-untyped-def]
 
     route = Route(0, "GET /x", frozenset({"GET", "HEAD"}), ("x",), "a")
     return CacheSettings("memory", 60.0, (route,))
+
+
+def test_a_cache_entry_is_found_only_under_the_scan_policy_it_was_stored_under() -> None:
+    """The hit enters the chain after the scrub: an entry stored unscanned must never be
+    found by a request whose answer would have been scanned."""
+    store = MemoryStore(60, 100, 1 << 20, 1 << 16)
+    cache = ResponseCache(_settings(), store, lambda ctx: "/api/x", lambda result: None)
+    unscanned = ctx_for()
+    unscanned.route = dataclasses.replace(unscanned.route, scrub_body=False)
+    assert cache.key_for(ctx_for()) == cache.key_for(unscanned)  # the snapshot scans nothing
+    cache.scans_bodies = True
+    assert cache.key_for(ctx_for()) != cache.key_for(unscanned)
+    assert cache.key_for(ctx_for()).path == cache.key_for(unscanned).path  # a write evicts both
 
 
 def test_a_route_may_opt_out_of_body_scrubbing() -> None:
@@ -412,3 +426,58 @@ keys:
     )
     (fields,) = [f for f in body_factories(config, None) if isinstance(f, FieldsFactory)]
     assert fields.scrubber is not None
+
+
+@pytest.mark.parametrize(
+    ("start", "wide"),
+    [
+        ('{"a": "b"}'.encode("utf-16"), True),  # BOM, either byte order
+        ('{"a": "b"}'.encode("utf-16-be"), True),
+        ("\ufeffkey".encode("utf-16-be"), True),
+        ('{"a": "b"}'.encode("utf-32"), True),
+        ("\ufeffkey".encode("utf-32-be"), True),
+        ('{"a": "b"}'.encode("utf-16-le"), True),  # no BOM: NULs between ASCII
+        ('{"a": "b"}'.encode("utf-32-be"), True),
+        ("key: s".encode("utf-32-le"), True),
+        ('\ufeff{"a": "b"}'.encode(), False),  # UTF-8's BOM keeps ASCII as it is
+        (b'{"a": "b"}', False),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", False),
+        (b"\x00\x00\x00 ftypisom\x00\x00\x02\x00", False),  # MP4
+        (b"\x00\x00\x01\x00\x01\x00  \x00\x00", False),  # ICO
+        (b"\x08\x96\x01\x12\x00\x1a\x00", False),  # protobuf
+        (b"a\x00b\x00", False),  # too short to tell: read on with the next bytes
+    ],
+)
+def test_wide_text_is_told_by_its_first_bytes(start: bytes, wide: bool) -> None:
+    assert wide_text(start) is wide
+
+
+def test_a_wide_body_is_refused_however_it_arrives() -> None:
+    """Whole, in single bytes of unknown length (nothing leaves before the refusal), or
+    compressed (read once decoded)."""
+    body = ('{"echo": "' + SECRET + '"}').encode("utf-16")
+    scrub = BodyScrubFactory(SCRUBBER, 1 << 20)
+    with pytest.raises(RefuseAnswer) as refused:
+        run([scrub(ctx_for())], head_of(length=len(body)), [body])
+    assert refused.value.deny == BODY_NOT_SCANNED
+    link = scrub(ctx_for())
+    assert link.on_head(head_of()) is None
+    with pytest.raises(RefuseAnswer):
+        for byte in body:
+            assert link.on_body(bytes([byte])) == b""
+    head = head_of(b"Content-Encoding: gzip")
+    assert run([scrub(ctx_for())], head, [gzip.compress(body)]) == BODY_NOT_SCANNED
+    plain = ('{"echo": "' + SECRET + '"}').encode()
+    assert run([scrub(ctx_for())], head_of(), [bytes([b]) for b in plain]) == (
+        b'{"echo": "[REDACTED]****************"}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "length"), [(304, None), (304, 120), (204, None), (200, 0)], ids=str
+)
+def test_a_bodiless_answer_is_neither_decoded_nor_refused(status: int, length: int | None) -> None:
+    lines = (b"Content-Encoding: gzip", b"Content-Type: text/plain; charset=utf-16", b'ETag: "a"')
+    head = head_of(*lines, status=status, length=length)
+    assert run([BodyScrubFactory(SCRUBBER, 1 << 20)(ctx_for())], head, []) == b""
+    assert not head.hold and head.lines == [line + b"\r\n" for line in lines]

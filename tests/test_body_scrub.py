@@ -316,6 +316,9 @@ HTML_STYLES = {
     "every byte, decimal": _every_byte(ODD_SECRET, "&#%d;"),
     "every byte, hex": _every_byte(ODD_SECRET, "&#X%02X;"),
     "every byte, padded hex": _every_byte(ODD_SECRET, "&#x00%02x;"),
+    "every byte, decimal padded to 7 digits": _every_byte(ODD_SECRET, "&#%07d;"),
+    "every byte, hex padded to 8 digits": _every_byte(ODD_SECRET, "&#x%08x;"),
+    "php, padded": html.escape(ODD_SECRET).replace("&#x27;", "&#0000039;"),
 }
 
 
@@ -345,6 +348,27 @@ def test_an_html_escaped_secret_is_redacted_split_anywhere(style: str) -> None:
         assert out.endswith(b"<p>more</p>" * 10)
 
 
+@pytest.mark.parametrize("zeros", [3, 40, 400])
+def test_references_padded_past_the_hold_never_spell_the_secret(zeros: int) -> None:
+    """A browser reads `&#` and any number of zeros before the code: a spelling of such
+    references can be longer than what the stream holds back, so each one of a secret's
+    byte is masked wherever it is, and one cut off at the end of what is in hand too."""
+    padded = "".join(f"&#{'0' * zeros}{ord(c)};" for c in "k3y") + ODD_SECRET[3:]
+    body = b"<td>" + padded.encode() + b"</td>" + b"<p>more</p>" * 10
+    assert ODD_SECRET in html.unescape(body.decode())
+    for size in (1, 7, 64, 500, len(body)):
+        for length in (None, len(body)):
+            stream = ODD.stream(length)
+            chunks = [body[i : i + size] for i in range(0, len(body), size)]
+            out = b"".join(stream.feed(c) for c in chunks) + stream.end()
+            assert len(out) == len(body) and out.endswith(b"<p>more</p>" * 10), size
+            assert ODD_SECRET[:3] not in html.unescape(out.decode()), (size, length)
+    assert ODD.scrub(body).startswith(b"<td>[REDACTED]")
+    # Padded references of bytes no spelling of the secret holds are left as they are.
+    other = b"<p>&#0000033;&#x0000003b;&#00000061;</p>"
+    assert ODD.scrub(other) == other
+
+
 def test_a_secret_in_a_javascript_string_is_redacted() -> None:
     """Rails' `escape_javascript` writes `\\'` and `<\\/`: a script reads the secret back."""
     escaped = ODD_SECRET.replace("\\", "\\\\").replace("'", "\\'").replace('"', '\\"')
@@ -362,7 +386,7 @@ def markup_spelling(draw: st.DrawFn) -> bytes:
     out = []
     for byte in ODD_SECRET.encode():
         options = [bytes([byte]), b"%%%02X" % byte, b"\\u%04x" % byte, b"\\u%04X" % byte]
-        options += [b"&#%d;" % byte, b"&#x%x;" % byte, b"&#0%d;" % byte]
+        options += [b"&#%d;" % byte, b"&#x%x;" % byte, b"&#0%d;" % byte, b"&#0000%d;" % byte]
         out.append(draw(st.sampled_from(options)))
     return b"".join(out)
 

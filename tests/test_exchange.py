@@ -678,3 +678,42 @@ def test_trailer_lines_are_bounded_as_they_come(loop) -> None:
     answer, _ = feed(head + b"3\r\nabc\r\n0\r\n" + b"t:\r\n" * 60_000 + b"\r\n", headers_seen=calls)
     assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/") == 1, answer[:80]
     assert 2 < len(calls) <= 2 + 1024 // 5 + 2, len(calls)  # not 60,000 callbacks
+
+
+WIDE = "\ufeff{'key': 'upstream-secret-0123456789'}".encode("utf-16-le")
+
+
+def scanning_exchange(loop: asyncio.AbstractEventLoop) -> tuple[Exchange, Client, Upstream]:
+    from keyproxy.response.body_links import BodyScrubFactory
+    from keyproxy.response.body_scrub import BodyScrubber
+
+    scrubber = BodyScrubber(("upstream-secret-0123456789",), None, same_length=True)
+    up = Upstream()
+    ex, client = exchange(loop)
+    ex.chain = (BodyScrubFactory(scrubber, 1 << 20),)
+    ex.forward(ex.ctx, Plan(), Pool([up]))  # type: ignore[arg-type]
+    return ex, client, up
+
+
+def test_a_body_refused_by_its_first_bytes_is_a_502_while_the_head_is_queued(loop) -> None:
+    """A UTF-16 body is known by its first bytes, after the head passed the links: the
+    head and those bytes nearly always come in one read, and the client gets the 502."""
+    _, client, up = scanning_exchange(loop)
+    up.answer(200, [b"Content-Type: text/plain\r\n"], WIDE)
+    status, _, body = client.response()
+    assert status == 502 and json.loads(body)["error"] == "BODY_NOT_SCANNED"
+    assert up.aborted and not client.aborted and b"s\x00e\x00c" not in client.written
+
+
+def test_a_body_refused_after_its_head_left_cuts_the_connection(loop) -> None:
+    ex, client, up = scanning_exchange(loop)
+    ex.on_response_head(200, [b"Content-Type: text/plain\r\n"], None)
+    ex.flush()  # the head left in its own read
+    assert client.written.startswith(b"HTTP/1.1 200")
+    for byte in range(len(WIDE)):  # a BOM split over reads is still read whole
+        ex.on_response_body(WIDE[byte : byte + 1])
+        ex.flush()
+        if ex.done:
+            break
+    assert client.aborted and up.aborted and client.done == [False]
+    assert client.written.endswith(b"\r\n\r\n")  # nothing of the body left

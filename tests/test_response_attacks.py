@@ -265,3 +265,123 @@ def test_a_wide_charset_answer_does_not_carry_the_secret_past_the_scan(
             assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
         finally:
             proxy.stop()
+
+
+class WideEcho(HeadAnswerer):
+    """An echo of the request's headers in UTF-16 or UTF-32 that names no charset: a BOM
+    first (.NET's `StreamWriter(Encoding.Unicode)`, Java's `UTF_16`), or JSON without
+    one (`str.encode("utf-16-le")`), which Python's `json.loads(bytes)` reads by its NULs
+    (RFC 4627 §3). The path picks the encoding: /wide/<codec>."""
+
+    def answer(self, head: bytes) -> bytes:
+        codec = head.split(b" ")[1].rsplit(b"/", 1)[1].decode()
+        echo = {"headers": head.decode("latin-1")}
+        body = json.dumps(echo).encode(codec)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_wide_body_without_a_charset_does_not_carry_the_secret_past_the_scan(
+    tmp_path: Path, codec: str
+) -> None:
+    """The charset check reads the head; a UTF-16 body that names no charset passed it,
+    and its NUL-interleaved secret passed the byte scan. A browser reads it by its BOM
+    (before any declared charset), Python's JSON reader by its NULs."""
+    with raw_upstream(WideEcho) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [{"match": "GET /wide/{codec}", "acl": "get"}, *config["routes"]]
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, _, body, _ = proxy.request("GET", "/wide/utf-8", key=KEYS["reader"])
+            assert status == 200 and SECRET not in json.loads(body)["headers"]
+            status, _, body, _ = proxy.request("GET", f"/wide/{codec}", key=KEYS["reader"])
+            assert SECRET.encode() not in body.replace(b"\0", b"")
+            assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
+        finally:
+            proxy.stop()
+
+
+class HeaderEcho(HeadAnswerer):
+    """A debug page quoting the request's headers (the injected secret among them), with
+    nothing that keeps a cache from storing it."""
+
+    def answer(self, head: bytes) -> bytes:
+        body = b"<pre>" + head + b"</pre>"
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # fmt: skip
+
+
+def test_a_reload_that_turns_scanning_on_never_serves_an_entry_stored_unscanned(
+    tmp_path: Path,
+) -> None:
+    """An answer cached while its route had `scrub_body: false` holds the secret as the
+    upstream wrote it; the store outlives a reload that keeps the cache settings, and the
+    cache hit enters the chain after the scrub: after turning scanning on, the operator
+    still served the secret from the cache until the entry expired."""
+    with raw_upstream(HeaderEcho) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [
+            {"match": "GET /cached/{page}", "acl": "get", "scrub_body": False},
+            {"match": "GET /fresh/{page}", "acl": "get", "scrub_body": False},
+            *config["routes"],
+        ]
+        config["cache"] = {"backend": "memory", "ttl": "60s", "routes": ["GET /cached/{page}"]}
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+            assert status == 200 and SECRET.encode() in body  # the operator's choice, then
+            time.sleep(0.2)  # the tee stores in a task
+            scanned = json.loads(json.dumps(config))
+            for route in scanned["routes"][:2]:
+                route["scrub_body"] = True
+            proxy.rewrite_config(scanned)
+            deadline = time.monotonic() + 10
+            while SECRET.encode() in proxy.request("GET", "/fresh/x", key=KEYS["reader"])[2]:
+                assert time.monotonic() < deadline, "the reload never took effect"
+                time.sleep(0.05)
+            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+            assert status == 200 and SECRET.encode() not in body
+            assert b"[REDACTED]" in body
+        finally:
+            proxy.stop()
+
+
+class GzipRevalidation(HeadAnswerer):
+    """A server that compresses (nginx `gzip on`, Express `compression()`) answering a
+    revalidation: 304 with the representation's Content-Encoding and no body, as
+    RFC 9110 §15.4.5 allows. /empty answers 204 the same way."""
+
+    def answer(self, head: bytes) -> bytes:
+        status = b"204 No Content" if b" /empty/" in head else b"304 Not Modified"
+        return (
+            b"HTTP/1.1 " + status + b'\r\nETag: "v1"\r\nContent-Encoding: gzip\r\n'
+            b"Vary: Accept-Encoding\r\n\r\n"
+        )
+
+
+def test_a_bodiless_answer_labelled_gzip_is_not_refused(tmp_path: Path) -> None:
+    """There is nothing to decode or scan: the 304 that tells a browser its copy is
+    fresh was replaced by 502 BODY_NOT_SCANNED (the empty 'gzip body' failed to decode)."""
+    with raw_upstream(GzipRevalidation) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [
+            {"match": "GET /page/{page}", "acl": "get"},
+            {"match": "GET /empty/{page}", "acl": "get"},
+            *config["routes"],
+        ]
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            status, headers, body, _ = proxy.request(
+                "GET", "/page/1", {"If-None-Match": '"v1"'}, key=KEYS["reader"]
+            )
+            assert (status, body) == (304, b"")
+            assert headers["etag"] == '"v1"'
+            status, _, body, _ = proxy.request("GET", "/empty/1", key=KEYS["reader"])
+            assert (status, body) == (204, b"")
+        finally:
+            proxy.stop()

@@ -4,10 +4,12 @@ through a real keyproxy in front of a real upstream."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 
 import pytest
 
+from keyproxy.response.headers import SecretScrubber
 from tests.conftest import UPSTREAM_SECRET
 from tests.proxy_process import KEYS, Keyproxy
 
@@ -103,3 +105,36 @@ def test_an_invalid_host_is_never_passed_on(proxy: Keyproxy, upstream, host):
     """Frameworks build password-reset links from X-Forwarded-Host: garbage is dropped."""
     _answer, seen = forwarded_host(proxy, upstream, host)
     assert seen == []
+
+
+def _escaped(template: str, text: str) -> str:
+    return "".join(template % ord(c) for c in text)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"key":"' + _escaped("\\u%04x", UPSTREAM_SECRET[0]) + UPSTREAM_SECRET[1:] + '"}',
+        '{"key":"' + _escaped("\\u%04X", UPSTREAM_SECRET) + '"}',
+        "<b>" + _escaped("&#%d;", UPSTREAM_SECRET) + "</b>",
+    ],
+    ids=["one \\u escape", "every byte \\u", "html"],
+)
+def test_a_json_escaped_secret_in_a_header_never_reaches_the_client(proxy: Keyproxy, value):
+    """A header carrying JSON (a debug dump of the request) or HTML is read by a client
+    that parses it: the header scrub must read the escapes as the body scrub does."""
+    seen = echo_with(proxy, ("X-Debug", value))
+    assert len(seen["x-debug"]) == 1 and "[REDACTED]" in seen["x-debug"][0]
+    text = seen["x-debug"][0]
+    readable = json.loads(text) if text.startswith("{") else {"html": html.unescape(text)}
+    assert UPSTREAM_SECRET not in json.dumps(readable)
+
+
+def test_php_json_encode_of_a_secret_with_slashes_is_redacted_in_a_header() -> None:
+    """PHP's `json_encode` writes `/` as `\\/`: a secret with a `/` in it (base64 keys
+    often have one) was no raw spelling, and a client parsing the header read it back."""
+    secret = "sk/live+9f8e7d6c5b4a/3210"
+    scrubber = SecretScrubber((secret,))
+    line = b'X-Debug: {"key":"' + secret.replace("/", "\\/").encode() + b'"}\r\n'
+    assert scrubber.found_in(line)
+    assert scrubber.scrub(line) == b'X-Debug: {"key":"[REDACTED]"}\r\n'

@@ -9,7 +9,9 @@ when a request has nothing for it to do, so that work costs one call.
   stays true and the body streams in its own framing. The upstream is asked for
   identity; a body it compresses anyway is held, decoded
   under a cap, scanned and sent as the client accepts, and one that cannot be decoded is
-  refused (502 BODY_NOT_SCANNED) rather than passed unscanned. The request side
+  refused (502 BODY_NOT_SCANNED) rather than passed unscanned, as is a body in a
+  charset the byte scan cannot read (declared, or UTF-16/32 told by its first bytes,
+  `wide_text`). The request side
   (Accept-Encoding: identity, no Range on a filtered answer) is `ForwardPlan`'s.
 - `CacheTeeFactory`: copies a storable 200 answer (already secret-free, not yet
   filtered for any key) into the cache store.
@@ -39,7 +41,7 @@ from keyproxy.response.cache import (
     open_store,
     storable,
 )
-from keyproxy.response.chain import LinkFactory, ResponseHead
+from keyproxy.response.chain import LinkFactory, RefuseAnswer, ResponseHead
 from keyproxy.response.codings import DecodeFailed, Decoder, choose_encoding, encode
 from keyproxy.response.fields import (
     FILTER_FAILED,
@@ -126,6 +128,32 @@ def ascii_charset(block: bytes) -> bool:
     )
 
 
+#: Byte-order marks of UTF-16 and UTF-32 (UTF-32LE's begins with UTF-16LE's). A browser
+#: decodes by the BOM before any charset the head declares (WHATWG Encoding, "decode").
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+#: Text in UTF-16 or UTF-32 without a BOM, by its first four or two characters: ASCII with
+#: NULs between (RFC 4627 §3, as Python's `json.loads(bytes)` and requests' `.json()` tell
+#: JSON's encoding). Printable ASCII only, over 8 bytes, so binary formats that begin with
+#: small integers (an MP4's `00 00 00 20 ftyp`) do not look like text.
+_TEXT = rb"[\t\n\r\x20-\x7e]"
+_WIDE_TEXT = re.compile(
+    rb"(?:%s\x00){4}|(?:\x00%s){4}|(?:%s\x00\x00\x00){2}|(?:\x00\x00\x00%s){2}"
+    % (_TEXT, _TEXT, _TEXT, _TEXT)
+)
+#: How many of a body's first bytes `wide_text` reads.
+SNIFF_BYTES = 8
+
+
+def wide_text(start: bytes) -> bool:
+    """Whether a body beginning with `start` is UTF-16 or UTF-32 text: each character of
+    the secret is there with NULs between its bytes, which the byte scan does not match
+    and a client decodes back. The head's charset check cannot see it (no charset, or one
+    a BOM overrides). Costs one `startswith` and one `find` in the first four bytes."""
+    if start.startswith(_WIDE_BOMS):
+        return True
+    return start.find(b"\x00", 0, 4) >= 0 and _WIDE_TEXT.match(start) is not None
+
+
 def vary_on_accept_encoding(head: ResponseHead) -> None:
     """An answer encoded as the client's Accept-Encoding chose says so to caches, or a
     shared cache could hand a gzip body to a client that cannot read it."""
@@ -158,7 +186,8 @@ class BodyScrubFactory:
 
 class ScrubLink:
     __slots__ = (
-        "coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "stream", "whole",
+        "coding", "ctx", "decoder", "failed", "limit", "parts", "scrubber", "start", "stream",
+        "whole",
     )  # fmt: skip
 
     def __init__(self, scrubber: BodyScrubber, limit: int, ctx: RequestContext) -> None:
@@ -172,13 +201,22 @@ class ScrubLink:
         self.decoder: Decoder | None = None
         self.failed = False
         self.coding: str | None = None
+        #: An identity body's first bytes while fewer than `SNIFF_BYTES` have come (None:
+        #: read, or a compressed body, read whole once decoded).
+        self.start: bytes | None = None
 
     def on_head(self, head: ResponseHead) -> Deny | None:
+        if head.status in (204, 304) or head.length == 0:
+            # Nothing to scan: its charset or coding describes a body it does not have (a
+            # 304 names the coding of the representation the client holds), and an empty
+            # "gzip body" would fail to decode. Its head leaves as the upstream wrote it.
+            return None
         block = b"".join(head.lines).lower()
-        if not ascii_charset(block) and head.status not in (204, 304) and head.length != 0:
-            return BODY_NOT_SCANNED  # (an answer without a body has nothing to scan)
+        if not ascii_charset(block):
+            return BODY_NOT_SCANNED
         coding = content_coding(head, block)
         if coding is None or coding.strip().lower() in (b"", b"identity"):
+            self.start = b""
             length = head.length
             if length is not None and length <= WHOLE_UP_TO:
                 self.whole = length  # most answers: a small body that comes in one read
@@ -203,6 +241,8 @@ class ScrubLink:
         return None
 
     def on_body(self, chunk: bytes) -> bytes:
+        if self.start is not None:
+            self._sniff(chunk)
         stream = self.stream
         if stream is not None:
             return stream.feed(chunk)
@@ -223,6 +263,14 @@ class ScrubLink:
                 self.parts = []
         return b""
 
+    def _sniff(self, chunk: bytes) -> None:
+        """Refuse a wide body before any of it leaves (the first chunk is nearly always
+        long enough; a shorter one is read with the next, the stream holding it back)."""
+        start = self.start + chunk if self.start else chunk
+        if wide_text(start):
+            raise RefuseAnswer(BODY_NOT_SCANNED)
+        self.start = start if len(start) < SNIFF_BYTES else None
+
     def on_end(self) -> bytes | Deny:
         stream = self.stream
         if stream is not None:
@@ -238,6 +286,8 @@ class ScrubLink:
         if self.failed:
             return BODY_NOT_SCANNED
         body, self.parts = b"".join(self.parts), []
+        if wide_text(body):
+            return BODY_NOT_SCANNED
         return encode(self.scrubber.scrub(body), self.coding)
 
 
@@ -458,10 +508,19 @@ def join_lines(headers: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:
     return [name + b": " + value + b"\r\n" for name, value in headers]
 
 
+#: The response policy part of a cache key (`ResponseCache.key_for`).
+SCANNED, UNSCANNED = "scanned", "unscanned"
+
+
 class ResponseCache:
     """The `cache:` section at work: its store, which routes it serves, the metric.
 
-    Built per snapshot; a reload that keeps the same settings keeps the store.
+    Built per snapshot; a reload that keeps the same settings keeps the store. A hit
+    enters the chain after the body scrub, so an entry is keyed by whether its body was
+    scanned (`scans_bodies`, set by `body_factories`): an answer stored while its route
+    had `scrub_body: false` is never found once a reload turns scanning on, and expires
+    by the ttl. Emptying the store on such a reload would not do: a Redis store is shared
+    with replicas that may still run the old configuration and keep storing.
     """
 
     def __init__(
@@ -482,6 +541,8 @@ class ResponseCache:
         self.loop = loop
         self.max_entry_bytes = settings.max_entry_bytes
         self._tasks: set[asyncio.Task[object]] = set()
+        #: Whether the snapshot scans bodies at all (a route may still opt out).
+        self.scans_bodies = False
 
     def applies(self, ctx: RequestContext) -> bool:
         """A GET the upstream acts on as a GET: on a route allowing method overrides a GET
@@ -496,8 +557,13 @@ class ResponseCache:
 
     def key_for(self, ctx: RequestContext) -> CacheKey:
         """The forwarded request: method, upstream target (filters included) and the
-        request headers an answer may vary on; never a credential."""
-        key = cache_key(ctx.method, self.upstream_target(ctx), ctx.headers)
+        request headers an answer may vary on, and whether the body scrub runs for it;
+        never a credential."""
+        route = ctx.route
+        scanned = self.scans_bodies and (route is None or route.scrub_body)
+        key = cache_key(
+            ctx.method, self.upstream_target(ctx), ctx.headers, SCANNED if scanned else UNSCANNED
+        )
         identity = self.identity(ctx) if self.identity is not None else b""
         if identity:
             # Who calls is part of the forwarded request: the backend may answer by it.
@@ -695,6 +761,7 @@ def body_factories(
     if scanning:
         factories.append(BodyScrubFactory(scrubber, limits.max_bytes))
     if cache is not None:
+        cache.scans_bodies = scanning  # its entries are keyed by what ran before them
         factories.append(cache)
     if any(key.fields is not None for key in config.keys):
         memo = FilterMemo(count=count_memo) if count_memo is not None else None

@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from keyproxy.response.headers import (
-    HTML_NAMED,
-    JSON_SHORT,
+    MarkupEscapes,
+    byte_codes,
+    hex_of,
     secret_forms,
     secret_spellings,
 )
@@ -109,88 +110,28 @@ def _without_supersets(needles: Iterable[bytes]) -> tuple[bytes, ...]:
     return tuple(sorted(kept, key=lambda n: (-len(n), n)))
 
 
-def _codes(forms: Iterable[bytes]) -> set[int]:
-    """The bytes the forms hold, and their upper-case twins (`%41` stays `%41` in
-    lower-cased text, yet decodes to `A`)."""
-    return {code for form in forms for byte in form for code in (byte, bytes([byte]).upper()[0])}
-
-
-def _hex_of(codes: Iterable[int]) -> str:
-    """A regex for the lower-case two-digit hex of any of `codes`, grouped by first digit."""
-    by_high: dict[str, list[str]] = {}
-    for code in sorted(codes):
-        high, low = divmod(code, 16)
-        by_high.setdefault(f"{high:x}", []).append(f"{low:x}")
-    groups = (high + "[" + "".join(lows) + "]" for high, lows in by_high.items())
-    return "(?:" + "|".join(groups) + ")"
-
-
 def _escape_pattern(forms: Iterable[bytes]) -> re.Pattern[bytes]:
     """`%` and the hex of a byte a form holds. Every percent-escaped spelling holds one; a
     `%` without one cannot begin to spell a secret."""
-    return re.compile(("%" + _hex_of(_codes(forms))).encode())
+    return re.compile(("%" + hex_of(byte_codes(forms))).encode())
 
 
-#: The numeric escapes `markup_escapes` writes, in lower-cased text, to be read back; each
-#: pattern begins with a literal, which the regex engine finds fast.
-_JSON_NUMERIC = re.compile(rb"\\u00([0-7][0-9a-f])")
-_HTML_NUMERIC = re.compile(rb"&#(?:x0{0,2}([0-7][0-9a-f])|0{0,2}([0-9]{2,3}));")
+def overpadded(forms: Iterable[bytes]) -> re.Pattern[bytes]:
+    """Numeric references padded with three or more zeros (`&#00098;`): of a byte the
+    forms hold, or cut off where the text in hand ends (its code still to come).
 
-
-def _json_byte(match: re.Match[bytes]) -> bytes:
-    return bytes([int(match.group(1), 16)])
-
-
-def _html_byte(match: re.Match[bytes]) -> bytes:
-    hex_code, decimal = match.groups()
-    code = int(hex_code, 16) if hex_code is not None else int(decimal)
-    return bytes([code]) if code < 0x80 else match.group()
-
-
-class MarkupEscapes:
-    """Finds JSON and HTML escapes (`markup_escapes`) of the bytes the secret's forms hold,
-    cheaply enough to ask of every chunk: every spelling with such escapes holds one.
-
-    A byte search first (`\\`, `&`: memchr), then one pattern per kind, each beginning
-    with its byte, which the regex engine searches for alone. Measured per 64 KiB: a
-    pattern for both kinds took 400-530 µs, a substring search for `&#` 70; these ~22.
+    A browser reads any number of zeros, so the spellings match them; but the stream
+    holds back what a spelling with at most two zeros a byte can take
+    (`LONGEST_BYTE_SPELLING`), and one padded with more can begin in bytes already
+    passed on. No encoder writes such padding, so each one is masked on its own as
+    well, wherever it is: a client never reads a secret's byte from one. `\\Z` also
+    matches at the end of a search window, where the stream looks no further.
     """
-
-    __slots__ = ("html", "json", "replacements")
-
-    def __init__(self, forms: Iterable[bytes]) -> None:
-        codes = sorted(code for code in _codes(forms) if code < 0x80)
-        hex_codes = _hex_of(codes)
-        decimal = "|".join(sorted(map(str, codes), key=len, reverse=True))
-        short = "".join(re.escape(chr(c)) for c in codes if c in JSON_SHORT)
-        json_escapes = [f"u00{hex_codes}", *([f"[{short}]"] if short else [])]
-        html_escapes = [rf"#(?:x0{{0,2}}{hex_codes}|0{{0,2}}(?:{decimal}))"]
-        html_escapes += [HTML_NAMED[c].decode() for c in codes if c in HTML_NAMED]
-        self.json = re.compile((r"\\(?:" + "|".join(json_escapes) + ")").encode())
-        self.html = re.compile(("&(?:" + "|".join(html_escapes) + ");").encode())
-        #: The short and named escapes, read back without a callback per escape.
-        self.replacements = tuple(
-            [(b"\\" + bytes([c]), bytes([c])) for c in codes if c in JSON_SHORT]
-            + [(b"&" + HTML_NAMED[c] + b";", bytes([c])) for c in codes if c in HTML_NAMED]
-        )
-
-    def decoded(self, low: bytes) -> bytes | None:
-        """`low` read back as a JSON or HTML client would, if it holds an escape of a
-        secret's byte; None if it holds none (the common case)."""
-        if not (
-            (b"\\" in low and self.json.search(low) is not None)
-            or (b"&" in low and self.html.search(low) is not None)
-        ):
-            return None
-        # Read back as a client would, but loosely (`\\\\/` read as `\\/`, escapes read after
-        # other escapes): that only makes the search find more, never less.
-        for escape, plain in self.replacements:
-            low = low.replace(escape, plain)
-        if b"\\" in low:
-            low = _JSON_NUMERIC.sub(_json_byte, low)
-        if b"&" in low:
-            low = _HTML_NUMERIC.sub(_html_byte, low)
-        return low
+    codes = sorted(code for code in byte_codes(forms) if code < 0x80)
+    decimal = "|".join(sorted(map(str, codes), key=len, reverse=True)) or "(?!)"
+    return re.compile(
+        (rf"&\#(?:x0{{3,}}{hex_of(codes)}|0{{3,}}(?:{decimal}));|&\#x?0{{3,}}[0-9a-f]*\Z").encode()
+    )
 
 
 class BodyScrubber:
@@ -204,6 +145,7 @@ class BodyScrubber:
         "markup",
         "markup_always",
         "needles",
+        "overpadded",
         "pattern",
         "percent_always",
         "plus_is_space",
@@ -241,8 +183,11 @@ class BodyScrubber:
         # a JSON encoder may write the secret so; its reader, not the bytes, holds it.
         self.markup = MarkupEscapes(forms)
         self.markup_always = any("\\" in x or "&" in x for x in secrets)
+        self.overpadded = overpadded(forms)
         if spellings:
             patterns = sorted((s.pattern for s in spellings), key=len, reverse=True)
+            # Last: a spelling that holds an over-padded reference is redacted whole.
+            patterns.append(self.overpadded.pattern)
             self.pattern: re.Pattern[bytes] | None = re.compile(b"|".join(patterns))
             self.hold = max(s.longest for s in spellings) - 1
         else:
@@ -272,7 +217,11 @@ class BodyScrubber:
                     found.append(needle)
         if b"%" in low and (self.percent_always or self._escaped_in(low)):
             found.append(b"%")
-        if (b"\\" in low or b"&" in low) and (self.markup_always or self._markup_escaped_in(low)):
+        if (b"\\" in low or b"&" in low) and (
+            self.markup_always
+            or self._markup_escaped_in(low)
+            or (b"&#" in low and self.overpadded.search(low) is not None)
+        ):
             found += [anchor for anchor in (b"\\", b"&") if anchor in low]
         return found
 

@@ -11,7 +11,8 @@ is the status, the header lines and the body, framed in a simple byte format.
 
 What is cached, and for whom: the key is the forwarded request (method,
 upstream target with any filters keyproxy added, and the request headers an
-answer may vary on), never a client credential. The decision always runs
+answer may vary on) and the response policy it was stored under (whether its
+body was scanned for the upstream's secret), never a client credential. The decision always runs
 before the cache, and field filtering after it, so an answer fetched for one
 key is served to another only within that key's rights. Only 200 answers
 without `Set-Cookie`, `no-store`, `private`, `no-cache`, a zero max-age or a
@@ -61,9 +62,13 @@ class CacheKey:
     variant: str  # hex digest of everything else the answer depends on
 
 
-def cache_key(method: str, upstream_target: str, headers: Iterable[tuple[str, str]]) -> CacheKey:
+def cache_key(
+    method: str, upstream_target: str, headers: Iterable[tuple[str, str]], policy: str = ""
+) -> CacheKey:
     """The key of a forwarded request. `headers` are the request's (lower-case names);
-    only `KEYED_HEADERS` are read, so no credential can ever be part of a key."""
+    only `KEYED_HEADERS` are read, so no credential can ever be part of a key. `policy`
+    names the work done on the answer before it is stored (`ResponseCache.key_for`), so
+    an entry is found only under the policy that made it."""
     wanted: dict[str, list[str]] = {}
     for name, value in headers:
         if name in KEYED_HEADERS:
@@ -71,6 +76,7 @@ def cache_key(method: str, upstream_target: str, headers: Iterable[tuple[str, st
     parts = [method, upstream_target]
     for name in KEYED_HEADERS:
         parts.append(",".join(wanted.get(name, ())))
+    parts.append(policy)
     digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
     return CacheKey(upstream_target.partition("?")[0], digest)
 

@@ -19,7 +19,8 @@ Rules for a link:
   in `on_head` (the exchange then frames the body chunked for HTTP/1.1,
   close-delimited for 1.0);
 - a link never raises for bad upstream data: it returns a Deny (with hold) or
-  passes the bytes on;
+  passes the bytes on, except `RefuseAnswer` from `on_body` when the first bytes of a
+  body that streams show it must not leave at all;
 - a stateless header-only link may return the same object for every response.
 """
 
@@ -30,7 +31,7 @@ from typing import Protocol
 
 from keyproxy.request import Deny, RequestContext
 
-__all__ = ["Chain", "Link", "LinkFactory", "ResponseHead"]
+__all__ = ["Chain", "Link", "LinkFactory", "RefuseAnswer", "ResponseHead"]
 
 
 @dataclass(slots=True)
@@ -92,6 +93,18 @@ class ResponseHead:
         self.lines.insert(i, line)
 
 
+class RefuseAnswer(Exception):
+    """Raised by `on_body` when the body must not leave and the head was not held: what
+    the first bytes show (a UTF-16 body) cannot be known when the head passes, and holding
+    every head until its body starts would stall streams that start late. The exchange
+    answers `deny` when the head is still only queued (nearly always: the head and the
+    first bytes come in one read), else cuts the connection so no body byte leaves."""
+
+    def __init__(self, deny: Deny) -> None:
+        super().__init__(deny.code)
+        self.deny = deny
+
+
 class Link(Protocol):
     """One response's pass through one link. Called in chain order."""
 
@@ -100,7 +113,7 @@ class Link(Protocol):
         ...
 
     def on_body(self, chunk: bytes) -> bytes:
-        """Bytes to pass to the next link (b"" while buffering)."""
+        """Bytes to pass to the next link (b"" while buffering); may raise `RefuseAnswer`."""
         ...
 
     def on_end(self) -> bytes | Deny:

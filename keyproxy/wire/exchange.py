@@ -27,7 +27,7 @@ from keyproxy.policy.refusals import (
     payload_too_large,
 )
 from keyproxy.request import Deny, Reply, RequestContext
-from keyproxy.response.chain import Chain, Link, ResponseHead
+from keyproxy.response.chain import Chain, Link, RefuseAnswer, ResponseHead
 from keyproxy.response.errors import error_response, reason
 from keyproxy.response.links import HeaderLink, rate_limit_headers
 from keyproxy.wire.upstream import UpstreamUnavailable
@@ -620,8 +620,12 @@ class Exchange:
 
     def fail_internally(self, exc: BaseException) -> None:
         """A bug (in a check or a link) costs this request only: 500 if nothing of the
-        answer has left, else a cut connection; the process and other requests go on."""
-        log_event("internal_error", request_id=self.request_id, error=type(exc).__name__)
+        answer has left, else a cut connection; the process and other requests go on.
+        A link's `RefuseAnswer` takes the same way out with its own Deny (every place a
+        link runs already leads here, so refusing costs the data path nothing)."""
+        refused = exc.deny if isinstance(exc, RefuseAnswer) else None
+        if refused is None:
+            log_event("internal_error", request_id=self.request_id, error=type(exc).__name__)
         if self.done:
             return
         if self.upstream is not None:
@@ -633,6 +637,8 @@ class Exchange:
         if self.answer != NOT_STARTED:
             self.conn.abort()
             self._finish(False)
+        elif refused is not None:
+            self.send_error(refused)
         else:
             self.keep_alive = False
             self.send_error(INTERNAL_ERROR)
