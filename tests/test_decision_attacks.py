@@ -65,3 +65,20 @@ def test_a_multi_target_name_needs_the_grant_of_every_named_table(
     status, _, body, _ = kp.request("POST", f"/{index}/_search", key=NARROW, body=b"{}")
     assert (status, error_of(body)) == (403, "PERMISSION_DENIED"), body
     assert upstream.records() == []
+
+
+@pytest.mark.parametrize(
+    "index",
+    ["posts%2Cusers", "posts%2cusers", "%3Cusers%3E", "remote:users", "posts%2Cus%2A"],
+)
+def test_an_escaped_list_of_tables_does_not_reach_a_system_table(
+    kp: Keyproxy, upstream: UpstreamServer, index: str
+):
+    """A backend decodes `%2C` before it splits a multi-target name (Elasticsearch reads
+    `/posts%2Cusers/_mapping` as posts and users), and reads `<users>` (date math) or
+    `cluster:users` as users: the system-table check reads them as it does."""
+    assert kp.request("GET", "/posts/_mapping", key=READER)[0] == 200  # control
+    upstream.reset()
+    status, _, body, _ = kp.request("GET", f"/{index}/_mapping", key=READER)
+    assert (status, error_of(body)) == (403, "SYSTEM_TABLE_ACCESS"), body
+    assert upstream.records() == []

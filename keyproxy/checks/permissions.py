@@ -119,17 +119,28 @@ def system_table_in(ctx: RequestContext, tables: frozenset[str]) -> str | None:
     if position is not None and request_table(ctx) == ANY_TABLE:
         return min(tables)
     for segment in target.segments:
-        for part in segment.split(",") if "," in segment else (segment,):
-            if "*" in part or "%2a" in part.lower():
-                pattern = unquote(part).lower()
-                hit = next((t for t in sorted(tables) if fnmatchcase(t, pattern)), None)
+        if segment in tables:
+            return segment
+        if _EXACT_NAME.fullmatch(segment):
+            continue  # one lower-case name, not a system table (the common case)
+        # Decoded before it is split: a backend reads `posts%2Cusers` as `posts,users`.
+        # Every run of name characters is a name a backend may read: `<users>` (date
+        # math), `remote:users` (another cluster), `users.json`, each part of a list.
+        text = unquote(segment).lower() if "%" in segment else segment.lower()
+        for name in _NAME_RUN.findall(text):
+            if "*" in name:
+                hit = next((t for t in sorted(tables) if fnmatchcase(t, name)), None)
                 if hit is not None:
                     return hit
-                continue
-            name = table_name(part)
-            if name in tables:
+            elif name in tables:
                 return name
     return None
+
+
+#: One lower-case table name, as `request_name` grants it.
+_EXACT_NAME = re.compile(r"[a-z0-9_-]+")
+#: What a lenient backend may read as one name (or a `*` pattern of names) in a segment.
+_NAME_RUN = re.compile(r"[a-z0-9_*-]+")
 
 
 def check_roles(ctx: RequestContext) -> Deny | None:
