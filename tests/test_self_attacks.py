@@ -257,6 +257,24 @@ def test_the_owner_read_of_a_write_asks_with_its_query_too(
     assert status == 200 and json.loads(body)["changed"] is True, body
 
 
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
+def test_the_owner_read_carries_the_headers_the_request_carries(
+    owned_proxy: Keyproxy, recording_upstream: UpstreamServer, method: str
+):
+    """A backend may pick the record by a request header (a tenant, PostgREST's
+    `Accept-Profile` schema): read without it, bob's record 1 in the other tenant was
+    checked as alice's record 1 of the default one, then served or changed."""
+    other = [*as_user("alice"), ("X-Tenant", "other")]
+    body_sent = None if method == "GET" else b"{}"
+    recording_upstream.reset()
+    status, _, body, _ = owned_proxy.request(method, "/owned/posts/1", other, body_sent)
+    assert (status, error_of(body)) == (403, "PERMISSION_DENIED"), body
+    assert b"bob" not in body
+    assert [r["method"] for r in recording_upstream.records()] == ["GET"]  # the owner read only
+    status, _, body, _ = owned_proxy.request(method, "/owned/posts/2", other, body_sent)
+    assert status == 200 and json.loads(body)["createdBy"] == "alice", body
+
+
 def test_the_owner_read_says_who_asks_as_the_request_does(
     owned_proxy: Keyproxy, recording_upstream: UpstreamServer
 ):

@@ -491,12 +491,16 @@ async def upload(request: web.Request) -> web.Response:
 
 #: `/owned/{table}/{id}`: two records with owners, for the self-record tests.
 OWNED = {"1": {"id": 1, "createdBy": "alice"}, "2": {"id": 2, "createdBy": "bob"}}
+#: The same ids in another tenant (`X-Tenant: other`), owned the other way round.
+OWNED_OTHER_TENANT = {"1": {"id": 1, "createdBy": "bob"}, "2": {"id": 2, "createdBy": "alice"}}
 
 
 async def owned_record(request: web.Request) -> web.Response:
     """A record read the way Laravel's `$request->id` reads it: a query (or body) `id`
-    wins over the route's `{id}`, so `/owned/posts/1?id=2` answers record 2."""
-    record = OWNED.get(request.query.get("id") or request.match_info["id"])
+    wins over the route's `{id}`, so `/owned/posts/1?id=2` answers record 2. A request
+    header picks the tenant (or schema: PostgREST's `Accept-Profile`) it is read in."""
+    records = OWNED_OTHER_TENANT if request.headers.get("X-Tenant") == "other" else OWNED
+    record = records.get(request.query.get("id") or request.match_info["id"])
     if record is None:
         return web.json_response({"error": "not_found"}, status=404)
     if request.method in ("PATCH", "DELETE"):

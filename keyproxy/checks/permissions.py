@@ -19,6 +19,7 @@ from yarl import URL
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
 from keyproxy.policy.credentials import upstream_query
+from keyproxy.policy.headers import DROPPED_PREFIXES_TEXT, OWNER_READ_DROP
 from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
@@ -119,17 +120,28 @@ def system_table_in(ctx: RequestContext, tables: frozenset[str]) -> str | None:
     if position is not None and request_table(ctx) == ANY_TABLE:
         return min(tables)
     for segment in target.segments:
-        for part in segment.split(",") if "," in segment else (segment,):
-            if "*" in part or "%2a" in part.lower():
-                pattern = unquote(part).lower()
-                hit = next((t for t in sorted(tables) if fnmatchcase(t, pattern)), None)
+        if segment in tables:
+            return segment
+        if _EXACT_NAME.fullmatch(segment):
+            continue  # one lower-case name, not a system table (the common case)
+        # Decoded before it is split: a backend reads `posts%2Cusers` as `posts,users`.
+        # Every run of name characters is a name a backend may read: `<users>` (date
+        # math), `remote:users` (another cluster), `users.json`, each part of a list.
+        text = unquote(segment).lower() if "%" in segment else segment.lower()
+        for name in _NAME_RUN.findall(text):
+            if "*" in name:
+                hit = next((t for t in sorted(tables) if fnmatchcase(t, name)), None)
                 if hit is not None:
                     return hit
-                continue
-            name = table_name(part)
-            if name in tables:
+            elif name in tables:
                 return name
     return None
+
+
+#: One lower-case table name, as `request_name` grants it.
+_EXACT_NAME = re.compile(r"[a-z0-9_-]+")
+#: What a lenient backend may read as one name (or a `*` pattern of names) in a segment.
+_NAME_RUN = re.compile(r"[a-z0-9_*-]+")
 
 
 def check_roles(ctx: RequestContext) -> Deny | None:
@@ -195,6 +207,19 @@ def check_roles(ctx: RequestContext) -> Deny | None:
         )
     ctx.self_only = True
     return None
+
+
+#: `OWNER_READ_DROP` with a snapshot's injected and identity header names.
+_OWNER_READ_DROPS: list[tuple[Config, frozenset[str]]] = []
+
+
+def _owner_read_drop(config: Config) -> frozenset[str]:
+    if not _OWNER_READ_DROPS or _OWNER_READ_DROPS[0][0] is not config:
+        up = config.upstream
+        names = {n.lower() for n, _ in up.inject_headers}
+        names |= {n.lower() for _, n in up.identity_headers}
+        _OWNER_READ_DROPS[:] = [(config, OWNER_READ_DROP | names)]
+    return _OWNER_READ_DROPS[0][1]
 
 
 class OwnershipCheck:
@@ -318,9 +343,24 @@ class OwnershipCheck:
             up.origin + up.base_path + ctx.target.path + (f"?{query}" if query else ""),
             encoded=True,
         )
-        # Who asks, as the request itself will say it: a backend that scopes records by
+        # The client's headers as the request carries them upstream: a backend may pick
+        # the record by one (a tenant, PostgREST's `Accept-Profile` schema). Then who
+        # asks, as the request itself will say it: a backend that scopes records by
         # these (a tenant per key) must answer the owner read as it will the request.
-        headers = dict(identity_pairs(ctx, up.identity_headers))
+        drop = _owner_read_drop(config)
+        connection = {
+            token.strip(" \t")
+            for name, value in ctx.headers
+            if name == "connection"
+            for token in value.lower().split(",")
+        }
+        headers: dict[str, str] = {}
+        for name, value in ctx.headers:
+            if name in drop or name in connection or name.startswith(DROPPED_PREFIXES_TEXT):
+                continue
+            # Repeated names are joined as HTTP allows (RFC 9110 §5.3).
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        headers.update(identity_pairs(ctx, up.identity_headers))
         headers.update(up.inject_headers)
         auth = aiohttp.BasicAuth(*up.inject_basic) if up.inject_basic is not None else None
         headers["X-Request-Id"] = ctx.request_id

@@ -72,6 +72,30 @@ REQUEST_DROP = (
     | {name.encode() for name in URL_OVERRIDE_HEADERS}
 )
 
+#: Client headers the owner read of a self-only request (`OwnershipCheck`) never
+#: carries: those the request never carries upstream either (credentials, hop-by-hop,
+#: forwarding, identity, overrides: a method override would turn the read into the
+#: write), and those that would make the read answer something else than the record as
+#: JSON (conditionals, ranges, codings, a body's type). The rest it carries, as the
+#: request does: a backend may pick the record by one (a tenant, a schema).
+OWNER_READ_DROP = frozenset(
+    {name.decode() for name in REQUEST_DROP | METHOD_OVERRIDE}
+    | {
+        "accept",
+        "accept-encoding",
+        "content-type",
+        "content-encoding",
+        "range",
+        "if-range",
+        "request-range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+    }
+)
+DROPPED_PREFIXES_TEXT = tuple(prefix.decode() for prefix in DROPPED_PREFIXES)
+
 #: The upstream's limits count keyproxy's one secret, shared by every client: they
 #: say nothing about the client's own, and would sit beside keyproxy's headers.
 UPSTREAM_LIMIT_HEADERS = frozenset(

@@ -186,11 +186,26 @@ class Permissions:
     def _decide(self, roles: tuple[str, ...], table: str | None, op: str) -> str:
         known = [self.roles[name] for name in roles if name in self.roles]
         if table == ANY_TABLE or table is None:
-            # every table is touched: any table a role denies denies the request
+            # every table is touched: any table a role denies denies the request, and
+            # the request gets the narrowest verdict of any table: a table entry that
+            # grants less than `*` (`secrets: []`) holds for `_all` and `a,secrets` too
             if any(role.denied for role in known):
                 return DENIED
-        elif any(table in role.denied for role in known):
+            verdict = self._grant_verdict(known, ANY_TABLE, op)
+            for name in {t for role in known for t in role.tables if t != ANY_TABLE}:
+                if verdict is DENIED:
+                    break
+                narrower = self._grant_verdict(known, name, op)
+                if narrower is DENIED or narrower is SELF:
+                    verdict = narrower
+            return verdict
+        if any(table in role.denied for role in known):
             return DENIED
+        return self._grant_verdict(known, table, op)
+
+    @staticmethod
+    def _grant_verdict(known: list[Role], table: str, op: str) -> str:
+        """The widest grant of `op` on `table` among `known` roles (denies aside)."""
         verdict = DENIED
         for role in known:
             grant = role.grant(table)
