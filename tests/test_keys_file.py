@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -246,6 +247,36 @@ def test_a_reload_parses_in_a_child_process(tmp_path: Path, monkeypatch) -> None
     assert asyncio.run(holder.reload())
     assert [k.id for k in holder.config.keys] == ["b"]
     assert children and children[0][1:4] == ["-m", "keyproxy.config.handoff", str(path)]
+
+
+def test_the_parsing_child_runs_below_the_servers_priority(tmp_path: Path) -> None:
+    """The parse is background work: at equal priority it took an even share of a busy
+    CPU from the server, and the requests in flight waited (`bench/reload.py`)."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)  # the child blocks reading it until it is written: time to look
+    child = subprocess.Popen(
+        [sys.executable, "-m", "keyproxy.config.handoff", str(fifo)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV},
+    )  # fmt: skip
+    try:
+        writer = None
+        deadline = time.monotonic() + 30
+        while writer is None and time.monotonic() < deadline and child.poll() is None:
+            try:  # succeeds once the child has opened the file, so is parsing
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        assert writer is not None, "the child never opened the file"
+        ours, its = os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, child.pid)
+        assert its > ours or ours == 19  # 19: the lowest there is
+        os.write(writer, b"upstream: {url: http://127.0.0.1:1}\n")
+        os.close(writer)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+    (outcome,) = handoff.decode_steps(out)
+    assert isinstance(outcome, ConfigError)  # a real parse ran once the file arrived
 
 
 def test_a_change_to_the_keys_file_alone_is_a_change(tmp_path: Path) -> None:
