@@ -8,18 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import UpstreamServer, start_upstream
+from tests.procs import UpstreamServer
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
 
-UP = "upstream-secret-decision-0123456789"
 READER = "pk_" + "d" * 64
 NARROW = "pk_" + "e" * 64
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with start_upstream(header_secrets={"X-Upstream-Key": UP}) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,28 @@ from tests.procs import HeadAnswerer, header_values, raw_upstream
 from tests.proxy_process import KEYS, Keyproxy, base_config, digest, error_of, start_keyproxy
 
 SECRET = "attack-upstream-secret-27182818284"
+
+
+@contextmanager
+def proxy_before(
+    tmp_path: Path,
+    answerer: type[HeadAnswerer],
+    routes: Sequence[dict[str, Any]] = (),
+    keys: Sequence[dict[str, Any]] = (),
+    **sections: Any,
+) -> Iterator[Keyproxy]:
+    """`keyproxy serve` in front of a hand-made upstream, injecting SECRET: `routes`
+    before the base routes, `keys` after the base keys, `sections` set as given."""
+    with raw_upstream(answerer) as url:
+        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
+        config["routes"] = [*routes, *config["routes"]]
+        config["keys"] = [*config["keys"], *keys]
+        config.update(sections)
+        proxy = start_keyproxy(tmp_path, config)
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
 
 
 class RangeEchoPage(HeadAnswerer):
@@ -46,14 +69,8 @@ class RangeEchoPage(HeadAnswerer):
 
 @pytest.fixture
 def range_proxy(tmp_path: Path) -> Iterator[Keyproxy]:
-    with raw_upstream(RangeEchoPage) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["routes"] = [{"match": "GET /page", "acl": "get"}, *config["routes"]]
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            yield proxy
-        finally:
-            proxy.stop()
+    with proxy_before(tmp_path, RangeEchoPage, [{"match": "GET /page", "acl": "get"}]) as proxy:
+        yield proxy
 
 
 def test_range_requests_cannot_split_the_secret_past_the_body_scan(range_proxy: Keyproxy) -> None:
@@ -73,6 +90,8 @@ def test_range_requests_cannot_split_the_secret_past_the_body_scan(range_proxy: 
 
 
 FILTERED_KEY = "pk_" + "a" * 64
+FILTERED = {"id": "filtered", "hash": digest(FILTERED_KEY), "type": "read",
+            "fields": {"exclude": ["pin"]}}  # fmt: skip
 
 
 def express_etag(body: bytes) -> bytes:
@@ -103,21 +122,8 @@ class ExpressLikeRecord(HeadAnswerer):
 
 @pytest.fixture
 def etag_proxy(tmp_path: Path) -> Iterator[Keyproxy]:
-    with raw_upstream(ExpressLikeRecord) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["keys"].append(
-            {
-                "id": "filtered",
-                "hash": digest(FILTERED_KEY),
-                "type": "read",
-                "fields": {"exclude": ["pin"]},
-            }
-        )
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            yield proxy
-        finally:
-            proxy.stop()
+    with proxy_before(tmp_path, ExpressLikeRecord, keys=[FILTERED]) as proxy:
+        yield proxy
 
 
 def test_if_none_match_is_no_oracle_on_an_excluded_field(etag_proxy: Keyproxy) -> None:
@@ -183,18 +189,13 @@ def test_a_client_host_cannot_poison_the_answer_cached_for_others(tmp_path: Path
     its links; an answer fetched under `Host: evil.example` was stored under a key
     without it, and every other client of the route got links to the attacker's host
     (where their apps would send their keys)."""
-    with raw_upstream(LinksFromForwardedHost) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["cache"] = {"backend": "memory", "ttl": "30s", "routes": ["GET /v1/data/{table}"]}
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            first = get_with_host(proxy, "evil.example", KEYS["reader"])
-            assert first.startswith(b"HTTP/1.1 200") and b"evil.example" in first
-            time.sleep(0.2)  # the tee stores in a task
-            second = get_with_host(proxy, "api.example.com", KEYS["admin"])
-            assert second.startswith(b"HTTP/1.1 200") and b"evil.example" not in second
-        finally:
-            proxy.stop()
+    cache = {"backend": "memory", "ttl": "30s", "routes": ["GET /v1/data/{table}"]}
+    with proxy_before(tmp_path, LinksFromForwardedHost, cache=cache) as proxy:
+        first = get_with_host(proxy, "evil.example", KEYS["reader"])
+        assert first.startswith(b"HTTP/1.1 200") and b"evil.example" in first
+        time.sleep(0.2)  # the tee stores in a task
+        second = get_with_host(proxy, "api.example.com", KEYS["admin"])
+        assert second.startswith(b"HTTP/1.1 200") and b"evil.example" not in second
 
 
 class DigestedRecord(HeadAnswerer):
@@ -213,21 +214,12 @@ class DigestedRecord(HeadAnswerer):
 def test_digests_of_the_unfiltered_body_do_not_reach_a_filtered_key(tmp_path: Path) -> None:
     """A digest of the upstream's bytes lets a key that may not see `pin` try every
     value offline until one hashes to it."""
-    with raw_upstream(DigestedRecord) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["keys"].append(
-            {"id": "filtered", "hash": digest(FILTERED_KEY), "type": "read",
-             "fields": {"exclude": ["pin"]}}
-        )  # fmt: skip
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            status, headers, body, _ = proxy.request("GET", "/v1/data/people/7", key=KEYS["reader"])
-            assert status == 200 and "content-digest" in headers  # unfiltered: kept as sent
-            status, headers, body, _ = proxy.request("GET", "/v1/data/people/7", key=FILTERED_KEY)
-            assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}
-            assert "content-digest" not in headers and "repr-digest" not in headers
-        finally:
-            proxy.stop()
+    with proxy_before(tmp_path, DigestedRecord, keys=[FILTERED]) as proxy:
+        status, headers, body, _ = proxy.request("GET", "/v1/data/people/7", key=KEYS["reader"])
+        assert status == 200 and "content-digest" in headers  # unfiltered: kept as sent
+        status, headers, body, _ = proxy.request("GET", "/v1/data/people/7", key=FILTERED_KEY)
+        assert status == 200 and json.loads(body) == {"id": 7, "name": "ann"}
+        assert "content-digest" not in headers and "repr-digest" not in headers
 
 
 class CharsetNegotiatingEcho(HeadAnswerer):
@@ -251,20 +243,15 @@ def test_a_wide_charset_answer_does_not_carry_the_secret_past_the_scan(
 ) -> None:
     """The scan reads bytes; in UTF-16 every character of the secret is two bytes, none
     of which spells it, and the client decodes the text back to the secret."""
-    with raw_upstream(CharsetNegotiatingEcho) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["routes"] = [{"match": "GET /page", "acl": "get"}, *config["routes"]]
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            status, _, body, _ = proxy.request("GET", "/page", key=KEYS["reader"])
-            assert status == 200 and SECRET.encode() not in body
-            status, _, body, _ = proxy.request(
-                "GET", "/page", {"Accept": f"text/plain;charset={charset}"}, key=KEYS["reader"]
-            )
-            assert SECRET not in body.decode(charset, "replace")
-            assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
-        finally:
-            proxy.stop()
+    page = [{"match": "GET /page", "acl": "get"}]
+    with proxy_before(tmp_path, CharsetNegotiatingEcho, page) as proxy:
+        status, _, body, _ = proxy.request("GET", "/page", key=KEYS["reader"])
+        assert status == 200 and SECRET.encode() not in body
+        status, _, body, _ = proxy.request(
+            "GET", "/page", {"Accept": f"text/plain;charset={charset}"}, key=KEYS["reader"]
+        )
+        assert SECRET not in body.decode(charset, "replace")
+        assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
 
 
 class WideEcho(HeadAnswerer):
@@ -290,18 +277,13 @@ def test_a_wide_body_without_a_charset_does_not_carry_the_secret_past_the_scan(
     """The charset check reads the head; a UTF-16 body that names no charset passed it,
     and its NUL-interleaved secret passed the byte scan. A browser reads it by its BOM
     (before any declared charset), Python's JSON reader by its NULs."""
-    with raw_upstream(WideEcho) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["routes"] = [{"match": "GET /wide/{codec}", "acl": "get"}, *config["routes"]]
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            status, _, body, _ = proxy.request("GET", "/wide/utf-8", key=KEYS["reader"])
-            assert status == 200 and SECRET not in json.loads(body)["headers"]
-            status, _, body, _ = proxy.request("GET", f"/wide/{codec}", key=KEYS["reader"])
-            assert SECRET.encode() not in body.replace(b"\0", b"")
-            assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
-        finally:
-            proxy.stop()
+    wide = [{"match": "GET /wide/{codec}", "acl": "get"}]
+    with proxy_before(tmp_path, WideEcho, wide) as proxy:
+        status, _, body, _ = proxy.request("GET", "/wide/utf-8", key=KEYS["reader"])
+        assert status == 200 and SECRET not in json.loads(body)["headers"]
+        status, _, body, _ = proxy.request("GET", f"/wide/{codec}", key=KEYS["reader"])
+        assert SECRET.encode() not in body.replace(b"\0", b"")
+        assert status == 502 and error_of(body) == "BODY_NOT_SCANNED"
 
 
 class HeaderEcho(HeadAnswerer):
@@ -323,32 +305,26 @@ def test_a_reload_that_turns_scanning_on_never_serves_an_entry_stored_unscanned(
     upstream wrote it; the store outlives a reload that keeps the cache settings, and the
     cache hit enters the chain after the scrub: after turning scanning on, the operator
     still served the secret from the cache until the entry expired."""
-    with raw_upstream(HeaderEcho) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["routes"] = [
-            {"match": "GET /cached/{page}", "acl": "get", "scrub_body": False},
-            {"match": "GET /fresh/{page}", "acl": "get", "scrub_body": False},
-            *config["routes"],
-        ]
-        config["cache"] = {"backend": "memory", "ttl": "60s", "routes": ["GET /cached/{page}"]}
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
-            assert status == 200 and SECRET.encode() in body  # the operator's choice, then
-            time.sleep(0.2)  # the tee stores in a task
-            scanned = json.loads(json.dumps(config))
-            for route in scanned["routes"][:2]:
-                route["scrub_body"] = True
-            proxy.rewrite_config(scanned)
-            deadline = time.monotonic() + 10
-            while SECRET.encode() in proxy.request("GET", "/fresh/x", key=KEYS["reader"])[2]:
-                assert time.monotonic() < deadline, "the reload never took effect"
-                time.sleep(0.05)
-            status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
-            assert status == 200 and SECRET.encode() not in body
-            assert b"[REDACTED]" in body
-        finally:
-            proxy.stop()
+    unscanned = [
+        {"match": "GET /cached/{page}", "acl": "get", "scrub_body": False},
+        {"match": "GET /fresh/{page}", "acl": "get", "scrub_body": False},
+    ]
+    cache = {"backend": "memory", "ttl": "60s", "routes": ["GET /cached/{page}"]}
+    with proxy_before(tmp_path, HeaderEcho, unscanned, cache=cache) as proxy:
+        status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+        assert status == 200 and SECRET.encode() in body  # the operator's choice, then
+        time.sleep(0.2)  # the tee stores in a task
+        scanned = json.loads(json.dumps(proxy.config))
+        for route in scanned["routes"][:2]:
+            route["scrub_body"] = True
+        proxy.rewrite_config(scanned)
+        deadline = time.monotonic() + 10
+        while SECRET.encode() in proxy.request("GET", "/fresh/x", key=KEYS["reader"])[2]:
+            assert time.monotonic() < deadline, "the reload never took effect"
+            time.sleep(0.05)
+        status, _, body, _ = proxy.request("GET", "/cached/debug", key=KEYS["reader"])
+        assert status == 200 and SECRET.encode() not in body
+        assert b"[REDACTED]" in body
 
 
 class GzipRevalidation(HeadAnswerer):
@@ -367,21 +343,15 @@ class GzipRevalidation(HeadAnswerer):
 def test_a_bodiless_answer_labelled_gzip_is_not_refused(tmp_path: Path) -> None:
     """There is nothing to decode or scan: the 304 that tells a browser its copy is
     fresh was replaced by 502 BODY_NOT_SCANNED (the empty 'gzip body' failed to decode)."""
-    with raw_upstream(GzipRevalidation) as url:
-        config: dict[str, Any] = base_config(url, {"headers": {"X-Upstream-Key": SECRET}})
-        config["routes"] = [
-            {"match": "GET /page/{page}", "acl": "get"},
-            {"match": "GET /empty/{page}", "acl": "get"},
-            *config["routes"],
-        ]
-        proxy = start_keyproxy(tmp_path, config)
-        try:
-            status, headers, body, _ = proxy.request(
-                "GET", "/page/1", {"If-None-Match": '"v1"'}, key=KEYS["reader"]
-            )
-            assert (status, body) == (304, b"")
-            assert headers["etag"] == '"v1"'
-            status, _, body, _ = proxy.request("GET", "/empty/1", key=KEYS["reader"])
-            assert (status, body) == (204, b"")
-        finally:
-            proxy.stop()
+    routes = [
+        {"match": "GET /page/{page}", "acl": "get"},
+        {"match": "GET /empty/{page}", "acl": "get"},
+    ]
+    with proxy_before(tmp_path, GzipRevalidation, routes) as proxy:
+        status, headers, body, _ = proxy.request(
+            "GET", "/page/1", {"If-None-Match": '"v1"'}, key=KEYS["reader"]
+        )
+        assert (status, body) == (304, b"")
+        assert headers["etag"] == '"v1"'
+        status, _, body, _ = proxy.request("GET", "/empty/1", key=KEYS["reader"])
+        assert (status, body) == (204, b"")

@@ -24,10 +24,9 @@ from keyproxy.policy.permissions import (
     request_name,
     scope_allows,
 )
-from tests.procs import UpstreamServer, free_port, spawn, start_upstream
+from tests.procs import UpstreamServer, free_port, spawn
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
 
-UP = "upstream-secret-tables-0123456789"
 READER = "pk_" + "a" * 64
 SCOPED = "sk_" + "b" * 64
 WRITER = "sk_" + "c" * 64
@@ -121,12 +120,6 @@ def test_two_table_parameters_are_a_config_error():
 
 
 # --- through `keyproxy serve` -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UpstreamServer]:
-    with start_upstream(header_secrets={"X-Upstream-Key": UP}) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
