@@ -11,8 +11,14 @@ in p99 is what the reload costs the requests in flight.
 With `--keys-file` the keys live in a JSON-lines file next to a small YAML file
 (`keys_file:`), and the reload replaces that file alone.
 
+`--in-process` measures the cause rather than the effect: no wrk, no sockets; the
+server's objects (`ProxyServer`, `ConfigHolder`) on a uvloop loop, a task that
+does nothing but yield, and `ConfigHolder.reload()` run `--rounds` times (a real
+child process parses the new registry). It prints the longest gaps between the
+task's turns: the longest time a request would have waited for the loop.
+
 Usage: python bench/reload.py [--keys 100000] [--duration 10] [--rounds 2]
-       [--connections 32] [--keys-file]
+       [--connections 32] [--keys-file] [--in-process]
 """
 
 from __future__ import annotations
@@ -136,6 +142,70 @@ def replace_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def loop_pauses(n_keys: int, rounds: int) -> int:
+    """`--in-process`: the loop's longest pauses during real reloads (full policy)."""
+    import asyncio
+
+    import uvloop
+    from policy import Features
+
+    from keyproxy.app import ProxyServer, freeze_long_lived
+    from keyproxy.config.reload import ConfigHolder
+
+    tmp = Path(tempfile.mkdtemp(prefix="keyproxy-reload-"))
+    os.environ.setdefault(SECRET_ENV, "bench-upstream-secret-0123456789")
+    config = tmp / "config.yaml"
+
+    def write(seed: int) -> None:
+        features = Features.full(str(tmp / "access.log"))
+        policy = build_policy(
+            "http://127.0.0.1:9", "127.0.0.1:8", "127.0.0.1:7", n_keys=n_keys, seed=seed,
+            features=features,
+        )  # fmt: skip
+        text, lines = split_keys(policy.yaml, "keys.jsonl")
+        replace_file(tmp / "keys.jsonl", lines)
+        replace_file(config, text.encode())
+
+    async def turns(gaps: list[float], done: asyncio.Event) -> None:
+        """Yield, and note how long each turn of the loop took to come back."""
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def measure(holder: ConfigHolder) -> None:
+        for round_ in range(rounds):
+            write(2 + round_)
+            gaps: list[float] = []
+            done = asyncio.Event()
+            ticker = asyncio.create_task(turns(gaps, done))
+            started = time.perf_counter()
+            applied = await holder.reload()
+            took = time.perf_counter() - started
+            done.set()
+            await ticker
+            longest = ", ".join(f"{g * 1000:.1f}" for g in sorted(gaps, reverse=True)[:5])
+            print(
+                f"round {round_ + 1}: reload {'applied' if applied else 'REFUSED'} in {took:.2f} s,"
+                f" {len(gaps)} loop turns; longest pauses (ms): {longest}"
+            )
+
+    try:
+        write(1)
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        holder = ConfigHolder.load(str(config))
+        ProxyServer(holder, loop)  # subscribes: the swap rebuilds its plan as `serve`'s does
+        freeze_long_lived()
+        print(f"{n_keys} keys (keys_file), full policy, in-process reloads:")
+        loop.run_until_complete(measure(holder))
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keys", type=int, default=100_000)
@@ -144,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--reload-at", type=float, default=1.5, help="seconds into the run")
     p.add_argument("--keys-file", action="store_true", help="keys in a JSON-lines file")
+    p.add_argument(
+        "--in-process", action="store_true", help="the loop's longest pauses, no load (keys_file)"
+    )
     args = p.parse_args(argv)
+    if args.in_process:
+        return loop_pauses(args.keys, args.rounds)
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 1

@@ -222,6 +222,18 @@ def test_the_handoff_rebuilds_the_same_config_in_pieces(tmp_path: Path, monkeypa
     assert len({id(key.ips) for key in decoded.keys if key.ips}) == 1
 
 
+def test_whether_any_key_filters_fields_is_known_after_the_handoff(tmp_path: Path) -> None:
+    """The swap reads it instead of walking every key; wrong as False, answers a key
+    must see filtered would go out whole."""
+    plain = {"id": "a", "hash": hash_of(1), "type": "read"}
+    filtered = {"id": "b", "hash": hash_of(2), "type": "read", "fields": {"exclude": ["pin"]}}
+    for lines, expected in (([plain], False), ([plain, filtered], True)):
+        config = _load(_write(tmp_path, lines))
+        assert config.any_key_fields is expected
+        decoded = list(handoff.decode_steps(handoff.encode(config)))[-1]
+        assert decoded.any_key_fields is expected
+
+
 def test_the_handoff_carries_a_refusal(tmp_path: Path) -> None:
     path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "reed"}])
     (outcome,) = handoff.decode_steps(handoff.encode(handoff.load_outcome(str(path))))
@@ -247,6 +259,28 @@ def test_a_reload_parses_in_a_child_process(tmp_path: Path, monkeypatch) -> None
     assert asyncio.run(holder.reload())
     assert [k.id for k in holder.config.keys] == ["b"]
     assert children and children[0][1:4] == ["-m", "keyproxy.config.handoff", str(path)]
+
+
+def test_a_replaced_registry_is_freed_a_slice_per_loop_turn() -> None:
+    """Freeing 100,000 keys at once held the loop ~20 ms: requests run between slices."""
+    total = handoff.RELEASE * 3 + 1
+    keys = [object() for _ in range(total)]
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def request() -> None:
+            for _ in range(10):
+                seen.append(len(keys))
+                await asyncio.sleep(0)
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        await handoff.release(keys)  # type: ignore[arg-type]
+        await running
+
+    asyncio.run(main())
+    assert keys == []
+    assert seen[:5] == [total, total - handoff.RELEASE, total - 2 * handoff.RELEASE, 1, 0]
 
 
 def test_the_parsing_child_runs_below_the_servers_priority(tmp_path: Path) -> None:

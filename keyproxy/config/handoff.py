@@ -209,11 +209,24 @@ def decode_steps(data: bytes) -> Iterator[Outcome | None]:
 async def decode(data: bytes) -> Outcome:
     """`decode_steps` on the loop, letting requests run between the steps."""
     outcome: Outcome | None = None
-    for outcome in decode_steps(data):
-        if outcome is None:
-            await asyncio.sleep(0)
+    for step in decode_steps(data):
+        outcome = step
+        await asyncio.sleep(0)  # after the last step too: the swap is a turn of its own
     assert outcome is not None
     return outcome
+
+
+#: Replaced keys freed per loop turn, ~0.5 ms: freeing a 100,000-key registry in one
+#: go (its tuple dropped with the old snapshot) held the loop for 17-25 ms.
+RELEASE = 2000
+
+
+async def release(keys: list[Key]) -> None:
+    """Free a replaced registry's keys a slice per loop turn. `keys` must hold the last
+    references: a key still used elsewhere (a request in flight) lives on until then."""
+    while keys:
+        del keys[-RELEASE:]
+        await asyncio.sleep(0)
 
 
 # --------------------------------------------------------------------------- the child

@@ -203,6 +203,7 @@ def _build(text: str, source: str, env: Mapping[str, str]) -> Config:
         metrics=metrics_settings,
         route_table=route_table,
         keys_by_digest=key_reader.index(keys),
+        any_key_fields=any(key.fields is not None for key in keys),
         cors=cors,
         users=users,
         permissions=permissions,

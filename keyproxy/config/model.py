@@ -257,6 +257,9 @@ class Config:
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # the loader always sets it; None only while it builds
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
+    #: Whether some key has `fields:`, so answers may need filtering (True, the safe side,
+    #: unless the loader says otherwise): a swap need not walk 100,000 keys to learn it.
+    any_key_fields: bool = field(default=True, compare=False)
     #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
     cors: CorsPolicy | None = field(default=None, compare=False)
     #: `cache:`; None: nothing is cached.

@@ -763,7 +763,7 @@ def body_factories(
     if cache is not None:
         cache.scans_bodies = scanning  # its entries are keyed by what ran before them
         factories.append(cache)
-    if any(key.fields is not None for key in config.keys):
+    if config.any_key_fields:
         memo = FilterMemo(count=count_memo) if count_memo is not None else None
         factories.append(FieldsFactory(limits, scrubber if scanning else None, memo))
     return factories
