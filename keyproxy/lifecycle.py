@@ -132,6 +132,8 @@ async def serve(
             orphan_watch = loop.create_task(_stop_when_orphaned(link.supervisor_pid, stop))
     if ready is not None and not ready.done():
         ready.set_result((bound[0], bound[1]))
+    # The startup snapshot must not outlive the first reload (100,000 keys: ~60 MB).
+    del config
     await stop.wait()
     log_event("draining", connections=len(proxy.connections))
     for server in servers:
@@ -139,7 +141,7 @@ async def serve(
     watcher.cancel()
     if orphan_watch is not None:
         orphan_watch.cancel()
-    await proxy.drain(config.server.drain_timeout)
+    await proxy.drain(holder.config.server.drain_timeout)
     await admin_runner.cleanup()
     proxy.observer.close()
     log_event("stopped")

@@ -10,6 +10,7 @@ keeps its last good configuration when the keys file is bad.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import orjson
 import pytest
 
 from keyproxy.config import ConfigError, handoff, load_config
-from keyproxy.config.model import KeyType
+from keyproxy.config.model import Config, KeyType
 from keyproxy.config.reload import ConfigHolder
 from tests.test_config import BASE, ENV, hash_of
 
@@ -234,6 +235,17 @@ def test_whether_any_key_filters_fields_is_known_after_the_handoff(tmp_path: Pat
         assert decoded.any_key_fields is expected
 
 
+def test_a_stream_from_other_code_is_refused_before_anything_is_rebuilt(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "read"}])
+    monkeypatch.setattr(handoff, "CODE", "written by another version")
+    stream = handoff.encode(_load(path))
+    monkeypatch.undo()
+    assert list(handoff.decode_steps(stream)) == [handoff.OTHER_CODE]
+    assert isinstance(list(handoff.decode_steps(handoff.encode(_load(path))))[-1], Config)
+
+
 def test_the_handoff_carries_a_refusal(tmp_path: Path) -> None:
     path = _write(tmp_path, [{"id": "a", "hash": hash_of(1), "type": "reed"}])
     (outcome,) = handoff.decode_steps(handoff.encode(handoff.load_outcome(str(path))))
@@ -281,6 +293,64 @@ def test_a_replaced_registry_is_freed_a_slice_per_loop_turn() -> None:
     asyncio.run(main())
     assert keys == []
     assert seen[:5] == [total, total - handoff.RELEASE, total - 2 * handoff.RELEASE, 1, 0]
+
+
+def test_serve_lets_every_replaced_registry_go(tmp_path: Path, monkeypatch) -> None:
+    """`serve` kept the startup snapshot in a local for its whole life: after the first
+    reload a 100,000-key registry stayed in memory twice. The parse runs in-process here
+    (what is tested is who holds the old keys), and each reload frees through `release`."""
+    import signal
+
+    from keyproxy import lifecycle
+    from keyproxy.config import reload as reload_module
+    from keyproxy.config.model import HostPort
+    from keyproxy.wire.listeners import bind
+
+    def config_with(first: int) -> Config:
+        lines = [
+            {"id": f"k{i}", "hash": hash_of(i), "type": "read"} for i in range(first, first + 50)
+        ]
+        return _load(_write(tmp_path, lines))
+
+    startup, second, third = config_with(0), config_with(100), config_with(200)
+    # The digest objects of each registry: alone in the world once their keys are freed.
+    watched = [startup.keys[0].digest, second.keys[0].digest]
+    queue = [second, third]
+    released: list[int] = []
+
+    async def parse_here(path: str, in_place: bool = False) -> Config:
+        return queue.pop(0)
+
+    async def counting_release(keys: list) -> None:
+        released.append(len(keys))
+        await handoff.release(keys)
+
+    monkeypatch.setattr(reload_module, "load_in_child", parse_here)
+    monkeypatch.setattr(reload_module, "release", counting_release)
+    holder = ConfigHolder(startup, str(tmp_path / "keyproxy.yaml"))
+    del startup, second, third
+
+    async def main() -> list[int]:
+        ready = asyncio.get_running_loop().create_future()
+        loopback = HostPort("127.0.0.1", 0)
+        serving = asyncio.create_task(
+            lifecycle.serve(
+                holder, ready=ready, sockets=bind(loopback, "port", "-"),
+                admin_sockets=bind(loopback, "admin port", "-"),
+            )
+        )  # fmt: skip
+        await ready
+        counts = []
+        for i in range(len(watched)):
+            assert await holder.reload()
+            gc.collect()
+            counts.append(sys.getrefcount(watched[i]))
+        os.kill(os.getpid(), signal.SIGTERM)
+        await serving
+        return counts
+
+    assert asyncio.run(main()) == [2, 2]  # the list's and getrefcount's own: nobody else's
+    assert released == [50, 50]
 
 
 def test_the_parsing_child_runs_below_the_servers_priority(tmp_path: Path) -> None:
@@ -360,6 +430,39 @@ def test_serve_reloads_when_only_the_keys_file_changes_and_keeps_the_last_good(
         assert f"{keys}:2: keys[1]: invalid JSON" in kp.process.stderr
         assert kp.request("GET", "/echo/x", key=newcomer)[0] == 200
         assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 401
+    finally:
+        kp.stop()
+
+
+def test_serve_refuses_a_reload_parsed_by_other_code_than_its_own(tmp_path: Path, upstream) -> None:
+    """Objects cross from the parser by their fields in order: after keyproxy's files were
+    replaced under a running server, a parser running the new files could fill the old
+    server's fields wrongly (a new field before `cors` turned the safe default of a flag
+    into `None`). The server refuses such a stream and keeps its configuration."""
+    import shutil
+
+    import keyproxy
+    from tests.proxy_process import KEYS, base_config, digest, start_keyproxy
+    from tests.test_lifecycle import wait_until
+
+    installed = tmp_path / "site"
+    shutil.copytree(
+        Path(keyproxy.__file__).parent, installed / "keyproxy",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )  # fmt: skip
+    newcomer = "pk_" + "7" * 64
+    config = base_config(upstream.url, upstream.inject())
+    kp = start_keyproxy(tmp_path, config, cwd=installed)
+    try:
+        assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401
+        with open(installed / "keyproxy" / "config" / "model.py", "a") as model:
+            model.write("\n# an upgrade in place\n")
+        changed = json.loads(json.dumps(config))
+        changed["keys"].append({"id": "newcomer", "hash": digest(newcomer), "type": "read"})
+        kp.rewrite_config(changed)
+        assert wait_until(lambda: "restart keyproxy to apply it" in kp.process.stderr, 10.0)
+        assert kp.request("GET", "/echo/x", key=newcomer)[0] == 401
+        assert kp.request("GET", "/echo/x", key=KEYS["reader"])[0] == 200
     finally:
         kp.stop()
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import io
 import os
 import pickle
@@ -103,11 +104,44 @@ class _Pickler(pickle.Pickler):
 _INIT_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
+def code_fingerprint() -> str:
+    """Which keyproxy code this process runs: its package files' names, sizes and times.
+
+    The stream rebuilds objects from their fields in order, so a child running other
+    code than the server (the package replaced under a running server: an upgrade or
+    a rollback in place) could fill the wrong fields, a flag with another's value.
+    """
+    import keyproxy
+
+    root = os.path.dirname(os.path.abspath(keyproxy.__file__))
+    digest = hashlib.sha256()
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name != "__pycache__")
+        for name in sorted(names):
+            if name.endswith((".py", ".so", ".pyd")):
+                path = os.path.join(folder, name)
+                found = os.stat(path)
+                where = os.path.relpath(path, root)
+                digest.update(f"{where} {found.st_size} {found.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+#: The code this process started with (read at import, before any file could change).
+CODE = code_fingerprint()
+
+OTHER_CODE = (
+    "not applied: keyproxy's files changed since this server started (an upgrade or a"
+    " rollback in place) and the parser ran the new ones: restart keyproxy to apply it"
+)
+
+
 def encode(outcome: Outcome) -> bytes:
-    """The outcome as one pickle stream: a head, then the keys in chunks, then the
-    index entries of rotated keys' older hashes (copies that say which hash)."""
+    """The outcome as one pickle stream: the code's fingerprint, a head, then the keys
+    in chunks, then the index entries of rotated keys' older hashes (copies that say
+    which hash)."""
     out = io.BytesIO()
     pickler = _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dump(CODE)  # a plain string: readable whatever code wrote it
     if not isinstance(outcome, Config):
         pickler.dump(("refused", outcome))
         return out.getvalue()
@@ -178,6 +212,9 @@ def decode_steps(data: bytes) -> Iterator[Outcome | None]:
     creates during the few hundred milliseconds of decoding is frozen with them.
     """
     pieces = _pieces(data)
+    if next(pieces) != CODE:
+        yield OTHER_CODE
+        return
     head = next(pieces)
     if head[0] == "refused":
         yield head[1]

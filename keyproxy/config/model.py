@@ -257,15 +257,15 @@ class Config:
     # Indexes derived from the fields above by the loader.
     route_table: RouteTable = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # the loader always sets it; None only while it builds
     keys_by_digest: Mapping[bytes, Key] = field(default_factory=dict, repr=False, compare=False)
-    #: Whether some key has `fields:`, so answers may need filtering (True, the safe side,
-    #: unless the loader says otherwise): a swap need not walk 100,000 keys to learn it.
-    any_key_fields: bool = field(default=True, compare=False)
     #: `cors:` compiled; None when the section is absent (CORS headers are never sent).
     cors: CorsPolicy | None = field(default=None, compare=False)
     #: `cache:`; None: nothing is cached.
     cache: CacheSettings | None = field(default=None, compare=False)
     #: Absolute path of `keys_file:` (watched for changes with the file itself); None: none.
     keys_file: str | None = None
+    #: Whether some key has `fields:`, so answers may need filtering (True, the safe side,
+    #: unless the loader says otherwise): a swap need not walk 100,000 keys to learn it.
+    any_key_fields: bool = field(default=True, compare=False)
 
     def summary(self) -> str:
         keys = "1 key" if len(self.keys) == 1 else f"{len(self.keys)} keys"
