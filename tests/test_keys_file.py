@@ -446,10 +446,10 @@ def test_serve_refuses_a_reload_parsed_by_other_code_than_its_own(tmp_path: Path
     from tests.test_lifecycle import wait_until
 
     installed = tmp_path / "site"
-    shutil.copytree(
-        Path(keyproxy.__file__).parent, installed / "keyproxy",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )  # fmt: skip
+    package = Path(keyproxy.__file__).parent
+    shutil.copytree(package, installed / "keyproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    for shared in package.parent.glob("*__mypyc*"):  # the compiled build's shared library
+        shutil.copy2(shared, installed)
     newcomer = "pk_" + "7" * 64
     config = base_config(upstream.url, upstream.inject())
     kp = start_keyproxy(tmp_path, config, cwd=installed)
