@@ -19,7 +19,7 @@ from yarl import URL
 from keyproxy.checks.route import PARAM_SEPARATORS
 from keyproxy.config.model import Config, KeyType
 from keyproxy.policy.credentials import upstream_query
-from keyproxy.policy.headers import DROPPED_PREFIXES_TEXT, OWNER_READ_DROP
+from keyproxy.policy.headers import owner_read_headers
 from keyproxy.policy.paths import decoded_name, param_readings
 from keyproxy.policy.permissions import (
     ANY_TABLE,
@@ -209,19 +209,6 @@ def check_roles(ctx: RequestContext) -> Deny | None:
     return None
 
 
-#: `OWNER_READ_DROP` with a snapshot's injected and identity header names.
-_OWNER_READ_DROPS: list[tuple[Config, frozenset[str]]] = []
-
-
-def _owner_read_drop(config: Config) -> frozenset[str]:
-    if not _OWNER_READ_DROPS or _OWNER_READ_DROPS[0][0] is not config:
-        up = config.upstream
-        names = {n.lower() for n, _ in up.inject_headers}
-        names |= {n.lower() for _, n in up.identity_headers}
-        _OWNER_READ_DROPS[:] = [(config, OWNER_READ_DROP | names)]
-    return _OWNER_READ_DROPS[0][1]
-
-
 class OwnershipCheck:
     """Self records: the list filter, and the owner check before a read or a write.
 
@@ -347,19 +334,10 @@ class OwnershipCheck:
         # the record by one (a tenant, PostgREST's `Accept-Profile` schema). Then who
         # asks, as the request itself will say it: a backend that scopes records by
         # these (a tenant per key) must answer the owner read as it will the request.
-        drop = _owner_read_drop(config)
-        connection = {
-            token.strip(" \t")
-            for name, value in ctx.headers
-            if name == "connection"
-            for token in value.lower().split(",")
-        }
-        headers: dict[str, str] = {}
-        for name, value in ctx.headers:
-            if name in drop or name in connection or name.startswith(DROPPED_PREFIXES_TEXT):
-                continue
-            # Repeated names are joined as HTTP allows (RFC 9110 §5.3).
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        injected = [name for name, _ in up.inject_headers]
+        headers = owner_read_headers(
+            ctx.headers, [*injected, *(name for _, name in up.identity_headers)]
+        )
         headers.update(identity_pairs(ctx, up.identity_headers))
         headers.update(up.inject_headers)
         auth = aiohttp.BasicAuth(*up.inject_basic) if up.inject_basic is not None else None

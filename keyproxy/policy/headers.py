@@ -8,6 +8,8 @@ collecting them from the parser, the forwarder and the checks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 #: Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers: never copied across the proxy.
 HOP_BY_HOP = frozenset(
     {
@@ -94,7 +96,32 @@ OWNER_READ_DROP = frozenset(
         "if-unmodified-since",
     }
 )
-DROPPED_PREFIXES_TEXT = tuple(prefix.decode() for prefix in DROPPED_PREFIXES)
+_DROPPED_PREFIXES_TEXT = tuple(prefix.decode() for prefix in DROPPED_PREFIXES)
+
+
+def owner_read_headers(
+    headers: Iterable[tuple[str, str]], also_drop: Iterable[str]
+) -> dict[str, str]:
+    """The client's headers (lower-cased names) that an owner read carries: all but
+    `OWNER_READ_DROP`, `also_drop` (the upstream's injected and identity header
+    names), forwarding and identity prefixes, and what `Connection` lists. Off the
+    hot path: one per self-only read, update or delete, beside an upstream round trip."""
+    pairs = list(headers)
+    drop = OWNER_READ_DROP | {name.lower() for name in also_drop}
+    drop |= {
+        token.strip(" \t")
+        for name, value in pairs
+        if name == "connection"
+        for token in value.lower().split(",")
+    }
+    kept: dict[str, str] = {}
+    for name, value in pairs:
+        if name in drop or name.startswith(_DROPPED_PREFIXES_TEXT):
+            continue
+        # Repeated names are joined as HTTP allows (RFC 9110 §5.3).
+        kept[name] = f"{kept[name]}, {value}" if name in kept else value
+    return kept
+
 
 #: The upstream's limits count keyproxy's one secret, shared by every client: they
 #: say nothing about the client's own, and would sit beside keyproxy's headers.
