@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from keyproxy.policy.headers import owner_read_headers
 from keyproxy.policy.permissions import SelfRecords
 from tests.procs import UpstreamServer, start_demo_backend, start_upstream
 from tests.proxy_process import Keyproxy, base_config, digest, error_of, start_keyproxy
@@ -273,6 +274,53 @@ def test_the_owner_read_carries_the_headers_the_request_carries(
     assert [r["method"] for r in recording_upstream.records()] == ["GET"]  # the owner read only
     status, _, body, _ = owned_proxy.request(method, "/owned/posts/2", other, body_sent)
     assert status == 200 and json.loads(body)["createdBy"] == "alice", body
+
+
+def test_the_owner_read_carries_no_client_credential_or_forwarding(
+    owned_proxy: Keyproxy, recording_upstream: UpstreamServer
+):
+    """What the owner read takes from the client it takes as the request does: no key,
+    no token, no forged forwarding or identity header, nothing `Connection` names."""
+    sent = [
+        *as_user("alice"),
+        ("X-Forwarded-For", "10.9.9.9"),
+        ("X-Keyproxy-User", "bob"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "dropped"),
+        ("X-Tenant", "default"),
+    ]
+    recording_upstream.reset()
+    status, _, body, _ = owned_proxy.request("PATCH", "/owned/posts/1", sent, b"{}")
+    assert status == 200, body
+    read, write = recording_upstream.records()
+    assert read["method"] == "GET" and write["method"] == "PATCH"
+    got = {name.lower(): value for name, value in read["headers"]}
+    assert got["x-tenant"] == "default"  # the client's own headers go along
+    assert got["x-keyproxy-user"] == "alice"  # keyproxy's word, not the client's
+    for name in ("x-api-key", "authorization", "x-hop"):
+        assert name not in got, name
+    assert got.get("x-forwarded-for") != "10.9.9.9"
+    assert APP_KEY not in json.dumps(read["headers"])
+
+
+def test_owner_read_headers_keep_only_what_cannot_change_the_read() -> None:
+    kept = owner_read_headers(
+        [
+            ("x-tenant", "a"),
+            ("x-tenant", "b"),
+            ("x-http-method-override", "DELETE"),
+            ("x-method-override", "PUT"),
+            ("if-none-match", '"v1"'),
+            ("range", "bytes=0-1"),
+            ("accept", "text/csv"),
+            ("x-upstream-key", "forged"),
+            ("x-forwarded-host", "evil.example"),
+            ("connection", "close, X-Hop"),
+            ("x-hop", "1"),
+        ],
+        ["X-Upstream-Key"],
+    )
+    assert kept == {"x-tenant": "a, b"}
 
 
 def test_the_owner_read_says_who_asks_as_the_request_does(
